@@ -1,0 +1,5 @@
+"""Triton kernels of rlhf_ops, one module per op family (installed as ``rlhf_ops.kernels``).
+
+Kernel modules import triton and nothing from the package above them; launchers take tensors
+that the op layer has validated and return or fill tensors, with no host synchronisation.
+"""

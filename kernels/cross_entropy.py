@@ -1,0 +1,140 @@
+"""Triton softmax cross-entropy: online-softmax forward, one-pass backward.
+
+Forward, two launches and no host sync:
+  1. ``_ce_partial``: grid (rows, chunks). Each program streams its chunk of the row in BLOCK
+     tiles and keeps the online-softmax state (m, s) with s = Σ exp(x − m):
+         m' = max(m, max(tile)),  s' = s·exp(m − m') + Σ exp(tile − m')
+     plus Σ x for label smoothing. Rows up to CHUNK wide use one program; wider rows
+     (vocabularies above 65,536 or few rows) are split over several programs.
+  2. ``_ce_combine``: one program per row merges the chunk states,
+         lse = M + log Σ_c s_c·exp(m_c − M),
+     reads the target logit and writes loss = lse − (1−ε)·x_t − ε·Σx/V (0 when ignored, NaN when
+     the target is out of range) and lse.
+Backward, one launch, grid (rows, V / BLOCK):
+     dx_j = g · (exp(x_j − lse) − (1−ε)·[j = t] − ε/V)
+written in the logits dtype, into a new tensor or over the logits (in-place mode).
+"""
+import torch
+import triton
+import triton.language as tl
+
+MAX_CHUNK = 65536
+
+
+@triton.jit
+def _acc(x, ACC_FP64: tl.constexpr):
+    if ACC_FP64:
+        return x.to(tl.float64)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _ce_partial(x_ptr, stride_x, m_ptr, s_ptr, sx_ptr, V, n_chunks,
+                CHUNK: tl.constexpr, BLOCK: tl.constexpr, ACC_FP64: tl.constexpr):
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    base = x_ptr + row.to(tl.int64) * stride_x
+    m = _acc(tl.full((), float("-inf"), tl.float32), ACC_FP64)
+    s = _acc(tl.zeros((), tl.float32), ACC_FP64)
+    sx = _acc(tl.zeros((), tl.float32), ACC_FP64)
+    for off in range(0, CHUNK, BLOCK):
+        cols = chunk * CHUNK + off + tl.arange(0, BLOCK)
+        inside = cols < V
+        x = _acc(tl.load(base + cols, mask=inside, other=float("-inf")), ACC_FP64)
+        m_new = tl.maximum(m, tl.max(x, 0))
+        # While every value seen is −inf, shift by 0 so that (−inf) − (−inf) never makes a NaN.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), 0)
+        m = m_new
+        sx += tl.sum(tl.where(inside, x, 0.0), 0)
+    i = row.to(tl.int64) * n_chunks + chunk
+    tl.store(m_ptr + i, m)
+    tl.store(s_ptr + i, s)
+    tl.store(sx_ptr + i, sx)
+
+
+@triton.jit
+def _ce_combine(x_ptr, stride_x, t_ptr, m_ptr, s_ptr, sx_ptr, loss_ptr, lse_ptr,
+                V, n_chunks, ignore_index, eps,
+                BLOCK_C: tl.constexpr, ACC_FP64: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK_C)
+    have = c < n_chunks
+    m = tl.load(m_ptr + row * n_chunks + c, mask=have, other=float("-inf"))
+    s = tl.load(s_ptr + row * n_chunks + c, mask=have, other=0.0)
+    sx = tl.load(sx_ptr + row * n_chunks + c, mask=have, other=0.0)
+    big = tl.max(m, 0)
+    shift = tl.where(big == float("-inf"), 0.0, big)
+    lse = shift + tl.log(tl.sum(s * tl.exp(m - shift), 0))
+    t = tl.load(t_ptr + row)
+    valid = t != ignore_index
+    in_range = (t >= 0) & (t < V)
+    xt = _acc(tl.load(x_ptr + row * stride_x + t, mask=valid & in_range, other=0.0), ACC_FP64)
+    loss = lse - (1.0 - eps) * xt
+    if eps > 0:
+        loss -= eps * tl.sum(sx, 0) / V
+    loss = tl.where(in_range, loss, float("nan"))
+    loss = tl.where(valid, loss, 0.0)
+    tl.store(loss_ptr + row, loss)
+    tl.store(lse_ptr + row, lse)
+
+
+@triton.jit
+def _ce_backward(x_ptr, stride_x, dx_ptr, stride_dx, t_ptr, lse_ptr, g_ptr, stride_g,
+                 V, ignore_index, eps, BLOCK: tl.constexpr, ACC_FP64: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < V
+    t = tl.load(t_ptr + row)
+    valid = t != ignore_index
+    in_range = (t >= 0) & (t < V)
+    lse = tl.load(lse_ptr + row)
+    g = _acc(tl.load(g_ptr + row * stride_g), ACC_FP64)
+    x = _acc(tl.load(x_ptr + row * stride_x + cols, mask=inside, other=float("-inf")), ACC_FP64)
+    # ∂loss/∂x_j = softmax_j − (1−ε)·[j = t] − ε/V
+    dx = tl.exp(x - lse) - tl.where(cols == t, 1.0 - eps, 0.0) - eps / V
+    dx = tl.where(in_range, dx * g, float("nan"))
+    dx = tl.where(valid, dx, 0.0)
+    tl.store(dx_ptr + row * stride_dx + cols, dx.to(dx_ptr.dtype.element_ty), mask=inside)
+
+
+def _blocks(n_rows: int, V: int):
+    """(CHUNK, BLOCK): one program per row up to 64k columns; split further when rows are few."""
+    BLOCK = min(4096, triton.next_power_of_2(max(V, 16)))
+    chunk = min(MAX_CHUNK, triton.next_power_of_2(max(V, 16)))
+    while chunk > BLOCK and n_rows * triton.cdiv(V, chunk) < 1024:
+        chunk //= 2
+    return chunk, BLOCK
+
+
+def forward(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, label_smoothing: float):
+    """logits [N, V] (unit column stride), target [N] → (loss [N], lse [N]) in fp32/fp64."""
+    N, V = logits.shape
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    loss = torch.empty(N, dtype=acc, device=logits.device)
+    lse = torch.empty(N, dtype=acc, device=logits.device)
+    if N == 0:
+        return loss, lse
+    chunk, block = _blocks(N, V)
+    n_chunks = triton.cdiv(V, chunk)
+    part = torch.empty(3, N, n_chunks, dtype=acc, device=logits.device)
+    fp64 = acc == torch.float64
+    _ce_partial[(N, n_chunks)](logits, logits.stride(0), part[0], part[1], part[2], V, n_chunks,
+                               CHUNK=chunk, BLOCK=block, ACC_FP64=fp64)
+    _ce_combine[(N,)](logits, logits.stride(0), target, part[0], part[1], part[2], loss, lse,
+                      V, n_chunks, ignore_index, float(label_smoothing),
+                      BLOCK_C=triton.next_power_of_2(n_chunks), ACC_FP64=fp64)
+    return loss, lse
+
+
+def backward(grad_loss, logits, target, lse, out, ignore_index: int, label_smoothing: float):
+    """Write d loss / d logits [N, V] into ``out`` (which may be ``logits`` itself)."""
+    N, V = logits.shape
+    if N == 0 or V == 0:
+        return out
+    block = min(4096, triton.next_power_of_2(max(V, 16)))
+    _ce_backward[(N, triton.cdiv(V, block))](
+        logits, logits.stride(0), out, out.stride(0), target, lse, grad_loss, grad_loss.stride(0),
+        V, ignore_index, float(label_smoothing),
+        BLOCK=block, ACC_FP64=logits.dtype == torch.float64)
+    return out

@@ -1,0 +1,27 @@
+"""rlhf_ops: fused Triton and CUDA kernels for the four InstructGPT stages.
+
+    import rlhf_ops as ro
+    loss = ro.cross_entropy(logits, target)                 # pretraining / SFT (L1, L2)
+    loss = ro.linear_cross_entropy(hidden, W_e, target)     # ... without [N, V] logits
+    out  = ro.attention(q, k, v, causal=True)               # every stage
+    loss = ro.pairwise_reward_loss(rewards, ranks)          # reward modelling
+    lp   = ro.token_logprobs(logits, tokens)                # PPO
+    res  = ro.kl_penalty(logits, ref_logits, tokens, beta=0.02)
+
+Backends: ``reference`` (eager PyTorch), ``triton``, ``cuda`` (the built extension), ``auto``;
+see ``available_backends()`` and ``use_backend()``.
+"""
+from ._backend import available_backends, use_backend
+from .attention import attention
+from .cross_entropy import cross_entropy, linear_cross_entropy
+from .kl import kl_penalty, ppo_rewards, token_logprobs
+from .reference import KLPenalty
+from .reward import pairwise_reward_loss, reward_at_last_token
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "available_backends", "use_backend", "attention", "cross_entropy", "linear_cross_entropy",
+    "pairwise_reward_loss", "reward_at_last_token", "token_logprobs", "kl_penalty", "ppo_rewards",
+    "KLPenalty",
+]

@@ -1,0 +1,59 @@
+"""Shared test setup.
+
+On a machine without a GPU the suite runs on CPU tensors and the Triton kernels run under the
+interpreter (TRITON_INTERPRET=1 is set here, before anything imports triton). With a GPU the
+same tests run on CUDA tensors. Fixtures:
+  device      "cuda" when a GPU is visible (and the interpreter is off), else "cpu"
+  backend     parametrised over reference / triton / cuda; a backend that cannot run here is
+              skipped with the reason rlhf_ops gives.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+ON_GPU = DEVICE == "cuda"
+BACKENDS = ("reference", "triton", "cuda")
+
+
+def backend_problem(name: str):
+    """None if ``name`` can run on DEVICE tensors, else why not."""
+    from rlhf_ops import _backend
+    try:
+        _backend.resolve("test", name, torch.device(DEVICE))
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    why = backend_problem(request.param)
+    if why:
+        pytest.skip(why)
+    return request.param
+
+
+@pytest.fixture(params=[b for b in BACKENDS if b != "reference"])
+def fused_backend(request):
+    why = backend_problem(request.param)
+    if why:
+        pytest.skip(why)
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # A fresh seed per test (derived from its name) so that each check draws its own inputs,
+    # reproducibly.
+    torch.manual_seed(hash(request.node.nodeid) % (2**31))
+    yield
