@@ -1,0 +1,186 @@
+// Softmax cross-entropy, CUDA: one thread block per row, 16-byte vector loads, warp-shuffle
+// reductions, accumulation in float (double for double inputs).
+//
+// Forward per row: each thread keeps an online-softmax state (m, s = Σ exp(x − m)) and Σ x over
+// its strided share of the row; the block merges them, then
+//   lse = m + log s,  loss = lse − (1−ε)·x_t − ε·Σx/V   (0 if ignored, NaN if t is out of range).
+// Backward per element: dx_j = g · (exp(x_j − lse) − (1−ε)·[j = t] − ε/V), written in the
+// logits dtype; ``out`` may alias ``logits`` (in-place backward), so neither is __restrict__.
+#include "common.cuh"
+
+namespace rlhf {
+namespace {
+
+constexpr int kThreads = 512;
+
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void __launch_bounds__(kThreads)
+ce_fwd_kernel(const scalar_t* __restrict__ x, int64_t stride, const int64_t* __restrict__ target,
+              acc_t* __restrict__ loss, acc_t* __restrict__ lse_out, int64_t V,
+              int64_t ignore_index, acc_t eps) {
+  __shared__ acc_t smem[3 * kThreads / kWarp];
+  const int64_t row = blockIdx.x;
+  const scalar_t* xr = x + row * stride;
+  SoftmaxState<acc_t> st{neg_inf<acc_t>(), acc_t(0)};
+  acc_t sx = 0;
+  const int64_t nvec = V / VEC;
+  const Pack<scalar_t, VEC>* xv = reinterpret_cast<const Pack<scalar_t, VEC>*>(xr);
+  for (int64_t i = threadIdx.x; i < nvec; i += kThreads) {
+    Pack<scalar_t, VEC> p = xv[i];
+    acc_t v[VEC];
+    acc_t vmax = neg_inf<acc_t>();
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      v[j] = static_cast<acc_t>(p.v[j]);
+      vmax = max(vmax, v[j]);
+      sx += v[j];
+    }
+    if (vmax == neg_inf<acc_t>()) continue;
+    acc_t vs = 0;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) vs += exp(v[j] - vmax);
+    st.merge(vmax, vs);
+  }
+  for (int64_t i = nvec * VEC + threadIdx.x; i < V; i += kThreads) {  // tail (VEC == 1 covers all)
+    acc_t v = static_cast<acc_t>(xr[i]);
+    sx += v;
+    if (v != neg_inf<acc_t>()) st.merge(v, acc_t(1));
+  }
+  block_reduce_softmax(st, sx, smem);
+  if (threadIdx.x == 0) {
+    const acc_t lse = st.m + log(st.s);  // all −inf: −inf + log 0 = −inf
+    const int64_t t = target[row];
+    acc_t l = 0;
+    if (t != ignore_index) {
+      if (t < 0 || t >= V) {
+        l = NAN;
+      } else {
+        l = lse - (acc_t(1) - eps) * static_cast<acc_t>(xr[t]);
+        if (eps > 0) l -= eps * sx / static_cast<acc_t>(V);
+      }
+    }
+    loss[row] = l;
+    lse_out[row] = lse;
+  }
+}
+
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void __launch_bounds__(kThreads)
+ce_bwd_kernel(const scalar_t* x, int64_t stride_x, scalar_t* dx, int64_t stride_dx,
+              const int64_t* __restrict__ target, const acc_t* __restrict__ lse_in,
+              const acc_t* __restrict__ grad, int64_t stride_g, int64_t V, int64_t ignore_index,
+              acc_t eps) {
+  const int64_t row = blockIdx.x;
+  const int64_t t = target[row];
+  const bool valid = t != ignore_index;
+  const bool in_range = t >= 0 && t < V;
+  const acc_t g = grad[row * stride_g];
+  const acc_t lse = lse_in[row];
+  const acc_t off = eps / static_cast<acc_t>(V);
+  const scalar_t* xr = x + row * stride_x;
+  scalar_t* dr = dx + row * stride_dx;
+  auto grad_of = [&](acc_t v, int64_t col) -> acc_t {
+    if (!valid) return acc_t(0);
+    if (!in_range) return acc_t(NAN);
+    acc_t d = exp(v - lse) - off;
+    if (col == t) d -= acc_t(1) - eps;
+    return d * g;
+  };
+  const int64_t nvec = V / VEC;
+  for (int64_t i = threadIdx.x; i < nvec; i += kThreads) {
+    Pack<scalar_t, VEC> p = reinterpret_cast<const Pack<scalar_t, VEC>*>(xr)[i];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j)
+      p.v[j] = static_cast<scalar_t>(grad_of(static_cast<acc_t>(p.v[j]), i * VEC + j));
+    reinterpret_cast<Pack<scalar_t, VEC>*>(dr)[i] = p;
+  }
+  for (int64_t i = nvec * VEC + threadIdx.x; i < V; i += kThreads)
+    dr[i] = static_cast<scalar_t>(grad_of(static_cast<acc_t>(xr[i]), i));
+}
+
+void check_inputs(const char* op, const at::Tensor& logits, const at::Tensor& target) {
+  RLHF_CHECK_CUDA(op, "logits", logits);
+  RLHF_CHECK_CUDA(op, "target", target);
+  RLHF_CHECK_DIM(op, "logits", logits, 2);
+  RLHF_CHECK_DTYPE(op, "target", target, at::kLong);
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), "rlhf_ops_cuda.", op,
+              ": target must have shape [N] = [", logits.size(0), "], got ", target.sizes());
+  TORCH_CHECK(logits.size(0) == 0 || logits.stride(1) == 1, "rlhf_ops_cuda.", op,
+              ": logits must have unit stride over the vocabulary");
+  TORCH_CHECK(logits.size(0) <= INT32_MAX, "rlhf_ops_cuda.", op, ": too many rows");
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& target_,
+                                                     int64_t ignore_index, double label_smoothing) {
+  check_inputs("cross_entropy_fwd", logits, target_);
+  const at::cuda::OptionalCUDAGuard guard(logits.device());
+  const at::Tensor target = target_.contiguous();
+  const int64_t N = logits.size(0), V = logits.size(1);
+  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor loss = at::empty({N}, logits.options().dtype(acc));
+  at::Tensor lse = at::empty({N}, logits.options().dtype(acc));
+  if (N == 0) return {loss, lse};
+  const int vec = pick_vec(logits, logits.stride(0), V);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_fwd", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    auto launch = [&](auto vec_c) {
+      constexpr int VEC = decltype(vec_c)::value;
+      ce_fwd_kernel<scalar_t, acc_t, VEC><<<N, kThreads, 0, stream>>>(
+          logits.data_ptr<scalar_t>(), logits.stride(0), target.data_ptr<int64_t>(),
+          loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), V, ignore_index,
+          static_cast<acc_t>(label_smoothing));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (vec * sizeof(scalar_t) == 16) launch(std::integral_constant<int, 16 / sizeof(scalar_t)>{});
+    else launch(std::integral_constant<int, 1>{});
+  });
+  return {loss, lse};
+}
+
+void cross_entropy_bwd(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target_,
+                       const at::Tensor& lse, at::Tensor out, int64_t ignore_index,
+                       double label_smoothing) {
+  check_inputs("cross_entropy_bwd", logits, target_);
+  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  RLHF_CHECK_DTYPE("cross_entropy_bwd", "grad", grad, acc);
+  RLHF_CHECK_DTYPE("cross_entropy_bwd", "lse", lse, acc);
+  TORCH_CHECK(out.sizes() == logits.sizes() && out.scalar_type() == logits.scalar_type() &&
+                  (out.size(0) == 0 || out.stride(1) == 1),
+              "rlhf_ops_cuda.cross_entropy_bwd: out must match logits in shape and dtype");
+  const at::cuda::OptionalCUDAGuard guard(logits.device());
+  const at::Tensor target = target_.contiguous();
+  const at::Tensor lse_c = lse.contiguous();
+  const int64_t N = logits.size(0), V = logits.size(1);
+  if (N == 0 || V == 0) return;
+  const int vec = std::min(pick_vec(logits, logits.stride(0), V), pick_vec(out, out.stride(0), V));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_bwd", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    auto launch = [&](auto vec_c) {
+      constexpr int VEC = decltype(vec_c)::value;
+      ce_bwd_kernel<scalar_t, acc_t, VEC><<<N, kThreads, 0, stream>>>(
+          logits.data_ptr<scalar_t>(), logits.stride(0), out.data_ptr<scalar_t>(), out.stride(0),
+          target.data_ptr<int64_t>(), lse_c.data_ptr<acc_t>(), grad.data_ptr<acc_t>(),
+          grad.stride(0), V, ignore_index, static_cast<acc_t>(label_smoothing));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (vec * sizeof(scalar_t) == 16) launch(std::integral_constant<int, 16 / sizeof(scalar_t)>{});
+    else launch(std::integral_constant<int, 1>{});
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(rlhf_ops_cuda, m) {
+  m.def("cross_entropy_fwd(Tensor logits, Tensor target, int ignore_index, float label_smoothing) -> (Tensor, Tensor)");
+  m.def("cross_entropy_bwd(Tensor grad, Tensor logits, Tensor target, Tensor lse, Tensor(a!) out, "
+        "int ignore_index, float label_smoothing) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(rlhf_ops_cuda, CUDA, m) {
+  m.impl("cross_entropy_fwd", &cross_entropy_fwd);
+  m.impl("cross_entropy_bwd", &cross_entropy_bwd);
+}
+
+}  // namespace rlhf
