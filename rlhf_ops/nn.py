@@ -39,3 +39,60 @@ class LinearCrossEntropyLoss(nn.Module):
         return linear_cross_entropy(hidden, weight, target, bias=bias, ignore_index=self.ignore_index,
                                     reduction=self.reduction, label_smoothing=self.label_smoothing,
                                     backend=self.backend)
+
+
+class CausalSelfAttention(nn.Module):
+    """GPT attention block: one fused QKV projection, ``rlhf_ops.attention``, output projection.
+
+    x [B, T, d_model] → [B, T, d_model]. ``n_kv_heads`` < ``n_heads`` gives GQA (MQA at 1): the
+    QKV projection then produces n_heads query heads and n_kv_heads key/value heads.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, bias: bool = True,
+                 causal: bool = True, backend: str | None = None):
+        super().__init__()
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        if d_model % n_heads:
+            raise ValueError(f"CausalSelfAttention: d_model ({d_model}) must be a multiple of n_heads ({n_heads})")
+        if n_heads % n_kv_heads:
+            raise ValueError(f"CausalSelfAttention: n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, d_model // n_heads
+        self.causal, self.backend = causal, backend
+        self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=bias)
+        self.proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        D, Hq, Hkv = self.head_dim, self.n_heads, self.n_kv_heads
+        q, k, v = self.qkv(x).split([Hq * D, Hkv * D, Hkv * D], dim=-1)
+        q = q.view(B, T, Hq, D).transpose(1, 2)
+        k = k.view(B, T, Hkv, D).transpose(1, 2)
+        v = v.view(B, T, Hkv, D).transpose(1, 2)
+        y = _attention_mod.attention(q, k, v, causal=self.causal, backend=self.backend)
+        return self.proj(y.transpose(1, 2).reshape(B, T, Hq * D))
+
+
+class PairwiseRewardLoss(nn.Module):
+    """Module form of ``rlhf_ops.pairwise_reward_loss(rewards [B, K], ranks [B, K])``."""
+
+    def __init__(self, reduction: str = "mean", backend: str | None = None):
+        super().__init__()
+        self.reduction, self.backend = reduction, backend
+
+    def forward(self, rewards: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+        from .reward import pairwise_reward_loss
+        return pairwise_reward_loss(rewards, ranks, reduction=self.reduction, backend=self.backend)
+
+
+class KLPenalty(nn.Module):
+    """Module form of ``rlhf_ops.kl_penalty``; returns the ``KLPenalty`` named tuple."""
+
+    def __init__(self, beta: float, estimator: str = "k1", temperature: float = 1.0,
+                 backend: str | None = None):
+        super().__init__()
+        self.beta, self.estimator, self.temperature, self.backend = beta, estimator, temperature, backend
+
+    def forward(self, logits, ref_logits, tokens, mask=None):
+        from .kl import kl_penalty
+        return kl_penalty(logits, ref_logits, tokens, beta=self.beta, estimator=self.estimator,
+                          mask=mask, temperature=self.temperature, backend=self.backend)
