@@ -87,8 +87,9 @@ def pairwise_reward_loss(rewards, ranks, reduction="mean"):
     −log σ(d) = softplus(−d), stable for any d. Prompts without a pair have loss 0; ``mean``
     averages over prompts that have at least one pair (0 if none has).
     """
-    r = rewards.to(acc_dtype(rewards.dtype))
     present = ranks >= 0
+    # Absent responses' rewards never enter (a NaN there would otherwise poison the gradient).
+    r = torch.where(present, rewards.to(acc_dtype(rewards.dtype)), 0.0)
     better = (ranks[:, :, None] < ranks[:, None, :]) & present[:, :, None] & present[:, None, :]
     per_pair = F.softplus(-(r[:, :, None] - r[:, None, :]))
     zero = torch.zeros((), dtype=r.dtype, device=r.device)

@@ -1,0 +1,143 @@
+"""Triton pairwise reward-model loss: one program per prompt, loss and gradient in one pass.
+
+For prompt b with rewards r [K] and ranks k [K] (0 = best, < 0 = absent response), the pairs
+are the ordered (i, j) with 0 <= k_i < k_j ("i beats j"), n = their count, d_ij = r_i − r_j, and
+
+    loss_b    = 1/n · Σ_pairs softplus(−d_ij)             (= −log σ(d_ij), 0 when n = 0)
+    ∂loss_b/∂r_i = 1/n · ( Σ_{j: j beats i} σ(d_ij) − Σ_{j: i beats j} σ(−d_ij) )
+
+(∂ softplus(−d)/∂d = −σ(−d); the winner gets −σ(−d_ij), the loser +σ(−d_ij) = +σ(d_ji)).
+Numerics, with e = exp(−|d|) in (0, 1]:
+    softplus(−d) = max(−d, 0) + log1p(e),   σ(−d) = e/(1+e) if d >= 0 else 1/(1+e),
+so nothing overflows for rewards of any size. Rewards of absent responses are never read
+(they may hold NaN). fp32 math for fp16/bf16/fp32 rewards, fp64 for fp64.
+
+Two kernels, same outputs (loss [B], npairs [B] int64, grad [B, K]):
+  * ``_pairwise_small`` (K <= MAX_SMALL_K): loads the K rewards and ranks once and builds the
+    whole K×K pair matrix in registers; the winner terms are its row sums, the loser terms its
+    column sums.
+  * ``_pairwise_tiled`` (larger K): loops over TILE×TILE blocks of the pair matrix. A first,
+    ranks-only pass counts n; the second gives each row tile its own gradient from both roles
+    (σ(d_ij) where j beats i, −σ(−d_ij) where i beats j), so nothing is accumulated in memory.
+"""
+import torch
+import triton
+import triton.language as tl
+
+MAX_SMALL_K = 64   # largest K on the single-tile path
+TILE = 32          # tile of the pair matrix on the large-K path
+
+
+@triton.jit
+def _acc(x, ACC_FP64: tl.constexpr):
+    if ACC_FP64:
+        return x.to(tl.float64)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _log1p(e):
+    # log(1 + e) accurate also for tiny e: with u = fl(1 + e), log1p(e) = log(u) · e / (u − 1)
+    # (the rounding error of u cancels in the ratio); u == 1 means e is below the precision.
+    u = 1.0 + e
+    return tl.where(u == 1.0, e, tl.log(u) * (e / tl.where(u == 1.0, 1.0, u - 1.0)))
+
+
+@triton.jit
+def _pair_terms(d):
+    """softplus(−d), σ(−d), σ(d) for a tile of reward differences d = r_i − r_j."""
+    e = tl.exp(-tl.abs(d))
+    inv = 1.0 / (1.0 + e)
+    softplus_neg = tl.maximum(-d, 0.0) + _log1p(e)
+    sig_neg = tl.where(d >= 0, e * inv, inv)
+    sig_pos = tl.where(d >= 0, inv, e * inv)
+    return softplus_neg, sig_neg, sig_pos
+
+
+@triton.jit
+def _load_prompt(r_ptr, rank_ptr, base, idx, K, ACC_FP64: tl.constexpr):
+    """Ranks (−1 past K) and rewards (0 where absent, so an absent NaN never enters)."""
+    rank = tl.load(rank_ptr + base + idx, mask=idx < K, other=-1)
+    r = _acc(tl.load(r_ptr + base + idx, mask=rank >= 0, other=0.0), ACC_FP64)
+    return rank, r
+
+
+@triton.jit
+def _pairwise_small(r_ptr, rank_ptr, loss_ptr, npairs_ptr, grad_ptr, K,
+                    BLOCK_K: tl.constexpr, ACC_FP64: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    base = b * K
+    idx = tl.arange(0, BLOCK_K)
+    rank, r = _load_prompt(r_ptr, rank_ptr, base, idx, K, ACC_FP64)
+    # Pair matrix: row i = winner candidate, column j = loser candidate.
+    better = (rank[:, None] >= 0) & (rank[:, None] < rank[None, :])
+    softplus_neg, sig_neg, _ = _pair_terms(r[:, None] - r[None, :])
+    n = tl.sum(tl.sum(better.to(tl.int64), 1), 0)
+    inv_n = 1.0 / tl.maximum(n, 1).to(r.dtype)
+    loss = tl.sum(tl.sum(tl.where(better, softplus_neg, 0.0), 1), 0) * inv_n
+    w = tl.where(better, sig_neg, 0.0)           # σ(−d_ij) on every pair
+    grad = (tl.sum(w, 0) - tl.sum(w, 1)) * inv_n  # + as loser (column) − as winner (row)
+    tl.store(loss_ptr + b, loss)
+    tl.store(npairs_ptr + b, n)
+    tl.store(grad_ptr + base + idx, grad, mask=idx < K)
+
+
+@triton.jit
+def _pairwise_tiled(r_ptr, rank_ptr, loss_ptr, npairs_ptr, grad_ptr, K,
+                    TILE: tl.constexpr, ACC_FP64: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    base = b * K
+    t = tl.arange(0, TILE)
+    # Pass 1, ranks only: n = number of pairs.
+    n = tl.zeros((), tl.int64)
+    for i0 in range(0, K, TILE):
+        rank_i = tl.load(rank_ptr + base + i0 + t, mask=i0 + t < K, other=-1)
+        for j0 in range(0, K, TILE):
+            rank_j = tl.load(rank_ptr + base + j0 + t, mask=j0 + t < K, other=-1)
+            better = (rank_i[:, None] >= 0) & (rank_i[:, None] < rank_j[None, :])
+            n += tl.sum(tl.sum(better.to(tl.int64), 1), 0)
+    inv_n = 1.0 / _acc(tl.maximum(n, 1), ACC_FP64)
+    # Pass 2: the loss over the pairs each row wins, the gradient of each row from both roles.
+    loss = _acc(tl.zeros((), tl.float32), ACC_FP64)
+    for i0 in range(0, K, TILE):
+        rank_i, r_i = _load_prompt(r_ptr, rank_ptr, base, i0 + t, K, ACC_FP64)
+        g = _acc(tl.zeros((TILE,), tl.float32), ACC_FP64)
+        for j0 in range(0, K, TILE):
+            rank_j, r_j = _load_prompt(r_ptr, rank_ptr, base, j0 + t, K, ACC_FP64)
+            wins = (rank_i[:, None] >= 0) & (rank_i[:, None] < rank_j[None, :])
+            loses = (rank_j[None, :] >= 0) & (rank_j[None, :] < rank_i[:, None])
+            softplus_neg, sig_neg, sig_pos = _pair_terms(r_i[:, None] - r_j[None, :])
+            loss += tl.sum(tl.sum(tl.where(wins, softplus_neg, 0.0), 1), 0)
+            g += tl.sum(tl.where(loses, sig_pos, 0.0) - tl.where(wins, sig_neg, 0.0), 1)
+        tl.store(grad_ptr + base + i0 + t, g * inv_n, mask=i0 + t < K)
+    tl.store(loss_ptr + b, loss * inv_n)
+    tl.store(npairs_ptr + b, n)
+
+
+def launch(rewards: torch.Tensor, ranks: torch.Tensor, loss: torch.Tensor, npairs: torch.Tensor,
+           grad: torch.Tensor) -> None:
+    """Write loss [B], npairs [B] (int64) and grad [B, K] (acc dtype) for contiguous inputs."""
+    B, K = rewards.shape
+    if B == 0:
+        return
+    fp64 = loss.dtype == torch.float64
+    if K <= MAX_SMALL_K:
+        block = max(triton.next_power_of_2(max(K, 1)), 16)
+        warps = 1 if block <= 16 else (2 if block <= 32 else 4)
+        _pairwise_small[(B,)](rewards, ranks, loss, npairs, grad, K,
+                              BLOCK_K=block, ACC_FP64=fp64, num_warps=warps)
+    else:
+        _pairwise_tiled[(B,)](rewards, ranks, loss, npairs, grad, K,
+                              TILE=TILE, ACC_FP64=fp64, num_warps=4)
+
+
+def forward(rewards: torch.Tensor, ranks: torch.Tensor):
+    """rewards [B, K] float, ranks [B, K] int64 → (loss [B], npairs [B] int64, grad [B, K])."""
+    rewards, ranks = rewards.contiguous(), ranks.contiguous()
+    B, K = rewards.shape
+    acc = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    loss = torch.empty(B, dtype=acc, device=rewards.device)
+    npairs = torch.empty(B, dtype=torch.int64, device=rewards.device)
+    grad = torch.empty(B, K, dtype=acc, device=rewards.device)
+    launch(rewards, ranks, loss, npairs, grad)
+    return loss, npairs, grad
