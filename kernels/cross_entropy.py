@@ -70,9 +70,10 @@ def _ce_combine(x_ptr, stride_x, t_ptr, m_ptr, s_ptr, sx_ptr, loss_ptr, lse_ptr,
     valid = t != ignore_index
     in_range = (t >= 0) & (t < V)
     xt = _acc(tl.load(x_ptr + row * stride_x + t, mask=valid & in_range, other=0.0), ACC_FP64)
-    loss = lse - (1.0 - eps) * xt
+    eps_a = eps + _acc(tl.zeros((), tl.float32), ACC_FP64)
+    loss = lse - (1.0 - eps_a) * xt
     if eps > 0:
-        loss -= eps * tl.sum(sx, 0) / V
+        loss -= eps_a * tl.sum(sx, 0) / (V + _acc(tl.zeros((), tl.float32), ACC_FP64))
     loss = tl.where(in_range, loss, float("nan"))
     loss = tl.where(valid, loss, 0.0)
     tl.store(loss_ptr + row, loss)
@@ -92,7 +93,8 @@ def _ce_backward(x_ptr, stride_x, dx_ptr, stride_dx, t_ptr, lse_ptr, g_ptr, stri
     g = _acc(tl.load(g_ptr + row * stride_g), ACC_FP64)
     x = _acc(tl.load(x_ptr + row * stride_x + cols, mask=inside, other=float("-inf")), ACC_FP64)
     # ∂loss/∂x_j = softmax_j − (1−ε)·[j = t] − ε/V
-    dx = tl.exp(x - lse) - tl.where(cols == t, 1.0 - eps, 0.0) - eps / V
+    eps_a = eps + _acc(tl.zeros((), tl.float32), ACC_FP64)
+    dx = tl.exp(x - lse) - tl.where(cols == t, 1.0 - eps_a, 0.0) - eps_a / (V + _acc(tl.zeros((), tl.float32), ACC_FP64))
     dx = tl.where(in_range, dx * g, float("nan"))
     dx = tl.where(valid, dx, 0.0)
     tl.store(dx_ptr + row * stride_dx + cols, dx.to(dx_ptr.dtype.element_ty), mask=inside)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import os
 import threading
 
@@ -69,11 +70,13 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Probed once at import so that torch.compile never traces an import.
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def _triton_problem(device_type: str) -> str | None:
-    try:
-        importlib.import_module("triton")
-    except ImportError as e:  # pragma: no cover - triton ships with torch's CUDA wheels
-        return f"triton is not installed ({e})"
+    if not _HAS_TRITON:  # pragma: no cover - triton ships with torch's CUDA wheels
+        return "triton is not installed"
     if device_type == "cpu" and not triton_interpret():
         return ("the triton backend runs on CPU tensors only under the interpreter; "
                 "set TRITON_INTERPRET=1 before importing rlhf_ops")
@@ -107,6 +110,9 @@ def _cuda_problem(device_type: str) -> str | None:
     if device_type != "cuda":
         return f"the cuda backend needs CUDA tensors, got {device_type} tensors"
     return None
+
+
+load_extension()
 
 
 def _problem(name: str, device_type: str) -> str | None:
