@@ -1,0 +1,435 @@
+"""Triton attention, FlashAttention-2 style: tiled forward and backward, no T×S matrix in memory.
+
+Notation: q [B, Hq, T, D], k/v [B, Hkv, S, D], G = Hq / Hkv query heads share one k/v head
+(GQA; MQA at Hkv = 1), kv head of query head h is h // G: k/v are indexed, never repeated.
+Scores s_ij = scale · q_i·k_j. Causal is bottom-right aligned: row i sees key j iff j ≤ i + S − T.
+
+Forward, grid (T / BLOCK_M, B·Hq), one program per query block; it streams key blocks and keeps the
+online-softmax state per row in fp32 (fp64 for fp64 inputs), in base 2 (u = s·log2 e):
+    m' = max(m, max_j u_ij)           running max
+    l' = l·2^(m − m') + Σ_j 2^(u_ij − m')    running sum
+    acc' = acc·2^(m − m') + 2^(u − m') · v   rescaled accumulator
+    out = acc / l,  lse = (m + log2 l)·ln 2   (natural log-sum-exp, saved for backward)
+Key blocks wholly to the right of the diagonal are never visited (loop bound); key blocks wholly
+visible run without any mask; only blocks on the diagonal or at the end of S are masked.
+A row that sees no key (T > S) gets out = 0 and lse = +inf, so that backward's exp(s − lse) is 0.
+
+Backward with P recomputed from q, k and lse (p_ij = exp(s_ij − lse_i)):
+    delta_i = Σ_d dO_id · O_id                       (``_attn_bwd_delta``)
+    dV_j = Σ_i p_ij dO_i,   dP_ij = dO_i·v_j,   dS_ij = p_ij (dP_ij − delta_i)
+    dK_j = scale · Σ_i dS_ij q_i,   dQ_i = scale · Σ_j dS_ij k_j
+``_attn_bwd_dkdv``: one program per (key block, kv head) loops over the G query heads of its group
+and over their query blocks, so it owns its dK/dV rows alone. ``_attn_bwd_dq``: one program per
+(query block, query head) loops over key blocks. Neither uses atomics, and each output element is
+summed in a fixed order: the backward is deterministic (bitwise reproducible for a given config).
+
+Block sizes: one fixed small config under TRITON_INTERPRET=1; on a GPU ``triton.autotune`` over a
+short list keyed on (head dim, T, S, causal, precision) and the dtypes.
+"""
+import os
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+HEAD_DIMS = "multiples of 16 from 16 to 256"
+
+
+def head_dim_supported(d: int) -> bool:
+    return d % 16 == 0 and 16 <= d <= 256
+
+
+# ---------------------------------------------------------------------------------- helpers ---
+
+@triton.jit
+def _exp2(x, FP64: tl.constexpr):
+    if FP64:
+        return tl.exp(x * LN2)
+    return tl.exp2(x)
+
+
+@triton.jit
+def _log2(x, FP64: tl.constexpr):
+    if FP64:
+        return tl.log(x) * LOG2E
+    return tl.log2(x)
+
+
+@triton.jit
+def _scale(scale_hi, scale_lo, FP64: tl.constexpr):
+    """Float kernel arguments arrive as fp32; fp64 runs get scale back as hi + lo (~48 bits)."""
+    if FP64:
+        return tl.cast(scale_hi, tl.float64) + tl.cast(scale_lo, tl.float64)
+    return scale_hi
+
+
+@triton.jit
+def _load_tile(base, rows, n_rows, stride_row, cols, n_cols):
+    """[len(rows), len(cols)] tile of a row-major matrix (unit column stride), zero outside."""
+    ptrs = base + rows[:, None].to(tl.int64) * stride_row + cols[None, :]
+    return tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+
+
+@triton.jit
+def _load_tile_t(base, rows, n_rows, stride_row, cols, n_cols):
+    """Transposed tile: [len(cols), len(rows)]."""
+    ptrs = base + rows[None, :].to(tl.int64) * stride_row + cols[:, None]
+    return tl.load(ptrs, mask=(rows[None, :] < n_rows) & (cols[:, None] < n_cols), other=0.0)
+
+
+# ---------------------------------------------------------------------------------- forward ---
+
+@triton.jit
+def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, rows, lo, hi, T, S, qk_scale,
+               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               MASK: tl.constexpr, CAUSAL: tl.constexpr, FP64: tl.constexpr,
+               PREC: tl.constexpr):
+    dims = tl.arange(0, BLOCK_D)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        kt = _load_tile_t(k_base, cols, S, stride_ks, dims, HEAD_DIM)            # [D, BN]
+        u = tl.dot(q, kt, input_precision=PREC) * qk_scale                      # s·log2 e
+        if MASK:
+            ok = cols[None, :] < S
+            if CAUSAL:
+                ok = ok & (cols[None, :] <= rows[:, None] + (S - T))
+            u = tl.where(ok, u, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(u, 1))
+        # While a row has seen no key, shift by 0 so that (−inf) − (−inf) never makes a NaN.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = _exp2(u - shift[:, None], FP64)
+        alpha = _exp2(m_i - shift, FP64)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_tile(v_base, cols, S, stride_vs, dims, HEAD_DIM)               # [BN, D]
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, O, LSE,
+              sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sob, soh, sot,
+              H, G, T, S, scale_hi, scale_lo,
+              HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+              FP64: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Heaviest causal query blocks (the last ones) start first.
+    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // G
+    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    q = _load_tile(Q + b.to(tl.int64) * sqb + h * sqh, rows, T, sqt, dims, HEAD_DIM)
+    k_base = K + b.to(tl.int64) * skb + hk * skh
+    v_base = V + b.to(tl.int64) * svb + hk * svh
+    if FP64:
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float64)
+        l_i = tl.zeros([BLOCK_M], tl.float64)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+    m_i = l_i + float("-inf")
+    scale = _scale(scale_hi, scale_lo, FP64)
+    qk_scale = scale * LOG2E
+    if CAUSAL:
+        # Keys this block sees at all: j < (last row) + S − T + 1; keys all its rows see:
+        # j ≤ (first row) + S − T. Whole key blocks inside the latter run unmasked.
+        hi = tl.maximum(tl.minimum(S, (start_m + 1) * BLOCK_M + S - T), 0)
+        full = tl.maximum(tl.minimum(S, start_m * BLOCK_M + S - T + 1), 0) // BLOCK_N * BLOCK_N
+    else:
+        hi = S
+        full = S // BLOCK_N * BLOCK_N
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, sks, svs, rows, 0, full, T, S,
+                               qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, False, CAUSAL, FP64, PREC)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, sks, svs, rows, full, hi, T, S,
+                               qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, True, CAUSAL, FP64, PREC)
+    empty = l_i == 0.0                       # rows that see no key
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), (m_i + _log2(l_i, FP64)) * LN2)
+    o_ptrs = O + b.to(tl.int64) * sob + h * soh + rows[:, None].to(tl.int64) * sot + dims[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(rows[:, None] < T) & (dims[None, :] < HEAD_DIM))
+    tl.store(LSE + bh.to(tl.int64) * T + rows, lse, mask=rows < T)
+
+
+# --------------------------------------------------------------------------------- backward ---
+
+@triton.jit
+def _attn_bwd_delta(O, DO, DELTA, sob, soh, sot, sdb, sdh, sdt, H, T,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                    FP64: tl.constexpr):
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    o = _load_tile(O + b.to(tl.int64) * sob + h * soh, rows, T, sot, dims, HEAD_DIM)
+    do = _load_tile(DO + b.to(tl.int64) * sdb + h * sdh, rows, T, sdt, dims, HEAD_DIM)
+    if FP64:
+        delta = tl.sum(o.to(tl.float64) * do.to(tl.float64), 1)
+    else:
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * T + rows, delta, mask=rows < T)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdt, cols, lo, hi, T, S,
+                qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                MASK: tl.constexpr, FP64: tl.constexpr, PREC: tl.constexpr):
+    dims = tl.arange(0, BLOCK_D)
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + tl.arange(0, BLOCK_M)
+        q = _load_tile(q_base, rows, T, sqt, dims, HEAD_DIM)                   # [BM, D]
+        do = _load_tile(do_base, rows, T, sdt, dims, HEAD_DIM)                 # [BM, D]
+        # Rows past T load lse = +inf (p = 0) and delta = 0, so they add nothing.
+        lse2 = tl.load(lse_base + rows, mask=rows < T, other=float("inf")) * LOG2E
+        delta = tl.load(delta_base + rows, mask=rows < T, other=0.0)
+        # Transposed tiles [BN, BM]: pᵀ_ji = exp(s_ij − lse_i).
+        ut = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
+        pt = _exp2(ut - lse2[None, :], FP64)
+        if MASK:  # causal diagonal block: key j visible to row i iff j ≤ i + S − T
+            pt = tl.where(cols[:, None] <= rows[None, :] + (S - T), pt, 0.0)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PREC)                    # dPᵀ = v·dOᵀ
+        dst = pt * (dpt - delta[None, :])                                      # dSᵀ
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
+                   sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sdb, sdh, sdt,
+                   sdkb, sdkh, sdks, sdvb, sdvh, sdvs,
+                   HQ, HKV, G, T, S, scale_hi, scale_lo,
+                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+                   FP64: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    start_n = tl.program_id(0) * BLOCK_N
+    bh = tl.program_id(1)
+    b = bh // HKV
+    hk = bh % HKV
+    cols = start_n + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    k = _load_tile(K + b.to(tl.int64) * skb + hk * skh, cols, S, sks, dims, HEAD_DIM)
+    v = _load_tile(V + b.to(tl.int64) * svb + hk * svh, cols, S, svs, dims, HEAD_DIM)
+    if FP64:
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float64)
+    else:
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = dk
+    scale = _scale(scale_hi, scale_lo, FP64)
+    qk_scale = scale * LOG2E
+    if CAUSAL:
+        # First row that sees key start_n: i ≥ start_n − (S − T); rows from the first query block
+        # at or after start_n + BLOCK_N − 1 − (S − T) see every key of this block.
+        lo = tl.maximum(start_n - (S - T), 0) // BLOCK_M * BLOCK_M
+        full = tl.maximum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - (S - T), 0), BLOCK_M) * BLOCK_M, lo)
+        mid = tl.minimum(full, T)
+    else:
+        lo = 0
+        full = 0
+        mid = 0
+    for g in range(G):
+        h = hk * G + g
+        q_base = Q + b.to(tl.int64) * sqb + h * sqh
+        do_base = DO + b.to(tl.int64) * sdb + h * sdh
+        lse_base = LSE + (b.to(tl.int64) * HQ + h) * T
+        delta_base = DELTA + (b.to(tl.int64) * HQ + h) * T
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdt, cols,
+                             lo, mid, T, S, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_D, True, FP64, PREC)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdt, cols,
+                             full, T, T, S, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_D, False, FP64, PREC)
+    dk = dk * scale
+    smask = (cols[:, None] < S) & (dims[None, :] < HEAD_DIM)
+    dk_ptrs = DK + b.to(tl.int64) * sdkb + hk * sdkh + cols[:, None].to(tl.int64) * sdks + dims[None, :]
+    dv_ptrs = DV + b.to(tl.int64) * sdvb + hk * sdvh + cols[:, None].to(tl.int64) * sdvs + dims[None, :]
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=smask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=smask)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, svs, rows, lo, hi, T, S, qk_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              MASK: tl.constexpr, CAUSAL: tl.constexpr, FP64: tl.constexpr, PREC: tl.constexpr):
+    dims = tl.arange(0, BLOCK_D)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        kt = _load_tile_t(k_base, cols, S, sks, dims, HEAD_DIM)                # [D, BN]
+        vt = _load_tile_t(v_base, cols, S, svs, dims, HEAD_DIM)                # [D, BN]
+        u = tl.dot(q, kt, input_precision=PREC) * qk_scale
+        p = _exp2(u - lse2[:, None], FP64)
+        if MASK:  # keys past S (loaded as 0) and, when causal, right of the diagonal
+            ok = cols[None, :] < S
+            if CAUSAL:
+                ok = ok & (cols[None, :] <= rows[:, None] + (S - T))
+            p = tl.where(ok, p, 0.0)
+        dp = tl.dot(do, vt, input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
+                 sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sdb, sdh, sdt, sdqb, sdqh, sdqt,
+                 H, G, T, S, scale_hi, scale_lo,
+                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+                 FP64: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // G
+    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    q = _load_tile(Q + b.to(tl.int64) * sqb + h * sqh, rows, T, sqt, dims, HEAD_DIM)
+    do = _load_tile(DO + b.to(tl.int64) * sdb + h * sdh, rows, T, sdt, dims, HEAD_DIM)
+    lse2 = tl.load(LSE + bh.to(tl.int64) * T + rows, mask=rows < T, other=float("inf")) * LOG2E
+    delta = tl.load(DELTA + bh.to(tl.int64) * T + rows, mask=rows < T, other=0.0)
+    k_base = K + b.to(tl.int64) * skb + hk * skh
+    v_base = V + b.to(tl.int64) * svb + hk * svh
+    if FP64:
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float64)
+    else:
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    scale = _scale(scale_hi, scale_lo, FP64)
+    qk_scale = scale * LOG2E
+    if CAUSAL:  # same key ranges as the forward
+        hi = tl.maximum(tl.minimum(S, (start_m + 1) * BLOCK_M + S - T), 0)
+        full = tl.maximum(tl.minimum(S, start_m * BLOCK_M + S - T + 1), 0) // BLOCK_N * BLOCK_N
+    else:
+        hi = S
+        full = S // BLOCK_N * BLOCK_N
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, svs, rows, 0, full, T, S, qk_scale,
+                   HEAD_DIM, BLOCK_N, BLOCK_D, False, CAUSAL, FP64, PREC)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, svs, rows, full, hi, T, S, qk_scale,
+                   HEAD_DIM, BLOCK_N, BLOCK_D, True, CAUSAL, FP64, PREC)
+    dq = dq * scale
+    ptrs = DQ + b.to(tl.int64) * sdqb + h * sdqh + rows[:, None].to(tl.int64) * sdqt + dims[None, :]
+    tl.store(ptrs, dq.to(DQ.dtype.element_ty), mask=(rows[:, None] < T) & (dims[None, :] < HEAD_DIM))
+
+
+# ------------------------------------------------------------------------------- autotuning ---
+
+def _cfg(bm, bn, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+# (BLOCK_M, BLOCK_N, warps, stages). Large tiles with 8 warps and 3 stages suit Hopper (H100/H200);
+# the smaller ones suit Ampere, head dim 256 and short sequences.
+_FWD_CONFIGS = [_cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(128, 32, 4, 3),
+                _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 2), _cfg(64, 64, 4, 4)]
+# Backward dK/dV: BLOCK_M is the query block looped over, BLOCK_N the key block a program owns.
+_DKDV_CONFIGS = [_cfg(32, 128, 8, 3), _cfg(64, 128, 8, 3), _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 3),
+                 _cfg(32, 32, 4, 2), _cfg(16, 64, 4, 2)]
+_DQ_CONFIGS = [_cfg(128, 32, 8, 3), _cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 2),
+               _cfg(32, 64, 4, 2)]
+_KEY = ["HEAD_DIM", "T", "S", "CAUSAL", "PREC"]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop tiles that cannot fit in shared memory for wide heads / wide dtypes."""
+    d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
+    width = named_args["Q"].element_size() * d
+    keep = [c for c in configs if (c.kwargs["BLOCK_M"] + 2 * c.kwargs["BLOCK_N"]) * width <= 96 * 1024
+            or (c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 32)]
+    return keep or configs[-1:]
+
+
+def _tuned(fn, configs):
+    return triton.autotune(configs=configs, key=_KEY,
+                           prune_configs_by={"early_config_prune": _prune})(fn)
+
+
+if not INTERPRET:
+    _attn_fwd_tuned = _tuned(_attn_fwd, _FWD_CONFIGS)
+    _attn_bwd_dkdv_tuned = _tuned(_attn_bwd_dkdv, _DKDV_CONFIGS)
+    _attn_bwd_dq_tuned = _tuned(_attn_bwd_dq, _DQ_CONFIGS)
+
+# The interpreter runs each program in Python: one small fixed config, no autotuning.
+_FIXED = {"BLOCK_M": 16, "BLOCK_N": 16}
+
+
+def _launch(kernel, tuned, grid_fn, *args, **meta):
+    if INTERPRET:
+        kernel[grid_fn(_FIXED)](*args, **meta, **_FIXED)
+    else:
+        tuned[grid_fn](*args, **meta)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not INTERPRET and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _meta(q: torch.Tensor, causal: bool):
+    D = q.shape[-1]
+    return dict(HEAD_DIM=D, CAUSAL=bool(causal), PREC=_precision(q.dtype),
+                FP64=q.dtype == torch.float64, BLOCK_D=max(16, triton.next_power_of_2(D)))
+
+
+def _split(scale: float):
+    """scale as two fp32 kernel arguments hi + lo (see ``_scale``)."""
+    hi = struct.unpack("f", struct.pack("f", scale))[0]
+    return hi, float(scale) - hi
+
+
+def _strides3(t: torch.Tensor):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+# -------------------------------------------------------------------------------- launchers ---
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float):
+    """q [B, Hq, T, D], k/v [B, Hkv, S, D], unit stride over D → (out like q, lse [B, Hq, T]).
+
+    lse is fp32 (fp64 for fp64 inputs); +inf for rows that see no key."""
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = torch.empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, T), dtype=acc, device=q.device)
+    if B * Hq * T == 0:
+        return out, lse
+    _launch(_attn_fwd, None if INTERPRET else _attn_fwd_tuned,
+            lambda m: (triton.cdiv(T, m["BLOCK_M"]), B * Hq),
+            q, k, v, out, lse, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
+            Hq, Hq // Hkv, T, S, *_split(scale), **_meta(q, causal))
+    return out, lse
+
+
+def backward(dout, q, k, v, out, lse, causal: bool, scale: float):
+    """Gradients (dq like q, dk/dv like k/v) of attention; all inputs unit stride over D."""
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    dq = torch.empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, Hkv, S, D), dtype=k.dtype, device=k.device)
+    dv = torch.empty((B, Hkv, S, D), dtype=v.dtype, device=v.device)
+    if B * Hkv * S == 0:
+        return dq.zero_(), dk, dv
+    if T == 0:  # no query: no gradient flows into k or v
+        return dq, dk.zero_(), dv.zero_()
+    meta = _meta(q, causal)
+    delta = torch.empty_like(lse)
+    bm = 16 if INTERPRET else 64
+    _attn_bwd_delta[(triton.cdiv(T, bm), B * Hq)](
+        out, dout, delta, *_strides3(out), *_strides3(dout), Hq, T,
+        HEAD_DIM=D, BLOCK_M=bm, BLOCK_D=meta["BLOCK_D"], FP64=meta["FP64"])
+    _launch(_attn_bwd_dkdv, None if INTERPRET else _attn_bwd_dkdv_tuned,
+            lambda m: (triton.cdiv(S, m["BLOCK_N"]), B * Hkv),
+            q, k, v, dout, lse, delta, dk, dv,
+            *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout),
+            *_strides3(dk), *_strides3(dv), Hq, Hkv, Hq // Hkv, T, S, *_split(scale), **meta)
+    _launch(_attn_bwd_dq, None if INTERPRET else _attn_bwd_dq_tuned,
+            lambda m: (triton.cdiv(T, m["BLOCK_M"]), B * Hq),
+            q, k, v, dout, lse, delta, dq,
+            *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *_strides3(dq),
+            Hq, Hq // Hkv, T, S, *_split(scale), **meta)
+    return dq, dk, dv
