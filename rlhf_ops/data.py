@@ -1,0 +1,209 @@
+"""Toy instruction data for the four InstructGPT stages, made by code (nothing is downloaded).
+
+Tasks (prompt → response, each response ends with EOS "\\n"):
+    reverse   "R cabd>"  → "dbac"
+    sort      "S cabd>"  → "abcd"
+    add       "A 12+7>"  → "19"
+A programmatic judge plays the human labeler: judge(task, response) = 1 − edit_distance / max_len,
+in [0, 1], 1 only for the exact answer.
+
+Every generator is a pure function of (seed, a stream name, an index), so a training run can be
+resumed at any step and two processes agree on the global batch. Held-out prompts are split off
+by a hash of the prompt, so no training stream ever contains an evaluation prompt.
+"""
+from __future__ import annotations
+
+import random
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+# ------------------------------------------------------------------------------- tokenizer ---
+
+PAD, EOS = 0, 1
+LETTERS = "abcdefgh"
+CHARS = "\n >+RSA" + LETTERS + "0123456789"
+VOCAB = ["<pad>"] + list(CHARS)          # id 1 is "\n" = EOS
+STOI = {c: i for i, c in enumerate(VOCAB) if i > 0}
+VOCAB_SIZE = len(VOCAB)
+IGNORE = -100
+
+
+def encode(s: str) -> list[int]:
+    return [STOI[c] for c in s]
+
+
+def decode(ids, stop_at_eos: bool = True) -> str:
+    out = []
+    for i in ids:
+        i = int(i)
+        if i == PAD or (stop_at_eos and i == EOS):
+            break
+        out.append(VOCAB[i])
+    return "".join(out)
+
+
+# ----------------------------------------------------------------------------------- tasks ---
+
+@dataclass(frozen=True)
+class Task:
+    prompt: str      # ends with ">"
+    answer: str      # without EOS
+
+    @property
+    def text(self) -> str:
+        return self.prompt + self.answer + "\n"
+
+
+@dataclass
+class DataConfig:
+    min_len: int = 2         # string length for reverse / sort
+    max_len: int = 5
+    max_digits: int = 2      # operand digits for add
+    tasks: str = "RSA"       # which task families are drawn
+    noise: float = 0.5       # pretraining corpus: fraction of documents with a noisy answer
+    heldout_mod: int = 10    # a prompt is held out when crc32(prompt) % heldout_mod == 0
+
+
+def _rng(seed: int, stream: str, index: int) -> random.Random:
+    return random.Random(f"{seed}/{stream}/{index}")
+
+
+def is_heldout(prompt: str, cfg: DataConfig) -> bool:
+    return zlib.crc32(prompt.encode()) % cfg.heldout_mod == 0
+
+
+def _draw_task(rng: random.Random, cfg: DataConfig) -> Task:
+    kind = rng.choice(cfg.tasks)
+    if kind == "A":
+        a = rng.randrange(10 ** rng.randint(1, cfg.max_digits))
+        b = rng.randrange(10 ** rng.randint(1, cfg.max_digits))
+        return Task(f"A {a}+{b}>", str(a + b))
+    s = "".join(rng.choice(LETTERS) for _ in range(rng.randint(cfg.min_len, cfg.max_len)))
+    return Task(f"{kind} {s}>", s[::-1] if kind == "R" else "".join(sorted(s)))
+
+
+def draw_task(rng: random.Random, cfg: DataConfig, heldout: bool = False) -> Task:
+    """A task from the training split (or the held-out split)."""
+    while True:
+        t = _draw_task(rng, cfg)
+        if is_heldout(t.prompt, cfg) == heldout:
+            return t
+
+
+def answer_of(prompt: str) -> str:
+    kind, arg = prompt[0], prompt[2:-1]
+    if kind == "A":
+        a, b = arg.split("+")
+        return str(int(a) + int(b))
+    return arg[::-1] if kind == "R" else "".join(sorted(arg))
+
+
+def edit_distance(a: str, b: str) -> int:
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def judge(prompt: str, response: str) -> float:
+    """The labeler: 1 − edit_distance(response, answer) / max(len), in [0, 1]."""
+    ans = answer_of(prompt)
+    return 1.0 - edit_distance(response, ans) / max(len(response), len(ans), 1)
+
+
+def _noisy(rng: random.Random, answer: str) -> str:
+    """A plausible wrong answer: substituted, dropped or duplicated characters."""
+    pool = LETTERS if answer.isalpha() else "0123456789"
+    out = []
+    for c in answer:
+        u = rng.random()
+        if u < 0.25:
+            out.append(rng.choice(pool))
+        elif u < 0.35:
+            continue
+        elif u < 0.45:
+            out += [c, rng.choice(pool)]
+        else:
+            out.append(c)
+    return "".join(out) or rng.choice(pool)
+
+
+# ----------------------------------------------------------------------------- generators ---
+
+def pretrain_batch(seed: int, index: int, batch: int, block: int, cfg: DataConfig,
+                   stream: str = "pretrain") -> tuple[torch.Tensor, torch.Tensor]:
+    """Context windows of a corpus of task documents, ``noise`` of them with a wrong answer.
+
+    Returns x, y [batch, block] int64 with y the next token of x (L1 over the whole window).
+    """
+    rng = _rng(seed, stream, index)
+    rows = []
+    for _ in range(batch):
+        ids: list[int] = []
+        while len(ids) < block + 1 + 16:
+            t = draw_task(rng, cfg)
+            ans = _noisy(rng, t.answer) if rng.random() < cfg.noise else t.answer
+            ids += encode(t.prompt + ans + "\n")
+        off = rng.randrange(16)
+        rows.append(ids[off:off + block + 1])
+    data = torch.tensor(rows, dtype=torch.long)
+    return data[:, :-1].contiguous(), data[:, 1:].contiguous()
+
+
+def pad_rows(rows: list[list[int]], width: int | None = None, value: int = PAD) -> torch.Tensor:
+    width = max((len(r) for r in rows), default=1) if width is None else width
+    out = torch.full((len(rows), max(width, 1)), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.tensor(r[:width], dtype=torch.long)
+    return out
+
+
+def sft_batch(seed: int, index: int, batch: int, cfg: DataConfig) -> dict:
+    """Demonstrations prompt → correct response + EOS, right-padded.
+
+    x [B, T] inputs; y_resp [B, T] next-token targets on response tokens only (prompt and pad
+    ignored) for L2; y_all [B, T] targets on every real token for the auxiliary L1.
+    """
+    rng = _rng(seed, "sft", index)
+    tasks = [draw_task(rng, cfg) for _ in range(batch)]
+    return demo_tensors(tasks)
+
+
+def demo_tensors(tasks: list[Task]) -> dict:
+    seqs = [encode(t.text) for t in tasks]
+    full = pad_rows(seqs)
+    x, y_all = full[:, :-1].contiguous(), full[:, 1:].clone()
+    y_all[y_all == PAD] = IGNORE
+    y_resp = y_all.clone()
+    for i, t in enumerate(tasks):
+        y_resp[i, :len(t.prompt) - 1] = IGNORE      # targets that are prompt tokens
+    last = torch.tensor([len(s) - 1 for s in seqs])  # index of EOS = last real token
+    return {"x": x, "y_resp": y_resp, "y_all": y_all, "full": full, "last": last,
+            "prompts": [t.prompt for t in tasks]}
+
+
+def prompts(seed: int, stream: str, index: int, n: int, cfg: DataConfig, heldout: bool = False) -> list[str]:
+    rng = _rng(seed, stream, index)
+    return [draw_task(rng, cfg, heldout).prompt for _ in range(n)]
+
+
+def eval_prompts(seed: int, n: int, cfg: DataConfig) -> list[str]:
+    """Held-out evaluation prompts (never drawn by a training stream), distinct."""
+    rng = _rng(seed, "eval", 0)
+    seen: dict[str, None] = {}
+    for _ in range(50 * n):
+        if len(seen) == n:
+            break
+        seen[draw_task(rng, cfg, heldout=True).prompt] = None
+    return list(seen)
+
+
+def ranks_from_scores(scores: list[float], K: int) -> list[int]:
+    """Dense ranks, 0 = best, equal scores share a rank (a tie makes no pair); −1 pads to K."""
+    order = sorted(set(scores), reverse=True)
+    return [order.index(s) for s in scores] + [-1] * (K - len(scores))

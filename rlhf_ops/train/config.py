@@ -1,0 +1,98 @@
+"""Hyper-parameters: one flat dict of dotted keys, a few presets, ``--set key=value`` overrides.
+
+Defaults follow the InstructGPT paper where it gives them (SFT λ = 0.5 for the auxiliary LM loss is
+ours; PPO: β = 0.02, γ = 1, GAE λ = 0.95, clip 0.2, one epoch per batch, temperature 1,
+γ_ptx = 27.8 with 8 pretraining sequences per RL episode); sizes are scaled for a toy model.
+"""
+from __future__ import annotations
+
+DEFAULTS: dict = {
+    # model
+    "model.n_layer": 2, "model.n_head": 4, "model.d_model": 64, "model.block_size": 48,
+    # data (see rlhf_ops.data.DataConfig)
+    "data.min_len": 2, "data.max_len": 5, "data.max_digits": 2, "data.tasks": "RSA",
+    "data.noise": 0.5, "data.heldout_mod": 10,
+    # evaluation: greedy decodes of held-out prompts scored by the judge
+    "eval.n_prompts": 200, "eval.max_new": 8,
+    # 1. pretraining: L1 over context windows
+    "pretrain.steps": 600, "pretrain.batch": 32, "pretrain.lr": 3e-3, "pretrain.warmup": 30,
+    "pretrain.weight_decay": 0.1,
+    # 2. SFT: L3 = L2 + λ·L1
+    "sft.steps": 300, "sft.batch": 32, "sft.lr": 1e-3, "sft.warmup": 10, "sft.weight_decay": 0.0,
+    "sft.lm_coef": 0.5,
+    # 3. reward model: K = k_min..k_max SFT samples per prompt, ranked by the judge
+    "rm.n_prompts": 400, "rm.n_heldout": 100, "rm.k_min": 4, "rm.k_max": 9,
+    "rm.sample_temperature": 1.0, "rm.steps": 200, "rm.batch": 16, "rm.lr": 1e-3, "rm.warmup": 10,
+    "rm.weight_decay": 0.0, "rm.eval_every": 50, "rm.n_bias_demos": 256,
+    # 4. PPO / PPO-ptx
+    "ppo.steps": 60, "ppo.batch": 64, "ppo.minibatch": 16, "ppo.epochs": 1, "ppo.lr": 3e-4,
+    "ppo.value_lr": 3e-4, "ppo.beta": 0.02, "ppo.kl_target": 0.0, "ppo.kl_horizon": 10000,
+    "ppo.clip": 0.2, "ppo.value_clip": 0.2, "ppo.vf_coef": 0.5, "ppo.gamma": 1.0, "ppo.lam": 0.95,
+    "ppo.temperature": 1.0, "ppo.ptx_coef": 27.8, "ppo.ptx_per_episode": 8.0,
+    "ppo.max_new": 8, "ppo.eval_every": 20, "ppo.grad_clip": 1.0,
+    # run control
+    "run.log_every": 10, "run.ckpt_every": 100, "run.grad_clip": 1.0, "run.progress": True,
+    "run.crash_at_step": -1,     # testing: raise at the start of this step (simulated interruption)
+}
+
+PRESETS: dict = {
+    "cpu-demo": {},
+    # bigger model and runs for a GPU with the fused backends
+    "gpu": {
+        "model.n_layer": 6, "model.n_head": 8, "model.d_model": 512, "model.block_size": 128,
+        "data.max_len": 8, "data.max_digits": 4, "eval.max_new": 12, "ppo.max_new": 12,
+        "pretrain.steps": 2000, "pretrain.batch": 64, "pretrain.lr": 6e-4,
+        "sft.steps": 1000, "sft.batch": 64, "sft.lr": 1e-4,
+        "rm.n_prompts": 2000, "rm.steps": 600, "rm.batch": 32, "rm.lr": 1e-4,
+        "ppo.steps": 200, "ppo.batch": 256, "ppo.minibatch": 64, "ppo.lr": 1e-5, "ppo.value_lr": 1e-5,
+        "run.ckpt_every": 500,
+    },
+    # seconds-long runs for the tests
+    "tiny": {
+        "model.n_layer": 1, "model.n_head": 2, "model.d_model": 16, "model.block_size": 24,
+        "data.max_len": 3, "data.max_digits": 1, "eval.n_prompts": 8, "eval.max_new": 5,
+        "pretrain.steps": 4, "pretrain.batch": 4, "pretrain.warmup": 1,
+        "sft.steps": 4, "sft.batch": 4, "sft.warmup": 1,
+        "rm.n_prompts": 6, "rm.n_heldout": 4, "rm.steps": 4, "rm.batch": 2, "rm.warmup": 1,
+        "rm.eval_every": 2, "rm.n_bias_demos": 8,
+        "ppo.steps": 3, "ppo.batch": 4, "ppo.minibatch": 2, "ppo.max_new": 5, "ppo.eval_every": 2,
+        "ppo.ptx_per_episode": 1.0,
+        "run.log_every": 1, "run.ckpt_every": 2, "run.progress": False,
+    },
+}
+
+
+def _cast(key: str, text: str):
+    default = DEFAULTS[key]
+    if isinstance(default, bool):
+        if text.lower() in ("1", "true", "yes"):
+            return True
+        if text.lower() in ("0", "false", "no"):
+            return False
+        raise ValueError(f"--set {key}: expected a boolean, got {text!r}")
+    try:
+        return type(default)(text)
+    except ValueError:
+        raise ValueError(f"--set {key}: expected {type(default).__name__}, got {text!r}") from None
+
+
+def make_config(preset: str = "cpu-demo", sets: list[str] | dict | None = None) -> dict:
+    """DEFAULTS, then the preset, then overrides ("key=value" strings or a dict)."""
+    if preset not in PRESETS:
+        raise ValueError(f"--preset: unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
+    cfg = dict(DEFAULTS)
+    cfg.update(PRESETS[preset])
+    items = sets.items() if isinstance(sets, dict) else (s.split("=", 1) if "=" in s else (s, None)
+                                                          for s in (sets or []))
+    for key, val in items:
+        if key not in DEFAULTS:
+            raise ValueError(f"--set: unknown key {key!r}; known keys: {', '.join(sorted(DEFAULTS))}")
+        if val is None:
+            raise ValueError(f"--set {key}: expected key=value")
+        cfg[key] = _cast(key, val) if isinstance(val, str) else val
+    return cfg
+
+
+def section(cfg: dict, prefix: str) -> dict:
+    """{"lr": ...} for every key "prefix.lr"."""
+    return {k.split(".", 1)[1]: v for k, v in cfg.items() if k.startswith(prefix + ".")}

@@ -1,0 +1,217 @@
+"""Stage 4 — PPO and PPO-ptx against the reward model, with a per-token KL penalty.
+
+Per RL batch (one episode = one prompt and its sampled response):
+  1. sample a response per prompt from the policy π (temperature 1);
+  2. reward per token r_t = −β·KL_t (``kl_penalty`` vs the frozen SFT copy) plus, at the response's
+     last token, the RM score (``ppo_rewards``);
+  3. GAE: δ_t = r_t + γ·V_{t+1} − V_t,  A_t = δ_t + γλ·A_{t+1}  (γ = 1, λ = 0.95), returns
+     R_t = A_t + V_t, advantages whitened over the batch's response tokens;
+  4. one epoch over minibatches: clipped policy loss  max(−A·ρ, −A·clip(ρ, 1±ε)), ρ = π/π_old,
+     clipped value loss  ½·max((V − R)², (V_old + clip(V − V_old, ±ε_v) − R)²),
+     and for PPO-ptx  γ_ptx·L1 on pretraining sequences, all in the same optimizer step.
+The policy starts from SFT, the value model from the RM (whose bias makes SFT demos score 0).
+β is fixed, or adapted towards ``kl_target`` (Ziegler et al.): β ← β·(1 + clip(KL/target − 1, ±0.2)·n/horizon).
+"""
+from __future__ import annotations
+
+import time
+import zlib
+
+import torch
+
+import rlhf_ops as ro
+from rlhf_ops import data as D
+from rlhf_ops.model import ScalarHeadGPT, frozen_copy
+
+from .common import Run, SimulatedCrash, judge_score, prompt_tensors, responses, rng_state, set_rng_state
+from .config import section
+
+
+def gae(rewards, values, mask, gamma: float, lam: float):
+    """Advantages and returns over each row's response tokens (mask = 1 there, contiguous)."""
+    T = rewards.shape[1]
+    adv = torch.zeros_like(rewards)
+    run = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(T)):
+        nxt = mask[:, t + 1] if t + 1 < T else torch.zeros_like(run)
+        v_next = values[:, t + 1] * nxt if t + 1 < T else torch.zeros_like(run)
+        delta = rewards[:, t] + gamma * v_next - values[:, t]
+        run = delta + gamma * lam * nxt * run
+        adv[:, t] = run
+    adv = adv * mask
+    return adv, (adv + values) * mask
+
+
+def whiten(x, mask, all_sum, eps: float = 1e-8):
+    """(x − mean) / std over the masked entries of the global batch."""
+    n = all_sum(mask.sum())
+    mean = all_sum((x * mask).sum()) / n
+    var = all_sum((((x - mean) * mask) ** 2).sum()) / n
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def rollout(run: Run, policy, prompts: list[str], gen: torch.Generator, temperature: float):
+    """Sample responses; returns seq [B, T], inputs/actions [B, T−1], mask [B, T−1], last [B]."""
+    x, n = prompt_tensors(prompts, run.device)
+    seq, rl = policy.generate(x, n, run.cfg["ppo.max_new"], temperature=temperature, eos=D.EOS,
+                              pad=D.PAD, generator=gen)
+    seq = seq[:, :int((n + rl).max())]
+    inp, act = seq[:, :-1], seq[:, 1:]
+    pos = torch.arange(act.shape[1], device=run.device)
+    # action t is token t+1: the response occupies tokens n .. n+rl−1, i.e. actions n−1 .. n+rl−2
+    mask = ((pos >= (n - 1)[:, None]) & (pos < (n + rl - 1)[:, None])).float()
+    return seq, inp, act, mask, n + rl - 1, responses(seq, n)
+
+
+@torch.no_grad()
+def rm_score(run: Run, policy, rm, prompts: list[str], tag: str) -> float:
+    """Mean RM score of temperature-1 samples (a fixed generator, so start and end compare)."""
+    gen = torch.Generator(device=run.device).manual_seed(zlib.crc32(f"{run.seed}/{tag}".encode()))
+    seq, _, _, _, last, _ = rollout(run, policy, prompts, gen, run.cfg["ppo.temperature"])
+    return float(rm(seq, last).mean())
+
+
+def run_ppo(run: Run) -> dict:
+    t0 = time.time()
+    c = section(run.cfg, "ppo")
+    B, MB, steps = c["batch"], c["minibatch"], c["steps"]
+    rows = run.local(B)
+    if B % MB:
+        raise ValueError(f"ppo.batch ({B}) must be a multiple of ppo.minibatch ({MB})")
+    n_mb = B // MB
+    mb_local = MB // run.world if MB % run.world == 0 else None
+    if mb_local is None:
+        raise ValueError(f"ppo.minibatch ({MB}) must be divisible by the world size {run.world}")
+    ptx_rows = int(round(c["ptx_per_episode"] * MB)) if c["ptx_coef"] > 0 else 0
+    if ptx_rows % run.world:
+        raise ValueError(f"pretraining rows per minibatch ({ptx_rows}) must be divisible by the world size")
+
+    policy = run.load_model("sft", "lm")
+    ref = frozen_copy(policy)
+    value = run.load_model("rm", "rm", ScalarHeadGPT)
+    rm = frozen_copy(value)
+    opt = torch.optim.AdamW([{"params": list(policy.parameters()), "lr": c["lr"]},
+                             {"params": list(value.parameters()), "lr": c["value_lr"]}],
+                            betas=(0.9, 0.95), weight_decay=0.0)
+    held = D.eval_prompts(run.seed, run.cfg["eval.n_prompts"], run.data_cfg)
+    beta, start, hist = c["beta"], 0, {"kl": [], "rm": []}
+    ck = run.load("ppo", "resume") if run.resume else None
+    if ck is not None:
+        policy.load_state_dict(ck["models"]["policy"])
+        value.load_state_dict(ck["models"]["value"])
+        opt.load_state_dict(ck["opt"])
+        set_rng_state(ck["rng"])
+        beta, start, hist, score_start = ck["beta"], ck["step"], ck["hist"], ck["rm_score_start"]
+    else:
+        score_start = rm_score(run, policy, rm, held, "ppo_eval")
+    run.trim_metrics("ppo", start)
+    pol, val = run.wrap(policy), run.wrap(value)
+    policy.train(), value.train()
+    temp, log_every = c["temperature"], run.cfg["run.log_every"]
+    window: list[dict] = []
+
+    for step in run.progress(range(start, steps), desc="ppo", initial=start, total=steps):
+        if step == run.cfg["run.crash_at_step"]:
+            raise SimulatedCrash(f"ppo: simulated interruption at step {step}")
+        # ---- 1-3: rollout, rewards, advantages (no grad)
+        prompts = D.prompts(run.seed, "ppo", step, B, run.data_cfg)[rows]
+        gen = torch.Generator(device=run.device).manual_seed(
+            zlib.crc32(f"{run.seed}/ppo/{step}/{run.rank}".encode()))
+        with torch.no_grad():
+            policy.eval()
+            seq, inp, act, mask, last, resp = rollout(run, policy, prompts, gen, temp)
+            policy.train()
+            kp = ro.kl_penalty(policy(inp), ref(inp), act, beta=beta, mask=mask, temperature=temp,
+                               backend=run.backend)
+            score = rm(seq, last)
+            old_v = value(inp)
+            rewards = ro.ppo_rewards(kp.penalty, score, mask)
+            adv, ret = gae(rewards, old_v, mask, c["gamma"], c["lam"])
+            adv = whiten(adv, mask, run.all_sum)
+            old_lp = kp.logprobs
+        # ---- 4: one epoch (by default) over minibatches, PPO-ptx in the same optimizer step
+        stats = torch.zeros(4, device=run.device)            # Σ pg, Σ vf, Σ ptx, Σ clipped
+        perm_g = torch.Generator().manual_seed(zlib.crc32(f"{run.seed}/ppo_perm/{step}".encode()))
+        k = 0
+        for _ in range(c["epochs"]):
+            perm = torch.randperm(len(prompts), generator=perm_g).to(run.device)
+            for j in range(n_mb):
+                mb = perm[j * mb_local:(j + 1) * mb_local]
+                m = mask[mb]
+                ntok = run.all_sum(m.sum()).clamp(min=1)    # response tokens of the global minibatch
+                opt.zero_grad(set_to_none=True)
+                if ptx_rows:
+                    x, y = D.pretrain_batch(run.seed, step * n_mb * c["epochs"] + k, ptx_rows,
+                                            run.cfg["model.block_size"], run.data_cfg, stream="ptx")
+                    sl = run.local(ptx_rows)
+                    x, y = x[sl].to(run.device), y[sl].to(run.device)
+                    ctx = pol.no_sync() if run.world > 1 else _null()
+                    with ctx:                                  # accumulate; synced with the PPO backward
+                        l1 = pol(x, y, reduction="sum") / (y.numel() * run.world)
+                        (c["ptx_coef"] * l1 * run.world).backward()
+                    stats[2] += l1.detach()
+                lp = ro.token_logprobs(pol(inp[mb]), act[mb], temperature=temp, backend=run.backend)
+                ratio = torch.exp(lp - old_lp[mb])
+                a = adv[mb]
+                pg = torch.maximum(-a * ratio, -a * ratio.clamp(1 - c["clip"], 1 + c["clip"]))
+                v = val(inp[mb])
+                v_clip = old_v[mb] + (v - old_v[mb]).clamp(-c["value_clip"], c["value_clip"])
+                vf = 0.5 * torch.maximum((v - ret[mb]) ** 2, (v_clip - ret[mb]) ** 2)
+                pg_s, vf_s = (pg * m).sum(), (vf * m).sum()
+                ((pg_s + c["vf_coef"] * vf_s) / ntok * run.world).backward()
+                torch.nn.utils.clip_grad_norm_(list(policy.parameters()) + list(value.parameters()),
+                                               c["grad_clip"])
+                opt.step()
+                clipped = (((ratio - 1).abs() > c["clip"]).float() * m).sum()
+                stats[:2] += torch.stack([pg_s.detach(), vf_s.detach()]) / ntok
+                stats[3] += clipped / ntok
+                k += 1
+        # ---- statistics of this batch (global)
+        n_seq = len(prompts) * run.world
+        kl_seq = run.all_sum((kp.kl * mask).sum()) / n_seq              # KL(π‖π_SFT) per response
+        sums = run.all_sum(torch.stack([score.sum(), (kp.entropy * mask).sum(), mask.sum(),
+                                        torch.tensor(sum(D.judge(p, r) for p, r in zip(prompts, resp)),
+                                                     device=run.device, dtype=torch.float32)]))
+        stats = run.all_sum(stats) / (n_mb * c["epochs"])
+        rec = {"rm_score": float(sums[0]) / n_seq, "kl": float(kl_seq), "beta": beta,
+               "sample_judge": float(sums[3]) / n_seq, "entropy": float(sums[1] / sums[2]),
+               "pg_loss": float(stats[0]), "vf_loss": float(stats[1]), "ptx_loss": float(stats[2]),
+               "clip_frac": float(stats[3]), "resp_len": float(sums[2]) / n_seq}
+        hist["kl"].append(rec["kl"])
+        hist["rm"].append(rec["rm_score"])
+        window.append(rec)
+        if c["kl_target"] > 0:                                # adaptive KL controller
+            err = max(-0.2, min(0.2, rec["kl"] / c["kl_target"] - 1))
+            beta = beta * (1 + err * B / c["kl_horizon"])
+        if (step + 1) % log_every == 0 or step == steps - 1:
+            out = {key: sum(r[key] for r in window) / len(window) for key in window[0]}
+            window = []
+            if (step + 1) % c["eval_every"] == 0 or step == steps - 1:
+                out["judge_score"] = judge_score(run, policy, held)
+            run.log("ppo", step + 1, **out)
+        if (step + 1) % run.cfg["run.ckpt_every"] == 0 and step + 1 < steps:
+            run.save("ppo", "resume", {"models": {"policy": policy.state_dict(), "value": value.state_dict()},
+                                       "opt": opt.state_dict(), "step": step + 1, "rng": rng_state(),
+                                       "beta": beta, "hist": hist, "rm_score_start": score_start})
+    policy.eval(), value.eval()
+    tail = max(1, len(hist["kl"]) // 10)
+    res = {"judge_score": judge_score(run, policy, held),
+           "rm_score_start": score_start, "rm_score_end": rm_score(run, policy, rm, held, "ppo_eval"),
+           "kl_mean": sum(hist["kl"]) / max(len(hist["kl"]), 1),
+           "kl_end": sum(hist["kl"][-tail:]) / tail,
+           "train_rm_score_first": hist["rm"][0] if hist["rm"] else float("nan"),
+           "train_rm_score_last": sum(hist["rm"][-tail:]) / tail,
+           "beta_final": beta, "ptx_coef": c["ptx_coef"], "ptx_rows_per_minibatch": ptx_rows,
+           "seconds": time.time() - t0}
+    run.save("ppo", "final", {"models": {"lm": policy.state_dict(), "value": value.state_dict()},
+                              "model_cfg": vars(policy.cfg), "result": res})
+    run.save_result("ppo", res)
+    return res
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False

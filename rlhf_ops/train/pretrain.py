@@ -1,0 +1,39 @@
+"""Stage 1 — pretraining: L1 = next-token loss over context windows of the task corpus
+(half of its answers noisy, as web text is)."""
+from __future__ import annotations
+
+import time
+
+from rlhf_ops import data as D
+
+from .common import Run, fit, judge_score
+
+
+def lm_loss(model, x, y, world: int):
+    """(loss on this rank, Σ token losses on this rank, global count of target tokens)."""
+    s = model(x, y, reduction="sum")
+    return s, s, y.numel()
+
+
+def run_pretrain(run: Run) -> dict:
+    t0 = time.time()
+    c, rows = run.cfg, run.local(run.cfg["pretrain.batch"])
+    model = run.new_lm()
+
+    def batch(step):
+        x, y = D.pretrain_batch(run.seed, step, c["pretrain.batch"], c["model.block_size"], run.data_cfg)
+        return x[rows].to(run.device), y[rows].to(run.device), y.numel()
+
+    def loss(m, b):
+        x, y, n = b
+        s = m(x, y, reduction="sum")
+        return s / n * run.world, s, n               # DDP averages: Σ_ranks s / n = global mean
+
+    res = fit(run, "pretrain", {"lm": model}, "lm", batch, loss)
+    res["judge_score"] = judge_score(run, model)
+    res["seconds"] = time.time() - t0
+    run.save("pretrain", "final", {"models": {"lm": model.state_dict()},
+                                   "model_cfg": vars(model.cfg), "result": res})
+    run.log("pretrain", c["pretrain.steps"], judge_score=res["judge_score"])
+    run.save_result("pretrain", res)
+    return res

@@ -1,0 +1,137 @@
+"""Stage 3 — reward model.
+
+From the SFT weights with the unembedding replaced by a scalar head. For each prompt, K responses
+(K = k_min..k_max) are sampled from the SFT model and ranked by the judge (ties share a rank,
+absent responses have rank −1). All K responses of a prompt are one batch element, each response
+gets one forward pass, and ``pairwise_reward_loss`` averages −log σ(r_w − r_l) over the C(K,2)
+ordered pairs of the prompt. After training the head's bias is shifted so that SFT demonstrations
+score 0 on average (the PPO reward baseline of InstructGPT).
+"""
+from __future__ import annotations
+
+import random
+import time
+import zlib
+
+import torch
+
+import rlhf_ops as ro
+from rlhf_ops import data as D
+from rlhf_ops.model import GPT, ScalarHeadGPT
+
+from .common import Run, fit, prompt_tensors, responses
+
+
+@torch.no_grad()
+def make_comparisons(run: Run, sft: GPT, prompts: list[str], tag: str, chunk: int = 512) -> dict:
+    """tokens [N, K, T], last [N, K] (index of each response's last real token), ranks [N, K]."""
+    c = run.cfg
+    rng = random.Random(f"{run.seed}/{tag}/k")
+    ks = [rng.randint(c["rm.k_min"], c["rm.k_max"]) for _ in prompts]
+    flat = [p for p, k in zip(prompts, ks) for _ in range(k)]
+    gen = torch.Generator(device=run.device).manual_seed(zlib.crc32(f"{run.seed}/{tag}".encode()))
+    seqs, lasts, resp = [], [], []
+    for i in range(0, len(flat), chunk):
+        x, n = prompt_tensors(flat[i:i + chunk], run.device)
+        seq, rl = sft.generate(x, n, c["ppo.max_new"], temperature=c["rm.sample_temperature"],
+                               eos=D.EOS, pad=D.PAD, generator=gen)
+        seqs += list(seq.cpu())
+        lasts += (n + rl - 1).tolist()
+        resp += responses(seq, n)
+    N, K = len(prompts), c["rm.k_max"]
+    T = max(len(s) for s in seqs)
+    tokens = torch.full((N, K, T), D.PAD, dtype=torch.long)
+    last = torch.zeros(N, K, dtype=torch.long)
+    ranks = torch.full((N, K), -1, dtype=torch.long)
+    j = 0
+    for b, (p, k) in enumerate(zip(prompts, ks)):
+        for i in range(k):
+            tokens[b, i, :len(seqs[j])] = seqs[j]
+            last[b, i] = lasts[j]
+            j += 1
+        scores = [D.judge(p, r) for r in resp[j - k:j]]
+        ranks[b] = torch.tensor(D.ranks_from_scores(scores, K))
+    return {"tokens": tokens, "last": last, "ranks": ranks, "prompts": prompts}
+
+
+def rewards_of(model, tokens, last):
+    """tokens [B, K, T] → rewards [B, K]: one forward pass per response."""
+    B, K, T = tokens.shape
+    return model(tokens.reshape(B * K, T), last.reshape(B * K)).view(B, K)
+
+
+@torch.no_grad()
+def pair_accuracy(model, comp: dict, device, chunk: int = 64) -> float:
+    """Fraction of ordered pairs (rank_i < rank_j) where the model scores r_i > r_j."""
+    hit = tot = 0
+    for i in range(0, comp["tokens"].shape[0], chunk):
+        r = rewards_of(model, comp["tokens"][i:i + chunk].to(device), comp["last"][i:i + chunk].to(device))
+        rk = comp["ranks"][i:i + chunk].to(device)
+        pair = (rk[:, :, None] < rk[:, None, :]) & (rk[:, :, None] >= 0) & (rk[:, None, :] >= 0)
+        hit += int(((r[:, :, None] > r[:, None, :]) & pair).sum())
+        tot += int(pair.sum())
+    return hit / max(tot, 1)
+
+
+@torch.no_grad()
+def demo_mean_reward(run: Run, model: ScalarHeadGPT) -> float:
+    """Mean reward of SFT demonstrations (prompt + correct response) from the training split."""
+    rng = random.Random(f"{run.seed}/rm_bias")
+    b = D.demo_tensors([D.draw_task(rng, run.data_cfg) for _ in range(run.cfg["rm.n_bias_demos"])])
+    return float(model(b["full"].to(run.device), b["last"].to(run.device)).mean())
+
+
+def run_rm(run: Run) -> dict:
+    t0 = time.time()
+    c, B = run.cfg, run.cfg["rm.batch"]
+    rows = run.local(B)
+    sft = run.load_model("sft", "lm").eval()
+    data_path = run.out / "rm_comparisons.pt"
+    if run.resume and data_path.exists():
+        data = torch.load(data_path, weights_only=False)
+    else:                                   # every rank samples the same data (same seeds)
+        train_p = D.prompts(run.seed, "rm", 0, c["rm.n_prompts"], run.data_cfg)
+        held_p = D.eval_prompts(run.seed + 1, c["rm.n_heldout"], run.data_cfg)
+        data = {"train": make_comparisons(run, sft, train_p, "rm_train"),
+                "heldout": make_comparisons(run, sft, held_p, "rm_heldout")}
+        if run.is_main:
+            torch.save(data, data_path)
+    tr, ho = data["train"], data["heldout"]
+    N = tr["tokens"].shape[0]
+    model = ScalarHeadGPT.from_lm(sft).to(run.device)
+
+    def batch(step):
+        per_epoch = max(1, N // B)
+        g = torch.Generator().manual_seed(run.seed * 1000003 + step // per_epoch)
+        idx = torch.randperm(N, generator=g)[(step % per_epoch) * B:][:B]
+        if idx.numel() < B:
+            idx = torch.cat([idx, idx[:B - idx.numel()]]) if idx.numel() else torch.arange(B) % N
+        ranks = tr["ranks"][idx]
+        has_pair = ((ranks[:, :, None] < ranks[:, None, :]) & (ranks[:, :, None] >= 0)).any(-1).any(-1)
+        idx = idx[rows]
+        return (tr["tokens"][idx].to(run.device), tr["last"][idx].to(run.device),
+                tr["ranks"][idx].to(run.device), int(has_pair.sum().clamp(min=1)))
+
+    def loss(m, b):
+        tokens, last, ranks, n = b
+        s = ro.pairwise_reward_loss(rewards_of(m, tokens, last), ranks, reduction="sum",
+                                    backend=run.backend)
+        return s / n * run.world, s, n          # global mean over prompts that have a pair
+
+    res = fit(run, "rm", {"rm": model}, "rm", batch, loss,
+              eval_fn=lambda: {"heldout_pair_accuracy": pair_accuracy(model, ho, run.device)},
+              eval_every=c["rm.eval_every"])
+    res["heldout_pair_accuracy"] = pair_accuracy(model, ho, run.device)
+    res["train_pair_accuracy"] = pair_accuracy(model, tr, run.device)
+    # reward normalisation: SFT demonstrations score 0 on average
+    before = demo_mean_reward(run, model)
+    with torch.no_grad():
+        model.head.bias -= before
+    res["demo_mean_before_bias"], res["demo_mean_after_bias"] = before, demo_mean_reward(run, model)
+    res["n_train_prompts"], res["n_heldout_prompts"] = N, ho["tokens"].shape[0]
+    res["mean_k"] = float((tr["ranks"] >= 0).sum(1).float().mean())
+    res["seconds"] = time.time() - t0
+    run.save("rm", "final", {"models": {"rm": model.state_dict()}, "model_cfg": vars(model.cfg),
+                             "result": res})
+    run.save_result("rm", res)
+    return res
