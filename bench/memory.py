@@ -1,0 +1,215 @@
+"""Bytes each op keeps for backward at LLM sizes, eager reference vs each fused backend.
+
+    python -m bench.memory [--out bench/results] [--ops cross_entropy,attention,...]
+
+Measured on the ``meta`` device, so it runs anywhere in seconds: a meta tensor has a shape,
+a dtype and a storage size but no data; the reference backend runs its eager code on meta
+tensors, a fused backend runs its custom op's fake implementation, and autograd records what
+the real op would keep. Two things are counted:
+
+* saved tensors: every tensor autograd packs for backward (``saved_tensors_hooks``), counted
+  once per underlying storage (``untyped_storage()._cdata`` identifies a storage, meta ones
+  included; the pack hook holds a reference, so no identity is reused while we count), at the
+  storage's full ``nbytes``;
+* tensors kept alive elsewhere: tensors that exist after the forward but did not before it
+  (found with ``gc``), that are not outputs, inputs, or already-counted saved storages — e.g. a
+  gradient precomputed in the forward and stored on the autograd context.
+
+``saved_bytes`` excludes the storages of the op's inputs (the caller holds those anyway: the
+logits, q/k/v); ``saved_bytes_incl_inputs`` includes them. Peak memory during the forward is a
+GPU measurement (bench.report), not done here.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+import bench  # noqa: F401  (sets TRITON_INTERPRET on a CPU-only machine)
+import rlhf_ops as ro
+
+from .harness import DTYPE_NAMES
+
+BACKENDS = ("reference", "triton", "cuda")
+META = torch.device("meta")
+
+
+def _m(*shape, dtype=torch.bfloat16, grad=False):
+    t = torch.empty(*shape, device=META, dtype=dtype)
+    return t.requires_grad_(True) if grad else t
+
+
+def _idx(*shape):
+    return torch.empty(*shape, device=META, dtype=torch.int64)
+
+
+# op -> (shape dict, dtype, inputs factory, call(inputs, backend) -> output)
+def _specs():
+    N, V, d = 8192, 128256, 4096
+    B, T = 4, 2048  # 8k tokens for the per-token ops
+    return {
+        "cross_entropy": ({"N": N, "V": V}, torch.bfloat16,
+                          lambda: [_m(N, V, grad=True), _idx(N)],
+                          lambda a, b: ro.cross_entropy(*a, backend=b)),
+        "linear_cross_entropy": ({"N": N, "d": d, "V": V}, torch.bfloat16,
+                                 lambda: [_m(N, d, grad=True), _m(V, d, grad=True), _idx(N)],
+                                 lambda a, b: ro.linear_cross_entropy(*a, backend=b)),
+        "token_logprobs": ({"B": B, "T": T, "V": V}, torch.bfloat16,
+                           lambda: [_m(B, T, V, grad=True), _idx(B, T)],
+                           lambda a, b: ro.token_logprobs(*a, backend=b)),
+        "kl_penalty": ({"B": B, "T": T, "V": V, "estimator": "k3"}, torch.bfloat16,
+                       lambda: [_m(B, T, V, grad=True), _m(B, T, V), _idx(B, T)],
+                       lambda a, b: ro.kl_penalty(*a, beta=0.05, estimator="k3", backend=b)),
+        "attention": ({"B": 8, "H": 32, "T": 4096, "D": 128, "causal": 1}, torch.bfloat16,
+                      lambda: [_m(8, 32, 4096, 128, grad=True) for _ in range(3)],
+                      lambda a, b: ro.attention(*a, causal=True, backend=b)),
+        "pairwise_reward_loss": ({"B": 16384, "K": 9}, torch.float32,
+                                 lambda: [_m(16384, 9, dtype=torch.float32, grad=True), _idx(16384, 9)],
+                                 lambda a, b: ro.pairwise_reward_loss(*a, backend=b)),
+    }
+
+
+def _key(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+def _flat(out) -> list:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _flat(o)]
+    return []
+
+
+def saved_for_backward(call, make_inputs) -> dict:
+    """Run ``call(inputs)`` on meta tensors and count what it keeps for backward."""
+    inputs = make_inputs()
+    packed: list = []
+
+    def pack(t):
+        packed.append(t)
+        return t
+
+    # After a full collection every surviving object sits in the oldest generation. With the
+    # automatic collector off, every object the forward creates is in generation 0; collecting
+    # generation 0 afterwards frees the dead ones (cycles included) and moves the survivors to
+    # generation 1, so generation 1 then holds exactly the objects the op created and kept alive.
+    gc.collect()
+    gc.disable()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = call(inputs)
+        outs = _flat(out)
+        gc.collect(0)
+        created = [o for o in gc.get_objects(generation=1) if issubclass(type(o), torch.Tensor)]
+    finally:
+        gc.enable()
+    if not any(t.requires_grad for t in outs):
+        raise RuntimeError("the op's output does not require grad: nothing would be saved")
+    input_keys = {_key(t) for t in inputs}
+    saved = {}
+    for t in packed:
+        saved[_key(t)] = t.untyped_storage().nbytes()
+    skip = input_keys | set(saved) | {_key(t) for t in outs}
+    elsewhere = {}
+    for t in created:
+        if t.device.type == "meta" and _key(t) not in skip:
+            elsewhere[_key(t)] = t.untyped_storage().nbytes()
+    new_saved = sum(v for k, v in saved.items() if k not in input_keys)
+    return {"saved_bytes": new_saved + sum(elsewhere.values()),
+            "saved_tensor_bytes": new_saved,
+            "kept_elsewhere_bytes": sum(elsewhere.values()),
+            "saved_bytes_incl_inputs": sum(saved.values()) + sum(elsewhere.values()),
+            "n_saved_storages": len(saved)}
+
+
+def measure(ops=None) -> list[dict]:
+    rows = []
+    specs = _specs()
+    for op in ops or list(specs):
+        shape, dtype, make, call = specs[op]
+        eager = None
+        for b in BACKENDS:
+            row = {"op": op, "backend": b, "shape": shape, "dtype": DTYPE_NAMES[dtype]}
+            try:
+                row.update(status="ok", **saved_for_backward(lambda a: call(a, b), make))
+            except NotImplementedError as e:
+                row.update(status="missing", reason=f"not implemented: {e}")
+            except Exception as e:  # noqa: BLE001 - reported with its reason
+                row.update(status="failed", reason=f"{type(e).__name__}: {str(e)[:300]}")
+            if b == "reference" and row["status"] == "ok":
+                eager = row["saved_bytes"]
+            if b != "reference" and row["status"] == "ok" and eager:
+                row["vs_eager"] = row["saved_bytes"] / eager
+            rows.append(row)
+    return rows
+
+
+def _gib(n) -> str:
+    if n is None:
+        return "—"
+    for unit, s in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= s:
+            return f"{n / s:.2f} {unit}"
+    return f"{n} B"
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| op | shape | dtype | backend | saved for backward (new) | kept elsewhere | "
+             "incl. inputs | vs eager |",
+             "|---|---|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        shape = "×".join(f"{k}={v}" for k, v in r["shape"].items())
+        if r["status"] != "ok":
+            lines.append(f"| {r['op']} | {shape} | {r['dtype']} | {r['backend']} | "
+                         f"{r['status']}: {r['reason'][:80]} | | | |")
+            continue
+        ratio = f"{r['vs_eager']:.3g}×" if "vs_eager" in r else ""
+        lines.append(f"| {r['op']} | {shape} | {r['dtype']} | {r['backend']} | "
+                     f"{_gib(r['saved_bytes'])} | {_gib(r['kept_elsewhere_bytes'])} | "
+                     f"{_gib(r['saved_bytes_incl_inputs'])} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              check=True).stdout.strip()
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    p.add_argument("--ops", default=None, help="comma-separated ops (default: all)")
+    args = p.parse_args(argv)
+    rows = measure(args.ops.split(",") if args.ops else None)
+    result = {"device": "meta", "commit": git_commit(),
+              "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+              "what": "bytes kept for backward (saved tensors + tensors kept alive elsewhere), "
+                      "excluding the op's inputs; measured on the meta device",
+              "rows": rows}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "memory.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(args.out, "memory.md"), "w") as f:
+        f.write(f"Bytes kept for backward, measured on the meta device (commit "
+                f"{result['commit'][:10]}, {result['date']}, torch {result['torch']}). "
+                "'new' excludes the op's inputs; 'incl. inputs' counts them too. On meta, the "
+                "triton and cuda rows both run the op's fake implementation (what autograd "
+                "would keep), so they agree by construction.\n\n")
+        f.write(markdown(rows))
+    sys.stdout.write(markdown(rows))
+    return result
+
+
+if __name__ == "__main__":
+    main()
