@@ -16,7 +16,7 @@ import re
 import shutil
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -101,8 +101,8 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["rlhf_ops", "rlhf_ops.kernels", "rlhf_ops.train"],
-    package_dir={"rlhf_ops": "rlhf_ops", "rlhf_ops.kernels": "kernels", "rlhf_ops.train": "rlhf_ops/train"},
+    packages=find_packages(include=["rlhf_ops", "rlhf_ops.*"]) + ["rlhf_ops.kernels"],
+    package_dir={"rlhf_ops.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
