@@ -1,0 +1,376 @@
+"""Run the roofline probe and every op benchmark; write results as JSON, Markdown and PNG plots.
+
+    python -m bench.report [--quick] [--ops attention,kl_penalty,...] [--tests] [--out DIR]
+                           [--budget-s 420] [--size smoke|quick|llm]
+
+* Device: the GPU when one is visible, else the CPU. The results go to
+  ``<out>/<slug>.json`` (slug: h100-sxm, h100-pcie, h200, a100-sxm, ..., cpu) in DESIGN.md's
+  "Results format", ``<out>/<slug>.md`` (a table) and ``<out>/<slug>-<op>.png`` (time and memory
+  vs size, one line per backend/peer).
+* Sizes: on a GPU the full LLM-scale sweep (``--quick``: only the goal shapes of the issues); on
+  a CPU always the tiny smoke sizes with the reference backend (plus one tiny Triton case under
+  the interpreter). CPU results are labelled smoke: they show that the code runs, not speed.
+* ``--budget-s``: stop starting new measurements after this many seconds (goal shapes run first);
+  what was not measured is recorded as ``skipped`` with that reason.
+* ``--tests``: also run the test suite (pytest, junit XML) and record passed/failed/skipped per
+  ``<op>/<backend>`` in the ``tests`` field.
+
+Every entry is one of our backends (reference, triton, cuda) for one (op, shape, mode), with
+its baselines measured in the same run: ``eager`` (the reference backend), ``compile``
+(torch.compile of it) and the peers (sdpa_flash, sdpa_efficient, sdpa_cudnn, sdpa_math and
+``sdpa`` = the fastest of them, flex, torch_ce, torch_linear_ce, liger, cce). Entries and
+baselines that could not run carry ``status`` (missing / failed / skipped) and ``reason``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+
+import torch
+
+import bench  # noqa: F401  (sets TRITON_INTERPRET on a CPU-only machine)
+
+from . import harness, roofline
+from .memory import git_commit
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+SMOKE_NOTE = ("CPU smoke run: tiny sizes, reference backend (and one tiny Triton case under the "
+              "interpreter). These numbers show that the benchmark code runs; they are NOT speed.")
+
+
+def device_slug(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100-sxm', 'NVIDIA H200' -> 'h200', CPU -> 'cpu'."""
+    n = name.lower()
+    if name == "CPU" or n == "cpu":
+        return "cpu"
+    m = re.search(r"\b([abhlv]\d{2,3}|gh200|gb200|b200|rtx ?\d{4})", n)
+    base = m.group(1).replace(" ", "") if m else re.sub(r"[^a-z0-9]+", "-", n).strip("-")
+    if base in ("a100", "h100"):
+        if "pcie" in n:
+            return f"{base}-pcie"
+        if "nvl" in n:
+            return f"{base}-nvl"
+        return f"{base}-sxm"  # HBM3 / SXM parts
+    return base
+
+
+FAMILY_OF = {"cross_entropy": "cross_entropy", "linear_cross_entropy": "cross_entropy",
+             "attention": "attention", "pairwise_reward_loss": "reward_loss",
+             "token_logprobs": "kl_penalty", "kl_penalty": "kl_penalty"}
+
+
+def _families(ops):
+    """--ops names ops; return the bench families to load and the ops to keep (None: all)."""
+    if not ops:
+        return list(harness.FAMILIES), None
+    bad = [o for o in ops if o not in FAMILY_OF]
+    if bad:
+        raise SystemExit(f"--ops: unknown {bad}; expected some of {sorted(FAMILY_OF)}")
+    return sorted({FAMILY_OF[o] for o in ops}, key=harness.FAMILIES.index), set(ops)
+
+
+def _result_view(res: dict, case: harness.Case, mode: str, roof: dict | None) -> dict:
+    if res["status"] != "ok":
+        return {k: res[k] for k in ("status", "reason")}
+    out = {"median_ms": res["median_ms"], "peak_mem_bytes": res["peak_mem_bytes"]}
+    out.update(harness.rates(case, mode, res["median_ms"], roof))
+    return out
+
+
+def run_benchmarks(device, size, ops=None, budget_s=None, roof=None, log=print) -> list[dict]:
+    device = torch.device(device)
+    fams, keep = _families(ops)
+    all_cases = [c for f in fams for c in harness.cases(f, size) if keep is None or c.op in keep]
+    all_cases.sort(key=lambda c: not c.priority)  # goal shapes first (stable otherwise)
+    smoke = size == "smoke"
+    jobs = [(c, False) for c in all_cases]
+    if smoke and (keep is None or "cross_entropy" in keep):
+        jobs.append((harness.triton_smoke_case(), True))
+    t_start = time.time()
+    entries = []
+    for case, triton_smoke in jobs:
+        modes = ("fwd+bwd",) if triton_smoke else harness.MODES
+        for mode in modes:
+            results = {}
+            for name in case.impls:
+                if budget_s is not None and time.time() - t_start > budget_s:
+                    results[name] = {"status": "skipped",
+                                     "reason": f"time budget of {budget_s:.0f} s used up"}
+                elif smoke and name == "triton" and not triton_smoke:
+                    results[name] = {"status": "skipped", "reason": "CPU smoke run: the Triton "
+                                     "interpreter is timed only on the one tiny case"}
+                else:
+                    kw = {"warmup": 1, "reps": 1} if triton_smoke else (
+                        {"warmup": 1, "reps": 3} if smoke else {})
+                    results[name] = harness.measure(case, name, mode, device, **kw)
+                r = results[name]
+                log(f"  {case.id:<48} {mode:<8} {name:<15} "
+                    + (f"{r['median_ms']:10.3f} ms" if r["status"] == "ok"
+                       else f"{r['status']}: {r['reason'][:90]}"))
+            entries += _entries(case, mode, results, roof, smoke, triton_smoke)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return entries
+
+
+def _entries(case, mode, results, roof, smoke, triton_smoke) -> list[dict]:
+    views = {n: _result_view(r, case, mode, roof) for n, r in results.items()}
+    baselines = {"eager": views.get("reference", {"status": "missing", "reason": "not run"})}
+    for n, v in views.items():
+        if n not in harness.OUR_BACKENDS:
+            baselines[n] = v
+    sdpa = [(v["median_ms"], n) for n, v in views.items() if n.startswith("sdpa_") and "median_ms" in v]
+    if sdpa:
+        ms, n = min(sdpa)
+        baselines["sdpa"] = dict(views[n], backend=n)
+    out = []
+    for b in harness.OUR_BACKENDS:
+        if b not in results:
+            continue
+        v = views[b]
+        e = {"op": case.op, "backend": b, "mode": mode, "shape": case.shape,
+             "dtype": harness.DTYPE_NAMES[case.dtype], "flop": case.flop[mode],
+             "bytes": case.bytes[mode], "bound": case.bound, "smoke": smoke}
+        if "median_ms" in v:
+            e.update(status="ok", median_ms=v["median_ms"], tflops=v["tflops"], gbps=v["gbps"],
+                     roofline_frac=v["roofline_frac"], peak_mem_bytes=v["peak_mem_bytes"])
+            base = {}
+            for n, bv in baselines.items():
+                bv = dict(bv)
+                if "median_ms" in bv and bv["median_ms"] > 0:
+                    bv["speedup"] = bv["median_ms"] / v["median_ms"]  # > 1: ours is faster
+                base[n] = bv
+            e["baselines"] = base
+        else:
+            e.update(status=v["status"], reason=v["reason"], median_ms=None, tflops=None,
+                     gbps=None, roofline_frac=None, peak_mem_bytes=None, baselines=baselines)
+        out.append(e)
+    return out
+
+
+# ------------------------------------------------------------------------------ tests ---
+
+def run_tests(out_dir: str, timeout_s: int = 1800) -> dict:
+    """Run the test suite; passed/failed/skipped per '<op>/<backend>' from the junit XML."""
+    xml = os.path.join(out_dir, "junit.xml")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests",
+           f"--junitxml={xml}", "-o", "addopts=-ra"]
+    subprocess.run(cmd, cwd=ROOT, timeout=timeout_s)
+    return parse_junit(xml)
+
+
+def parse_junit(path: str) -> dict:
+    counts: dict = {}
+    for tc in ET.parse(path).getroot().iter("testcase"):
+        mod = tc.get("classname", "").split(".")
+        op = next((m[5:] for m in mod if m.startswith("test_")), mod[-1] if mod else "?")
+        params = re.search(r"\[(.*)\]", tc.get("name", ""))
+        toks = re.split(r"[-_\[\]]", params.group(1)) if params else []
+        be = next((t for t in toks if t in harness.OUR_BACKENDS), "all")
+        if tc.find("skipped") is not None:
+            kind = "skipped"
+        elif tc.find("failure") is not None or tc.find("error") is not None:
+            kind = "failed"
+        else:
+            kind = "passed"
+        c = counts.setdefault(f"{op}/{be}", {"passed": 0, "failed": 0, "skipped": 0})
+        c[kind] += 1
+    return dict(sorted(counts.items()))
+
+
+# ------------------------------------------------------------------------------ output ---
+
+def _fmt(x, f="{:.3f}"):
+    return "—" if x is None else f.format(x)
+
+
+def markdown(res: dict) -> str:
+    r = res["roofline"]
+    lines = [f"# rlhf_ops benchmarks — {res['device']}", "",
+             f"commit `{res['commit'][:10]}`, {res['date']}, torch {res['torch']}, "
+             f"triton {res['triton']}. Roofline: copy {r['hbm_gbps']:.1f} GB/s, "
+             f"bf16 matmul {r['bf16_tflops']:.2f} TFLOP/s ({res.get('roofline_label', '')}).", ""]
+    if res.get("smoke"):
+        lines += [f"**{SMOKE_NOTE}**", ""]
+    lines += ["Speed-ups are baseline time / our time (> 1: ours is faster). `roofline` is GB/s "
+              "over the copy bandwidth for memory-bound ops, TFLOP/s over the matmul rate for "
+              "compute-bound ones.", "",
+              "| op | shape | mode | backend | ms | TFLOP/s | GB/s | roofline | peak MiB | "
+              "eager ms (×) | compile ms (×) | best peer |",
+              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for e in res["benchmarks"]:
+        shape = ",".join(f"{k}={v}" for k, v in e["shape"].items())
+        head = f"| {e['op']} | {shape} {e['dtype']} | {e['mode']} | {e['backend']} |"
+        if e["status"] != "ok":
+            lines.append(f"{head} {e['status']}: {e['reason'][:70]} | | | | | | | |")
+            continue
+        b = e["baselines"]
+
+        def cell(v):
+            if "median_ms" not in v:
+                return v.get("status", "—")
+            return f"{v['median_ms']:.3f} ({v.get('speedup', 0):.2f}×)"
+        peers = [(v["median_ms"], n, v) for n, v in b.items()
+                 if n not in ("eager", "compile", "sdpa") and "median_ms" in v]
+        best = f"{min(peers)[1]} {cell(min(peers)[2])}" if peers else "—"
+        mib = None if e["peak_mem_bytes"] is None else e["peak_mem_bytes"] / 2**20
+        frac = None if e["roofline_frac"] is None else 100 * e["roofline_frac"]
+        lines.append(f"{head} {e['median_ms']:.3f} | {_fmt(e['tflops'])} | {_fmt(e['gbps'], '{:.1f}')} | "
+                     f"{_fmt(frac, '{:.1f}%')} | {_fmt(mib, '{:.0f}')} | {cell(b.get('eager', {}))} | "
+                     f"{cell(b.get('compile', {}))} | {best} |")
+    if res.get("tests"):
+        lines += ["", "## Tests", "", "| op/backend | passed | failed | skipped |", "|---|---:|---:|---:|"]
+        for k, c in res["tests"].items():
+            lines.append(f"| {k} | {c['passed']} | {c['failed']} | {c['skipped']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(res: dict, out_dir: str, slug: str) -> list[str]:
+    """One PNG per op: time vs size per mode, and peak memory (fwd+bwd) vs size."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    ops = sorted({e["op"] for e in res["benchmarks"]})
+    for op in ops:
+        fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
+        for ax, mode in zip(axes, harness.MODES + ("mem",)):
+            lines: dict = {}
+            for e in res["benchmarks"]:
+                m = "fwd+bwd" if mode == "mem" else mode
+                if e["op"] != op or e["mode"] != m or e["status"] != "ok":
+                    continue
+                x = _x_of(e)
+                series = _series_of(e)
+                key_ms = "peak_mem_bytes" if mode == "mem" else "median_ms"
+                impls = {e["backend"]: e}
+                for n, v in e["baselines"].items():
+                    if n != "sdpa" and key_ms in v and v[key_ms] is not None:
+                        impls[n] = v
+                for n, v in impls.items():
+                    if v.get(key_ms) is None:
+                        continue
+                    y = v[key_ms] / 2**20 if mode == "mem" else v[key_ms]
+                    lines.setdefault(f"{n} {series}", {})[x] = y
+            for label, pts in sorted(lines.items()):
+                xs = sorted(pts)
+                ax.plot(xs, [pts[x] for x in xs], marker="o", label=label)
+            ax.set_xscale("log", base=2)
+            if lines:
+                ax.set_yscale("log")
+                ax.legend(fontsize=6)
+            ax.set_xlabel(_x_label(op))
+            ax.set_ylabel("peak MiB (fwd+bwd)" if mode == "mem" else "median ms")
+            ax.set_title(f"{op} {'memory' if mode == 'mem' else mode}")
+        title = f"{res['device']} — {res['date']} — commit {res['commit'][:10]}"
+        if res.get("smoke"):
+            title += "   [CPU SMOKE: not speed]"
+        fig.suptitle(title)
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{slug}-{op}.png")
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        files.append(path)
+    return files
+
+
+_X = {"cross_entropy": "V", "linear_cross_entropy": "V", "attention": "T",
+      "pairwise_reward_loss": "B", "token_logprobs": "V", "kl_penalty": "V"}
+
+
+def _x_of(e):
+    return e["shape"][_X[e["op"]]]
+
+
+def _x_label(op):
+    return _X[op]
+
+
+def _series_of(e):
+    return ",".join(f"{k}={v}" for k, v in e["shape"].items() if k != _X[e["op"]])
+
+
+def validate(res: dict) -> None:
+    """Check ``res`` against DESIGN.md's results format (raises ValueError)."""
+    def need(d, keys, where):
+        missing = [k for k in keys if k not in d]
+        if missing:
+            raise ValueError(f"{where}: missing keys {missing}")
+    need(res, ["device", "commit", "date", "torch", "triton", "roofline", "tests", "benchmarks"], "result")
+    need(res["roofline"], ["hbm_gbps", "bf16_tflops"], "roofline")
+    datetime.date.fromisoformat(res["date"])
+    for k, c in res["tests"].items():
+        if "/" not in k:
+            raise ValueError(f"tests: key {k!r} is not '<op>/<backend>'")
+        need(c, ["passed", "failed", "skipped"], f"tests[{k}]")
+    for i, e in enumerate(res["benchmarks"]):
+        need(e, ["op", "backend", "mode", "shape", "dtype", "median_ms", "tflops", "gbps",
+                 "roofline_frac", "peak_mem_bytes", "baselines"], f"benchmarks[{i}]")
+        if e["mode"] not in harness.MODES or e["backend"] not in harness.OUR_BACKENDS:
+            raise ValueError(f"benchmarks[{i}]: bad mode/backend {e['mode']!r}/{e['backend']!r}")
+        if e.get("status", "ok") == "ok":
+            if not (isinstance(e["median_ms"], float) and e["median_ms"] > 0):
+                raise ValueError(f"benchmarks[{i}]: median_ms must be a positive float")
+            need(e["baselines"], ["eager"], f"benchmarks[{i}].baselines")
+        elif not e.get("reason"):
+            raise ValueError(f"benchmarks[{i}]: status {e['status']} without a reason")
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description="rlhf_ops benchmark report")
+    p.add_argument("--quick", action="store_true", help="GPU: only the goal shapes")
+    p.add_argument("--size", choices=harness.SIZES, default=None)
+    p.add_argument("--ops", default=None, help="comma-separated op names (default: all)")
+    p.add_argument("--tests", action="store_true", help="also run the test suite")
+    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    p.add_argument("--budget-s", type=float, default=None)
+    p.add_argument("--no-plots", action="store_true")
+    args = p.parse_args(argv)
+
+    gpu = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+    device = torch.device("cuda" if gpu else "cpu")
+    size = args.size or ("smoke" if not gpu else ("quick" if args.quick else "llm"))
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.time()
+    roof = roofline.measure(device)
+    print(f"roofline ({roof['label']}): copy {roof['hbm_gbps']:.1f} GB/s, "
+          f"bf16 matmul {roof['bf16_tflops']:.3f} TFLOP/s")
+    import triton
+    name = torch.cuda.get_device_name(device) if gpu else "CPU"
+    slug = device_slug(name)
+    res = {"device": name, "commit": git_commit(), "date": datetime.date.today().isoformat(),
+           "torch": torch.__version__, "triton": triton.__version__,
+           "roofline": {"hbm_gbps": roof["hbm_gbps"], "bf16_tflops": roof["bf16_tflops"]},
+           "roofline_label": roof["label"], "smoke": size == "smoke", "size": size,
+           "tests": {}, "benchmarks": []}
+    if size == "smoke":
+        res["note"] = SMOKE_NOTE
+    budget = None if args.budget_s is None else max(0.0, args.budget_s - (time.time() - t0))
+    res["benchmarks"] = run_benchmarks(device, size, args.ops.split(",") if args.ops else None,
+                                       budget, res["roofline"])
+    if args.tests:
+        with tempfile.TemporaryDirectory() as tmp:
+            res["tests"] = run_tests(tmp)
+    validate(res)
+    with open(os.path.join(args.out, f"{slug}.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    with open(os.path.join(args.out, f"{slug}.md"), "w") as f:
+        f.write(markdown(res))
+    if not args.no_plots:
+        plots(res, args.out, slug)
+    print(f"wrote {args.out}/{slug}.json, .md and plots in {time.time() - t0:.0f} s")
+    return res
+
+
+if __name__ == "__main__":
+    main()
