@@ -255,7 +255,8 @@ def plots(res: dict, out_dir: str, slug: str) -> list[str]:
                 key_ms = "peak_mem_bytes" if mode == "mem" else "median_ms"
                 impls = {e["backend"]: e}
                 for n, v in e["baselines"].items():
-                    if n != "sdpa" and key_ms in v and v[key_ms] is not None:
+                    # "eager" is the reference backend's line; "sdpa" repeats its fastest backend
+                    if n not in ("sdpa", "eager") and key_ms in v and v[key_ms] is not None:
                         impls[n] = v
                 for n, v in impls.items():
                     if v.get(key_ms) is None:
@@ -269,6 +270,9 @@ def plots(res: dict, out_dir: str, slug: str) -> list[str]:
             if lines:
                 ax.set_yscale("log")
                 ax.legend(fontsize=6)
+            elif mode == "mem":
+                ax.text(0.5, 0.5, "peak memory is measured on a GPU only", ha="center",
+                        transform=ax.transAxes)
             ax.set_xlabel(_x_label(op))
             ax.set_ylabel("peak MiB (fwd+bwd)" if mode == "mem" else "median ms")
             ax.set_title(f"{op} {'memory' if mode == 'mem' else mode}")
@@ -297,7 +301,9 @@ def _x_label(op):
 
 
 def _series_of(e):
-    return ",".join(f"{k}={v}" for k, v in e["shape"].items() if k != _X[e["op"]])
+    # attention sweeps T at a fixed token count B·T, so B is not part of the series either
+    skip = {_X[e["op"]]} | ({"B"} if e["op"] == "attention" else set())
+    return ",".join(f"{k}={v}" for k, v in e["shape"].items() if k not in skip)
 
 
 def validate(res: dict) -> None:
