@@ -50,6 +50,8 @@ def main(argv=None) -> dict:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
+    if device == "cpu" and cfg["run.threads"] > 0:
+        torch.set_num_threads(cfg["run.threads"])
     torch.manual_seed(a.seed)
     run = Run(cfg, a.out, device=device, seed=a.seed, backend=a.backend, resume=a.resume)
     out = Path(a.out)

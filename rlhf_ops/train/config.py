@@ -32,6 +32,7 @@ DEFAULTS: dict = {
     "ppo.max_new": 8, "ppo.eval_every": 20, "ppo.grad_clip": 1.0,
     # run control
     "run.log_every": 10, "run.ckpt_every": 100, "run.grad_clip": 1.0, "run.progress": True,
+    "run.threads": 1,            # torch CPU threads (0: torch's default); 1 avoids oversubscription
     "run.crash_at_step": -1,     # testing: raise at the start of this step (simulated interruption)
 }
 
@@ -49,7 +50,7 @@ PRESETS: dict = {
     },
     # seconds-long runs for the tests
     "tiny": {
-        "model.n_layer": 1, "model.n_head": 2, "model.d_model": 16, "model.block_size": 24,
+        "model.n_layer": 1, "model.n_head": 1, "model.d_model": 16, "model.block_size": 24,
         "data.max_len": 3, "data.max_digits": 1, "eval.n_prompts": 8, "eval.max_new": 5,
         "pretrain.steps": 4, "pretrain.batch": 4, "pretrain.warmup": 1,
         "sft.steps": 4, "sft.batch": 4, "sft.warmup": 1,

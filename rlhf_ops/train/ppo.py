@@ -14,6 +14,7 @@ The policy starts from SFT, the value model from the RM (whose bias makes SFT de
 """
 from __future__ import annotations
 
+import contextlib
 import time
 import zlib
 
@@ -48,6 +49,37 @@ def whiten(x, mask, all_sum, eps: float = 1e-8):
     mean = all_sum((x * mask).sum()) / n
     var = all_sum((((x - mean) * mask) ** 2).sum()) / n
     return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def minibatch_backward(run: Run, pol, val, roll: dict, ptx, c: dict) -> torch.Tensor:
+    """Backpropagate one PPO(-ptx) minibatch into .grad of the policy and the value model.
+
+    Loss = (Σ_tokens pg + vf_coef·Σ_tokens vf) / (response tokens of the global minibatch)
+           + ptx_coef · L1(pretraining rows)   — one optimizer step takes both.
+    Returns [pg loss, vf loss, L1, clipped fraction] (this rank's share of the global values).
+    """
+    temp, eps = c["temperature"], c["clip"]
+    m = roll["mask"]
+    ntok = run.all_sum(m.sum()).clamp(min=1)          # response tokens of the global minibatch
+    l1 = torch.zeros((), device=m.device)
+    if ptx is not None:
+        x, y, n_global = ptx
+        with (pol.no_sync() if run.world > 1 else contextlib.nullcontext()):
+            # accumulated locally, all-reduced together with the PPO gradient below
+            l1 = pol(x, y, reduction="sum") / n_global
+            (c["ptx_coef"] * l1 * run.world).backward()
+    lp = ro.token_logprobs(pol(roll["inp"]), roll["act"], temperature=temp, backend=run.backend)
+    ratio = torch.exp(lp - roll["old_lp"])                # ρ = π / π_old per token
+    a = roll["adv"]
+    pg = torch.maximum(-a * ratio, -a * ratio.clamp(1 - eps, 1 + eps))
+    v, old_v, ret = val(roll["inp"]), roll["old_v"], roll["ret"]
+    v_clip = old_v + (v - old_v).clamp(-c["value_clip"], c["value_clip"])
+    vf = 0.5 * torch.maximum((v - ret) ** 2, (v_clip - ret) ** 2)
+    pg_s, vf_s = (pg * m).sum(), (vf * m).sum()
+    ((pg_s + c["vf_coef"] * vf_s) / ntok * run.world).backward()
+    clipped = (((ratio - 1).abs() > eps).float() * m).sum()
+    return torch.stack([pg_s.detach(), vf_s.detach(), l1.detach(), clipped]) / torch.stack(
+        [ntok, ntok, torch.ones_like(ntok), ntok])
 
 
 def rollout(run: Run, policy, prompts: list[str], gen: torch.Generator, temperature: float):
@@ -137,34 +169,19 @@ def run_ppo(run: Run) -> dict:
             perm = torch.randperm(len(prompts), generator=perm_g).to(run.device)
             for j in range(n_mb):
                 mb = perm[j * mb_local:(j + 1) * mb_local]
-                m = mask[mb]
-                ntok = run.all_sum(m.sum()).clamp(min=1)    # response tokens of the global minibatch
-                opt.zero_grad(set_to_none=True)
+                ptx = None
                 if ptx_rows:
                     x, y = D.pretrain_batch(run.seed, step * n_mb * c["epochs"] + k, ptx_rows,
                                             run.cfg["model.block_size"], run.data_cfg, stream="ptx")
                     sl = run.local(ptx_rows)
-                    x, y = x[sl].to(run.device), y[sl].to(run.device)
-                    ctx = pol.no_sync() if run.world > 1 else _null()
-                    with ctx:                                  # accumulate; synced with the PPO backward
-                        l1 = pol(x, y, reduction="sum") / (y.numel() * run.world)
-                        (c["ptx_coef"] * l1 * run.world).backward()
-                    stats[2] += l1.detach()
-                lp = ro.token_logprobs(pol(inp[mb]), act[mb], temperature=temp, backend=run.backend)
-                ratio = torch.exp(lp - old_lp[mb])
-                a = adv[mb]
-                pg = torch.maximum(-a * ratio, -a * ratio.clamp(1 - c["clip"], 1 + c["clip"]))
-                v = val(inp[mb])
-                v_clip = old_v[mb] + (v - old_v[mb]).clamp(-c["value_clip"], c["value_clip"])
-                vf = 0.5 * torch.maximum((v - ret[mb]) ** 2, (v_clip - ret[mb]) ** 2)
-                pg_s, vf_s = (pg * m).sum(), (vf * m).sum()
-                ((pg_s + c["vf_coef"] * vf_s) / ntok * run.world).backward()
+                    ptx = (x[sl].to(run.device), y[sl].to(run.device), y.numel())
+                roll = {"inp": inp[mb], "act": act[mb], "mask": mask[mb], "adv": adv[mb], "ret": ret[mb],
+                        "old_lp": old_lp[mb], "old_v": old_v[mb]}
+                opt.zero_grad(set_to_none=True)
+                stats += minibatch_backward(run, pol, val, roll, ptx, c)
                 torch.nn.utils.clip_grad_norm_(list(policy.parameters()) + list(value.parameters()),
                                                c["grad_clip"])
                 opt.step()
-                clipped = (((ratio - 1).abs() > c["clip"]).float() * m).sum()
-                stats[:2] += torch.stack([pg_s.detach(), vf_s.detach()]) / ntok
-                stats[3] += clipped / ntok
                 k += 1
         # ---- statistics of this batch (global)
         n_seq = len(prompts) * run.world
@@ -208,10 +225,3 @@ def run_ppo(run: Run) -> dict:
     run.save_result("ppo", res)
     return res
 
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False

@@ -9,10 +9,13 @@ from rlhf_ops import data as D
 from .common import Run, fit, judge_score
 
 
-def lm_loss(model, x, y, world: int):
-    """(loss on this rank, Σ token losses on this rank, global count of target tokens)."""
+def lm_loss(model, x, y, n_global: int, world: int = 1):
+    """L1 of this rank's rows → (loss to backpropagate, Σ token losses here, global token count).
+
+    The loss is Σ_here / n_global · world, so DDP's average of the ranks' gradients is the
+    gradient of the mean over the global batch."""
     s = model(x, y, reduction="sum")
-    return s, s, y.numel()
+    return s / n_global * world, s, n_global
 
 
 def run_pretrain(run: Run) -> dict:
@@ -24,12 +27,7 @@ def run_pretrain(run: Run) -> dict:
         x, y = D.pretrain_batch(run.seed, step, c["pretrain.batch"], c["model.block_size"], run.data_cfg)
         return x[rows].to(run.device), y[rows].to(run.device), y.numel()
 
-    def loss(m, b):
-        x, y, n = b
-        s = m(x, y, reduction="sum")
-        return s / n * run.world, s, n               # DDP averages: Σ_ranks s / n = global mean
-
-    res = fit(run, "pretrain", {"lm": model}, "lm", batch, loss)
+    res = fit(run, "pretrain", {"lm": model}, "lm", batch, lambda m, b: lm_loss(m, *b, run.world))
     res["judge_score"] = judge_score(run, model)
     res["seconds"] = time.time() - t0
     run.save("pretrain", "final", {"models": {"lm": model.state_dict()},

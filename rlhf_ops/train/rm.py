@@ -60,6 +60,13 @@ def rewards_of(model, tokens, last):
     return model(tokens.reshape(B * K, T), last.reshape(B * K)).view(B, K)
 
 
+def rm_loss(model, tokens, last, ranks, n_global: int, world: int = 1, backend=None):
+    """pairwise_reward_loss summed over this rank's prompts / prompts with a pair in the global
+    batch (· world for DDP's average). Returns (loss to backpropagate, Σ here, n_global)."""
+    s = ro.pairwise_reward_loss(rewards_of(model, tokens, last), ranks, reduction="sum", backend=backend)
+    return s / n_global * world, s, n_global
+
+
 @torch.no_grad()
 def pair_accuracy(model, comp: dict, device, chunk: int = 64) -> float:
     """Fraction of ordered pairs (rank_i < rank_j) where the model scores r_i > r_j."""
@@ -112,13 +119,7 @@ def run_rm(run: Run) -> dict:
         return (tr["tokens"][idx].to(run.device), tr["last"][idx].to(run.device),
                 tr["ranks"][idx].to(run.device), int(has_pair.sum().clamp(min=1)))
 
-    def loss(m, b):
-        tokens, last, ranks, n = b
-        s = ro.pairwise_reward_loss(rewards_of(m, tokens, last), ranks, reduction="sum",
-                                    backend=run.backend)
-        return s / n * run.world, s, n          # global mean over prompts that have a pair
-
-    res = fit(run, "rm", {"rm": model}, "rm", batch, loss,
+    res = fit(run, "rm", {"rm": model}, "rm", batch, lambda m, b: rm_loss(m, *b, run.world, run.backend),
               eval_fn=lambda: {"heldout_pair_accuracy": pair_accuracy(model, ho, run.device)},
               eval_every=c["rm.eval_every"])
     res["heldout_pair_accuracy"] = pair_accuracy(model, ho, run.device)

@@ -12,6 +12,19 @@ from rlhf_ops import data as D
 from .common import Run, fit, judge_score
 
 
+def sft_loss(model, x, y_resp, y_all, n_resp: int, n_all: int, lam: float, world: int = 1):
+    """L3 = L2 + λ·L1 of this rank's rows, normalised by the global token counts.
+
+    One forward: per-token losses on every real token give L1; L2 sums them over the response
+    tokens, whose targets are the same (y_resp ⊂ y_all, prompt positions ignored).
+    Returns (loss to backpropagate, this rank's share of L3 · n_resp, n_resp).
+    """
+    tok = model(x, y_all, reduction="none").view(y_all.shape)
+    l2 = tok[y_resp != D.IGNORE].sum() / n_resp
+    l3 = l2 + lam * tok.sum() / n_all
+    return l3 * world, l3 * n_resp, n_resp
+
+
 def run_sft(run: Run) -> dict:
     t0 = time.time()
     c, B = run.cfg, run.cfg["sft.batch"]
@@ -25,16 +38,7 @@ def run_sft(run: Run) -> dict:
         return b["x"][rows].to(run.device), b["y_resp"][rows].to(run.device), \
             b["y_all"][rows].to(run.device), n2.item(), n1.item()
 
-    def loss(m, b):
-        x, y2, y1, n2, n1 = b
-        # one forward: per-token losses on every real token (L1); L2 is their sum over response
-        # tokens, whose targets are the same (y2 ⊂ y1, prompt positions ignored)
-        tok = m(x, y1, reduction="none").view(y1.shape)
-        s2 = tok[y2 != D.IGNORE].sum()
-        l3 = s2 / n2 + lam * tok.sum() / n1
-        return l3 * run.world, l3 * n2, n2             # logged: the global L3
-
-    res = fit(run, "sft", {"lm": model}, "lm", batch, loss)
+    res = fit(run, "sft", {"lm": model}, "lm", batch, lambda m, b: sft_loss(m, *b, lam, run.world))
     res["judge_score"] = judge_score(run, model)
     res["seconds"] = time.time() - t0
     run.save("sft", "final", {"models": {"lm": model.state_dict()}, "model_cfg": vars(model.cfg),
