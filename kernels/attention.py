@@ -375,6 +375,11 @@ def _meta(q: torch.Tensor, causal: bool):
                 FP64=q.dtype == torch.float64, BLOCK_D=max(16, triton.next_power_of_2(D)))
 
 
+def _empty(shape, dtype, device):
+    """Every buffer the launchers hand to a kernel (tests poison them through this hook)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _split(scale: float):
     """scale as two fp32 kernel arguments hi + lo (see ``_scale``)."""
     hi = struct.unpack("f", struct.pack("f", scale))[0]
@@ -394,8 +399,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sca
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    out = torch.empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, Hq, T), dtype=acc, device=q.device)
+    out = _empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
+    lse = _empty((B, Hq, T), dtype=acc, device=q.device)
     if B * Hq * T == 0:
         return out, lse
     _launch(_attn_fwd, None if INTERPRET else _attn_fwd_tuned,
@@ -409,15 +414,15 @@ def backward(dout, q, k, v, out, lse, causal: bool, scale: float):
     """Gradients (dq like q, dk/dv like k/v) of attention; all inputs unit stride over D."""
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    dq = torch.empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
-    dk = torch.empty((B, Hkv, S, D), dtype=k.dtype, device=k.device)
-    dv = torch.empty((B, Hkv, S, D), dtype=v.dtype, device=v.device)
+    dq = _empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
+    dk = _empty((B, Hkv, S, D), dtype=k.dtype, device=k.device)
+    dv = _empty((B, Hkv, S, D), dtype=v.dtype, device=v.device)
     if B * Hkv * S == 0:
         return dq.zero_(), dk, dv
     if T == 0:  # no query: no gradient flows into k or v
         return dq, dk.zero_(), dv.zero_()
     meta = _meta(q, causal)
-    delta = torch.empty_like(lse)
+    delta = _empty(lse.shape, dtype=lse.dtype, device=lse.device)
     bm = 16 if INTERPRET else 64
     _attn_bwd_delta[(triton.cdiv(T, bm), B * Hq)](
         out, dout, delta, *_strides3(out), *_strides3(dout), Hq, T,

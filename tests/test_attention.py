@@ -1,0 +1,359 @@
+"""rlhf_ops.attention on every backend against float64 eager attention, forward and dQ/dK/dV.
+
+Under the Triton interpreter (CPU) shapes stay tiny; sequence lengths 255 and larger run on a GPU
+only. Every buffer the Triton launchers allocate is poisoned with NaN first (autouse fixture), so an
+element a kernel forgets to write fails the comparison.
+"""
+import importlib
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rlhf_ops as ro
+from rlhf_ops import reference
+from rlhf_ops.nn import CausalSelfAttention
+from _util import assert_matches, poison_, rel_err
+from conftest import DEVICE, ON_GPU, backend_problem
+
+attn_mod = importlib.import_module("rlhf_ops.attention")
+
+
+@pytest.fixture(autouse=True)
+def _poison_triton_buffers(monkeypatch):
+    if backend_problem("triton") is None:
+        kattn = importlib.import_module("rlhf_ops.kernels.attention")
+        alloc = kattn._empty
+        monkeypatch.setattr(kattn, "_empty", lambda *a, **kw: poison_(alloc(*a, **kw)))
+
+
+@pytest.fixture(params=["reference", "triton"])
+def wide_backend(request):
+    """Backends that take every dtype and head dim (the cuda one is fp16/bf16, D 64/128 only)."""
+    why = backend_problem(request.param)
+    if why:
+        pytest.skip(why)
+    return request.param
+
+
+def _inputs(B, Hq, Hkv, T, S, D, dtype, device, mag=1.0):
+    q = torch.randn(B, Hq, T, D, dtype=dtype, device=device) * mag
+    k = torch.randn(B, Hkv, S, D, dtype=dtype, device=device) * mag
+    v = torch.randn(B, Hkv, S, D, dtype=dtype, device=device)
+    return q, k, v
+
+
+def _fwd_bwd(q, k, v, g, backend, **kw):
+    """Output and (dq, dk, dv) for upstream gradient g; reference backend = eager math."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    if backend == "eager":
+        out = reference.attention(q, k, v, kw.get("causal", True), kw.get("scale"))
+    else:
+        out = ro.attention(q, k, v, backend=backend, **kw)
+    grads = torch.autograd.grad(out, (q, k, v), g.to(out.dtype))
+    return out, grads
+
+
+def _ref64(q, k, v, g, **kw):
+    return _fwd_bwd(q.double(), k.double(), v.double(), g.double(), "eager", **kw)
+
+
+def _check(q, k, v, backend, *, eager_bar=False, tol=None, **kw):
+    """``backend`` vs float64 eager attention; with ``eager_bar`` the bar is eager PyTorch's own
+    error in the input dtype (Cut Cross-Entropy rule), else the tight tolerance of the dtype."""
+    g = torch.randn(q.shape, dtype=torch.float64, device=q.device)
+    out, grads = _fwd_bwd(q, k, v, g, backend, **kw)
+    ref, ref_grads = _ref64(q, k, v, g, **kw)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    eager, eager_grads = _fwd_bwd(q, k, v, g, "eager", **kw) if eager_bar else (None, (None,) * 3)
+    assert_matches(out, ref, eager, tol=tol, what="out")
+    for name, gr, r, e, t in zip(("dq", "dk", "dv"), grads, ref_grads, eager_grads, (q, k, v)):
+        assert gr.dtype == t.dtype and gr.shape == t.shape, name
+        assert_matches(gr, r, e, tol=tol, what=name)
+    return out, grads
+
+
+# (B, Hq, Hkv, T, S, D): lengths not multiples of any block, T < S, T > S, GQA, MQA, every head dim.
+SHAPES = [
+    (1, 2, 2, 17, 17, 16),
+    (2, 2, 1, 33, 70, 32),     # T < S, MQA
+    (1, 4, 2, 70, 33, 64),     # T > S (causal: the first 37 rows see no key), GQA
+    (1, 1, 1, 1, 1, 16),       # a single row
+    (1, 2, 1, 1, 33, 16),      # one query (decoding step)
+    (1, 1, 1, 129, 129, 16),
+    (1, 2, 1, 20, 17, 48),     # head dim that is not a power of two
+    (1, 1, 1, 17, 20, 128),
+]
+GPU_SHAPES = [(2, 4, 2, 255, 255, 64), (1, 8, 1, 129, 255, 128), (1, 2, 2, 255, 129, 256)]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_fp64(wide_backend, device, shape, causal):
+    q, k, v = _inputs(*shape, torch.float64, device)
+    _check(q, k, v, wide_backend, causal=causal)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_long_sequences_gpu(wide_backend, device, shape, causal):
+    if not ON_GPU:
+        pytest.skip("T, S up to 255 run on a GPU only (too slow for the CPU interpreter)")
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        q, k, v = _inputs(*shape, dtype, device)
+        _check(q, k, v, wide_backend, eager_bar=dtype != torch.float32, causal=causal)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_fp32(wide_backend, device, causal):
+    q, k, v = _inputs(2, 2, 1, 33, 40, 32, torch.float32, device)
+    _check(q, k, v, wide_backend, causal=causal)
+
+
+# (B, Hq, Hkv, T, S, D); D in {64, 128} so that the cuda backend runs them too.
+LOWP_SHAPES = [(1, 2, 1, 33, 33, 64), (2, 2, 2, 17, 40, 128), (1, 4, 1, 40, 17, 64)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", LOWP_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_low_precision(backend, device, shape, causal, dtype):
+    if dtype == torch.bfloat16 and backend == "triton" and not ON_GPU:
+        pytest.skip("bf16 Triton runs on a GPU only: the CPU interpreter's bf16 tl.dot is broken")
+    q, k, v = _inputs(*shape, dtype, device)
+    _check(q, k, v, backend, eager_bar=True, causal=causal)
+
+
+def test_custom_scale_gqa(wide_backend, device):
+    q, k, v = _inputs(1, 6, 2, 19, 23, 32, torch.float64, device)
+    _check(q, k, v, wide_backend, causal=True, scale=0.3)      # 0.3 is not an fp32 number
+    _check(q, k, v, wide_backend, causal=False, scale=1.7)
+
+
+def test_default_scale_is_inverse_sqrt_head_dim(wide_backend, device):
+    q, k, v = _inputs(1, 2, 2, 9, 9, 32, torch.float64, device)
+    a = ro.attention(q, k, v, backend=wide_backend)
+    b = ro.attention(q, k, v, scale=1 / math.sqrt(32), backend=wide_backend)
+    assert_matches(a, b, what="scale=None vs 1/sqrt(D)")
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_huge_scores_offset(wide_backend, device, sign):
+    # Every score of a row shifted by ±1e4 (a direction shared by all keys), plus O(1) variation:
+    # the softmax is unchanged but exp overflows unless the running max is subtracted.
+    q, k, v = _inputs(1, 2, 1, 33, 40, 16, torch.float64, device)
+    q[..., 0] = 400.0 * sign
+    k[..., 0] = 100.0       # scale 1/4: offset 400·100/4 = 1e4
+    for causal in (True, False):
+        _check(q, k, v, wide_backend, causal=causal)
+        # fp32 inputs: no worse than eager fp32 against fp64 (forward and gradients)
+        _check(q.float(), k.float(), v.float(), wide_backend, eager_bar=True, causal=causal)
+
+
+def test_huge_scores_one_hot(wide_backend, device):
+    # |scores| ≈ 1e4 with no ties: the softmax is one-hot, dq and dk vanish (up to rounding).
+    q, k, v = _inputs(1, 2, 1, 33, 40, 16, torch.float64, device, mag=100.0)
+    assert (q @ k.transpose(-1, -2)).abs().amax() / 4 > 1e4
+    g = torch.randn(q.shape, dtype=torch.float64, device=device)
+    out, (dq, dk, dv) = _fwd_bwd(q, k, v, g, wide_backend)
+    ref, (rdq, rdk, rdv) = _ref64(q, k, v, g)
+    assert_matches(out, ref, what="out")
+    assert_matches(dv, rdv, what="dv")
+    # dq, dk are ≈ 0 except in rows with a near tie, so compare absolutely: rounding of
+    # dp − delta (≈ 1e-15) times scale·|k| (≈ 100) per term.
+    assert (dq - rdq).abs().max() < 1e-10 and (dk - rdk).abs().max() < 1e-10
+
+
+def test_rows_that_see_no_key_output_zero(wide_backend, device):
+    T, S = 40, 17   # bottom-right causal: rows 0..22 see no key
+    q, k, v = _inputs(1, 2, 1, T, S, 16, torch.float64, device)
+    out, (dq, dk, dv) = _check(q, k, v, wide_backend, causal=True)
+    assert torch.equal(out[:, :, :T - S], torch.zeros_like(out[:, :, :T - S]))
+    assert torch.equal(dq[:, :, :T - S], torch.zeros_like(dq[:, :, :T - S]))
+    assert out[:, :, T - S:].abs().amin(-1).gt(0).all()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_causal_alignment_vs_sdpa(wide_backend, device, causal):
+    """T == S: same as SDPA's is_causal; T < S: SDPA with an explicit bottom-right mask."""
+    q, k, v = _inputs(1, 2, 2, 21, 21, 16, torch.float64, device)
+    ours = ro.attention(q, k, v, causal=causal, backend=wide_backend)
+    assert_matches(ours, F.scaled_dot_product_attention(q, k, v, is_causal=causal), what="T == S")
+    q2 = q[:, :, :13]
+    ours = ro.attention(q2, k, v, causal=causal, backend=wide_backend)
+    mask = torch.ones(13, 21, dtype=torch.bool, device=device)
+    if causal:
+        mask = mask.tril(diagonal=21 - 13)
+    sdpa = F.scaled_dot_product_attention(q2, k, v, attn_mask=mask)
+    assert_matches(ours, sdpa, what="T < S, bottom-right")
+    if causal:  # and it is not top-left
+        assert rel_err(ours, F.scaled_dot_product_attention(q2, k, v, is_causal=True)) > 1e-3
+
+
+def test_empty_inputs(wide_backend, device):
+    for B, T, S in ((0, 5, 5), (2, 0, 5), (2, 5, 0)):
+        q, k, v = (t.requires_grad_() for t in _inputs(B, 2, 1, T, S, 16, torch.float64, device))
+        out = ro.attention(q, k, v, backend=wide_backend, causal=False)
+        assert out.shape == q.shape
+        assert torch.equal(out, torch.zeros_like(out))   # S = 0: nothing to attend to
+        out.backward(torch.randn_like(out))
+        for t in (q, k, v):
+            assert t.grad.shape == t.shape and torch.equal(t.grad, torch.zeros_like(t))
+
+
+def test_gradcheck(wide_backend, device):
+    q, k, v = (t.requires_grad_() for t in _inputs(1, 2, 1, 5, 7, 16, torch.float64, device))
+    for causal in (True, False):
+        fn = lambda q, k, v: ro.attention(q, k, v, causal=causal, scale=0.7, backend=wide_backend)
+        assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
+
+
+def test_noncontiguous_inputs_and_grad(wide_backend, device):
+    # the transposed views a QKV split produces, and a non-contiguous upstream gradient
+    B, T, Hq, Hkv, D = 2, 19, 4, 2, 16
+    qkv = torch.randn(B, T, (Hq + 2 * Hkv) * D, dtype=torch.float64, device=device)
+    q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], -1)
+    q, k, v = (t.reshape(B, T, -1, D).transpose(1, 2) for t in (q, k, v))
+    assert not q.is_contiguous()
+    g = torch.randn(B, T, Hq, D, dtype=torch.float64, device=device).transpose(1, 2)
+    out, grads = _fwd_bwd(q, k, v, g, wide_backend, causal=True)
+    ref, ref_grads = _ref64(q, k, v, g, causal=True)
+    assert_matches(out, ref, what="out")
+    for name, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_matches(a, b, what=name)
+
+
+def test_backward_is_deterministic(fused_backend, device):
+    dtype = torch.float32 if fused_backend == "triton" else torch.float16
+    D = 16 if fused_backend == "triton" else 64
+    q, k, v = _inputs(1, 4, 1, 37, 37, D, dtype, device)
+    g = torch.randn(q.shape, dtype=torch.float64, device=device)
+    _, a = _fwd_bwd(q, k, v, g, fused_backend)
+    _, b = _fwd_bwd(q, k, v, g, fused_backend)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_bad_inputs_raise(device):
+    q, k, v = _inputs(2, 4, 2, 8, 8, 16, torch.float32, device)
+    with pytest.raises(ValueError, match="q must be 4-D"):
+        ro.attention(q[0], k, v)
+    with pytest.raises(TypeError, match="k must be a torch.Tensor"):
+        ro.attention(q, None, v)
+    with pytest.raises(TypeError, match="q must have dtype"):
+        ro.attention(q.long(), k.long(), v.long())
+    with pytest.raises(TypeError, match="k has dtype"):
+        ro.attention(q, k.double(), v)
+    with pytest.raises(ValueError, match="k and v must have the same shape"):
+        ro.attention(q, k, v[:, :, :5])
+    with pytest.raises(ValueError, match="batch size"):
+        ro.attention(q, k[:1], v[:1])
+    with pytest.raises(ValueError, match="head dim"):
+        ro.attention(q, k[..., :8], v[..., :8])
+    with pytest.raises(ValueError, match=r"multiple of the number of key/value heads \(k.shape\[1\] = 3\)"):
+        ro.attention(q, k[:, :1].expand(2, 3, 8, 16), v[:, :1].expand(2, 3, 8, 16))
+    with pytest.raises(ValueError, match="backend"):
+        ro.attention(q, k, v, backend="nope")
+    # head dims the triton backend does not take (meta tensors: no kernel needed to check)
+    for D in (8, 24, 272):
+        mq = torch.empty(1, 2, 4, D, device="meta")
+        with pytest.raises(ValueError, match="multiples of 16 from 16 to 256, got"):
+            ro.attention(mq, mq, mq, backend="triton")
+    # the cuda backend: head dims 64/128, fp16/bf16, CUDA tensors
+    mq = torch.empty(1, 2, 4, 32, dtype=torch.float16, device="meta")
+    with pytest.raises(ValueError, match=r"cuda backend supports head dims .*\(64, 128\), got 32"):
+        ro.attention(mq, mq, mq, backend="cuda")
+    mq = torch.empty(1, 2, 4, 64, dtype=torch.float32, device="meta")
+    with pytest.raises(TypeError, match="float16 and bfloat16, got float32"):
+        ro.attention(mq, mq, mq, backend="cuda")
+    c = torch.randn(1, 2, 4, 64, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
+        ro.attention(c, c, c, backend="cuda")
+
+
+@pytest.mark.parametrize("be", ["triton", "cuda"])
+def test_meta_tensors(be):
+    q = torch.empty(2, 8, 300, 64, dtype=torch.bfloat16, device="meta", requires_grad=True)
+    k = torch.empty(2, 2, 500, 64, dtype=torch.bfloat16, device="meta", requires_grad=True)
+    v = torch.empty(2, 2, 500, 64, dtype=torch.bfloat16, device="meta", requires_grad=True)
+    out = ro.attention(q, k, v, backend=be)
+    assert out.device.type == "meta" and out.shape == q.shape and out.dtype == q.dtype
+    out.sum().backward()
+    for t in (q, k, v):
+        assert t.grad.shape == t.shape and t.grad.dtype == t.dtype and t.grad.device.type == "meta"
+    _, lse = torch.ops.rlhf_ops.attention_fwd(q, k, v, True, 0.125, be)
+    assert lse.shape == (2, 8, 300) and lse.dtype == torch.float32
+
+
+def _saved_bytes(fn):
+    seen = {}
+
+    def pack(t):
+        seen[id(t)] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def test_saved_for_backward_is_linear_in_T():
+    B, H, D = 2, 8, 64
+
+    def saved(backend, T):
+        q, k, v = (torch.empty(B, H, T, D, dtype=torch.bfloat16, device="meta", requires_grad=True)
+                   for _ in range(3))
+        return _saved_bytes(lambda: ro.attention(q, k, v, backend=backend))
+
+    T = 4096
+    qkvo = 4 * B * H * T * D * 2
+    fused = saved("triton", T)
+    assert fused <= qkvo + B * H * T * 4, f"fused saves {fused} bytes, more than q, k, v, out and lse"
+    assert saved("triton", 2 * T) == 2 * fused, "saved bytes must grow linearly in T"
+    eager = saved("reference", T)
+    assert eager >= B * H * T * T * 2, "eager saves the T×T probabilities"
+
+
+def test_causal_self_attention_eager(device):
+    # CausalSelfAttention calls rlhf_ops.attention (the function, reached through nn.py's module alias)
+    block = CausalSelfAttention(32, 2, 1, backend="reference").to(device, torch.float64)
+    x = torch.randn(2, 5, 32, dtype=torch.float64, device=device)
+    y = block(x)
+    q, k, v = block.qkv(x).split([32, 16, 16], -1)
+    q, k, v = (t.reshape(2, 5, -1, 16).transpose(1, 2) for t in (q, k, v))
+    ref = block.proj(reference.attention(q, k, v, True).transpose(1, 2).reshape(2, 5, 32))
+    assert_matches(y, ref, what="block output")
+
+
+@pytest.mark.parametrize("n_kv_heads", [2, 1])
+def test_causal_self_attention_compiled(fused_backend, device, n_kv_heads, monkeypatch):
+    # nn.py binds ``_attention_mod`` with ``from . import attention``, which yields the function
+    # rlhf_ops.attention (the package re-exports it under the module's name). Point it at the
+    # module so that this test exercises the op under torch.compile; test_causal_self_attention_eager
+    # covers the unpatched module.
+    monkeypatch.setattr(importlib.import_module("rlhf_ops.nn"), "_attention_mod", attn_mod)
+    if fused_backend == "cuda":
+        d_model, n_heads, dtype = 128, 2, torch.float16    # head dim 64
+    else:
+        d_model, n_heads, dtype = 32, 2, torch.float64     # head dim 16
+    torch.manual_seed(0)
+    block = CausalSelfAttention(d_model, n_heads, n_kv_heads, backend=fused_backend).to(device, dtype)
+    ref_block = CausalSelfAttention(d_model, n_heads, n_kv_heads, backend="reference").to(device, torch.float64)
+    ref_block.load_state_dict({k: v.double() for k, v in block.state_dict().items()})
+    x = torch.randn(2, 13, d_model, dtype=dtype, device=device)
+    w = torch.randn(2, 13, d_model, dtype=dtype, device=device)
+
+    def step(x):
+        return (block(x) * w).sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss = compiled(x)
+    loss.backward()
+    ref = (ref_block(x.double()) * w.double()).sum()
+    ref.backward()
+    tol = 1e-10 if dtype == torch.float64 else 2e-2
+    assert_matches(loss, ref, tol=tol, what="compiled loss")
+    for (name, p), (_, r) in zip(block.named_parameters(), ref_block.named_parameters()):
+        assert p.grad is not None, name
+        assert_matches(p.grad, r.grad, tol=tol, what=f"grad {name}")
