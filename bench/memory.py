@@ -38,6 +38,7 @@ from .harness import DTYPE_NAMES
 
 BACKENDS = ("reference", "triton", "cuda")
 META = torch.device("meta")
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def _m(*shape, dtype=torch.bfloat16, grad=False):
@@ -188,7 +189,7 @@ def git_commit() -> str:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    p.add_argument("--out", default=DEFAULT_OUT)
     p.add_argument("--ops", default=None, help="comma-separated ops (default: all)")
     args = p.parse_args(argv)
     rows = measure(args.ops.split(",") if args.ops else None)
@@ -207,8 +208,29 @@ def main(argv=None) -> dict:
                 "triton and cuda rows both run the op's fake implementation (what autograd "
                 "would keep), so they agree by construction.\n\n")
         f.write(markdown(rows))
+    if os.path.abspath(args.out) == os.path.abspath(DEFAULT_OUT):
+        _update_readme(result)
     sys.stdout.write(markdown(rows))
     return result
+
+
+def _update_readme(result: dict) -> None:
+    """Put the latest table between the memory-table markers of bench/README.md."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
+    start, end = "<!-- memory-table:start -->", "<!-- memory-table:end -->"
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return
+    if start not in text or end not in text:
+        return
+    table = (f"Commit `{result['commit'][:10]}`, {result['date']}, torch {result['torch']}.\n\n"
+             + markdown(result["rows"]))
+    head, rest = text.split(start, 1)
+    text = head + start + "\n" + table + end + rest.split(end, 1)[1]
+    with open(path, "w") as f:
+        f.write(text)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@
 * ``--budget-s``: stop starting new measurements after this many seconds (goal shapes run first);
   what was not measured is recorded as ``skipped`` with that reason.
 * ``--tests``: also run the test suite (pytest, junit XML) and record passed/failed/skipped per
-  ``<op>/<backend>`` in the ``tests`` field.
+  ``<op>/<backend>`` in the ``tests`` field (``--junit FILE``: take them from a run already made).
 
 Every entry is one of our backends (reference, triton, cuda) for one (op, shape, mode), with
 its baselines measured in the same run: ``eager`` (the reference backend), ``compile``
@@ -86,7 +86,10 @@ def _result_view(res: dict, case: harness.Case, mode: str, roof: dict | None) ->
     return out
 
 
-def run_benchmarks(device, size, ops=None, budget_s=None, roof=None, log=print) -> list[dict]:
+def run_benchmarks(device, size, ops=None, budget_s=None, roof=None, log=print,
+                   progress=None) -> list[dict]:
+    """Measure every (case, mode, impl); ``progress(entries)`` is called after each (case, mode)
+    so that a run cut short still leaves its results behind."""
     device = torch.device(device)
     fams, keep = _families(ops)
     all_cases = [c for f in fams for c in harness.cases(f, size) if keep is None or c.op in keep]
@@ -117,6 +120,8 @@ def run_benchmarks(device, size, ops=None, budget_s=None, roof=None, log=print) 
                     + (f"{r['median_ms']:10.3f} ms" if r["status"] == "ok"
                        else f"{r['status']}: {r['reason'][:90]}"))
             entries += _entries(case, mode, results, roof, smoke, triton_smoke)
+            if progress is not None:
+                progress(entries)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return entries
@@ -338,6 +343,8 @@ def main(argv=None) -> dict:
     p.add_argument("--size", choices=harness.SIZES, default=None)
     p.add_argument("--ops", default=None, help="comma-separated op names (default: all)")
     p.add_argument("--tests", action="store_true", help="also run the test suite")
+    p.add_argument("--junit", default=None,
+                   help="fill the tests field from this pytest junit XML instead of running them")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--budget-s", type=float, default=None)
     p.add_argument("--no-plots", action="store_true")
@@ -362,18 +369,28 @@ def main(argv=None) -> dict:
     if size == "smoke":
         res["note"] = SMOKE_NOTE
     budget = None if args.budget_s is None else max(0.0, args.budget_s - (time.time() - t0))
+    json_path = os.path.join(args.out, f"{slug}.json")
+
+    def progress(entries):  # partial results on disk in case the run is cut short
+        with open(json_path, "w") as f:
+            json.dump(dict(res, benchmarks=entries, partial=True), f, indent=1)
     res["benchmarks"] = run_benchmarks(device, size, args.ops.split(",") if args.ops else None,
-                                       budget, res["roofline"])
-    if args.tests:
+                                       budget, res["roofline"], progress=progress)
+    if args.junit:
+        res["tests"] = parse_junit(args.junit)
+    elif args.tests:
         with tempfile.TemporaryDirectory() as tmp:
             res["tests"] = run_tests(tmp)
     validate(res)
-    with open(os.path.join(args.out, f"{slug}.json"), "w") as f:
+    with open(json_path, "w") as f:
         json.dump(res, f, indent=1)
     with open(os.path.join(args.out, f"{slug}.md"), "w") as f:
         f.write(markdown(res))
     if not args.no_plots:
-        plots(res, args.out, slug)
+        try:
+            plots(res, args.out, slug)
+        except ImportError as e:  # matplotlib is optional on a bare GPU machine
+            print(f"no plots: {e}")
     print(f"wrote {args.out}/{slug}.json, .md and plots in {time.time() - t0:.0f} s")
     return res
 
