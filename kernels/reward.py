@@ -1,12 +1,13 @@
 """Triton pairwise reward-model loss: one program per prompt, loss and gradient in one pass.
 
 For prompt b with rewards r [K] and ranks k [K] (0 = best, < 0 = absent response), the pairs
-are the ordered (i, j) with 0 <= k_i < k_j ("i beats j"), n = their count, d_ij = r_i − r_j, and
+are the ordered (i, j) with 0 <= k_i < k_j ("i beats j"), n = their count, m the margin,
+d_ij = r_i − r_j − m for a pair, and
 
-    loss_b    = 1/n · Σ_pairs softplus(−d_ij)             (= −log σ(d_ij), 0 when n = 0)
-    ∂loss_b/∂r_i = 1/n · ( Σ_{j: j beats i} σ(d_ij) − Σ_{j: i beats j} σ(−d_ij) )
+    loss_b       = 1/n · Σ_pairs softplus(−d_ij)            (= −log σ(d_ij), 0 when n = 0)
+    ∂loss_b/∂r_i = 1/n · ( Σ_{j beats i} σ(−d_ji) − Σ_{i beats j} σ(−d_ij) )
 
-(∂ softplus(−d)/∂d = −σ(−d); the winner gets −σ(−d_ij), the loser +σ(−d_ij) = +σ(d_ji)).
+(∂ softplus(−d)/∂d = −σ(−d): the winner of a pair gets −σ(−d), the loser +σ(−d)).
 Numerics, with e = exp(−|d|) in (0, 1]:
     softplus(−d) = max(−d, 0) + log1p(e),   σ(−d) = e/(1+e) if d >= 0 else 1/(1+e),
 so nothing overflows for rewards of any size. Rewards of absent responses are never read
@@ -18,8 +19,10 @@ Two kernels, same outputs (loss [B], npairs [B] int64, grad [B, K]):
     column sums.
   * ``_pairwise_tiled`` (larger K): loops over TILE×TILE blocks of the pair matrix. A first,
     ranks-only pass counts n; the second gives each row tile its own gradient from both roles
-    (σ(d_ij) where j beats i, −σ(−d_ij) where i beats j), so nothing is accumulated in memory.
+    (+σ(−d_ji) where j beats i, −σ(−d_ij) where i beats j), so nothing is accumulated in memory.
 """
+import struct
+
 import torch
 import triton
 import triton.language as tl
@@ -45,13 +48,12 @@ def _log1p(e):
 
 @triton.jit
 def _pair_terms(d):
-    """softplus(−d), σ(−d), σ(d) for a tile of reward differences d = r_i − r_j."""
+    """softplus(−d) = −log σ(d) and σ(−d) for a tile of margins d = r_win − r_lose − m."""
     e = tl.exp(-tl.abs(d))
     inv = 1.0 / (1.0 + e)
     softplus_neg = tl.maximum(-d, 0.0) + _log1p(e)
     sig_neg = tl.where(d >= 0, e * inv, inv)
-    sig_pos = tl.where(d >= 0, inv, e * inv)
-    return softplus_neg, sig_neg, sig_pos
+    return softplus_neg, sig_neg
 
 
 @triton.jit
@@ -63,7 +65,7 @@ def _load_prompt(r_ptr, rank_ptr, base, idx, K, ACC_FP64: tl.constexpr):
 
 
 @triton.jit
-def _pairwise_small(r_ptr, rank_ptr, loss_ptr, npairs_ptr, grad_ptr, K,
+def _pairwise_small(r_ptr, rank_ptr, loss_ptr, npairs_ptr, grad_ptr, K, m_hi, m_lo,
                     BLOCK_K: tl.constexpr, ACC_FP64: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     base = b * K
@@ -71,7 +73,7 @@ def _pairwise_small(r_ptr, rank_ptr, loss_ptr, npairs_ptr, grad_ptr, K,
     rank, r = _load_prompt(r_ptr, rank_ptr, base, idx, K, ACC_FP64)
     # Pair matrix: row i = winner candidate, column j = loser candidate.
     better = (rank[:, None] >= 0) & (rank[:, None] < rank[None, :])
-    softplus_neg, sig_neg, _ = _pair_terms(r[:, None] - r[None, :])
+    softplus_neg, sig_neg = _pair_terms(r[:, None] - r[None, :] - m_hi - m_lo)
     n = tl.sum(tl.sum(better.to(tl.int64), 1), 0)
     inv_n = 1.0 / tl.maximum(n, 1).to(r.dtype)
     loss = tl.sum(tl.sum(tl.where(better, softplus_neg, 0.0), 1), 0) * inv_n
@@ -83,7 +85,7 @@ def _pairwise_small(r_ptr, rank_ptr, loss_ptr, npairs_ptr, grad_ptr, K,
 
 
 @triton.jit
-def _pairwise_tiled(r_ptr, rank_ptr, loss_ptr, npairs_ptr, grad_ptr, K,
+def _pairwise_tiled(r_ptr, rank_ptr, loss_ptr, npairs_ptr, grad_ptr, K, m_hi, m_lo,
                     TILE: tl.constexpr, ACC_FP64: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     base = b * K
@@ -106,32 +108,38 @@ def _pairwise_tiled(r_ptr, rank_ptr, loss_ptr, npairs_ptr, grad_ptr, K,
             rank_j, r_j = _load_prompt(r_ptr, rank_ptr, base, j0 + t, K, ACC_FP64)
             wins = (rank_i[:, None] >= 0) & (rank_i[:, None] < rank_j[None, :])
             loses = (rank_j[None, :] >= 0) & (rank_j[None, :] < rank_i[:, None])
-            softplus_neg, sig_neg, sig_pos = _pair_terms(r_i[:, None] - r_j[None, :])
+            # One evaluation per element: d of the pair (i, j) if i wins, of (j, i) if j wins.
+            diff = r_i[:, None] - r_j[None, :]
+            softplus_neg, sig_neg = _pair_terms(tl.where(wins, diff, -diff) - m_hi - m_lo)
             loss += tl.sum(tl.sum(tl.where(wins, softplus_neg, 0.0), 1), 0)
-            g += tl.sum(tl.where(loses, sig_pos, 0.0) - tl.where(wins, sig_neg, 0.0), 1)
+            g += tl.sum(tl.where(loses, sig_neg, 0.0) - tl.where(wins, sig_neg, 0.0), 1)
         tl.store(grad_ptr + base + i0 + t, g * inv_n, mask=i0 + t < K)
     tl.store(loss_ptr + b, loss * inv_n)
     tl.store(npairs_ptr + b, n)
 
 
-def launch(rewards: torch.Tensor, ranks: torch.Tensor, loss: torch.Tensor, npairs: torch.Tensor,
-           grad: torch.Tensor) -> None:
+def launch(rewards: torch.Tensor, ranks: torch.Tensor, margin: float, loss: torch.Tensor,
+           npairs: torch.Tensor, grad: torch.Tensor) -> None:
     """Write loss [B], npairs [B] (int64) and grad [B, K] (acc dtype) for contiguous inputs."""
     B, K = rewards.shape
     if B == 0:
         return
     fp64 = loss.dtype == torch.float64
+    # Float kernel arguments are fp32: the margin travels as fp32 m_hi + m_lo, which holds
+    # it to about 1e-15, as fp64 math needs.
+    m_hi = struct.unpack("f", struct.pack("f", margin))[0]
+    m_lo = float(margin) - m_hi
     if K <= MAX_SMALL_K:
         block = max(triton.next_power_of_2(max(K, 1)), 16)
         warps = 1 if block <= 16 else (2 if block <= 32 else 4)
-        _pairwise_small[(B,)](rewards, ranks, loss, npairs, grad, K,
+        _pairwise_small[(B,)](rewards, ranks, loss, npairs, grad, K, m_hi, m_lo,
                               BLOCK_K=block, ACC_FP64=fp64, num_warps=warps)
     else:
-        _pairwise_tiled[(B,)](rewards, ranks, loss, npairs, grad, K,
+        _pairwise_tiled[(B,)](rewards, ranks, loss, npairs, grad, K, m_hi, m_lo,
                               TILE=TILE, ACC_FP64=fp64, num_warps=4)
 
 
-def forward(rewards: torch.Tensor, ranks: torch.Tensor):
+def forward(rewards: torch.Tensor, ranks: torch.Tensor, margin: float = 0.0):
     """rewards [B, K] float, ranks [B, K] int64 → (loss [B], npairs [B] int64, grad [B, K])."""
     rewards, ranks = rewards.contiguous(), ranks.contiguous()
     B, K = rewards.shape
@@ -139,5 +147,5 @@ def forward(rewards: torch.Tensor, ranks: torch.Tensor):
     loss = torch.empty(B, dtype=acc, device=rewards.device)
     npairs = torch.empty(B, dtype=torch.int64, device=rewards.device)
     grad = torch.empty(B, K, dtype=acc, device=rewards.device)
-    launch(rewards, ranks, loss, npairs, grad)
+    launch(rewards, ranks, margin, loss, npairs, grad)
     return loss, npairs, grad

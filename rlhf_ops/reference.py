@@ -81,8 +81,9 @@ def attention(q, k, v, causal=True, scale=None):
 
 # ---------------------------------------------------------------------- pairwise reward loss ---
 
-def pairwise_reward_loss(rewards, ranks, reduction="mean"):
-    """Per prompt b: mean over pairs (i, j) with 0 ≤ ranks[b,i] < ranks[b,j] of −log σ(r_i − r_j).
+def pairwise_reward_loss(rewards, ranks, reduction="mean", margin=0.0):
+    """Per prompt b: mean over pairs (i, j) with 0 ≤ ranks[b,i] < ranks[b,j] of
+    −log σ(r_i − r_j − margin) (margin 0: InstructGPT; > 0: a Llama-2-style fixed margin).
 
     −log σ(d) = softplus(−d) = −logsigmoid(d), stable for any d. Prompts without a pair have
     loss 0; ``mean`` averages over prompts that have at least one pair (0 if none has).
@@ -95,7 +96,7 @@ def pairwise_reward_loss(rewards, ranks, reduction="mean"):
     # Non-pairs (the diagonal included) never enter: an inf reward makes r_i − r_i NaN there.
     # −log σ(d) via logsigmoid: exact for any d (F.softplus switches to the identity above 20,
     # an error of up to 1e-9 in fp64).
-    per_pair = -F.logsigmoid(torch.where(better, r[:, :, None] - r[:, None, :], zero))
+    per_pair = -F.logsigmoid(torch.where(better, r[:, :, None] - r[:, None, :] - margin, zero))
     n_pairs = better.sum((1, 2))
     per_prompt = torch.where(better, per_pair, zero).sum((1, 2)) / n_pairs.clamp(min=1).to(r.dtype)
     if reduction == "none":

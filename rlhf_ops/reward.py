@@ -3,9 +3,9 @@
     loss(θ) = −1/C(K,2) · E[log σ(r_θ(x, y_w) − r_θ(x, y_l))]
 
 Per prompt b (rewards r [K], ranks k [K], 0 = best, < 0 = absent): the pairs are (i, j) with
-0 <= k_i < k_j, n_b their count, and
+0 <= k_i < k_j, n_b their count, m an optional fixed margin (0 by default), and
 
-    loss_b = 1/n_b · Σ_pairs softplus(−(r_i − r_j))   (0 with a zero gradient when n_b = 0)
+    loss_b = 1/n_b · Σ_pairs softplus(−(r_i − r_j − m))   (0 with a zero gradient when n_b = 0)
 
 Fused backends (``triton``, ``cuda``): the custom op ``rlhf_ops::pairwise_reward_fwd`` runs one
 kernel that writes loss [B], the pair count npairs [B] and ∂loss_b/∂r [B, K] in the same pass.
@@ -33,14 +33,15 @@ def _impl_fwd(backend: str):
 # ------------------------------------------------------------------------------ custom op ---
 
 @torch.library.custom_op("rlhf_ops::pairwise_reward_fwd", mutates_args=())
-def pairwise_reward_fwd(rewards: Tensor, ranks: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def pairwise_reward_fwd(rewards: Tensor, ranks: Tensor, margin: float,
+                        backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """rewards [B, K] float, ranks [B, K] int64 → (loss [B], npairs [B] int64, grad [B, K]),
     loss and grad in fp32 (fp64 for fp64 rewards); grad = ∂loss_b/∂rewards[b]."""
-    return _impl_fwd(backend)(rewards, ranks)
+    return _impl_fwd(backend)(rewards, ranks, margin)
 
 
 @pairwise_reward_fwd.register_fake
-def _(rewards, ranks, backend):
+def _(rewards, ranks, margin, backend):
     acc = _checks.acc_dtype(rewards.dtype)
     B, K = rewards.shape
     return (rewards.new_empty((B,), dtype=acc), rewards.new_empty((B,), dtype=torch.int64),
@@ -48,7 +49,7 @@ def _(rewards, ranks, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    rewards, ranks, backend = inputs
+    rewards = inputs[0]
     ctx.save_for_backward(output[2])   # the only thing kept: ∂loss_b/∂r, [B, K]
     ctx.dtype = rewards.dtype
     ctx.mark_non_differentiable(output[1], output[2])
@@ -57,7 +58,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, grad_npairs, grad_grad):
     (grad,) = ctx.saved_tensors
     # ∂L/∂r[b, i] = ∂L/∂loss_b · ∂loss_b/∂r[b, i]
-    return (grad_loss.unsqueeze(1) * grad).to(ctx.dtype), None, None
+    return (grad_loss.unsqueeze(1) * grad).to(ctx.dtype), None, None, None
 
 
 pairwise_reward_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -65,16 +66,20 @@ pairwise_reward_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 # ------------------------------------------------------------------------------ public API ---
 
-def _check(rewards, ranks, reduction):
+def _check(rewards, ranks, reduction, margin):
     _checks.floating(OP, "rewards", rewards, ndim=2)
     _checks.index(OP, "ranks", ranks, ndim=2)
     _checks.same_device(OP, "rewards", rewards, ranks=ranks)
     _checks.shape(OP, "ranks", ranks, rewards.shape, "rewards.shape [B, K]")
     _checks.reduction(OP, reduction)
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+        raise TypeError(f"rlhf_ops.{OP}: margin must be a Python float, got {type(margin).__name__}")
+    if not abs(margin) < 1e30:
+        raise ValueError(f"rlhf_ops.{OP}: margin must be finite (|margin| < 1e30), got {margin}")
 
 
 def pairwise_reward_loss(rewards: Tensor, ranks: Tensor, *, reduction: str = "mean",
-                         backend: str | None = None) -> Tensor:
+                         margin: float = 0.0, backend: str | None = None) -> Tensor:
     """Pairwise ranking loss of a reward model over K responses per prompt.
 
     rewards [B, K] float (any of fp16/bf16/fp32/fp64); ranks [B, K] int64, 0 = best, a negative
@@ -82,13 +87,15 @@ def pairwise_reward_loss(rewards: Tensor, ranks: Tensor, *, reduction: str = "me
     Per prompt: the mean over pairs (i, j) with ranks[i] < ranks[j] of −log σ(r_i − r_j); equal
     ranks make no pair; a prompt without a pair has loss 0 and a zero gradient. ``reduction``:
     "mean" over prompts with at least one pair (0 if none has), "sum", or "none" ([B]).
+    ``margin`` (a float, default 0) is subtracted inside σ: −log σ(r_i − r_j − margin), a fixed
+    margin in the manner of Llama-2's reward model (which uses one per rating gap).
     The result is fp32 (fp64 for fp64 rewards).
     """
-    _check(rewards, ranks, reduction)
+    _check(rewards, ranks, reduction, margin)
     be = _backend.resolve(OP, backend, rewards.device)
     if be == "reference":
-        return reference.pairwise_reward_loss(rewards, ranks, reduction)
-    loss, npairs, _ = torch.ops.rlhf_ops.pairwise_reward_fwd(rewards, ranks, be)
+        return reference.pairwise_reward_loss(rewards, ranks, reduction, float(margin))
+    loss, npairs, _ = torch.ops.rlhf_ops.pairwise_reward_fwd(rewards, ranks, float(margin), be)
     if reduction == "none":
         return loss
     total = loss.sum()

@@ -44,14 +44,14 @@ def _poison_allocator(device, *nbytes):
         del bufs
 
 
-def _run(rewards, ranks, backend, reduction, g=None):
+def _run(rewards, ranks, backend, reduction, g=None, margin=0.0):
     """(ours, ref64, our grad, ref grad) for the upstream gradient ``g`` (float64; random if None)."""
     B, K = rewards.shape
     _poison_allocator(rewards.device.type, 8 * B, 8 * B, 8 * B * K)
     x = rewards.detach().clone().requires_grad_()
-    out = ro.pairwise_reward_loss(x, ranks, reduction=reduction, backend=backend)
+    out = ro.pairwise_reward_loss(x, ranks, reduction=reduction, margin=margin, backend=backend)
     x64 = rewards.detach().double().requires_grad_()
-    ref = reference.pairwise_reward_loss(x64, ranks, reduction)
+    ref = reference.pairwise_reward_loss(x64, ranks, reduction, margin)
     assert out.dtype == (torch.float64 if rewards.dtype == torch.float64 else torch.float32)
     assert out.shape == ref.shape == ((B,) if reduction == "none" else ())
     if g is None:
@@ -62,7 +62,7 @@ def _run(rewards, ranks, backend, reduction, g=None):
     return out, ref, gx, gr
 
 
-def _loop_oracle(rewards, ranks):
+def _loop_oracle(rewards, ranks, margin=0.0):
     """Per-prompt loss and gradient by an explicit Python loop over pairs (float64 math)."""
     loss, grad = [], []
     for r, k in zip(rewards.double().tolist(), ranks.tolist()):
@@ -70,7 +70,7 @@ def _loop_oracle(rewards, ranks):
         for i in range(len(r)):
             for j in range(len(r)):
                 if 0 <= k[i] < k[j]:
-                    d = r[i] - r[j]
+                    d = r[i] - r[j] - margin
                     total += max(-d, 0.0) + math.log1p(math.exp(-abs(d)))   # −log σ(d)
                     s = 1.0 / (1.0 + math.exp(d)) if d > -700 else 1.0        # σ(−d)
                     g[i] -= s
@@ -108,15 +108,28 @@ def test_reference_matches_loop_oracle(device):
     assert_matches(x.grad, grad, what="reference grad vs loop")
 
 
-def test_single_prompt_vs_loop_oracle(backend, device):
+@pytest.mark.parametrize("margin", [0.0, 0.7])
+def test_single_prompt_vs_loop_oracle(backend, device, margin):
     rewards = torch.randn(1, 5, dtype=torch.float64, device=device)
     ranks = torch.tensor([[3, 0, 2, -1, 1]], device=device)
-    loss, grad = _loop_oracle(rewards.cpu(), ranks.cpu())
+    loss, grad = _loop_oracle(rewards.cpu(), ranks.cpu(), margin)
     x = rewards.clone().requires_grad_()
-    out = ro.pairwise_reward_loss(x, ranks, reduction="none", backend=backend)
+    out = ro.pairwise_reward_loss(x, ranks, reduction="none", margin=margin, backend=backend)
     out.sum().backward()
     assert_matches(out, loss, what="loss")
     assert_matches(x.grad, grad, what="grad")
+
+
+@pytest.mark.parametrize("K", [9, 70])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_margin(backend, device, K, dtype):
+    B = 4 if K <= 64 else 2
+    rewards = (torch.randn(B, K, device=device) * 2).to(dtype)
+    ranks = _ranks(B, K, device)
+    for margin in (0.1, -1.5):
+        out, ref, gx, gr = _run(rewards, ranks, backend, "none", margin=margin)
+        assert_matches(out, ref, dtype=dtype, what=f"loss margin={margin}")
+        assert_matches(gx, gr, dtype=dtype, what=f"grad margin={margin}")
 
 
 @pytest.mark.parametrize("K, tile", [(9, 4), (17, 8)])
@@ -127,8 +140,8 @@ def test_tiled_path_with_small_tiles(device, monkeypatch, K, tile):
     monkeypatch.setattr(kr, "TILE", tile)
     rewards = torch.randn(3, K, dtype=torch.float64, device=device) * 3
     ranks = _ranks(3, K, device)
-    for reduction in ("mean", "none"):
-        out, ref, gx, gr = _run(rewards, ranks, "triton", reduction)
+    for reduction, margin in (("mean", 0.0), ("none", 0.3)):
+        out, ref, gx, gr = _run(rewards, ranks, "triton", reduction, margin=margin)
         assert_matches(out, ref, what=f"tiled loss {reduction}")
         assert_matches(gx, gr, what=f"tiled grad {reduction}")
 
@@ -144,7 +157,7 @@ def test_triton_kernel_writes_every_output(device, K):
     loss = poison_(torch.empty(B, device=device))
     npairs = torch.full((B,), -99, dtype=torch.int64, device=device)
     grad = poison_(torch.empty(B, K, device=device))
-    kr.launch(rewards, ranks, loss, npairs, grad)
+    kr.launch(rewards, ranks, 0.0, loss, npairs, grad)
     x = rewards.double().requires_grad_()
     ref = reference.pairwise_reward_loss(x, ranks, "none")
     ref.sum().backward()
@@ -212,6 +225,7 @@ def test_absent_rewards_are_never_read(backend, device):
         assert (gx[:, [1, 4]] == 0).all()
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, interpreter
 def test_minus_inf_reward_of_a_winner(backend, device):
     rewards = torch.randn(2, 4, dtype=torch.float64, device=device)
     rewards[0, 2] = float("-inf")
@@ -275,10 +289,10 @@ def test_non_contiguous_inputs(backend, device):
 def test_gradcheck(fused_backend, device):
     rewards = torch.randn(3, 5, dtype=torch.float64, device=device, requires_grad=True)
     ranks = torch.tensor([[0, 1, 2, 3, 4], [2, 0, 2, -1, 1], [4, -1, 0, 3, 0]], device=device)
-    for reduction in ("mean", "none"):
+    for reduction, margin in (("mean", 0.0), ("none", 0.5)):
         assert torch.autograd.gradcheck(
-            lambda r: ro.pairwise_reward_loss(r, ranks, reduction=reduction, backend=fused_backend),
-            (rewards,))
+            lambda r: ro.pairwise_reward_loss(r, ranks, reduction=reduction, margin=margin,
+                                              backend=fused_backend), (rewards,))
 
 
 def test_gradcheck_tiled_path(device, monkeypatch):
@@ -386,6 +400,10 @@ def test_bad_inputs_raise(device):
         op(r, k, backend="fast")
     with pytest.raises(TypeError, match="rewards"):
         op([[0.0, 1.0]], k)
+    with pytest.raises(TypeError, match="margin"):
+        op(r, k, margin=torch.tensor(0.5))
+    with pytest.raises(ValueError, match="margin"):
+        op(r, k, margin=float("inf"))
 
 
 def test_unavailable_backend_is_an_error():
