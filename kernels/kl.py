@@ -35,22 +35,28 @@ ESTIMATOR_IDS = {"k1": 1, "k2": 2, "k3": 3}
 
 @triton.jit
 def _epilogue(row, M, S, H, RM, RS, x_ptr, stride_x, r_ptr, stride_r, t_ptr, mask_ptr, prm_ptr,
-              logp_ptr, lse_ptr, ref_ptr, ratio_ptr, kl_ptr, pen_ptr, ent_ptr, V,
+              logp_ptr, lse_ptr, ref_ptr, ratio_ptr, kl_ptr, pen_ptr, ent_ptr, N, V,
               HAS_REF: tl.constexpr, HAS_MASK: tl.constexpr, ESTIMATOR: tl.constexpr,
               ACC_FP64: tl.constexpr):
-    """Row outputs from the merged states (M, S, H) of the policy and (RM, RS) of the reference."""
+    """Row outputs from the merged states (M, S, H) of the policy and (RM, RS) of the reference.
+    lse = M + log S is kept as the pair (M, log S) (``lse_ptr`` [2, N]): logp = (y_t − M) − log S
+    and the backward's exp((y − M) − log S) then keep their precision at |y| ~ 1e4, where
+    rounding M + log S to fp32 would cost ~1e-3 absolute."""
     temp = tl.load(prm_ptr)
-    lse = M + tl.log(S)
+    M = tl.where(M == float("-inf"), 0.0, M)
+    log_s = tl.log(S)
     t = tl.load(t_ptr + row)
     in_range = (t >= 0) & (t < V)
     yt = tl.load(x_ptr + row * stride_x + t, mask=in_range, other=0.0).to(temp.dtype) / temp
-    logp = tl.where(in_range, yt - lse, float("nan"))
+    logp = tl.where(in_range, (yt - M) - log_s, float("nan"))
     tl.store(logp_ptr + row, logp)
-    tl.store(lse_ptr + row, lse)
+    tl.store(lse_ptr + row, M)
+    tl.store(lse_ptr + N + row, log_s)
     if HAS_REF:
-        tl.store(ent_ptr + row, tl.log(S) - H / S)  # entropy = lse − Σ p·y
+        tl.store(ent_ptr + row, log_s - H / S)  # entropy = lse − Σ p·y
         rt = tl.load(r_ptr + row * stride_r + t, mask=in_range, other=0.0).to(temp.dtype) / temp
-        ref_logp = tl.where(in_range, rt - (RM + tl.log(RS)), float("nan"))
+        RM = tl.where(RM == float("-inf"), 0.0, RM)
+        ref_logp = tl.where(in_range, (rt - RM) - tl.log(RS), float("nan"))
         d = logp - ref_logp
         if ESTIMATOR == 1:
             kl = d
@@ -137,10 +143,9 @@ def _kl_forward(x_ptr, stride_x, r_ptr, stride_r, t_ptr, mask_ptr, part_ptr, prm
             tl.store(part_ptr + 3 * plane + i, rm)
             tl.store(part_ptr + 4 * plane + i, rs)
     else:
-        # with the max as shift the states are already (M, S, H) form; an all −inf row keeps
-        # M = −inf, S = 0 and gives lse = −inf as eager does
+        # with the max as shift the states are already in (M, S, H) form
         _epilogue(row, m, s, h, rm, rs, x_ptr, stride_x, r_ptr, stride_r, t_ptr, mask_ptr, prm_ptr,
-                  logp_ptr, lse_ptr, ref_ptr, ratio_ptr, kl_ptr, pen_ptr, ent_ptr, V,
+                  logp_ptr, lse_ptr, ref_ptr, ratio_ptr, kl_ptr, pen_ptr, ent_ptr, N, V,
                   HAS_REF, HAS_MASK, ESTIMATOR, ACC_FP64)
 
 
@@ -174,24 +179,25 @@ def _kl_combine(x_ptr, stride_x, r_ptr, stride_r, t_ptr, mask_ptr, part_ptr, prm
         RM = tl.where(rbig == NEG, 0.0, rbig)
         RS = tl.sum(rs * tl.exp(rm - RM), 0)
     _epilogue(row, M, S, H, RM, RS, x_ptr, stride_x, r_ptr, stride_r, t_ptr, mask_ptr, prm_ptr,
-              logp_ptr, lse_ptr, ref_ptr, ratio_ptr, kl_ptr, pen_ptr, ent_ptr, V,
+              logp_ptr, lse_ptr, ref_ptr, ratio_ptr, kl_ptr, pen_ptr, ent_ptr, N, V,
               HAS_REF, HAS_MASK, ESTIMATOR, ACC_FP64)
 
 
 @triton.jit
-def _kl_backward(x_ptr, stride_x, dx_ptr, stride_dx, t_ptr, lse_ptr, g_ptr, stride_g, prm_ptr,
-                 V, BLOCK: tl.constexpr):
+def _kl_backward(x_ptr, stride_x, dx_ptr, stride_dx, t_ptr, lse_ptr, stride_lse, g_ptr, stride_g,
+                 prm_ptr, V, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = cols < V
     temp = tl.load(prm_ptr)
     t = tl.load(t_ptr + row)
     in_range = (t >= 0) & (t < V)
-    lse = tl.load(lse_ptr + row)
+    shift = tl.load(lse_ptr + row)             # lse = shift + log_s
+    log_s = tl.load(lse_ptr + stride_lse + row)
     g = tl.load(g_ptr + row * stride_g).to(temp.dtype) / temp
     y = tl.load(x_ptr + row * stride_x + cols, mask=inside, other=float("-inf")).to(temp.dtype) / temp
     # dx_j = G/T · ([j = t] − softmax_j)
-    dx = (tl.where(cols == t, 1.0, 0.0) - tl.exp(y - lse)) * g
+    dx = (tl.where(cols == t, 1.0, 0.0) - tl.exp((y - shift) - log_s)) * g
     dx = tl.where(in_range, dx, float("nan"))
     tl.store(dx_ptr + row * stride_dx + cols, dx.to(dx_ptr.dtype.element_ty), mask=inside)
 
@@ -223,7 +229,8 @@ def forward(logits, ref_logits, tokens, mask, temperature: float, beta: float = 
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     has_ref = ref_logits is not None
     # separate tensors: outputs of a custom op may not be views of one another
-    out = [torch.empty(N, dtype=acc, device=logits.device) for _ in range(7 if has_ref else 2)]
+    out = [torch.empty(N, dtype=acc, device=logits.device) for _ in range(6 if has_ref else 1)]
+    out.append(torch.empty(2, N, dtype=acc, device=logits.device))  # lse as (shift, log S)
     if N > 0:
         chunk, block = _blocks(N, V)
         n_chunks = triton.cdiv(V, chunk)
@@ -254,6 +261,6 @@ def backward(grad, logits, tokens, lse, temperature: float):
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     block = min(4096, triton.next_power_of_2(max(V, 16)))
     _kl_backward[(N, triton.cdiv(V, block))](
-        logits, logits.stride(0), out, out.stride(0), tokens, lse, grad, grad.stride(0),
+        logits, logits.stride(0), out, out.stride(0), tokens, lse, lse.stride(0), grad, grad.stride(0),
         _params(logits, acc, temperature), V, BLOCK=block)
     return out

@@ -9,7 +9,8 @@ Forward per row, y = logits / T (T divides inside the kernels, no scaled copy), 
     logp = y_t − lse,   ref_logp likewise on ref_logits,   d = log_ratio = logp − ref_logp
     kl   = d (k1) | ½d² (k2) | e^{−d} − 1 + d (k3),   penalty = −β·kl·mask
     entropy = −Σ p·log p = lse − Σ_j p_j·y_j       (p = softmax(y))
-Saved for backward: the logits (which exist anyway), the tokens, lse [N] and, for k2/k3, d [N].
+Saved for backward: the logits (which exist anyway), the tokens, lse (as the pair shift, log S:
+[2, N]) and, for k2/k3, d [N].
 Backward: with ∂logp/∂x_j = ([j = t] − p_j)/T and ∂kl/∂logp = 1 | d | 1 − e^{−d},
     G = g_logp + g_log_ratio + g_kl·∂kl/∂logp        ([N], torch ops)
     d logits_j = G · ([j = t] − p_j) / T             (one sweep, a new tensor in the logits dtype)
@@ -34,7 +35,8 @@ _EST_ID = {"k1": 1, "k2": 2, "k3": 3}
 @torch.library.custom_op("rlhf_ops::token_logprobs_fwd", mutates_args=())
 def token_logprobs_fwd(logits: Tensor, tokens: Tensor, temperature: float,
                        backend: str) -> tuple[Tensor, Tensor]:
-    """logits [N, V] (unit stride over V), tokens [N] int64 → (logprobs [N], lse [N])."""
+    """logits [N, V] (unit stride over V), tokens [N] int64 → (logprobs [N], lse [2, N]);
+    lse is kept as the pair (shift, log Σ exp(y − shift)) so that it loses no precision."""
     if _backend.debug_checks(logits.device):
         _checks.in_range("token_logprobs", "tokens", tokens, 0, logits.shape[1])
     if backend == "triton":
@@ -47,14 +49,15 @@ def token_logprobs_fwd(logits: Tensor, tokens: Tensor, temperature: float,
 def _(logits, tokens, temperature, backend):
     acc = _checks.acc_dtype(logits.dtype)
     n = logits.shape[0]
-    return logits.new_empty((n,), dtype=acc), logits.new_empty((n,), dtype=acc)
+    return logits.new_empty((n,), dtype=acc), logits.new_empty((2, n), dtype=acc)
 
 
 @torch.library.custom_op("rlhf_ops::kl_penalty_fwd", mutates_args=())
 def kl_penalty_fwd(logits: Tensor, ref_logits: Tensor, tokens: Tensor, mask: Tensor | None,
                    beta: float, estimator: str, temperature: float, backend: str
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """[N, V] logits → (logprobs, ref_logprobs, log_ratio, kl, penalty, entropy, lse), each [N]."""
+    """[N, V] logits → (logprobs, ref_logprobs, log_ratio, kl, penalty, entropy), each [N], and
+    the policy's lse [2, N] for the backward."""
     if _backend.debug_checks(logits.device):
         _checks.in_range("kl_penalty", "tokens", tokens, 0, logits.shape[1])
     if backend == "triton":
@@ -68,7 +71,8 @@ def kl_penalty_fwd(logits: Tensor, ref_logits: Tensor, tokens: Tensor, mask: Ten
 def _(logits, ref_logits, tokens, mask, beta, estimator, temperature, backend):
     acc = _checks.acc_dtype(logits.dtype)
     n = logits.shape[0]
-    return tuple(logits.new_empty((n,), dtype=acc) for _ in range(7))
+    return tuple(logits.new_empty((n,), dtype=acc) for _ in range(6)) + (
+        logits.new_empty((2, n), dtype=acc),)
 
 
 @torch.library.custom_op("rlhf_ops::token_logprobs_bwd", mutates_args=())

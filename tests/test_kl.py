@@ -1,0 +1,428 @@
+"""token_logprobs / kl_penalty / ppo_rewards on every backend against the float64 eager reference.
+
+Shapes are tiny and awkward (V = 37, not a multiple of any block) because the Triton kernels run
+under the interpreter on CPU; one test uses V = 70,001 to cover the split-vocabulary path.
+"""
+import pytest
+import torch
+
+import rlhf_ops as ro
+from rlhf_ops import reference
+from rlhf_ops.nn import KLPenalty as KLPenaltyModule
+
+from _util import assert_matches, rel_err
+
+FIELDS = ("logprobs", "ref_logprobs", "log_ratio", "kl", "penalty", "entropy")
+
+
+def _inputs(shape, V, device, dtype=torch.float32, scale=2.0):
+    x = (torch.randn(*shape, V, dtype=torch.float32) * scale).to(device=device, dtype=dtype)
+    # an independent reference: |log_ratio| = O(1), so its fp32 rounding is not magnified
+    r = (torch.randn(*shape, V) * scale).to(device=device, dtype=dtype)
+    t = torch.randint(0, V, shape, device=device)
+    return x, r, t
+
+
+def _ref64(x, r, t, beta, est, mask, temperature):
+    """(float64 reference KLPenalty, the float64 leaf its gradients are taken against)."""
+    x64 = x.detach().double().requires_grad_()
+    return reference.kl_penalty(x64, r.double(), t, beta, est, mask, temperature), x64
+
+
+def _check_fields(ours, ref, *, dtype=torch.float32, what=""):
+    assert isinstance(ours, ro.KLPenalty)
+    for name in FIELDS:
+        a, b = getattr(ours, name), getattr(ref, name)
+        assert a.shape == b.shape, f"{what} {name}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+        assert a.dtype == (torch.float64 if dtype == torch.float64 else torch.float32), name
+        assert_matches(a, b, dtype=dtype, what=f"{what} {name}")
+
+
+# ------------------------------------------------------------------------------- forward ---
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float"])
+def test_kl_penalty_forward(backend, device, estimator, mask_kind):
+    x, r, t = _inputs((2, 3), 37, device)
+    mask = None
+    if mask_kind is not None:
+        mask = torch.rand(2, 3, device=device) > 0.4
+        mask[1] = False  # a row with no real token: penalty 0
+        if mask_kind == "float":
+            mask = mask.float() * torch.rand(2, 3, device=device)
+    out = ro.kl_penalty(x, r, t, beta=0.05, estimator=estimator, mask=mask, temperature=0.7,
+                        backend=backend)
+    ref, x64 = _ref64(x, r, t, 0.05, estimator, mask, 0.7)
+    _check_fields(out, ref, what=f"{backend}/{estimator}/{mask_kind}")
+    if mask_kind is not None:
+        assert torch.all(out.penalty[1] == 0)
+    # the fields are what their names say
+    torch.testing.assert_close(out.log_ratio, out.logprobs - out.ref_logprobs)
+    m = torch.ones_like(out.kl) if mask is None else mask.to(out.kl.dtype)
+    torch.testing.assert_close(out.penalty, -0.05 * out.kl * m)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_forward_backward(backend, device, temperature):
+    x, _, t = _inputs((3, 5), 37, device)
+    x.requires_grad_(True)
+    lp = ro.token_logprobs(x, t, temperature=temperature, backend=backend)
+    x64 = x.detach().double().requires_grad_()
+    ref = reference.token_logprobs(x64, t, temperature)
+    assert lp.shape == (3, 5) and lp.dtype == torch.float32
+    assert_matches(lp, ref, what="logprobs")
+    g = torch.randn_like(ref)
+    (gx,) = torch.autograd.grad(lp, x, g.float())
+    (gr,) = torch.autograd.grad(ref, x64, g)
+    assert gx.dtype == x.dtype
+    assert_matches(gx, gr, dtype=torch.float32, what="dlogits")
+
+
+def test_token_logprobs_any_leading_shape(backend, device):
+    x, _, t = _inputs((7,), 19, device)
+    assert_matches(ro.token_logprobs(x, t, backend=backend),
+                   reference.token_logprobs(x.double(), t), what="1-D batch")
+    x, _, t = _inputs((2, 2, 3), 19, device)
+    assert_matches(ro.token_logprobs(x, t, backend=backend),
+                   reference.token_logprobs(x.double(), t), what="3-D batch")
+
+
+def test_non_contiguous_logits(backend, device):
+    base = torch.randn(37, 2, 3, device=device)
+    x = base.permute(1, 2, 0)  # stride 6 over V
+    r = torch.randn(2, 3, 37, device=device)
+    t = torch.randint(0, 37, (2, 3), device=device)
+    out = ro.kl_penalty(x, r, t, beta=0.1, backend=backend)
+    _check_fields(out, _ref64(x, r, t, 0.1, "k1", None, 1.0)[0], what="strided")
+
+
+def test_large_vocab(backend, device):
+    # V above 65,536: the Triton forward splits each row across programs and combines them.
+    V = 70_001
+    x, r, t = _inputs((1, 2), V, device, scale=4.0)
+    x.requires_grad_(True)
+    mask = torch.tensor([[True, False]], device=device)
+    out = ro.kl_penalty(x, r, t, beta=0.1, estimator="k3", mask=mask, temperature=1.3,
+                        backend=backend)
+    ref, x64 = _ref64(x, r, t, 0.1, "k3", mask, 1.3)
+    _check_fields(out, ref, what="V=70001")
+    g1, g2 = torch.randn(1, 2, dtype=torch.float64), torch.randn(1, 2, dtype=torch.float64)
+    (gx,) = torch.autograd.grad((out.logprobs, out.kl), x, (g1.float(), g2.float()))
+    (gr,) = torch.autograd.grad((ref.logprobs, ref.kl), x64, (g1, g2))
+    assert_matches(gx, gr, dtype=torch.float32, what="V=70001 dlogits")
+    lp = ro.token_logprobs(x.detach(), t, temperature=1.3, backend=backend)
+    assert_matches(lp, ref.logprobs, what="V=70001 token_logprobs")
+
+
+def test_extreme_logits(backend, device):
+    # ±1e4 logits, −inf logits, a token whose logit is −inf, a single finite logit per row.
+    V = 37
+    x, r, t = _inputs((2, 3), V, device)
+    x[0, 0, :5] = 1e4
+    x[0, 1, 3] = -1e4
+    x[0, 1, 4] = 1e4
+    x[0, 2, ::2] = float("-inf")
+    t[0, 2] = 4                       # −inf policy logit: logprob −inf
+    r[0, 2, 5] = float("-inf")
+    t[1, 0] = 5
+    x[1, 1, :] = float("-inf")
+    x[1, 1, 7] = 3.0                  # a single finite logit: logprob 0, entropy 0
+    t[1, 1] = 7
+    r[1, 2, :] = -1e4
+    x.requires_grad_(True)
+    out = ro.kl_penalty(x, r, t, beta=0.1, estimator="k1", backend=backend)
+    ref, x64 = _ref64(x, r, t, 0.1, "k1", None, 1.0)
+    _check_fields(out, ref, what="extreme")
+    assert out.logprobs[0, 2] == float("-inf")
+    assert not torch.isnan(out.logprobs).any()
+    assert out.logprobs[1, 1] == 0 and out.entropy[1, 1] == 0
+    (gx,) = torch.autograd.grad(out.logprobs.sum() + out.kl[1].sum(), x)
+    (gr,) = torch.autograd.grad(ref.logprobs.sum() + ref.kl[1].sum(), x64)
+    assert torch.isfinite(gx).all()
+    assert_matches(gx, gr, dtype=torch.float32, what="extreme dlogits")
+    lp = ro.token_logprobs(x.detach(), t, backend=backend)
+    assert lp[0, 2] == float("-inf")
+    assert_matches(lp, ref.logprobs, what="extreme token_logprobs")
+
+
+def _eager_lowp(x, r, t, estimator, temperature):
+    """What eager code in the logits' own dtype computes (the acceptance baseline)."""
+    logp_all = torch.log_softmax(x / temperature, dim=-1)
+    lp = logp_all.gather(-1, t[..., None]).squeeze(-1)
+    rlp = torch.log_softmax(r / temperature, dim=-1).gather(-1, t[..., None]).squeeze(-1)
+    d = lp - rlp.detach()
+    kl = reference.kl_from_log_ratio(d, estimator)
+    ent = -(logp_all.exp() * logp_all).sum(-1)
+    return lp, rlp, d, kl, ent
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision(backend, device, dtype):
+    x, r, t = _inputs((2, 3), 37, device, dtype=dtype, scale=3.0)
+    x.requires_grad_(True)
+    out = ro.kl_penalty(x, r, t, beta=0.1, estimator="k3", temperature=0.8, backend=backend)
+    ref, x64 = _ref64(x, r, t, 0.1, "k3", None, 0.8)
+    xe = x.detach().clone().requires_grad_()
+    eager = _eager_lowp(xe, r, t, "k3", 0.8)
+    for name, e in zip(("logprobs", "ref_logprobs", "log_ratio", "kl", "entropy"), eager):
+        o = getattr(out, name)
+        assert o.dtype == torch.float32
+        assert_matches(o, getattr(ref, name), e, what=f"{dtype} {name}")
+    g1, g2 = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
+    (gx,) = torch.autograd.grad((out.logprobs, out.kl), x, (g1.float(), g2.float()))
+    (gr,) = torch.autograd.grad((ref.logprobs, ref.kl), x64, (g1, g2))
+    (ge,) = torch.autograd.grad((eager[0], eager[3]), xe, (g1.to(dtype), g2.to(dtype)))
+    assert gx.dtype == dtype
+    assert_matches(gx, gr, ge, what=f"{dtype} dlogits")
+
+
+# ------------------------------------------------------------------------------ backward ---
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("used", ["all", "kl"])
+def test_kl_penalty_backward(backend, device, estimator, used):
+    x, r, t = _inputs((2, 3), 37, device)
+    x.requires_grad_(True)
+    out = ro.kl_penalty(x, r, t, beta=0.1, estimator=estimator, temperature=0.9, backend=backend)
+    ref, x64 = _ref64(x, r, t, 0.1, estimator, None, 0.9)
+    names = ("logprobs", "log_ratio", "kl") if used == "all" else ("kl",)
+    gs = [torch.randn(2, 3, dtype=torch.float64) for _ in names]
+    (gx,) = torch.autograd.grad([getattr(out, n) for n in names], x, [g.float() for g in gs])
+    (gr,) = torch.autograd.grad([getattr(ref, n) for n in names], x64, gs)
+    assert gx.dtype == x.dtype and gx.shape == x.shape
+    assert_matches(gx, gr, dtype=torch.float32, what=f"{estimator}/{used} dlogits")
+    for name in ("ref_logprobs", "penalty", "entropy"):
+        assert not getattr(out, name).requires_grad, f"{name} must carry no gradient"
+
+
+def test_ref_logits_get_no_grad(backend, device):
+    x, r, t = _inputs((1, 2), 11, device)
+    x.requires_grad_(True)
+    r.requires_grad_(True)
+    out = ro.kl_penalty(x, r, t, beta=0.1, estimator="k2", backend=backend)
+    out.kl.sum().backward()
+    assert x.grad is not None and r.grad is None
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
+def test_gradcheck(fused_backend, device, estimator):
+    x = torch.randn(1, 2, 5, dtype=torch.float64, device=device, requires_grad=True)
+    r = torch.randn(1, 2, 5, dtype=torch.float64, device=device)
+    t = torch.randint(0, 5, (1, 2), device=device)
+
+    def f(x):
+        o = ro.kl_penalty(x, r, t, beta=0.1, estimator=estimator, temperature=0.7,
+                          backend=fused_backend)
+        return o.logprobs, o.log_ratio, o.kl
+
+    assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(
+        lambda x: ro.token_logprobs(x, t, temperature=1.3, backend=fused_backend), (x,))
+
+
+# ------------------------------------------------------------- compile, meta, empty, errors ---
+
+def test_torch_compile(backend, device):
+    import torch._dynamo
+    torch._dynamo.reset()
+    x, r, t = _inputs((2, 3), 21, device)
+    mask = torch.rand(2, 3, device=device) > 0.3
+
+    def step(x, r, t, mask):
+        o = ro.kl_penalty(x, r, t, beta=0.1, estimator="k3", mask=mask, temperature=0.9,
+                          backend=backend)
+        lp = ro.token_logprobs(x, t, temperature=0.9, backend=backend)
+        return o.kl.sum() + lp.sum() + o.penalty.sum() + o.entropy.sum()
+
+    cstep = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    x1 = x.clone().requires_grad_()
+    x2 = x.clone().requires_grad_()
+    loss_c = cstep(x1, r, t, mask)
+    loss_e = step(x2, r, t, mask)
+    loss_c.backward()
+    loss_e.backward()
+    torch.testing.assert_close(loss_c, loss_e)
+    torch.testing.assert_close(x1.grad, x2.grad)
+
+
+@pytest.mark.parametrize("name", ["reference", "triton", "cuda", "auto"])
+def test_meta(name):
+    x = torch.empty(2, 3, 50, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    r = torch.empty(2, 3, 50, device="meta", dtype=torch.bfloat16)
+    t = torch.empty(2, 3, device="meta", dtype=torch.int64)
+    mask = torch.empty(2, 3, device="meta", dtype=torch.bool)
+    out = ro.kl_penalty(x, r, t, beta=0.1, estimator="k2", mask=mask, backend=name)
+    for f in FIELDS:
+        o = getattr(out, f)
+        assert o.shape == (2, 3) and o.dtype == torch.float32 and o.device.type == "meta", f
+    (out.logprobs.sum() + out.kl.sum()).backward()
+    assert x.grad.shape == x.shape and x.grad.dtype == x.dtype
+    lp = ro.token_logprobs(x, t, backend=name)
+    assert lp.shape == (2, 3) and lp.dtype == torch.float32
+
+
+def _saved_bytes(fn):
+    """Sizes (numel) of every tensor autograd saves while ``fn`` runs."""
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sizes
+
+
+@pytest.mark.parametrize("name", ["reference", "triton", "cuda"])
+def test_nothing_of_size_v_saved(name):
+    B, T, V = 4, 8, 1000
+    x = torch.empty(B, T, V, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    r = torch.empty(B, T, V, device="meta", dtype=torch.bfloat16)
+    t = torch.empty(B, T, device="meta", dtype=torch.int64)
+    for est in ("k1", "k3"):
+        sizes = _saved_bytes(lambda: ro.kl_penalty(x, r, t, beta=0.1, estimator=est, backend=name))
+        big = [s for s in sizes if s >= B * T * V]
+        small = sum(s for s in sizes if s < B * T * V)
+        if name == "reference":
+            # eager keeps a [B, T, V] log-softmax besides the logits: the check can fail
+            assert len(big) >= 2, sizes
+        else:
+            assert len(big) == 1, f"only the logits may be saved at size V, got {sizes}"
+            assert small <= 4 * B * T, sizes
+    sizes = _saved_bytes(lambda: ro.token_logprobs(x, t, backend=name))
+    assert len([s for s in sizes if s >= B * T * V]) == (1 if name != "reference" else
+                                                         len([s for s in sizes if s >= B * T * V]))
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (2, 0)])
+def test_empty_batch(backend, device, shape):
+    x = torch.randn(*shape, 13, device=device, requires_grad=True)
+    r = torch.randn(*shape, 13, device=device)
+    t = torch.zeros(shape, dtype=torch.int64, device=device)
+    out = ro.kl_penalty(x, r, t, beta=0.1, estimator="k2", backend=backend)
+    for f in FIELDS:
+        assert getattr(out, f).shape == shape
+    (out.logprobs.sum() + out.kl.sum()).backward()
+    assert x.grad.shape == x.shape
+    assert ro.token_logprobs(x, t, backend=backend).shape == shape
+
+
+def test_single_row(backend, device):
+    x, r, t = _inputs((1, 1), 9, device)
+    out = ro.kl_penalty(x, r, t, beta=0.3, estimator="k2", backend=backend)
+    _check_fields(out, _ref64(x, r, t, 0.3, "k2", None, 1.0)[0], what="single row")
+
+
+def test_bad_inputs(backend, device):
+    x, r, t = _inputs((2, 3), 11, device)
+
+    def kl(**kw):
+        args = dict(logits=x, ref_logits=r, tokens=t, beta=0.1)
+        args.update(kw)
+        lg, rf, tk = args.pop("logits"), args.pop("ref_logits"), args.pop("tokens")
+        return ro.kl_penalty(lg, rf, tk, backend=backend, **args)
+
+    with pytest.raises(TypeError, match="tokens"):
+        kl(tokens=t.int())
+    with pytest.raises(ValueError, match="tokens"):
+        kl(tokens=t[:, :2])
+    with pytest.raises(TypeError, match="logits"):
+        kl(logits=x.long())
+    with pytest.raises(TypeError, match="ref_logits"):
+        kl(ref_logits=r.double())
+    with pytest.raises(ValueError, match="ref_logits"):
+        kl(ref_logits=r[..., :10])
+    with pytest.raises(ValueError, match="mask"):
+        kl(mask=torch.ones(2, 4, dtype=torch.bool, device=device))
+    with pytest.raises(TypeError, match="mask"):
+        kl(mask=torch.ones(2, 3, dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match="estimator"):
+        kl(estimator="k4")
+    with pytest.raises(ValueError, match="temperature"):
+        kl(temperature=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        kl(temperature=-1.0)
+    with pytest.raises(TypeError, match="beta"):
+        kl(beta="0.1")
+    with pytest.raises(ValueError, match="ref_logits"):
+        kl(ref_logits=r.to("meta"))
+    with pytest.raises(ValueError, match="logits"):
+        ro.token_logprobs(x[..., :0], t, backend=backend)
+    with pytest.raises(ValueError, match="tokens"):
+        ro.token_logprobs(x, t[0], backend=backend)
+    bad = t.clone()
+    bad[1, 2] = 11
+    with pytest.raises(ValueError, match="tokens"):
+        kl(tokens=bad)
+    bad[1, 2] = -1
+    with pytest.raises(ValueError, match="tokens"):
+        ro.token_logprobs(x, bad, backend=backend)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the out-of-range rule "
+                    "without debug checks applies to CUDA tensors only")
+def test_out_of_range_token_gives_nan_on_gpu(fused_backend, device, monkeypatch):
+    monkeypatch.setenv("RLHF_OPS_DEBUG", "0")
+    x, r, t = _inputs((2, 3), 37, device)
+    x.requires_grad_(True)
+    t[1, 1] = 37
+    t[0, 2] = -5
+    out = ro.kl_penalty(x, r, t, beta=0.1, estimator="k3", backend=fused_backend)
+    bad = torch.zeros(2, 3, dtype=torch.bool, device=device)
+    bad[1, 1] = bad[0, 2] = True
+    for f in ("logprobs", "ref_logprobs", "log_ratio", "kl", "penalty"):
+        o = getattr(out, f)
+        assert torch.isnan(o[bad]).all() and torch.isfinite(o[~bad]).all(), f
+    out.logprobs.sum().backward()
+    assert torch.isnan(x.grad[bad]).all() and torch.isfinite(x.grad[~bad]).all()
+    lp = ro.token_logprobs(x.detach(), t, backend=fused_backend)
+    assert torch.isnan(lp[bad]).all() and torch.isfinite(lp[~bad]).all()
+
+
+def test_module(backend, device):
+    x, r, t = _inputs((2, 3), 17, device)
+    mask = torch.rand(2, 3, device=device) > 0.5
+    mod = KLPenaltyModule(beta=0.2, estimator="k2", temperature=1.1, backend=backend)
+    out = mod(x, r, t, mask)
+    _check_fields(out, _ref64(x, r, t, 0.2, "k2", mask, 1.1)[0], what="module")
+
+
+# ---------------------------------------------------------------------------- ppo_rewards ---
+
+def _ppo_rewards_loop(penalty, scores, mask):
+    out = penalty.clone()
+    for b in range(penalty.shape[0]):
+        real = [i for i in range(penalty.shape[1]) if bool(mask[b, i])]
+        if real:
+            out[b, real[-1]] += scores[b]
+    return out
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
+def test_ppo_rewards(device, mask_dtype):
+    B, T = 5, 7
+    penalty = torch.randn(B, T, device=device)
+    scores = torch.randn(B, device=device)
+    mask = torch.zeros(B, T, dtype=torch.bool, device=device)
+    mask[0, :4] = True           # right padding
+    mask[1, 3:] = True           # left padding
+    mask[2] = True               # no padding
+    mask[4, 2:5] = True          # padded on both sides
+    # row 3: all zero — gets no score
+    mask = mask.to(mask_dtype)
+    out = ro.ppo_rewards(penalty, scores, mask)
+    expect = _ppo_rewards_loop(penalty, scores, mask)
+    torch.testing.assert_close(out, expect, rtol=0, atol=0)
+    assert torch.equal(out[3], penalty[3])
+    assert out[1, 6] == penalty[1, 6] + scores[1] and out[4, 4] == penalty[4, 4] + scores[4]
+
+
+def test_ppo_rewards_bad_shapes(device):
+    p = torch.randn(2, 5, device=device)
+    with pytest.raises(ValueError, match="mask"):
+        ro.ppo_rewards(p, torch.randn(2, device=device), torch.ones(2, 4, dtype=torch.bool, device=device))
+    with pytest.raises(ValueError, match="scores"):
+        ro.ppo_rewards(p, torch.randn(3, device=device), torch.ones(2, 5, dtype=torch.bool, device=device))
+    with pytest.raises(TypeError, match="penalty"):
+        ro.ppo_rewards(p.long(), torch.randn(2, device=device), torch.ones(2, 5, device=device))
