@@ -235,8 +235,13 @@ def _sdpa(name):
         if not hasattr(SDPBackend, kind):
             raise Missing(f"torch {torch.__version__} has no SDPA backend {kind}")
         # T == S in every case, so SDPA's top-left causal mask equals our bottom-right one.
-        with sdpa_kernel(getattr(SDPBackend, kind)):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=inp["kw"]["causal"])
+        try:
+            with sdpa_kernel(getattr(SDPBackend, kind)):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=inp["kw"]["causal"])
+        except RuntimeError as e:
+            if "No viable backend" in str(e) or "No available kernel" in str(e):
+                raise Missing(f"SDPA {name} cannot run these inputs here: {str(e)[:300]}") from None
+            raise
     return fn
 
 
@@ -511,6 +516,8 @@ def measure(case: Case, name: str, mode: str, device, *, warmup: int = 3, reps: 
                 "reps": n}
     except Missing as e:
         return {"status": "missing", "reason": str(e)}
+    except NotImplementedError as e:  # e.g. FlexAttention's backward on CPU
+        return {"status": "missing", "reason": f"NotImplementedError: {str(e)[:500]}"}
     except Exception as e:  # noqa: BLE001 - a failing implementation is reported, not hidden
         if device.type == "cuda":
             torch.cuda.empty_cache()

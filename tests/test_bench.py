@@ -12,9 +12,11 @@ import sys
 import pytest
 import torch
 
-from bench import harness, memory, report
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # bench/ is not installed; it lives beside tests/ in the repository
+    sys.path.insert(0, ROOT)
+
+from bench import harness, memory, report  # noqa: E402
 
 
 def test_bench_files_smoke():
