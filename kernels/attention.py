@@ -180,20 +180,23 @@ def _attn_bwd_delta(O, DO, DELTA, sob, soh, sot, sdb, sdh, sdt, H, T,
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdt, cols, lo, hi, T, S,
                 qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                MASK: tl.constexpr, FP64: tl.constexpr, PREC: tl.constexpr):
+                MASK: tl.constexpr, CAUSAL: tl.constexpr, FP64: tl.constexpr, PREC: tl.constexpr):
     dims = tl.arange(0, BLOCK_D)
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
         q = _load_tile(q_base, rows, T, sqt, dims, HEAD_DIM)                   # [BM, D]
         do = _load_tile(do_base, rows, T, sdt, dims, HEAD_DIM)                 # [BM, D]
-        # Rows past T load lse = +inf (p = 0) and delta = 0, so they add nothing.
+        # Rows past T load q = dO = 0, lse = +inf (p = 0) and delta = 0, so they add nothing.
         lse2 = tl.load(lse_base + rows, mask=rows < T, other=float("inf")) * LOG2E
         delta = tl.load(delta_base + rows, mask=rows < T, other=0.0)
         # Transposed tiles [BN, BM]: pᵀ_ji = exp(s_ij − lse_i).
         ut = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
         pt = _exp2(ut - lse2[None, :], FP64)
-        if MASK:  # causal diagonal block: key j visible to row i iff j ≤ i + S − T
-            pt = tl.where(cols[:, None] <= rows[None, :] + (S - T), pt, 0.0)
+        if MASK:  # keys past S (loaded as 0) and, when causal, key j visible to row i iff j ≤ i + S − T
+            ok = cols[:, None] < S
+            if CAUSAL:
+                ok = ok & (cols[:, None] <= rows[None, :] + (S - T))
+            pt = tl.where(ok, pt, 0.0)
         dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
         dpt = tl.dot(v, tl.trans(do), input_precision=PREC)                    # dPᵀ = v·dOᵀ
         dst = pt * (dpt - delta[None, :])                                      # dSᵀ
@@ -229,11 +232,13 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
         # at or after start_n + BLOCK_N − 1 − (S − T) see every key of this block.
         lo = tl.maximum(start_n - (S - T), 0) // BLOCK_M * BLOCK_M
         full = tl.maximum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - (S - T), 0), BLOCK_M) * BLOCK_M, lo)
-        mid = tl.minimum(full, T)
     else:
         lo = 0
         full = 0
-        mid = 0
+    # The key block that runs past S masks every query block: its padded keys load as 0, and
+    # exp(0 − lse) is no probability.
+    full = tl.where(start_n + BLOCK_N > S, T, full)
+    mid = tl.minimum(full, T)
     for g in range(G):
         h = hk * G + g
         q_base = Q + b.to(tl.int64) * sqb + h * sqh
@@ -241,9 +246,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
         lse_base = LSE + (b.to(tl.int64) * HQ + h) * T
         delta_base = DELTA + (b.to(tl.int64) * HQ + h) * T
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdt, cols,
-                             lo, mid, T, S, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_D, True, FP64, PREC)
+                             lo, mid, T, S, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_D, True, CAUSAL, FP64, PREC)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdt, cols,
-                             full, T, T, S, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_D, False, FP64, PREC)
+                             full, T, T, S, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_D, False, CAUSAL, FP64, PREC)
     dk = dk * scale
     smask = (cols[:, None] < S) & (dims[None, :] < HEAD_DIM)
     dk_ptrs = DK + b.to(tl.int64) * sdkb + hk * sdkh + cols[:, None].to(tl.int64) * sdks + dims[None, :]

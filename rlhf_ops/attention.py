@@ -16,7 +16,7 @@ Causal alignment. ``causal=True`` is *bottom-right* aligned, as in flash-attn: q
 iff j ≤ i + S − T, i.e. the last query sees every key (the decoding / chunked-prefill convention).
 ``F.scaled_dot_product_attention(is_causal=True)`` is *top-left* aligned (j ≤ i). The two agree
 when T == S and differ otherwise. When T > S the first T − S query rows see no key; they output
-zeros (and get zero gradients), where SDPA would output NaN or attend top-left.
+zeros (and give zero gradients); SDPA's top-left mask would let them attend.
 
 Determinism. The Triton backward is deterministic: dK/dV are computed by one program per key block
 (which loops over every query head of its GQA group and every query block), dQ by one program per

