@@ -8,10 +8,11 @@
 //   s = a1·s1 + a2·s2,   h = a1·(h1 + (m1 − M)·s1) + a2·(h2 + (m2 − M)·s2)
 // (exp(y − M)·(y − M) = a_i·exp(y − m_i)·((y − m_i) + (m_i − M))). After the block reduction
 // thread 0 writes
-//   lse = M + log S,  logp = y_t − lse,  entropy = lse − Σ p·y = log S − H/S,
+//   lse = M + log S, kept as the pair (M, log S) in lse [2, N] (rounding M + log S to float costs
+//   ~1e-3 at |y| ~ 1e4), logp = (y_t − M) − log S,  entropy = lse − Σ p·y = log S − H/S,
 //   ref_logp, d = logp − ref_logp, kl (k1 = d, k2 = ½d², k3 = e^{−d} − 1 + d), penalty = −β·kl·mask.
 // A token out of [0, V) gives NaN for its row (and is never read).
-// Backward per element: dx_j = G · ([j = t] − exp(y_j − lse)) / T, in the logits dtype.
+// Backward per element: dx_j = G · ([j = t] − exp((y_j − M) − log S)) / T, in the logits dtype.
 #include "common.cuh"
 
 #include <optional>
@@ -128,7 +129,8 @@ kl_fwd_kernel(const scalar_t* __restrict__ x, int64_t stride_x, const scalar_t* 
               acc_t* __restrict__ logp_out, acc_t* __restrict__ lse_out,
               acc_t* __restrict__ ref_out, acc_t* __restrict__ ratio_out,
               acc_t* __restrict__ kl_out, acc_t* __restrict__ pen_out,
-              acc_t* __restrict__ ent_out, int64_t V, acc_t inv_t, acc_t beta, int estimator) {
+              acc_t* __restrict__ ent_out, int64_t N, int64_t V, acc_t inv_t, acc_t beta,
+              int estimator) {
   __shared__ acc_t smem[5 * kKLThreads / kWarp];
   const int64_t row = blockIdx.x;
   const scalar_t* xr = x + row * stride_x;
@@ -167,13 +169,16 @@ kl_fwd_kernel(const scalar_t* __restrict__ x, int64_t stride_x, const scalar_t* 
   if (threadIdx.x != 0) return;
   const int64_t t = tokens[row];
   const bool ok = t >= 0 && t < V;
-  const acc_t lse = st.m + log(st.s);  // all −inf: −inf + log 0 = −inf
-  const acc_t logp = ok ? static_cast<acc_t>(xr[t]) * inv_t - lse : acc_t(NAN);
+  const acc_t shift = st.m == neg_inf<acc_t>() ? acc_t(0) : st.m;  // all −inf: lse = 0 + log 0
+  const acc_t log_s = log(st.s);
+  const acc_t logp = ok ? (static_cast<acc_t>(xr[t]) * inv_t - shift) - log_s : acc_t(NAN);
   logp_out[row] = logp;
-  lse_out[row] = lse;
+  lse_out[row] = shift;
+  lse_out[N + row] = log_s;
   if constexpr (HAS_REF) {
-    ent_out[row] = log(st.s) - st.h / st.s;  // lse − Σ p·y
-    const acc_t ref = ok ? static_cast<acc_t>(rr[t]) * inv_t - (rs.m + log(rs.s)) : acc_t(NAN);
+    ent_out[row] = log_s - st.h / st.s;  // lse − Σ p·y
+    const acc_t rshift = rs.m == neg_inf<acc_t>() ? acc_t(0) : rs.m;
+    const acc_t ref = ok ? (static_cast<acc_t>(rr[t]) * inv_t - rshift) - log(rs.s) : acc_t(NAN);
     const acc_t d = logp - ref;
     const acc_t kl = estimator == 1 ? d : estimator == 2 ? acc_t(0.5) * d * d : k3(d);
     ref_out[row] = ref;
@@ -187,18 +192,18 @@ template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kKLThreads)
 kl_bwd_kernel(const scalar_t* __restrict__ x, int64_t stride_x, scalar_t* __restrict__ dx,
               int64_t stride_dx, const int64_t* __restrict__ tokens,
-              const acc_t* __restrict__ lse_in, const acc_t* __restrict__ grad, int64_t stride_g,
-              int64_t V, acc_t inv_t) {
+              const acc_t* __restrict__ lse_in, int64_t stride_lse, const acc_t* __restrict__ grad,
+              int64_t stride_g, int64_t V, acc_t inv_t) {
   const int64_t row = blockIdx.x;
   const int64_t t = tokens[row];
   const bool ok = t >= 0 && t < V;
   const acc_t g = grad[row * stride_g] * inv_t;  // G / T
-  const acc_t lse = lse_in[row];
+  const acc_t shift = lse_in[row], log_s = lse_in[stride_lse + row];
   const scalar_t* xr = x + row * stride_x;
   scalar_t* dr = dx + row * stride_dx;
   auto grad_of = [&](acc_t v, int64_t col) -> acc_t {
     if (!ok) return acc_t(NAN);
-    return ((col == t ? acc_t(1) : acc_t(0)) - exp(v * inv_t - lse)) * g;
+    return ((col == t ? acc_t(1) : acc_t(0)) - exp((v * inv_t - shift) - log_s)) * g;
   };
   const int64_t nvec = V / VEC;
   for (int64_t i = threadIdx.x; i < nvec; i += kKLThreads) {
@@ -229,7 +234,8 @@ void check_tokens(const char* op, const at::Tensor& tokens) {
 }
 
 // Returns [logprobs, lse] without ref_logits, else
-// [logprobs, ref_logprobs, log_ratio, kl, penalty, entropy, lse]; each [N] float (double).
+// [logprobs, ref_logprobs, log_ratio, kl, penalty, entropy, lse]; each [N] float (double) but
+// lse, which is [2, N]: (shift, log S) with lse = shift + log S.
 std::vector<at::Tensor> kl_fwd(const at::Tensor& logits, const std::optional<at::Tensor>& ref_logits,
                                const at::Tensor& tokens_, const std::optional<at::Tensor>& mask_,
                                double temperature, double beta, int64_t estimator) {
@@ -257,7 +263,8 @@ std::vector<at::Tensor> kl_fwd(const at::Tensor& logits, const std::optional<at:
   }
   const at::Tensor tokens = tokens_.contiguous();
   std::vector<at::Tensor> out;
-  for (int i = 0; i < (has_ref ? 7 : 2); ++i) out.push_back(at::empty({N}, logits.options().dtype(acc)));
+  for (int i = 0; i < (has_ref ? 6 : 1); ++i) out.push_back(at::empty({N}, logits.options().dtype(acc)));
+  out.push_back(at::empty({2, N}, logits.options().dtype(acc)));
   if (N == 0) return out;
   int vec = pick_vec(logits, logits.stride(0), V);
   if (has_ref) vec = std::min(vec, pick_vec(*ref_logits, ref_logits->stride(0), V));
@@ -276,7 +283,7 @@ std::vector<at::Tensor> kl_fwd(const at::Tensor& logits, const std::optional<at:
       constexpr bool REF = decltype(ref_c)::value;
       kl_fwd_kernel<scalar_t, acc_t, VEC, REF><<<N, kKLThreads, 0, stream>>>(
           logits.data_ptr<scalar_t>(), logits.stride(0), rp, rstride,
-          tokens.data_ptr<int64_t>(), mp, o[0], lse, o[1], o[2], o[3], o[4], o[5], V, inv_t,
+          tokens.data_ptr<int64_t>(), mp, o[0], lse, o[1], o[2], o[3], o[4], o[5], N, V, inv_t,
           static_cast<acc_t>(beta), static_cast<int>(estimator));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
@@ -303,8 +310,10 @@ at::Tensor kl_bwd(const at::Tensor& grad, const at::Tensor& logits, const at::Te
   const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   RLHF_CHECK_DTYPE(op, "grad", grad, acc);
   RLHF_CHECK_DTYPE(op, "lse", lse, acc);
-  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == logits.size(0) && lse.numel() == logits.size(0),
-              "rlhf_ops_cuda.kl_bwd: grad and lse must have one element per row");
+  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == logits.size(0),
+              "rlhf_ops_cuda.kl_bwd: grad must have one element per row, got shape ", grad.sizes());
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == 2 && lse.size(1) == logits.size(0),
+              "rlhf_ops_cuda.kl_bwd: lse must have shape [2, N], got ", lse.sizes());
   const at::cuda::OptionalCUDAGuard guard(logits.device());
   const at::Tensor tokens = tokens_.contiguous();
   const at::Tensor lse_c = lse.contiguous();
@@ -319,8 +328,8 @@ at::Tensor kl_bwd(const at::Tensor& grad, const at::Tensor& logits, const at::Te
       constexpr int VEC = decltype(vec_c)::value;
       kl_bwd_kernel<scalar_t, acc_t, VEC><<<N, kKLThreads, 0, stream>>>(
           logits.data_ptr<scalar_t>(), logits.stride(0), out.data_ptr<scalar_t>(), out.stride(0),
-          tokens.data_ptr<int64_t>(), lse_c.data_ptr<acc_t>(), grad.data_ptr<acc_t>(),
-          grad.stride(0), V, static_cast<acc_t>(1.0 / temperature));
+          tokens.data_ptr<int64_t>(), lse_c.data_ptr<acc_t>(), lse_c.stride(0),
+          grad.data_ptr<acc_t>(), grad.stride(0), V, static_cast<acc_t>(1.0 / temperature));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (vec * sizeof(scalar_t) == 16) launch(std::integral_constant<int, 16 / sizeof(scalar_t)>{});

@@ -4,26 +4,27 @@ one read + one write of the policy row backward. Nothing of size V is kept betwe
 Notation per row: y = x / T (the temperature divides inside the kernel, no scaled copy),
 lse = log Σ_j exp(y_j), p = softmax(y), t = the token.
 
-Forward, two launches and no host sync:
-  1. ``_kl_partial``: grid (rows, chunks). Each program streams its chunk of the policy row (and,
-     for kl_penalty, the same chunk of the reference row) in BLOCK tiles, keeping the state
-         m = max y,   s = Σ exp(y − m),   h = Σ exp(y − m)·(y − m)
-     (h is only needed for the policy entropy). Two states merge as (``_merge``)
-         M = max(m1, m2),  a_i = exp(m_i − M),
-         s = a1·s1 + a2·s2,
-         h = a1·(h1 + (m1 − M)·s1) + a2·(h2 + (m2 − M)·s2)
-     because exp(y − M)·(y − M) = exp(y − m_i)·a_i·((y − m_i) + (m_i − M)).
-     Keeping h relative to the running max avoids the cancellation of lse − Σ p·y at |x| ~ 1e4.
-     Rows up to 65,536 columns use one program; wider rows are split over several programs.
-  2. ``_kl_combine``: one program per row merges the chunk states and writes
-         lse = M + log S,   logp = y_t − lse,
-         entropy = −Σ p·log p = lse − Σ p·y = log S − H / S,
-     and for kl_penalty ref_logp, d = logp − ref_logp, kl (k1 = d, k2 = ½d², k3 = e^{−d} − 1 + d),
-     penalty = −β·kl·mask. A token out of [0, V) gives NaN for its row.
+Forward, no host sync:
+  ``_kl_forward``: grid (rows, chunks). Each program streams its chunk of the policy row (and,
+  for kl_penalty, the same chunk of the reference row) in BLOCK tiles, keeping the state
+      m = max y,   s = Σ exp(y − m),   h = Σ exp(y − m)·(y − m)
+  (h only serves the policy entropy). A tile merges into the running state as
+      M = max(m, max tile),  a = exp(m − M),
+      s ← a·s + Σ exp(y − M),   h ← a·(h + (m − M)·s) + Σ exp(y − M)·(y − M)
+  because exp(y − M)·(y − M) = a·exp(y − m)·((y − m) + (m − M)). Keeping h relative to the
+  running max avoids the cancellation of lse − Σ p·y at |y| ~ 1e4.
+  Rows up to 65,536 columns are one program, which writes the outputs itself (``_epilogue``);
+  wider rows (or few rows) are split, the chunk states stored and merged by ``_kl_combine``
+  with the same formulas. Outputs per row:
+      logp = (y_t − M) − log S,   entropy = −Σ p·log p = lse − Σ p·y = log S − H / S,
+      ref_logp likewise, d = logp − ref_logp, kl = d | ½d² | e^{−d} − 1 + d, penalty = −β·kl·mask,
+  and lse as the pair (M, log S) for the backward. A token out of [0, V) gives NaN for its row.
 Backward, one launch, grid (rows, V / BLOCK):
-     d logp / d x_j = ([j = t] − p_j) / T,   dx_j = G · ([j = t] − exp(y_j − lse)) / T
+      dx_j = G · ([j = t] − exp((y_j − M) − log S)) / T     (∂logp/∂x_j = ([j = t] − p_j) / T)
 where G [rows] = g_logp + g_log_ratio + g_kl·∂kl/∂logp is formed by the caller.
-Scalars (T, β) travel in a small tensor of the accumulation dtype so fp64 stays exact.
+Scalars (T, β) travel in a small tensor of the accumulation dtype so that fp64 stays exact.
+Helpers are inline code rather than nested @triton.jit calls where they run per tile: the
+interpreter re-patches triton.language on every nested call, which slows the CPU tests a lot.
 """
 import torch
 import triton

@@ -158,7 +158,8 @@ def _eager_lowp(x, r, t, estimator, temperature):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision(backend, device, dtype):
-    x, r, t = _inputs((2, 3), 37, device, dtype=dtype, scale=3.0)
+    # scale 1: k3's ∂kl/∂d = 1 − e^{−d} stays far from fp16's overflow
+    x, r, t = _inputs((2, 3), 37, device, dtype=dtype, scale=1.0)
     x.requires_grad_(True)
     out = ro.kl_penalty(x, r, t, beta=0.1, estimator="k3", temperature=0.8, backend=backend)
     ref, x64 = _ref64(x, r, t, 0.1, "k3", None, 0.8)
