@@ -25,13 +25,13 @@ part "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
 
-part "install what is missing (no internet: best effort, 30 s each)"
+part "install what is missing (no internet: best effort, 20 s each)"
 for mod_pkg in pytest:pytest numpy:numpy ninja:ninja pybind11:pybind11 matplotlib:matplotlib \
                tqdm:tqdm pytest_benchmark:pytest-benchmark; do
   mod=${mod_pkg%%:*}; pkg=${mod_pkg##*:}
   if ! $PY -c "import $mod" 2>/dev/null; then
     echo "missing $pkg: trying pip"
-    timeout 30 $PY -m pip install -q "$pkg" >"$LOGS/pip_$pkg.log" 2>&1 \
+    timeout 20 $PY -m pip install -q --retries 0 --timeout 5 "$pkg" >"$LOGS/pip_$pkg.log" 2>&1 \
       && echo "  installed $pkg" || echo "  could not install $pkg (see $LOGS/pip_$pkg.log)"
   fi
 done
@@ -49,7 +49,7 @@ $PY -c "import rlhf_ops, rlhf_ops._C; print('backends:', rlhf_ops.available_back
 
 part "tests on CUDA tensors, every backend (timeout ${TESTS_S} s)"
 t0=$(date +%s)
-timeout -s INT -k 15 "$TESTS_S" $PY -m pytest -q -p no:cacheprovider tests -o addopts="$ADDOPTS" \
+timeout -s INT -k 30 "$TESTS_S" $PY -m pytest -q -p no:cacheprovider tests -o addopts="$ADDOPTS" \
   --junitxml="$LOGS/junit.xml" >"$LOGS/tests.log" 2>&1
 echo "tests rc=$? in $(( $(date +%s) - t0 )) s"; tail -15 "$LOGS/tests.log"
 
