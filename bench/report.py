@@ -164,6 +164,46 @@ def _entries(case, mode, results, roof, smoke, triton_smoke) -> list[dict]:
     return out
 
 
+# ------------------------------------------------------------------------------ goals ---
+
+# The performance goals of the issues, checked on the goal shapes: (issue, op, shape, mode,
+# what, check(entry) -> value, threshold). A value ≥ threshold meets the goal.
+def _speedup(name):
+    return lambda e: e["baselines"].get(name, {}).get("speedup")
+
+
+GOALS = [
+    ("#2", "cross_entropy", {"N": 8192, "V": 128256}, "fwd+bwd", "≥ 2× eager", _speedup("eager"), 2.0),
+    ("#2", "cross_entropy", {"N": 8192, "V": 128256}, "fwd+bwd", "≥ torch.compile", _speedup("compile"), 1.0),
+    ("#2", "cross_entropy", {"N": 8192, "V": 128256}, "fwd+bwd", "≥ Liger", _speedup("liger"), 1.0),
+    ("#2", "cross_entropy", {"N": 8192, "V": 128256}, "fwd+bwd", "≥ 80% of copy GB/s",
+     lambda e: e["roofline_frac"], 0.8),
+    ("#3", "attention", {"B": 4, "H": 16, "T": 4096, "D": 128, "causal": 1}, "fwd",
+     "≥ fastest SDPA", _speedup("sdpa"), 1.0),
+    ("#3", "attention", {"B": 4, "H": 16, "T": 4096, "D": 128, "causal": 1}, "fwd+bwd",
+     "≥ fastest SDPA", _speedup("sdpa"), 1.0),
+    ("#5", "pairwise_reward_loss", {"B": 1024, "K": 9}, "fwd+bwd", "≥ 5× eager", _speedup("eager"), 5.0),
+    ("#6", "kl_penalty", {"B": 4, "T": 2048, "V": 128256}, "fwd", "≥ 80% of copy GB/s",
+     lambda e: e["roofline_frac"], 0.8),
+    ("#6", "kl_penalty", {"B": 4, "T": 2048, "V": 128256}, "fwd", "≥ 3× eager", _speedup("eager"), 3.0),
+    ("#6", "kl_penalty", {"B": 4, "T": 2048, "V": 128256}, "fwd+bwd", "≥ 3× eager", _speedup("eager"), 3.0),
+]
+
+
+def goals(entries: list[dict]) -> list[dict]:
+    """Each goal per fused backend: the measured value and whether it is met (None: not measured)."""
+    out = []
+    for issue, op, shape, mode, what, fn, thr in GOALS:
+        for b in ("triton", "cuda"):
+            e = next((e for e in entries if e["op"] == op and e["backend"] == b and e["mode"] == mode
+                      and all(e["shape"].get(k) == v for k, v in shape.items())), None)
+            val = fn(e) if e is not None and e.get("status") == "ok" else None
+            out.append({"issue": issue, "op": op, "shape": shape, "mode": mode, "backend": b,
+                        "goal": what, "value": val, "threshold": thr,
+                        "met": None if val is None else bool(val >= thr)})
+    return out
+
+
 # ------------------------------------------------------------------------------ tests ---
 
 def run_tests(out_dir: str, timeout_s: int = 1800) -> dict:
@@ -234,6 +274,13 @@ def markdown(res: dict) -> str:
         lines.append(f"{head} {e['median_ms']:.3f} | {_fmt(e['tflops'])} | {_fmt(e['gbps'], '{:.1f}')} | "
                      f"{_fmt(frac, '{:.1f}%')} | {_fmt(mib, '{:.0f}')} | {cell(b.get('eager', {}))} | "
                      f"{cell(b.get('compile', {}))} | {best} |")
+    if res.get("goals") and not res.get("smoke"):
+        lines += ["", "## Goals of the issues (goal shapes)", "",
+                  "| issue | op | mode | backend | goal | measured | met |", "|---|---|---|---|---|---:|---|"]
+        for g in res["goals"]:
+            met = {True: "yes", False: "**no**", None: "not measured"}[g["met"]]
+            lines.append(f"| {g['issue']} | {g['op']} | {g['mode']} | {g['backend']} | {g['goal']} | "
+                         f"{_fmt(g['value'], '{:.2f}')} | {met} |")
     if res.get("tests"):
         lines += ["", "## Tests", "", "| op/backend | passed | failed | skipped |", "|---|---:|---:|---:|"]
         for k, c in res["tests"].items():
@@ -378,6 +425,7 @@ def main(argv=None) -> dict:
             json.dump(dict(res, benchmarks=entries, partial=True), f, indent=1)
     res["benchmarks"] = run_benchmarks(device, size, args.ops.split(",") if args.ops else None,
                                        budget, res["roofline"], progress=progress)
+    res["goals"] = goals(res["benchmarks"])
     if args.junit:
         res["tests"] = parse_junit(args.junit)
     elif args.tests:

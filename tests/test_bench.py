@@ -182,3 +182,23 @@ def test_flop_and_byte_counts():
     assert r["roofline_frac"] == pytest.approx(r["gbps"] / 1000.0)
     assert harness.rates(c, "fwd", 1.0, {"hbm_gbps": 1.0, "bf16_tflops": 2.0})["roofline_frac"] == \
         pytest.approx(fwd / 1e-3 / 1e12 / 2.0)
+
+
+def test_goals_table():
+    """The issues' performance goals are read off the goal-shape entries, per fused backend."""
+    e = {"op": "cross_entropy", "backend": "triton", "mode": "fwd+bwd", "shape": {"N": 8192, "V": 128256},
+         "dtype": "bf16", "status": "ok", "median_ms": 1.0, "tflops": 1.0, "gbps": 1.0,
+         "roofline_frac": 0.85, "peak_mem_bytes": 0,
+         "baselines": {"eager": {"median_ms": 2.5, "speedup": 2.5}, "compile": {"median_ms": 0.9, "speedup": 0.9},
+                       "liger": {"status": "missing", "reason": "not installed"}}}
+    got = {(g["goal"], g["backend"]): g for g in report.goals([e]) if g["op"] == "cross_entropy"}
+    assert got[("≥ 2× eager", "triton")]["met"] is True
+    assert got[("≥ torch.compile", "triton")]["met"] is False
+    assert got[("≥ Liger", "triton")]["met"] is None
+    assert got[("≥ 80% of copy GB/s", "triton")]["value"] == 0.85
+    assert got[("≥ 2× eager", "cuda")]["met"] is None
+    res = {"device": "NVIDIA H100 80GB HBM3", "commit": "0" * 40, "date": "2026-01-01", "torch": "2",
+           "triton": "3", "roofline": {"hbm_gbps": 3000.0, "bf16_tflops": 700.0}, "tests": {},
+           "benchmarks": [e], "goals": report.goals([e])}
+    md = report.markdown(res)
+    assert "| #2 | cross_entropy | fwd+bwd | triton | ≥ torch.compile | 0.90 | **no** |" in md
