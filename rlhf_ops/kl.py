@@ -182,7 +182,7 @@ def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
     if be == "reference":
         _eager_token_check(op, tokens, logits.shape[-1])
         return reference.token_logprobs(logits, tokens, temperature)
-    logp, _ = torch.ops.rlhf_ops.token_logprobs_fwd(_rows(logits), tokens.reshape(-1),
+    logp, _ = torch.ops.rlhf_ops.token_logprobs_fwd(_rows(logits), tokens.reshape(-1).contiguous(),
                                                     float(temperature), be)
     return logp.reshape(tokens.shape)
 
@@ -222,8 +222,9 @@ def kl_penalty(logits: Tensor, ref_logits: Tensor, tokens: Tensor, *, beta: floa
         _eager_token_check(op, tokens, logits.shape[-1])
         return reference.kl_penalty(logits, ref_logits, tokens, beta, estimator, mask, temperature)
     acc = _checks.acc_dtype(logits.dtype)
-    m = None if mask is None else mask.reshape(-1).to(acc)
-    out = torch.ops.rlhf_ops.kl_penalty_fwd(_rows(logits), _rows(ref_logits), tokens.reshape(-1), m,
+    m = None if mask is None else mask.reshape(-1).to(acc).contiguous()
+    out = torch.ops.rlhf_ops.kl_penalty_fwd(_rows(logits), _rows(ref_logits),
+                                            tokens.reshape(-1).contiguous(), m,
                                             float(beta), estimator, float(temperature), be)
     return KLPenalty(*(o.reshape(tokens.shape) for o in out[:6]))
 

@@ -10,7 +10,7 @@ import rlhf_ops as ro
 from rlhf_ops import reference
 from rlhf_ops.nn import KLPenalty as KLPenaltyModule
 
-from _util import assert_matches, rel_err
+from _util import assert_matches, poison_
 
 FIELDS = ("logprobs", "ref_logprobs", "log_ratio", "kl", "penalty", "entropy")
 
@@ -87,13 +87,37 @@ def test_token_logprobs_any_leading_shape(backend, device):
                    reference.token_logprobs(x.double(), t), what="3-D batch")
 
 
-def test_non_contiguous_logits(backend, device):
+def test_non_contiguous_inputs(backend, device):
     base = torch.randn(37, 2, 3, device=device)
     x = base.permute(1, 2, 0)  # stride 6 over V
     r = torch.randn(2, 3, 37, device=device)
     t = torch.randint(0, 37, (2, 3), device=device)
-    out = ro.kl_penalty(x, r, t, beta=0.1, backend=backend)
-    _check_fields(out, _ref64(x, r, t, 0.1, "k1", None, 1.0)[0], what="strided")
+    mask = torch.rand(3, 2, device=device).t() > 0.5  # strided mask
+    out = ro.kl_penalty(x, r, t, beta=0.1, mask=mask, backend=backend)
+    _check_fields(out, _ref64(x, r, t, 0.1, "k1", mask, 1.0)[0], what="strided")
+    tt = torch.randint(0, 37, (2, 4), device=device)[:, 1]  # strided 1-D tokens
+    xx = torch.randn(2, 37, device=device)
+    assert_matches(ro.token_logprobs(xx, tt, backend=backend),
+                   reference.token_logprobs(xx.double(), tt), what="strided tokens")
+
+
+@pytest.mark.parametrize("V", [37, 70_001])
+def test_every_output_written(fused_backend, device, monkeypatch, V):
+    # Every buffer the launchers allocate (outputs, partial states, the gradient) starts as NaN,
+    # so that an element a kernel forgets to write fails the comparison.
+    empty, empty_like = torch.empty, torch.empty_like
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison_(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison_(empty_like(*a, **k)))
+    x, r, t = _inputs((1, 2), V, device)
+    x.requires_grad_(True)
+    out = ro.kl_penalty(x, r, t, beta=0.1, estimator="k2", backend=fused_backend)
+    ref, x64 = _ref64(x, r, t, 0.1, "k2", None, 1.0)
+    _check_fields(out, ref, what="poisoned")
+    (gx,) = torch.autograd.grad(out.logprobs.sum(), x)
+    (gr,) = torch.autograd.grad(ref.logprobs.sum(), x64)
+    assert_matches(gx, gr, dtype=torch.float32, what="poisoned dlogits")
+    assert_matches(ro.token_logprobs(x.detach(), t, backend=fused_backend), ref.logprobs,
+                   what="poisoned token_logprobs")
 
 
 def test_large_vocab(backend, device):
@@ -106,7 +130,7 @@ def test_large_vocab(backend, device):
                         backend=backend)
     ref, x64 = _ref64(x, r, t, 0.1, "k3", mask, 1.3)
     _check_fields(out, ref, what="V=70001")
-    g1, g2 = torch.randn(1, 2, dtype=torch.float64), torch.randn(1, 2, dtype=torch.float64)
+    g1, g2 = (torch.randn(1, 2, dtype=torch.float64, device=device) for _ in range(2))
     (gx,) = torch.autograd.grad((out.logprobs, out.kl), x, (g1.float(), g2.float()))
     (gr,) = torch.autograd.grad((ref.logprobs, ref.kl), x64, (g1, g2))
     assert_matches(gx, gr, dtype=torch.float32, what="V=70001 dlogits")
@@ -169,7 +193,7 @@ def test_low_precision(backend, device, dtype):
         o = getattr(out, name)
         assert o.dtype == torch.float32
         assert_matches(o, getattr(ref, name), e, what=f"{dtype} {name}")
-    g1, g2 = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
+    g1, g2 = (torch.randn(2, 3, dtype=torch.float64, device=device) for _ in range(2))
     (gx,) = torch.autograd.grad((out.logprobs, out.kl), x, (g1.float(), g2.float()))
     (gr,) = torch.autograd.grad((ref.logprobs, ref.kl), x64, (g1, g2))
     (ge,) = torch.autograd.grad((eager[0], eager[3]), xe, (g1.to(dtype), g2.to(dtype)))
@@ -187,7 +211,7 @@ def test_kl_penalty_backward(backend, device, estimator, used):
     out = ro.kl_penalty(x, r, t, beta=0.1, estimator=estimator, temperature=0.9, backend=backend)
     ref, x64 = _ref64(x, r, t, 0.1, estimator, None, 0.9)
     names = ("logprobs", "log_ratio", "kl") if used == "all" else ("kl",)
-    gs = [torch.randn(2, 3, dtype=torch.float64) for _ in names]
+    gs = [torch.randn(2, 3, dtype=torch.float64, device=device) for _ in names]
     (gx,) = torch.autograd.grad([getattr(out, n) for n in names], x, [g.float() for g in gs])
     (gr,) = torch.autograd.grad([getattr(ref, n) for n in names], x64, gs)
     assert gx.dtype == x.dtype and gx.shape == x.shape
@@ -292,8 +316,11 @@ def test_nothing_of_size_v_saved(name):
             assert len(big) == 1, f"only the logits may be saved at size V, got {sizes}"
             assert small <= 4 * B * T, sizes
     sizes = _saved_bytes(lambda: ro.token_logprobs(x, t, backend=name))
-    assert len([s for s in sizes if s >= B * T * V]) == (1 if name != "reference" else
-                                                         len([s for s in sizes if s >= B * T * V]))
+    big = [s for s in sizes if s >= B * T * V]
+    if name == "reference":
+        assert len(big) >= 2, sizes
+    else:
+        assert len(big) == 1 and sum(sizes) - big[0] <= 3 * B * T, sizes
 
 
 @pytest.mark.parametrize("shape", [(0, 4), (2, 0)])
@@ -315,7 +342,8 @@ def test_single_row(backend, device):
     _check_fields(out, _ref64(x, r, t, 0.3, "k2", None, 1.0)[0], what="single row")
 
 
-def test_bad_inputs(backend, device):
+def test_bad_inputs(backend, device, monkeypatch):
+    monkeypatch.setenv("RLHF_OPS_DEBUG", "1")  # value checks for CUDA tensors too
     x, r, t = _inputs((2, 3), 11, device)
 
     def kl(**kw):
