@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 
 import rlhf_ops as ro
-from rlhf_ops import _backend
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 OUR_BACKENDS = ("reference", "triton", "cuda")
@@ -67,15 +66,16 @@ class Case:
 
 def _ours(op: str, backend: str, call: Callable) -> Callable:
     """Our op on one backend; an unavailable backend is Missing with rlhf_ops's reason."""
-    def fn(inp, device=None):
-        try:
-            _backend.resolve(op, backend, inp["device"])
-        except RuntimeError as e:
-            raise Missing(str(e)) from None
+    def fn(inp):
         try:
             return call(inp, backend)
         except NotImplementedError as e:
             raise Missing(f"not implemented: {e}") from None
+        except RuntimeError as e:
+            # DESIGN.md: naming a backend that cannot run here is an error that says why
+            if backend not in ro.available_backends() or (backend == "cuda" and inp["device"].type != "cuda"):
+                raise Missing(str(e)) from None
+            raise
     return fn
 
 
