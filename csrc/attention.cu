@@ -795,7 +795,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
           causal, scale_log2, scale_f);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    if (d.B * d.Hkv > 0 && d.S > 0) {  // with T = 0 this writes dK = dV = 0
+    if (d.Hq == 0) {  // no query head reads k/v (the kernel derives Hkv = Hq / group)
+      dk.zero_();
+      dv.zero_();
+    } else if (d.B * d.Hkv > 0 && d.S > 0) {  // with T = 0 this writes dK = dV = 0
       using Ck = DkvCfg<D>;
       auto kkv = attn_bwd_dkdv_kernel<scalar_t, D>;
       prepare_smem(kkv, Ck::smem_bytes, op);
