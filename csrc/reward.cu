@@ -1,16 +1,16 @@
 // Pairwise reward-model loss, CUDA: one warp per prompt, kPromptsPerBlock prompts per block.
 //
 // Prompt b has rewards r [K] and ranks k [K] (0 = best, < 0 = absent); its pairs are (i, j)
-// with 0 <= k_i < k_j, n their count, d_ij = r_i − r_j:
+// with 0 <= k_i < k_j, n their count, m the margin, d_ij = r_i − r_j − m for a pair:
 //   loss_b       = 1/n · Σ_pairs softplus(−d_ij)                    (0 when n = 0)
-//   ∂loss_b/∂r_i = 1/n · (Σ_{j beats i} σ(d_ij) − Σ_{i beats j} σ(−d_ij))
+//   ∂loss_b/∂r_i = 1/n · (Σ_{j beats i} σ(−d_ji) − Σ_{i beats j} σ(−d_ij))
 // Lane l owns responses i = l, l + 32, ...; the responses j stream past it 32 at a time: each
 // lane loads one (r_j, k_j) and __shfl_sync broadcasts them, so every lane sees every j with
 // one coalesced load per 32 responses. Each lane writes its unnormalised gradient, the warp sums
 // n and the loss, then every lane rescales the gradient entries it wrote itself by 1/n.
 // With e = exp(−|d|): softplus(−d) = max(−d, 0) + log1p(e), σ(−d) = e/(1+e) if d >= 0 else
-// 1/(1+e), σ(d) = 1 − σ(−d) computed the same way: finite for rewards of any size. Rewards of
-// absent responses are never read. float math for half/bfloat16/float, double for double.
+// 1/(1+e): finite for rewards of any size. Rewards of absent responses are never read.
+// float math for half/bfloat16/float, double for double.
 #include "common.cuh"
 
 namespace rlhf {
@@ -19,20 +19,18 @@ namespace {
 constexpr int kPromptsPerBlock = 8;
 
 template <typename acc_t>
-__device__ __forceinline__ void pair_terms(acc_t d, acc_t& softplus_neg, acc_t& sig_neg,
-                                           acc_t& sig_pos) {
+__device__ __forceinline__ void pair_terms(acc_t d, acc_t& softplus_neg, acc_t& sig_neg) {
   const acc_t e = exp(-fabs(d));
   const acc_t inv = acc_t(1) / (acc_t(1) + e);
   softplus_neg = max(-d, acc_t(0)) + log1p(e);
   sig_neg = d >= acc_t(0) ? e * inv : inv;
-  sig_pos = d >= acc_t(0) ? inv : e * inv;
 }
 
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kPromptsPerBlock * kWarp)
 pairwise_reward_fwd_kernel(const scalar_t* __restrict__ rewards, const int64_t* __restrict__ ranks,
                            acc_t* __restrict__ loss, int64_t* __restrict__ npairs,
-                           acc_t* __restrict__ grad, int64_t B, int64_t K) {
+                           acc_t* __restrict__ grad, int64_t B, int64_t K, acc_t margin) {
   const int lane = threadIdx.x % kWarp;
   const int64_t b = static_cast<int64_t>(blockIdx.x) * kPromptsPerBlock + threadIdx.x / kWarp;
   if (b >= B) return;  // the whole warp leaves together, so the shuffles below stay full-warp
@@ -58,14 +56,15 @@ pairwise_reward_fwd_kernel(const scalar_t* __restrict__ rewards, const int64_t* 
         const bool wins = rank_i >= 0 && rank_i < rank_j;
         const bool loses = rank_j >= 0 && rank_j < rank_i;
         if (wins || loses) {
-          acc_t softplus_neg, sig_neg, sig_pos;
-          pair_terms(r_i - r_j, softplus_neg, sig_neg, sig_pos);
+          // d of the pair (i, j) when i wins, of (j, i) when j wins.
+          acc_t softplus_neg, sig_neg;
+          pair_terms((wins ? r_i - r_j : r_j - r_i) - margin, softplus_neg, sig_neg);
           if (wins) {
             loss_sum += softplus_neg;
             n += 1;
             g_i -= sig_neg;
           } else {
-            g_i += sig_pos;
+            g_i += sig_neg;
           }
         }
       }
@@ -83,7 +82,8 @@ pairwise_reward_fwd_kernel(const scalar_t* __restrict__ rewards, const int64_t* 
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_reward_fwd(const at::Tensor& rewards_,
-                                                                   const at::Tensor& ranks_) {
+                                                                   const at::Tensor& ranks_,
+                                                                   double margin) {
   const char* op = "pairwise_reward_fwd";
   RLHF_CHECK_CUDA(op, "rewards", rewards_);
   RLHF_CHECK_CUDA(op, "ranks", ranks_);
@@ -110,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_reward_fwd(const at::Ten
     pairwise_reward_fwd_kernel<scalar_t, acc_t>
         <<<static_cast<unsigned>(blocks), kPromptsPerBlock * kWarp, 0, stream>>>(
             rewards.data_ptr<scalar_t>(), ranks.data_ptr<int64_t>(), loss.data_ptr<acc_t>(),
-            npairs.data_ptr<int64_t>(), grad.data_ptr<acc_t>(), B, K);
+            npairs.data_ptr<int64_t>(), grad.data_ptr<acc_t>(), B, K, static_cast<acc_t>(margin));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {loss, npairs, grad};
@@ -119,7 +119,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_reward_fwd(const at::Ten
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(rlhf_ops_cuda, m) {
-  m.def("pairwise_reward_fwd(Tensor rewards, Tensor ranks) -> (Tensor loss, Tensor npairs, Tensor grad)");
+  m.def("pairwise_reward_fwd(Tensor rewards, Tensor ranks, float margin) -> "
+        "(Tensor loss, Tensor npairs, Tensor grad)");
 }
 
 TORCH_LIBRARY_IMPL(rlhf_ops_cuda, CUDA, m) {
