@@ -218,6 +218,8 @@ def run_tests(out_dir: str, timeout_s: int = 1800) -> dict:
 def parse_junit(path: str) -> dict:
     counts: dict = {}
     for tc in ET.parse(path).getroot().iter("testcase"):
+        if not tc.get("name"):
+            continue  # the test a timeout interrupted leaves a nameless entry
         mod = tc.get("classname", "").split(".")
         op = next((m[5:] for m in mod if m.startswith("test_")), mod[-1] if mod else "?")
         params = re.search(r"\[(.*)\]", tc.get("name", ""))
