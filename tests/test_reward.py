@@ -469,6 +469,18 @@ def test_reward_at_last_token_bad_inputs(device):
             f(h, torch.tensor([0, -1, 2, 1]), w)
 
 
+def test_reward_at_last_token_out_of_range_is_nan_without_checks(device, monkeypatch):
+    """Without the eager value check (CUDA tensors, RLHF_OPS_DEBUG unset) an index outside
+    [0, T) gives a NaN reward for that response, never a memory fault or a plausible number."""
+    monkeypatch.setattr(reward_mod._backend, "debug_checks", lambda dev: False)
+    h = torch.randn(4, 5, 8, device=device)
+    w = torch.randn(8, device=device)
+    out = ro.reward_at_last_token(h, torch.tensor([0, 5, -1, 4], device=device), w)
+    assert torch.isnan(out[1]) and torch.isnan(out[2])
+    assert torch.isfinite(out[[0, 3]]).all()
+    assert_matches(out[[0, 3]], torch.stack([h[0, 0] @ w, h[3, 4] @ w]), what="in-range rewards")
+
+
 def test_reward_at_last_token_meta():
     h = torch.empty(4096 * 9, 512, 64, device="meta", requires_grad=True)
     idx = torch.empty(4096, 9, dtype=torch.long, device="meta")
