@@ -14,9 +14,8 @@ import torch.nn.functional as F
 import rlhf_ops as ro
 from rlhf_ops import reference
 from rlhf_ops.nn import PairwiseRewardLoss
-from _util import assert_matches, poison_, rel_err
+from _util import assert_matches, poison_
 
-from conftest import DEVICE
 
 reward_mod = importlib.import_module("rlhf_ops.reward")
 REDUCTIONS = ("mean", "sum", "none")
