@@ -196,7 +196,8 @@ def _kl_backward(x_ptr, stride_x, dx_ptr, stride_dx, t_ptr, lse_ptr, stride_lse,
     shift = tl.load(lse_ptr + row)             # lse = shift + log_s
     log_s = tl.load(lse_ptr + stride_lse + row)
     g = tl.load(g_ptr + row * stride_g).to(temp.dtype) / temp
-    y = tl.load(x_ptr + row * stride_x + cols, mask=inside, other=float("-inf")).to(temp.dtype) / temp
+    x = tl.load(x_ptr + row * stride_x + cols, mask=inside, other=float("-inf"))
+    y = x.to(temp.dtype) / temp
     # dx_j = G/T · ([j = t] − softmax_j)
     dx = (tl.where(cols == t, 1.0, 0.0) - tl.exp((y - shift) - log_s)) * g
     dx = tl.where(in_range, dx, float("nan"))
@@ -262,6 +263,7 @@ def backward(grad, logits, tokens, lse, temperature: float):
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     block = min(4096, triton.next_power_of_2(max(V, 16)))
     _kl_backward[(N, triton.cdiv(V, block))](
-        logits, logits.stride(0), out, out.stride(0), tokens, lse, lse.stride(0), grad, grad.stride(0),
+        logits, logits.stride(0), out, out.stride(0), tokens, lse, lse.stride(0),
+        grad, grad.stride(0),
         _params(logits, acc, temperature), V, BLOCK=block)
     return out

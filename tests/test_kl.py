@@ -259,7 +259,8 @@ def test_torch_compile(backend, device):
         lp = ro.token_logprobs(x, t, temperature=0.9, backend=backend)
         return o.kl.sum() + lp.sum() + o.penalty.sum() + o.entropy.sum()
 
-    cstep = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    cstep = torch.compile(step, fullgraph=True,
+                          backend="aot_eager" if device == "cpu" else "inductor")
     x1 = x.clone().requires_grad_()
     x2 = x.clone().requires_grad_()
     loss_c = cstep(x1, r, t, mask)
@@ -449,9 +450,10 @@ def test_ppo_rewards(device, mask_dtype):
 
 def test_ppo_rewards_bad_shapes(device):
     p = torch.randn(2, 5, device=device)
+    ones = torch.ones(2, 5, dtype=torch.bool, device=device)
     with pytest.raises(ValueError, match="mask"):
-        ro.ppo_rewards(p, torch.randn(2, device=device), torch.ones(2, 4, dtype=torch.bool, device=device))
+        ro.ppo_rewards(p, torch.randn(2, device=device), ones[:, :4])
     with pytest.raises(ValueError, match="scores"):
-        ro.ppo_rewards(p, torch.randn(3, device=device), torch.ones(2, 5, dtype=torch.bool, device=device))
+        ro.ppo_rewards(p, torch.randn(3, device=device), ones)
     with pytest.raises(TypeError, match="penalty"):
         ro.ppo_rewards(p.long(), torch.randn(2, device=device), torch.ones(2, 5, device=device))
