@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import time
 from pathlib import Path
 
 import torch
@@ -171,7 +172,9 @@ def fit(run: Run, stage: str, models: dict, main: str, batch_fn, loss_fn, *, eva
     run.trim_metrics(stage, start)
     ddp = run.wrap(model)
     model.train()
-    window, last = [], {}
+    window, last, tokens, t0 = [], {}, 0, time.time()
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
     log_every, ckpt_every = run.cfg["run.log_every"], run.cfg["run.ckpt_every"]
     for step in run.progress(range(start, steps), desc=stage, initial=start, total=steps):
         if step == run.cfg["run.crash_at_step"]:
@@ -179,6 +182,7 @@ def fit(run: Run, stage: str, models: dict, main: str, batch_fn, loss_fn, *, eva
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, c["lr"], c["warmup"])
         batch = batch_fn(step)
+        tokens += batch[0].numel() * run.world          # batch[0]: this rank's input tokens
         loss, num, den = loss_fn(ddp, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -200,7 +204,15 @@ def fit(run: Run, stage: str, models: dict, main: str, batch_fn, loss_fn, *, eva
             run.save(stage, "resume", {"models": {main: model.state_dict()}, "opt": opt.state_dict(),
                                        "step": step + 1, "rng": rng_state()})
     model.eval()
-    return {"final_loss": last.get("loss", float("nan"))}
+    return {"final_loss": last.get("loss", float("nan")), **throughput(run, tokens, time.time() - t0)}
+
+
+def throughput(run: Run, tokens: int, seconds: float) -> dict:
+    """Training tokens per second of this invocation and the peak device memory (CUDA only)."""
+    out = {"train_tokens_per_s": tokens / max(seconds, 1e-9)}
+    if run.device.type == "cuda":
+        out["peak_mem_bytes"] = torch.cuda.max_memory_allocated(run.device)
+    return out
 
 
 # ---------------------------------------------------------------------------- evaluation ---

@@ -37,7 +37,15 @@ DEFAULTS: dict = {
 }
 
 PRESETS: dict = {
-    "cpu-demo": {},
+    # the toy that runs all four stages on a 2-core CPU with the reference backend in minutes:
+    # reverse/sort of 2..4 letters; PPO-ptx scaled down (see ppo.ptx_* below and the report)
+    "cpu-demo": {
+        "data.tasks": "RS", "data.max_len": 4,
+        "pretrain.steps": 250, "sft.steps": 700,
+        "rm.n_prompts": 800, "rm.steps": 400, "rm.lr": 3e-3, "rm.eval_every": 100,
+        "ppo.steps": 40, "ppo.lr": 1e-5, "ppo.value_lr": 1e-3, "ppo.value_clip": 5.0,
+        "ppo.ptx_coef": 0.0, "ppo.ptx_per_episode": 1.0,
+    },
     # bigger model and runs for a GPU with the fused backends
     "gpu": {
         "model.n_layer": 6, "model.n_head": 8, "model.d_model": 512, "model.block_size": 128,

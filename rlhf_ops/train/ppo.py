@@ -24,7 +24,8 @@ import rlhf_ops as ro
 from rlhf_ops import data as D
 from rlhf_ops.model import ScalarHeadGPT, frozen_copy
 
-from .common import Run, SimulatedCrash, judge_score, prompt_tensors, responses, rng_state, set_rng_state
+from .common import (Run, SimulatedCrash, judge_score, prompt_tensors, responses, rng_state, set_rng_state,
+                     throughput)
 from .config import section
 
 
@@ -141,6 +142,9 @@ def run_ppo(run: Run) -> dict:
     policy.train(), value.train()
     temp, log_every = c["temperature"], run.cfg["run.log_every"]
     window: list[dict] = []
+    tokens, t_loop = 0, time.time()
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
 
     for step in run.progress(range(start, steps), desc="ppo", initial=start, total=steps):
         if step == run.cfg["run.crash_at_step"]:
@@ -161,6 +165,8 @@ def run_ppo(run: Run) -> dict:
             adv, ret = gae(rewards, old_v, mask, c["gamma"], c["lam"])
             adv = whiten(adv, mask, run.all_sum)
             old_lp = kp.logprobs
+        tokens += inp.numel() * run.world * c["epochs"] + (ptx_rows * run.cfg["model.block_size"] * n_mb
+                                                           * c["epochs"])
         # ---- 4: one epoch (by default) over minibatches, PPO-ptx in the same optimizer step
         stats = torch.zeros(4, device=run.device)            # Σ pg, Σ vf, Σ ptx, Σ clipped
         perm_g = torch.Generator().manual_seed(zlib.crc32(f"{run.seed}/ppo_perm/{step}".encode()))
@@ -179,8 +185,8 @@ def run_ppo(run: Run) -> dict:
                         "old_lp": old_lp[mb], "old_v": old_v[mb]}
                 opt.zero_grad(set_to_none=True)
                 stats += minibatch_backward(run, pol, val, roll, ptx, c)
-                torch.nn.utils.clip_grad_norm_(list(policy.parameters()) + list(value.parameters()),
-                                               c["grad_clip"])
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), c["grad_clip"])   # each model on
+                torch.nn.utils.clip_grad_norm_(value.parameters(), c["grad_clip"])    # its own norm
                 opt.step()
                 k += 1
         # ---- statistics of this batch (global)
@@ -211,6 +217,7 @@ def run_ppo(run: Run) -> dict:
                                        "opt": opt.state_dict(), "step": step + 1, "rng": rng_state(),
                                        "beta": beta, "hist": hist, "rm_score_start": score_start})
     policy.eval(), value.eval()
+    speed = throughput(run, tokens, time.time() - t_loop)
     tail = max(1, len(hist["kl"]) // 10)
     res = {"judge_score": judge_score(run, policy, held),
            "rm_score_start": score_start, "rm_score_end": rm_score(run, policy, rm, held, "ppo_eval"),
@@ -219,7 +226,7 @@ def run_ppo(run: Run) -> dict:
            "train_rm_score_first": hist["rm"][0] if hist["rm"] else float("nan"),
            "train_rm_score_last": sum(hist["rm"][-tail:]) / tail,
            "beta_final": beta, "ptx_coef": c["ptx_coef"], "ptx_rows_per_minibatch": ptx_rows,
-           "seconds": time.time() - t0}
+           **speed, "seconds": time.time() - t0}
     run.save("ppo", "final", {"models": {"lm": policy.state_dict(), "value": value.state_dict()},
                               "model_cfg": vars(policy.cfg), "result": res})
     run.save_result("ppo", res)
