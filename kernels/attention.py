@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HEAD_DIMS = "multiples of 16 from 16 to 256"
 
@@ -339,12 +339,19 @@ _KEY = ["HEAD_DIM", "T", "S", "CAUSAL", "PREC"]
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop tiles that cannot fit in shared memory for wide heads / wide dtypes."""
-    d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
-    width = named_args["Q"].element_size() * d
-    keep = [c for c in configs if (c.kwargs["BLOCK_M"] + 2 * c.kwargs["BLOCK_N"]) * width <= 96 * 1024
-            or (c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 32)]
-    return keep or configs[-1:]
+    """Drop tiles that cannot fit in shared memory for wide heads / wide dtypes, and large tiles
+    for fp32/fp64 dots without tensor cores (PREC "ieee"), which compile slowly and spill."""
+    args = {**named_args, **kwargs}
+    width = args["Q"].element_size() * args["BLOCK_D"]
+    fma = args["PREC"] == "ieee" and args["Q"].element_size() >= 4
+    keep = []
+    for c in configs:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if fma and (bm > 64 or bn > 64):
+            continue
+        if (bm + 2 * bn) * width <= 96 * 1024 or (bm <= 64 and bn <= 32):
+            keep.append(c)
+    return keep or [c for c in configs if c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 32][-1:]
 
 
 def _tuned(fn, configs):
