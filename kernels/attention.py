@@ -99,8 +99,11 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, rows, lo,
                 ok = ok & (cols[None, :] <= rows[:, None] + (S - T))
             u = tl.where(ok, u, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(u, 1))
-        # While a row has seen no key, shift by 0 so that (−inf) − (−inf) never makes a NaN.
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        if MASK:
+            # While a row has seen no key, shift by 0 so that (−inf) − (−inf) never makes a NaN.
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:  # every key of the block is visible: m_new is finite
+            shift = m_new
         p = _exp2(u - shift[:, None], FP64)
         alpha = _exp2(m_i - shift, FP64)
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -125,9 +128,9 @@ def _attn_fwd(Q, K, V, O, LSE,
     hk = h // G
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    q = _load_tile(Q + b.to(tl.int64) * sqb + h * sqh, rows, T, sqt, dims, HEAD_DIM)
-    k_base = K + b.to(tl.int64) * skb + hk * skh
-    v_base = V + b.to(tl.int64) * svb + hk * svh
+    q = _load_tile(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh, rows, T, sqt, dims, HEAD_DIM)
+    k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+    v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
     if FP64:
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float64)
         l_i = tl.zeros([BLOCK_M], tl.float64)
@@ -152,7 +155,7 @@ def _attn_fwd(Q, K, V, O, LSE,
     empty = l_i == 0.0                       # rows that see no key
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), (m_i + _log2(l_i, FP64)) * LN2)
-    o_ptrs = O + b.to(tl.int64) * sob + h * soh + rows[:, None].to(tl.int64) * sot + dims[None, :]
+    o_ptrs = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + rows[:, None].to(tl.int64) * sot + dims[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(rows[:, None] < T) & (dims[None, :] < HEAD_DIM))
     tl.store(LSE + bh.to(tl.int64) * T + rows, lse, mask=rows < T)
 
@@ -168,8 +171,8 @@ def _attn_bwd_delta(O, DO, DELTA, sob, soh, sot, sdb, sdh, sdt, H, T,
     h = bh % H
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    o = _load_tile(O + b.to(tl.int64) * sob + h * soh, rows, T, sot, dims, HEAD_DIM)
-    do = _load_tile(DO + b.to(tl.int64) * sdb + h * sdh, rows, T, sdt, dims, HEAD_DIM)
+    o = _load_tile(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh, rows, T, sot, dims, HEAD_DIM)
+    do = _load_tile(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh, rows, T, sdt, dims, HEAD_DIM)
     if FP64:
         delta = tl.sum(o.to(tl.float64) * do.to(tl.float64), 1)
     else:
@@ -218,8 +221,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
     hk = bh % HKV
     cols = start_n + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    k = _load_tile(K + b.to(tl.int64) * skb + hk * skh, cols, S, sks, dims, HEAD_DIM)
-    v = _load_tile(V + b.to(tl.int64) * svb + hk * svh, cols, S, svs, dims, HEAD_DIM)
+    k = _load_tile(K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh, cols, S, sks, dims, HEAD_DIM)
+    v = _load_tile(V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh, cols, S, svs, dims, HEAD_DIM)
     if FP64:
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float64)
     else:
@@ -241,8 +244,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
     mid = tl.minimum(full, T)
     for g in range(G):
         h = hk * G + g
-        q_base = Q + b.to(tl.int64) * sqb + h * sqh
-        do_base = DO + b.to(tl.int64) * sdb + h * sdh
+        q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+        do_base = DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
         lse_base = LSE + (b.to(tl.int64) * HQ + h) * T
         delta_base = DELTA + (b.to(tl.int64) * HQ + h) * T
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdt, cols,
@@ -251,8 +254,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
                              full, T, T, S, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_D, False, CAUSAL, FP64, PREC)
     dk = dk * scale
     smask = (cols[:, None] < S) & (dims[None, :] < HEAD_DIM)
-    dk_ptrs = DK + b.to(tl.int64) * sdkb + hk * sdkh + cols[:, None].to(tl.int64) * sdks + dims[None, :]
-    dv_ptrs = DV + b.to(tl.int64) * sdvb + hk * sdvh + cols[:, None].to(tl.int64) * sdvs + dims[None, :]
+    dk_ptrs = DK + b.to(tl.int64) * sdkb + hk.to(tl.int64) * sdkh + cols[:, None].to(tl.int64) * sdks + dims[None, :]
+    dv_ptrs = DV + b.to(tl.int64) * sdvb + hk.to(tl.int64) * sdvh + cols[:, None].to(tl.int64) * sdvs + dims[None, :]
     tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=smask)
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=smask)
 
@@ -293,12 +296,12 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
     hk = h // G
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    q = _load_tile(Q + b.to(tl.int64) * sqb + h * sqh, rows, T, sqt, dims, HEAD_DIM)
-    do = _load_tile(DO + b.to(tl.int64) * sdb + h * sdh, rows, T, sdt, dims, HEAD_DIM)
+    q = _load_tile(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh, rows, T, sqt, dims, HEAD_DIM)
+    do = _load_tile(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh, rows, T, sdt, dims, HEAD_DIM)
     lse2 = tl.load(LSE + bh.to(tl.int64) * T + rows, mask=rows < T, other=float("inf")) * LOG2E
     delta = tl.load(DELTA + bh.to(tl.int64) * T + rows, mask=rows < T, other=0.0)
-    k_base = K + b.to(tl.int64) * skb + hk * skh
-    v_base = V + b.to(tl.int64) * svb + hk * svh
+    k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+    v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
     if FP64:
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float64)
     else:
@@ -316,7 +319,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
     dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, svs, rows, full, hi, T, S, qk_scale,
                    HEAD_DIM, BLOCK_N, BLOCK_D, True, CAUSAL, FP64, PREC)
     dq = dq * scale
-    ptrs = DQ + b.to(tl.int64) * sdqb + h * sdqh + rows[:, None].to(tl.int64) * sdqt + dims[None, :]
+    ptrs = DQ + b.to(tl.int64) * sdqb + h.to(tl.int64) * sdqh + rows[:, None].to(tl.int64) * sdqt + dims[None, :]
     tl.store(ptrs, dq.to(DQ.dtype.element_ty), mask=(rows[:, None] < T) & (dims[None, :] < HEAD_DIM))
 
 
