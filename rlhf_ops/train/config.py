@@ -29,7 +29,7 @@ DEFAULTS: dict = {
     "ppo.value_lr": 3e-4, "ppo.beta": 0.02, "ppo.kl_target": 0.0, "ppo.kl_horizon": 10000,
     "ppo.clip": 0.2, "ppo.value_clip": 0.2, "ppo.vf_coef": 0.5, "ppo.gamma": 1.0, "ppo.lam": 0.95,
     "ppo.temperature": 1.0, "ppo.ptx_coef": 27.8, "ppo.ptx_per_episode": 8.0,
-    "ppo.max_new": 8, "ppo.eval_every": 20, "ppo.grad_clip": 1.0,
+    "ppo.max_new": 8, "ppo.value_warmup": 0, "ppo.eval_every": 20, "ppo.grad_clip": 1.0,
     # run control
     "run.log_every": 10, "run.ckpt_every": 100, "run.grad_clip": 1.0, "run.progress": True,
     "run.threads": 1,            # torch CPU threads (0: torch's default); 1 avoids oversubscription
@@ -37,14 +37,20 @@ DEFAULTS: dict = {
 }
 
 PRESETS: dict = {
-    # the toy that runs all four stages on a 2-core CPU with the reference backend in minutes:
-    # reverse/sort of 2..4 letters; PPO-ptx scaled down (see ppo.ptx_* below and the report)
+    # The toy that runs all four stages on a 2-core CPU with the reference backend in minutes:
+    # reverse/sort of 2..4 letters. PPO is scaled for it: one update per 32 episodes, a small lr
+    # (Adam moves a 100k-parameter model fast), value-only warm-up steps, a wide value clip (the
+    # value model starts from the RM, whose per-token outputs are off by several units), and
+    # PPO-ptx scaled down from γ_ptx = 27.8 with 8 sequences per episode to 0.2 with 1 per 4
+    # episodes: at the paper's setting the policy is pulled back to the pretraining corpus, whose
+    # answers are half noise, and its judge score falls (measured; see the issue report).
     "cpu-demo": {
         "data.tasks": "RS", "data.max_len": 4,
         "pretrain.steps": 250, "sft.steps": 700,
         "rm.n_prompts": 800, "rm.steps": 400, "rm.lr": 3e-3, "rm.eval_every": 100,
-        "ppo.steps": 40, "ppo.lr": 1e-5, "ppo.value_lr": 1e-3, "ppo.value_clip": 5.0,
-        "ppo.ptx_coef": 0.0, "ppo.ptx_per_episode": 1.0,
+        "ppo.steps": 100, "ppo.batch": 64, "ppo.minibatch": 32, "ppo.lr": 1e-5, "ppo.value_lr": 1e-3,
+        "ppo.value_clip": 5.0, "ppo.value_warmup": 20,
+        "ppo.ptx_coef": 0.2, "ppo.ptx_per_episode": 0.25,
     },
     # bigger model and runs for a GPU with the fused backends
     "gpu": {

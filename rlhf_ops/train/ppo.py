@@ -167,7 +167,10 @@ def run_ppo(run: Run) -> dict:
             old_lp = kp.logprobs
         tokens += inp.numel() * run.world * c["epochs"] + (ptx_rows * run.cfg["model.block_size"] * n_mb
                                                            * c["epochs"])
-        # ---- 4: one epoch (by default) over minibatches, PPO-ptx in the same optimizer step
+        # ---- 4: one epoch (by default) over minibatches, PPO-ptx in the same optimizer step.
+        # The first value_warmup steps fit only the value model (its per-token outputs start as
+        # the RM's, which are meaningful only at the last token): the policy's lr is 0 there.
+        opt.param_groups[0]["lr"] = 0.0 if step < c["value_warmup"] else c["lr"]
         stats = torch.zeros(4, device=run.device)            # Σ pg, Σ vf, Σ ptx, Σ clipped
         perm_g = torch.Generator().manual_seed(zlib.crc32(f"{run.seed}/ppo_perm/{step}".encode()))
         k = 0
