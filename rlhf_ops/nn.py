@@ -73,15 +73,17 @@ class CausalSelfAttention(nn.Module):
 
 
 class PairwiseRewardLoss(nn.Module):
-    """Module form of ``rlhf_ops.pairwise_reward_loss(rewards [B, K], ranks [B, K])``."""
+    """Module form of ``rlhf_ops.pairwise_reward_loss(rewards [B, K], ranks [B, K])``; ``margin`` is
+    subtracted inside σ (−log σ(r_w − r_l − margin))."""
 
-    def __init__(self, reduction: str = "mean", backend: str | None = None):
+    def __init__(self, reduction: str = "mean", margin: float = 0.0, backend: str | None = None):
         super().__init__()
-        self.reduction, self.backend = reduction, backend
+        self.reduction, self.margin, self.backend = reduction, margin, backend
 
     def forward(self, rewards: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
         from .reward import pairwise_reward_loss
-        return pairwise_reward_loss(rewards, ranks, reduction=self.reduction, backend=self.backend)
+        return pairwise_reward_loss(rewards, ranks, reduction=self.reduction, margin=self.margin,
+                                    backend=self.backend)
 
 
 class KLPenalty(nn.Module):
