@@ -48,23 +48,29 @@ def head_dim_supported(d: int) -> bool:
 @triton.jit
 def _exp2(x, FP64: tl.constexpr):
     if FP64:
-        return tl.exp(x * LN2)
-    return tl.exp2(x)
+        y = tl.exp(x * LN2)
+    else:
+        y = tl.exp2(x)
+    return y
 
 
 @triton.jit
 def _log2(x, FP64: tl.constexpr):
     if FP64:
-        return tl.log(x) * LOG2E
-    return tl.log2(x)
+        y = tl.log(x) * LOG2E
+    else:
+        y = tl.log2(x)
+    return y
 
 
 @triton.jit
 def _scale(scale_hi, scale_lo, FP64: tl.constexpr):
     """Float kernel arguments arrive as fp32; fp64 runs get scale back as hi + lo (~48 bits)."""
     if FP64:
-        return tl.cast(scale_hi, tl.float64) + tl.cast(scale_lo, tl.float64)
-    return scale_hi
+        scale = tl.cast(scale_hi, tl.float64) + tl.cast(scale_lo, tl.float64)
+    else:
+        scale = scale_hi
+    return scale
 
 
 @triton.jit
@@ -330,14 +336,15 @@ def _cfg(bm, bn, warps, stages):
 
 
 # (BLOCK_M, BLOCK_N, warps, stages). Large tiles with 8 warps and 3 stages suit Hopper (H100/H200);
-# the smaller ones suit Ampere, head dim 256 and short sequences.
+# the smaller ones suit Ampere, head dim 256 and short sequences; the last one of each list is
+# the fallback for fp32/fp64 rows of 256 (dots without tensor cores keep operands in shared memory).
 _FWD_CONFIGS = [_cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(128, 32, 4, 3),
-                _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 2), _cfg(64, 64, 4, 4)]
+                _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 2), _cfg(64, 64, 4, 4), _cfg(32, 16, 4, 1)]
 # Backward dK/dV: BLOCK_M is the query block looped over, BLOCK_N the key block a program owns.
 _DKDV_CONFIGS = [_cfg(32, 128, 8, 3), _cfg(64, 128, 8, 3), _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 3),
-                 _cfg(32, 32, 4, 2), _cfg(16, 64, 4, 2)]
+                 _cfg(32, 32, 4, 2), _cfg(16, 64, 4, 2), _cfg(16, 32, 4, 1)]
 _DQ_CONFIGS = [_cfg(128, 32, 8, 3), _cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 2),
-               _cfg(32, 64, 4, 2)]
+               _cfg(32, 64, 4, 2), _cfg(32, 16, 4, 1)]
 _KEY = ["HEAD_DIM", "T", "S", "CAUSAL", "PREC"]
 
 

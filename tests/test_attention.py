@@ -105,6 +105,15 @@ def test_long_sequences_gpu(wide_backend, device, shape, causal):
         _check(q, k, v, wide_backend, eager_bar=dtype != torch.float32, causal=causal)
 
 
+def test_fp32_tf32_gpu(wide_backend, device, monkeypatch):
+    if not ON_GPU:
+        pytest.skip("TF32 matmuls exist on a GPU only")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    q, k, v = _inputs(2, 4, 2, 200, 255, 64, torch.float32, device)
+    # eager fp32 then runs its matmuls in TF32 as well: it is the bar
+    _check(q, k, v, wide_backend, eager_bar=True, causal=True)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_fp32(wide_backend, device, causal):
     q, k, v = _inputs(2, 2, 1, 33, 40, 32, torch.float32, device)
