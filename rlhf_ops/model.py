@@ -124,14 +124,17 @@ class GPT(nn.Module):
         """
         B = prompts.shape[0]
         dev = prompts.device
+        if prompts.shape[1] + max_new > self.cfg.block_size:
+            raise ValueError(f"generate: prompts width {prompts.shape[1]} + max_new {max_new} exceeds "
+                             f"block_size={self.cfg.block_size}")
         seq = torch.full((B, prompts.shape[1] + max_new), pad, dtype=torch.long, device=dev)
         seq[:, :prompts.shape[1]] = prompts
         cur = lengths.clone().to(dev)                 # next position to write, per row
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         rows = torch.arange(B, device=dev)
         for _ in range(max_new):
-            width = min(int(cur.max()), self.cfg.block_size)
-            logits = self(seq[:, :width])[rows, (cur - 1).clamp(max=width - 1)]
+            width = int(cur.max())
+            logits = self(seq[:, :width])[rows, cur - 1]
             if greedy:
                 nxt = logits.argmax(-1)
             else:

@@ -116,3 +116,8 @@ def test_backend_is_passed_to_the_ops():
         pytest.skip("the cuda backend exists here; this checks that naming it reaches the ops")
     with pytest.raises(RuntimeError, match="cuda"):
         m(torch.randint(0, 13, (1, 4)), torch.randint(0, 13, (1, 4)))
+
+
+def test_generate_checks_block_size():
+    with pytest.raises(ValueError, match="block_size"):
+        GPT(CFG).generate(torch.zeros(1, 10, dtype=torch.long), torch.tensor([10]), 7)
