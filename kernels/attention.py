@@ -36,7 +36,6 @@ import triton.language as tl
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-HEAD_DIMS = "multiples of 16 from 16 to 256"
 
 
 def head_dim_supported(d: int) -> bool:
