@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import attention as _attention_mod
+from .attention import attention as _attention
 from .cross_entropy import cross_entropy, linear_cross_entropy
 
 
@@ -68,7 +68,7 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, Hq, D).transpose(1, 2)
         k = k.view(B, T, Hkv, D).transpose(1, 2)
         v = v.view(B, T, Hkv, D).transpose(1, 2)
-        y = _attention_mod.attention(q, k, v, causal=self.causal, backend=self.backend)
+        y = _attention(q, k, v, causal=self.causal, backend=self.backend)
         return self.proj(y.transpose(1, 2).reshape(B, T, Hq * D))
 
 
