@@ -336,12 +336,7 @@ def test_causal_self_attention_eager(device):
 
 
 @pytest.mark.parametrize("n_kv_heads", [2, 1])
-def test_causal_self_attention_compiled(fused_backend, device, n_kv_heads, monkeypatch):
-    # nn.py binds ``_attention_mod`` with ``from . import attention``, which yields the function
-    # rlhf_ops.attention (the package re-exports it under the module's name). Point it at the
-    # module so that this test exercises the op under torch.compile; test_causal_self_attention_eager
-    # covers the unpatched module.
-    monkeypatch.setattr(importlib.import_module("rlhf_ops.nn"), "_attention_mod", attn_mod)
+def test_causal_self_attention_compiled(fused_backend, device, n_kv_heads):
     if fused_backend == "cuda":
         d_model, n_heads, dtype = 128, 2, torch.float16    # head dim 64
     else:
