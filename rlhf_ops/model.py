@@ -11,7 +11,6 @@ reads it at each response's last real token, the PPO value model at every token.
 from __future__ import annotations
 
 import copy
-import sys
 from dataclasses import asdict, dataclass
 
 import torch
@@ -19,14 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import rlhf_ops as ro
-from rlhf_ops import nn as _ro_nn
 from rlhf_ops.nn import CausalSelfAttention
-
-# rlhf_ops/nn.py does `from . import attention as _attention_mod`, which yields the *function*
-# (the package re-exports it under the module's name), so CausalSelfAttention.forward fails.
-# Until nn.py imports the module itself, point its alias at the module (a no-op once fixed).
-if not hasattr(_ro_nn._attention_mod, "attention"):
-    _ro_nn._attention_mod = sys.modules["rlhf_ops.attention"]
 
 
 @dataclass
