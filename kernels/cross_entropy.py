@@ -18,14 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import to_acc
+
 MAX_CHUNK = 65536
-
-
-@triton.jit
-def _acc(x, ACC_FP64: tl.constexpr):
-    if ACC_FP64:
-        return x.to(tl.float64)
-    return x.to(tl.float32)
 
 
 @triton.jit
@@ -34,13 +29,13 @@ def _ce_partial(x_ptr, stride_x, m_ptr, s_ptr, sx_ptr, V, n_chunks,
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     base = x_ptr + row.to(tl.int64) * stride_x
-    m = _acc(tl.full((), float("-inf"), tl.float32), ACC_FP64)
-    s = _acc(tl.zeros((), tl.float32), ACC_FP64)
-    sx = _acc(tl.zeros((), tl.float32), ACC_FP64)
+    m = to_acc(tl.full((), float("-inf"), tl.float32), ACC_FP64)
+    s = to_acc(tl.zeros((), tl.float32), ACC_FP64)
+    sx = to_acc(tl.zeros((), tl.float32), ACC_FP64)
     for off in range(0, CHUNK, BLOCK):
         cols = chunk * CHUNK + off + tl.arange(0, BLOCK)
         inside = cols < V
-        x = _acc(tl.load(base + cols, mask=inside, other=float("-inf")), ACC_FP64)
+        x = to_acc(tl.load(base + cols, mask=inside, other=float("-inf")), ACC_FP64)
         m_new = tl.maximum(m, tl.max(x, 0))
         # While every value seen is −inf, shift by 0 so that (−inf) − (−inf) never makes a NaN.
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -69,11 +64,11 @@ def _ce_combine(x_ptr, stride_x, t_ptr, m_ptr, s_ptr, sx_ptr, loss_ptr, lse_ptr,
     t = tl.load(t_ptr + row)
     valid = t != ignore_index
     in_range = (t >= 0) & (t < V)
-    xt = _acc(tl.load(x_ptr + row * stride_x + t, mask=valid & in_range, other=0.0), ACC_FP64)
-    eps_a = eps + _acc(tl.zeros((), tl.float32), ACC_FP64)
+    xt = to_acc(tl.load(x_ptr + row * stride_x + t, mask=valid & in_range, other=0.0), ACC_FP64)
+    eps_a = eps + to_acc(tl.zeros((), tl.float32), ACC_FP64)
     loss = lse - (1.0 - eps_a) * xt
     if eps > 0:
-        loss -= eps_a * tl.sum(sx, 0) / (V + _acc(tl.zeros((), tl.float32), ACC_FP64))
+        loss -= eps_a * tl.sum(sx, 0) / (V + to_acc(tl.zeros((), tl.float32), ACC_FP64))
     loss = tl.where(in_range, loss, float("nan"))
     loss = tl.where(valid, loss, 0.0)
     tl.store(loss_ptr + row, loss)
@@ -90,11 +85,11 @@ def _ce_backward(x_ptr, stride_x, dx_ptr, stride_dx, t_ptr, lse_ptr, g_ptr, stri
     valid = t != ignore_index
     in_range = (t >= 0) & (t < V)
     lse = tl.load(lse_ptr + row)
-    g = _acc(tl.load(g_ptr + row * stride_g), ACC_FP64)
-    x = _acc(tl.load(x_ptr + row * stride_x + cols, mask=inside, other=float("-inf")), ACC_FP64)
+    g = to_acc(tl.load(g_ptr + row * stride_g), ACC_FP64)
+    x = to_acc(tl.load(x_ptr + row * stride_x + cols, mask=inside, other=float("-inf")), ACC_FP64)
     # ∂loss/∂x_j = softmax_j − (1−ε)·[j = t] − ε/V
-    eps_a = eps + _acc(tl.zeros((), tl.float32), ACC_FP64)
-    dx = tl.exp(x - lse) - tl.where(cols == t, 1.0 - eps_a, 0.0) - eps_a / (V + _acc(tl.zeros((), tl.float32), ACC_FP64))
+    eps_a = eps + to_acc(tl.zeros((), tl.float32), ACC_FP64)
+    dx = tl.exp(x - lse) - tl.where(cols == t, 1.0 - eps_a, 0.0) - eps_a / (V + to_acc(tl.zeros((), tl.float32), ACC_FP64))
     dx = tl.where(in_range, dx * g, float("nan"))
     dx = tl.where(valid, dx, 0.0)
     tl.store(dx_ptr + row * stride_dx + cols, dx.to(dx_ptr.dtype.element_ty), mask=inside)

@@ -27,15 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import to_acc
+
 MAX_SMALL_K = 64   # largest K on the single-tile path
 TILE = 32          # tile of the pair matrix on the large-K path
-
-
-@triton.jit
-def _acc(x, ACC_FP64: tl.constexpr):
-    if ACC_FP64:
-        return x.to(tl.float64)
-    return x.to(tl.float32)
 
 
 @triton.jit
@@ -60,7 +55,7 @@ def _pair_terms(d):
 def _load_prompt(r_ptr, rank_ptr, base, idx, K, ACC_FP64: tl.constexpr):
     """Ranks (−1 past K) and rewards (0 where absent, so an absent NaN never enters)."""
     rank = tl.load(rank_ptr + base + idx, mask=idx < K, other=-1)
-    r = _acc(tl.load(r_ptr + base + idx, mask=rank >= 0, other=0.0), ACC_FP64)
+    r = to_acc(tl.load(r_ptr + base + idx, mask=rank >= 0, other=0.0), ACC_FP64)
     return rank, r
 
 
@@ -98,12 +93,12 @@ def _pairwise_tiled(r_ptr, rank_ptr, loss_ptr, npairs_ptr, grad_ptr, K, m_hi, m_
             rank_j = tl.load(rank_ptr + base + j0 + t, mask=j0 + t < K, other=-1)
             better = (rank_i[:, None] >= 0) & (rank_i[:, None] < rank_j[None, :])
             n += tl.sum(tl.sum(better.to(tl.int64), 1), 0)
-    inv_n = 1.0 / _acc(tl.maximum(n, 1), ACC_FP64)
+    inv_n = 1.0 / to_acc(tl.maximum(n, 1), ACC_FP64)
     # Pass 2: the loss over the pairs each row wins, the gradient of each row from both roles.
-    loss = _acc(tl.zeros((), tl.float32), ACC_FP64)
+    loss = to_acc(tl.zeros((), tl.float32), ACC_FP64)
     for i0 in range(0, K, TILE):
         rank_i, r_i = _load_prompt(r_ptr, rank_ptr, base, i0 + t, K, ACC_FP64)
-        g = _acc(tl.zeros((TILE,), tl.float32), ACC_FP64)
+        g = to_acc(tl.zeros((TILE,), tl.float32), ACC_FP64)
         for j0 in range(0, K, TILE):
             rank_j, r_j = _load_prompt(r_ptr, rank_ptr, base, j0 + t, K, ACC_FP64)
             wins = (rank_i[:, None] >= 0) & (rank_i[:, None] < rank_j[None, :])
