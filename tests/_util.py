@@ -38,3 +38,21 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
     if t.is_floating_point():
         t.fill_(float("nan"))
     return t
+
+
+def saved_tensors(fn):
+    """Every distinct tensor autograd saves for backward while ``fn`` runs (works on meta tensors)."""
+    seen = {}
+
+    def pack(t):
+        seen[id(t)] = t
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return list(seen.values())
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the tensors saved for backward while ``fn`` runs."""
+    return sum(t.numel() * t.element_size() for t in saved_tensors(fn))

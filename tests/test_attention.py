@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import rlhf_ops as ro
 from rlhf_ops import reference
 from rlhf_ops.nn import CausalSelfAttention
-from _util import assert_matches, poison_, rel_err
+from _util import assert_matches, poison_, rel_err, saved_bytes
 from conftest import DEVICE, ON_GPU, backend_problem
 
 attn_mod = importlib.import_module("rlhf_ops.attention")
@@ -295,17 +295,6 @@ def test_meta_tensors(be):
     assert lse.shape == (2, 8, 300) and lse.dtype == torch.float32
 
 
-def _saved_bytes(fn):
-    seen = {}
-
-    def pack(t):
-        seen[id(t)] = t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
-
 
 def test_saved_for_backward_is_linear_in_T():
     B, H, D = 2, 8, 64
@@ -313,7 +302,7 @@ def test_saved_for_backward_is_linear_in_T():
     def saved(backend, T):
         q, k, v = (torch.empty(B, H, T, D, dtype=torch.bfloat16, device="meta", requires_grad=True)
                    for _ in range(3))
-        return _saved_bytes(lambda: ro.attention(q, k, v, backend=backend))
+        return saved_bytes(lambda: ro.attention(q, k, v, backend=backend))
 
     T = 4096
     qkvo = 4 * B * H * T * D * 2

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import rlhf_ops as ro
 from rlhf_ops import reference
 from rlhf_ops.nn import PairwiseRewardLoss
-from _util import assert_matches, poison_
+from _util import assert_matches, poison_, saved_bytes
 
 
 reward_mod = importlib.import_module("rlhf_ops.reward")
@@ -307,17 +307,6 @@ def test_gradcheck_tiled_path(device, monkeypatch):
 
 # ------------------------------------------------------------------ meta, compile, memory ---
 
-def _saved_bytes(fn):
-    seen = {}
-
-    def pack(t):
-        seen[id(t)] = t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
-
 
 def test_meta_tensors_and_saved_bytes():
     B, K = 4096, 9
@@ -332,9 +321,9 @@ def test_meta_tensors_and_saved_bytes():
             assert x.grad.shape == (B, K) and x.grad.dtype == torch.bfloat16
             x.grad = None
     for be in ("triton", "cuda"):
-        fused = _saved_bytes(lambda: ro.pairwise_reward_loss(x * 1, ranks, backend=be))
+        fused = saved_bytes(lambda: ro.pairwise_reward_loss(x * 1, ranks, backend=be))
         assert fused <= 4 * B * K + 64, f"{be} saves {fused} bytes; O(B·K) = {4 * B * K} expected"
-    eager = _saved_bytes(lambda: ro.pairwise_reward_loss(x * 1, ranks, backend="reference"))
+    eager = saved_bytes(lambda: ro.pairwise_reward_loss(x * 1, ranks, backend="reference"))
     assert eager >= B * K * K, "eager keeps [B, K, K] pair tensors (the test would not see a regression)"
 
 
