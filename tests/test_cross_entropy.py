@@ -1,6 +1,4 @@
 """rlhf_ops.cross_entropy / linear_cross_entropy on every backend against the float64 reference."""
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -323,12 +321,3 @@ def ro_nn():
     import rlhf_ops.nn
     return rlhf_ops.nn
 
-
-def test_extension_registers_ops():
-    try:
-        import rlhf_ops._C  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"CUDA extension not built: {e}")
-    names = torch._C._dispatch_get_all_op_names()
-    for op in ("cross_entropy_fwd", "cross_entropy_bwd"):
-        assert f"rlhf_ops_cuda::{op}" in names
