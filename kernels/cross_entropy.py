@@ -18,9 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import to_acc
+from ._common import row_blocks, to_acc
 
-MAX_CHUNK = 65536
 
 
 @triton.jit
@@ -95,15 +94,6 @@ def _ce_backward(x_ptr, stride_x, dx_ptr, stride_dx, t_ptr, lse_ptr, g_ptr, stri
     tl.store(dx_ptr + row * stride_dx + cols, dx.to(dx_ptr.dtype.element_ty), mask=inside)
 
 
-def _blocks(n_rows: int, V: int):
-    """(CHUNK, BLOCK): one program per row up to 64k columns; split further when rows are few."""
-    BLOCK = min(4096, triton.next_power_of_2(max(V, 16)))
-    chunk = min(MAX_CHUNK, triton.next_power_of_2(max(V, 16)))
-    while chunk > BLOCK and n_rows * triton.cdiv(V, chunk) < 1024:
-        chunk //= 2
-    return chunk, BLOCK
-
-
 def forward(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, label_smoothing: float):
     """logits [N, V] (unit column stride), target [N] → (loss [N], lse [N]) in fp32/fp64."""
     N, V = logits.shape
@@ -112,7 +102,7 @@ def forward(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, label
     lse = torch.empty(N, dtype=acc, device=logits.device)
     if N == 0:
         return loss, lse
-    chunk, block = _blocks(N, V)
+    chunk, block = row_blocks(N, V)
     n_chunks = triton.cdiv(V, chunk)
     part = torch.empty(3, N, n_chunks, dtype=acc, device=logits.device)
     fp64 = acc == torch.float64

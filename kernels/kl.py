@@ -30,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_CHUNK = 65536
+from ._common import row_blocks
+
 ESTIMATOR_IDS = {"k1": 1, "k2": 2, "k3": 3}
 
 
@@ -204,15 +205,6 @@ def _kl_backward(x_ptr, stride_x, dx_ptr, stride_dx, t_ptr, lse_ptr, stride_lse,
     tl.store(dx_ptr + row * stride_dx + cols, dx.to(dx_ptr.dtype.element_ty), mask=inside)
 
 
-def _blocks(n_rows: int, V: int):
-    """(CHUNK, BLOCK): one program per row up to 64k columns; split further when rows are few."""
-    BLOCK = min(4096, triton.next_power_of_2(max(V, 16)))
-    chunk = min(MAX_CHUNK, triton.next_power_of_2(max(V, 16)))
-    while chunk > BLOCK and n_rows * triton.cdiv(V, chunk) < 1024:
-        chunk //= 2
-    return chunk, BLOCK
-
-
 def _params(logits: torch.Tensor, acc: torch.dtype, temperature: float, beta: float = 0.0):
     # (T, β) in a tiny device tensor, so fp64 runs keep them exact (Triton passes Python floats
     # as fp32). Filled by two fill kernels: no host sync, no host-to-device copy.
@@ -234,7 +226,7 @@ def forward(logits, ref_logits, tokens, mask, temperature: float, beta: float = 
     out = [torch.empty(N, dtype=acc, device=logits.device) for _ in range(6 if has_ref else 1)]
     out.append(torch.empty(2, N, dtype=acc, device=logits.device))  # lse as (shift, log S)
     if N > 0:
-        chunk, block = _blocks(N, V)
+        chunk, block = row_blocks(N, V)
         n_chunks = triton.cdiv(V, chunk)
         fp64 = acc == torch.float64
         prm = _params(logits, acc, temperature, beta)
