@@ -21,13 +21,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
-import time
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
 import rlhf_ops as ro
+
+from .roofline import time_once
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 OUR_BACKENDS = ("reference", "triton", "cuda")
@@ -485,18 +486,7 @@ def measure(case: Case, name: str, mode: str, device, *, warmup: int = 3, reps: 
             nonlocal i
             k = i % len(sets)
             i += 1
-            fn = prepare(case, impl, mode, sets[k], grads, k)
-            if device.type == "cuda":
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                ms = a.elapsed_time(b)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                ms = (time.perf_counter() - t0) * 1e3
+            ms = time_once(prepare(case, impl, mode, sets[k], grads, k), device)
             if timed:
                 times.append(ms)
             return ms
