@@ -13,6 +13,7 @@ by a hash of the prompt, so no training stream ever contains an evaluation promp
 """
 from __future__ import annotations
 
+import functools
 import random
 import zlib
 from dataclasses import dataclass
@@ -163,15 +164,55 @@ def pad_rows(rows: list[list[int]], width: int | None = None, value: int = PAD) 
     return out
 
 
-def sft_batch(seed: int, index: int, batch: int, cfg: DataConfig) -> dict:
+def demo_set(seed: int, n: int, cfg: DataConfig) -> list[Task]:
+    """A fixed set of n demonstrations with distinct prompts (what labelers wrote once)."""
+    rng = _rng(seed, "sft_demos", 0)
+    seen: dict[str, Task] = {}
+    for _ in range(50 * n):
+        if len(seen) == n:
+            break
+        t = draw_task(rng, cfg)
+        seen.setdefault(t.prompt, t)
+    if len(seen) < n:
+        raise ValueError(f"sft.n_demos={n}: the task family has only about {len(seen)} distinct "
+                         f"training prompts")
+    return list(seen.values())
+
+
+def sft_batch(seed: int, index: int, batch: int, cfg: DataConfig, n_demos: int = 0) -> dict:
     """Demonstrations prompt → correct response + EOS, right-padded.
 
+    n_demos = 0: a fresh draw of tasks per batch (an unlimited stream). n_demos > 0: epochs over the
+    fixed ``demo_set`` of that size, reshuffled each epoch (as InstructGPT's SFT on 13k prompts).
     x [B, T] inputs; y_resp [B, T] next-token targets on response tokens only (prompt and pad
     ignored) for L2; y_all [B, T] targets on every real token for the auxiliary L1.
     """
-    rng = _rng(seed, "sft", index)
-    tasks = [draw_task(rng, cfg) for _ in range(batch)]
+    if n_demos <= 0:
+        rng = _rng(seed, "sft", index)
+        return demo_tensors([draw_task(rng, cfg) for _ in range(batch)])
+    pool = _demo_pool(seed, n_demos, cfg)
+    tasks = []
+    for i in range(index * batch, (index + 1) * batch):     # row i of the stream: epoch i // n
+        epoch, j = divmod(i, n_demos)
+        tasks.append(pool[_epoch_order(seed, epoch, n_demos)[j]])
     return demo_tensors(tasks)
+
+
+_POOLS: dict = {}
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: int, epoch: int, n: int) -> list[int]:
+    order = list(range(n))
+    random.Random(f"{seed}/sft_epoch/{epoch}").shuffle(order)
+    return order
+
+
+def _demo_pool(seed: int, n: int, cfg: DataConfig) -> list[Task]:
+    key = (seed, n, cfg.min_len, cfg.max_len, cfg.max_digits, cfg.tasks, cfg.heldout_mod)
+    if key not in _POOLS:
+        _POOLS[key] = demo_set(seed, n, cfg)
+    return _POOLS[key]
 
 
 def demo_tensors(tasks: list[Task]) -> dict:

@@ -71,6 +71,21 @@ def test_sft_batch_targets_only_response():
     assert torch.equal(D.sft_batch(0, 0, 6, CFG)["x"], b["x"])
 
 
+def test_fixed_demo_set_epochs():
+    """sft.n_demos = N: every epoch visits the same N distinct training prompts once, reshuffled."""
+    n, B = 12, 4
+    demos = D.demo_set(0, n, CFG)
+    assert len({t.prompt for t in demos}) == n and not any(D.is_heldout(t.prompt, CFG) for t in demos)
+    epoch = lambda e: [p for i in range(e * n // B, (e + 1) * n // B)
+                       for p in D.sft_batch(0, i, B, CFG, n_demos=n)["prompts"]]
+    e0, e1 = epoch(0), epoch(1)
+    assert sorted(e0) == sorted(e1) == sorted(t.prompt for t in demos)
+    assert e0 != e1                                            # a new order each epoch
+    assert D.sft_batch(0, 5, B, CFG, n_demos=n)["prompts"] == D.sft_batch(0, 5, B, CFG, n_demos=n)["prompts"]
+    with pytest.raises(ValueError, match="n_demos"):
+        D.demo_set(0, 10_000, D.DataConfig(min_len=2, max_len=2, tasks="R"))
+
+
 def test_heldout_split_is_disjoint():
     held = set(D.eval_prompts(0, 50, CFG))
     assert len(held) == 50 and all(D.is_heldout(p, CFG) for p in held)

@@ -19,7 +19,7 @@ DEFAULTS: dict = {
     "pretrain.weight_decay": 0.1,
     # 2. SFT: L3 = L2 + λ·L1
     "sft.steps": 300, "sft.batch": 32, "sft.lr": 1e-3, "sft.warmup": 10, "sft.weight_decay": 0.0,
-    "sft.lm_coef": 0.5,
+    "sft.lm_coef": 0.5, "sft.n_demos": 0,      # 0: an unlimited stream; N: epochs over N fixed demos
     # 3. reward model: K = k_min..k_max SFT samples per prompt, ranked by the judge
     "rm.n_prompts": 400, "rm.n_heldout": 100, "rm.k_min": 4, "rm.k_max": 9,
     "rm.sample_temperature": 1.0, "rm.steps": 200, "rm.batch": 16, "rm.lr": 1e-3, "rm.warmup": 10,

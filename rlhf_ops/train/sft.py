@@ -32,7 +32,7 @@ def run_sft(run: Run) -> dict:
     model = run.load_model("pretrain", "lm")
 
     def batch(step):
-        b = D.sft_batch(run.seed, step, B, run.data_cfg)
+        b = D.sft_batch(run.seed, step, B, run.data_cfg, c["sft.n_demos"])
         n2 = (b["y_resp"] != D.IGNORE).sum()         # global token counts (every rank has the batch)
         n1 = (b["y_all"] != D.IGNORE).sum()
         return b["x"][rows].to(run.device), b["y_resp"][rows].to(run.device), \
