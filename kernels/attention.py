@@ -119,6 +119,22 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, rows, lo,
 
 
 @triton.jit
+def _key_range(start_m, T, S, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key blocks of query block start_m: [0, full) need no mask, [full, hi) do, the rest is skipped.
+
+    Causal (bottom-right): the block sees keys j < (last row) + S − T + 1 at all, and every one of
+    its rows sees keys j ≤ (first row) + S − T; whole key blocks inside the latter run unmasked.
+    """
+    if CAUSAL:
+        hi = tl.maximum(tl.minimum(S, (start_m + 1) * BLOCK_M + S - T), 0)
+        full = tl.maximum(tl.minimum(S, start_m * BLOCK_M + S - T + 1), 0) // BLOCK_N * BLOCK_N
+    else:
+        hi = S
+        full = S // BLOCK_N * BLOCK_N
+    return full, hi
+
+
+@triton.jit
 def _attn_fwd(Q, K, V, O, LSE,
               sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sob, soh, sot,
               H, G, T, S, scale_hi, scale_lo,
@@ -145,14 +161,7 @@ def _attn_fwd(Q, K, V, O, LSE,
     m_i = l_i + float("-inf")
     scale = _scale(scale_hi, scale_lo, FP64)
     qk_scale = scale * LOG2E
-    if CAUSAL:
-        # Keys this block sees at all: j < (last row) + S − T + 1; keys all its rows see:
-        # j ≤ (first row) + S − T. Whole key blocks inside the latter run unmasked.
-        hi = tl.maximum(tl.minimum(S, (start_m + 1) * BLOCK_M + S - T), 0)
-        full = tl.maximum(tl.minimum(S, start_m * BLOCK_M + S - T + 1), 0) // BLOCK_N * BLOCK_N
-    else:
-        hi = S
-        full = S // BLOCK_N * BLOCK_N
+    full, hi = _key_range(start_m, T, S, CAUSAL, BLOCK_M, BLOCK_N)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, sks, svs, rows, 0, full, T, S,
                                qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, False, CAUSAL, FP64, PREC)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, sks, svs, rows, full, hi, T, S,
@@ -313,12 +322,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     scale = _scale(scale_hi, scale_lo, FP64)
     qk_scale = scale * LOG2E
-    if CAUSAL:  # same key ranges as the forward
-        hi = tl.maximum(tl.minimum(S, (start_m + 1) * BLOCK_M + S - T), 0)
-        full = tl.maximum(tl.minimum(S, start_m * BLOCK_M + S - T + 1), 0) // BLOCK_N * BLOCK_N
-    else:
-        hi = S
-        full = S // BLOCK_N * BLOCK_N
+    full, hi = _key_range(start_m, T, S, CAUSAL, BLOCK_M, BLOCK_N)
     dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, svs, rows, 0, full, T, S, qk_scale,
                    HEAD_DIM, BLOCK_N, BLOCK_D, False, CAUSAL, FP64, PREC)
     dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, svs, rows, full, hi, T, S, qk_scale,
