@@ -20,7 +20,7 @@ from rlhf_ops.model import GPT, GPTConfig, ScalarHeadGPT, frozen_copy
 from rlhf_ops.train import Run, SimulatedCrash, main, make_config
 from rlhf_ops.train import ppo as P
 from rlhf_ops.train.pretrain import lm_loss
-from rlhf_ops.train.rm import make_comparisons, rewards_of, rm_loss
+from rlhf_ops.train.rm import has_pair, informative_comparisons, make_comparisons, rewards_of, rm_loss
 from rlhf_ops.train.sft import sft_loss
 
 TINY = GPTConfig(vocab_size=D.VOCAB_SIZE, block_size=24, n_layer=1, n_head=1, d_model=16, backend="reference")
@@ -131,6 +131,36 @@ def test_rm_loss_falls_on_fixed_batch(tmp_path):
     losses = fit_fixed(rm.parameters(), lambda: rm_loss(rm, comp["tokens"], comp["last"], comp["ranks"], n)[0],
                        steps=40, lr=3e-2)
     assert losses[-1] < 0.8 * losses[0]
+
+
+def test_informative_comparisons_keep_only_prompts_with_a_pair(tmp_path):
+    run = tiny_run(tmp_path)
+    sft = GPT(TINY)
+    rounds = []
+
+    def prompts_of_round(r):
+        rounds.append(r)
+        return D.prompts(0, "t", r, 6, run.data_cfg)
+
+    comp = informative_comparisons(run, sft, 10, prompts_of_round, "t")
+    assert has_pair(comp["ranks"]).all() and comp["tokens"].shape[0] == len(comp["prompts"]) == 10
+    assert len(rounds) >= 2                                     # 6 prompts a round cannot give 10
+    for b, p in enumerate(comp["prompts"]):                     # each row still belongs to its prompt
+        x = comp["tokens"][b, 0, :len(p)]
+        assert D.decode(x.tolist(), stop_at_eos=False) == p
+    # every response the same (EOS at once): no pair anywhere, a clear error instead of empty data
+    mute = GPT(TINY)
+    with torch.no_grad():
+        mute.trunk.ln_f.weight.zero_()
+        mute.trunk.ln_f.bias.zero_()
+        mute.trunk.ln_f.bias[0] = 1.0
+        mute.trunk.wte.weight.zero_()
+        mute.trunk.wte.weight[D.EOS, 0] = 100.0
+    with pytest.raises(RuntimeError, match="rm.informative_only"):
+        informative_comparisons(run, mute, 4, lambda r: D.prompts(0, "t", r, 4, run.data_cfg), "t",
+                                max_rounds=2)
+    assert not has_pair(torch.tensor([[0, 0, -1], [1, 1, 1]])).any()
+    assert has_pair(torch.tensor([[0, 1, -1]])).all()
 
 
 # ------------------------------------------------------------------------------- PPO ---

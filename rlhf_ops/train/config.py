@@ -24,6 +24,7 @@ DEFAULTS: dict = {
     "rm.n_prompts": 400, "rm.n_heldout": 100, "rm.k_min": 4, "rm.k_max": 9,
     "rm.sample_temperature": 1.0, "rm.steps": 200, "rm.batch": 16, "rm.lr": 1e-3, "rm.warmup": 10,
     "rm.weight_decay": 0.0, "rm.eval_every": 50, "rm.n_bias_demos": 256,
+    "rm.informative_only": True,  # keep only prompts whose K responses are not all tied
     # 4. PPO / PPO-ptx
     "ppo.steps": 60, "ppo.batch": 64, "ppo.minibatch": 16, "ppo.epochs": 1, "ppo.lr": 3e-4,
     "ppo.value_lr": 3e-4, "ppo.beta": 0.02, "ppo.kl_target": 0.0, "ppo.kl_horizon": 10000,
@@ -40,7 +41,8 @@ PRESETS: dict = {
     # The toy that runs all four stages on a 2-core CPU with the reference backend in minutes:
     # reverse/sort of 2..4 letters, judged on 500 held-out prompts.
     # SFT: 1400 steps (700 left it undertrained: held-out judge 0.737 at 700, 0.890 at 1000, 0.99
-    # at 1400, seed 0). RM: 2000 prompts of K = 4..9 SFT samples. PPO: 256 episodes per update in
+    # at 1400, seed 0). RM: 2000 prompts of K = 4..9 SFT samples that do not all tie (informative
+    # only; a 0.99 SFT model ties on ~3 of 4 prompts). PPO: 256 episodes per update in
     # minibatches of 64, lr 2e-5, 10 value-only warm-up steps (the value model starts from the RM,
     # whose per-token outputs mean something only at the last token), a wide value clip, and
     # β = 0.1 instead of the paper's 0.02: at 0.02 the policy over-optimises this RM (held-out pair

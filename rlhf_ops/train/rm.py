@@ -14,6 +14,7 @@ import time
 import zlib
 
 import torch
+import torch.nn.functional as F
 
 import rlhf_ops as ro
 from rlhf_ops import data as D
@@ -52,6 +53,42 @@ def make_comparisons(run: Run, sft: GPT, prompts: list[str], tag: str, chunk: in
         scores = [D.judge(p, r) for r in resp[j - k:j]]
         ranks[b] = torch.tensor(D.ranks_from_scores(scores, K))
     return {"tokens": tokens, "last": last, "ranks": ranks, "prompts": prompts}
+
+
+def has_pair(ranks: torch.Tensor) -> torch.Tensor:
+    """[N] bool: the prompt's K responses are not all tied (the loss has a pair to compare)."""
+    return ((ranks[:, :, None] < ranks[:, None, :]) & (ranks[:, :, None] >= 0)).flatten(1).any(1)
+
+
+def informative_comparisons(run: Run, sft: GPT, n: int, prompts_of_round, tag: str,
+                            max_rounds: int = 20) -> dict:
+    """``make_comparisons`` over rounds of prompts (``prompts_of_round(r)``), keeping only prompts
+    whose responses are not all tied, until n are kept (or the rounds / prompts run out).
+
+    A prompt on which every sampled response gets the same judge score has no pair, so it adds
+    nothing to the loss; a strong SFT model answers most prompts the same way every time (seed 0
+    of cpu-demo: 514 of 2000 prompts have a pair), so those are replaced rather than kept.
+    """
+    parts, kept = [], 0
+    for r in range(max_rounds):
+        p = prompts_of_round(r)
+        if not p or kept >= n:
+            break
+        comp = make_comparisons(run, sft, p, f"{tag}/{r}")
+        idx = has_pair(comp["ranks"]).nonzero().flatten()[:n - kept]
+        parts.append({k: (v[idx] if torch.is_tensor(v) else [v[i] for i in idx.tolist()])
+                      for k, v in comp.items()})
+        kept += idx.numel()
+    if kept == 0:
+        raise RuntimeError(f"rm: every sampled response of every {tag} prompt ties under the judge, "
+                           f"so there is no comparison to learn from; raise rm.sample_temperature or "
+                           f"set rm.informative_only=false")
+    T = max(part["tokens"].shape[-1] for part in parts)
+    return {"tokens": torch.cat([F.pad(part["tokens"], (0, T - part["tokens"].shape[-1]), value=D.PAD)
+                                 for part in parts]),
+            "last": torch.cat([part["last"] for part in parts]),
+            "ranks": torch.cat([part["ranks"] for part in parts]),
+            "prompts": [q for part in parts for q in part["prompts"]]}
 
 
 def rewards_of(model, tokens, last):
@@ -97,10 +134,19 @@ def run_rm(run: Run) -> dict:
     if run.resume and data_path.exists():
         data = torch.load(data_path, weights_only=False)
     else:                                   # every rank samples the same data (same seeds)
-        train_p = D.prompts(run.seed, "rm", 0, c["rm.n_prompts"], run.data_cfg)
-        held_p = D.eval_prompts(run.seed + 1, c["rm.n_heldout"], run.data_cfg)
-        data = {"train": make_comparisons(run, sft, train_p, "rm_train"),
-                "heldout": make_comparisons(run, sft, held_p, "rm_heldout")}
+        n, n_held = c["rm.n_prompts"], c["rm.n_heldout"]
+        if c["rm.informative_only"]:
+            train = informative_comparisons(
+                run, sft, n, lambda r: D.prompts(run.seed, "rm", r, n, run.data_cfg), "rm_train")
+            # the held-out split is small: rank SFT samples of all its prompts, keep n_held
+            held_p = D.eval_prompts(run.seed + 1, 10 * n_held, run.data_cfg)
+            heldout = informative_comparisons(run, sft, n_held, lambda r: held_p if r == 0 else [],
+                                              "rm_heldout")
+        else:
+            train = make_comparisons(run, sft, D.prompts(run.seed, "rm", 0, n, run.data_cfg), "rm_train")
+            heldout = make_comparisons(run, sft, D.eval_prompts(run.seed + 1, n_held, run.data_cfg),
+                                       "rm_heldout")
+        data = {"train": train, "heldout": heldout}
         if run.is_main:
             torch.save(data, data_path)
     tr, ho = data["train"], data["heldout"]
@@ -113,11 +159,10 @@ def run_rm(run: Run) -> dict:
         idx = torch.randperm(N, generator=g)[(step % per_epoch) * B:][:B]
         if idx.numel() < B:
             idx = torch.cat([idx, idx[:B - idx.numel()]]) if idx.numel() else torch.arange(B) % N
-        ranks = tr["ranks"][idx]
-        has_pair = ((ranks[:, :, None] < ranks[:, None, :]) & (ranks[:, :, None] >= 0)).any(-1).any(-1)
+        n_pairs = int(has_pair(tr["ranks"][idx]).sum().clamp(min=1))
         idx = idx[rows]
         return (tr["tokens"][idx].to(run.device), tr["last"][idx].to(run.device),
-                tr["ranks"][idx].to(run.device), int(has_pair.sum().clamp(min=1)))
+                tr["ranks"][idx].to(run.device), n_pairs)
 
     res = fit(run, "rm", {"rm": model}, "rm", batch, lambda m, b: rm_loss(m, *b, run.world, run.backend),
               eval_fn=lambda: {"heldout_pair_accuracy": pair_accuracy(model, ho, run.device)},
