@@ -19,6 +19,7 @@ from rlhf_ops import data as D
 from rlhf_ops.model import GPT, GPTConfig, ScalarHeadGPT, frozen_copy
 from rlhf_ops.train import Run, SimulatedCrash, main, make_config
 from rlhf_ops.train import ppo as P
+from rlhf_ops.train.common import paired_difference
 from rlhf_ops.train.pretrain import lm_loss
 from rlhf_ops.train.rm import has_pair, informative_comparisons, make_comparisons, rewards_of, rm_loss
 from rlhf_ops.train.sft import sft_loss
@@ -277,6 +278,10 @@ def test_cli_all_end_to_end(tiny_all):
         assert isinstance(s[k], float) and s[k] == s[k], k     # present and not NaN
     assert s["config"]["model.d_model"] == 16 and s == json.loads(json.dumps(summary))
     assert abs(s["rm.demo_mean_after_bias"]) < 1e-5            # RM bias: SFT demos score 0
+    # the paired PPO − SFT difference is over the same prompts as the two stages' judge scores
+    assert s["ppo.judge_minus_sft"] == pytest.approx(s["ppo.judge_score"] - s["sft.judge_score"], abs=1e-9)
+    assert s["ppo.judge_minus_sft_se"] >= 0
+    assert s["ppo.prompts_better_than_sft"] + s["ppo.prompts_worse_than_sft"] <= s["config"]["eval.n_prompts"]
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in rows} == {"pretrain", "sft", "rm", "ppo"}
     assert any("kl" in r for r in rows) and any("heldout_pair_accuracy" in r for r in rows)
@@ -286,6 +291,15 @@ def test_cli_all_end_to_end(tiny_all):
         assert png in report and (out / png).stat().st_size > 1000
     for stage in ("pretrain", "sft", "rm", "ppo"):
         assert (out / "ckpt" / f"{stage}_final.pt").exists()
+
+
+def test_paired_difference():
+    d = paired_difference([1.0, 0.5, 1.0, 0.75], [1.0, 1.0, 0.5, 0.5])     # differences 0, −.5, .5, .25
+    assert d["mean"] == pytest.approx(0.0625) and (d["wins"], d["losses"]) == (2, 1)
+    diffs = torch.tensor([0.0, -0.5, 0.5, 0.25], dtype=torch.float64)
+    assert d["se"] == pytest.approx(float(diffs.std() / 2))
+    with pytest.raises(ValueError, match="equal, non-empty"):
+        paired_difference([1.0], [1.0, 0.0])
 
 
 def _params(path, name):

@@ -226,9 +226,28 @@ def responses(seq: torch.Tensor, lengths: torch.Tensor) -> list[str]:
     return [D.decode(seq[i, int(lengths[i]):].tolist()) for i in range(seq.shape[0])]
 
 
-@torch.no_grad()
-def judge_score(run: Run, model: GPT, prompts: list[str] | None = None, chunk: int = 256) -> float:
+def judge_score(run: Run, model: GPT, prompts: list[str] | None = None) -> float:
     """Mean judge score of greedy decodes of the held-out prompts."""
+    scores = judge_scores(run, model, prompts)
+    return sum(scores) / max(len(scores), 1)
+
+
+def paired_difference(a: list[float], b: list[float]) -> dict:
+    """Mean of a − b over the same prompts, its standard error, and how many prompts each wins.
+
+    The judge score of a stage is a mean over a few hundred held-out prompts; two models that
+    differ by less than about two standard errors of the paired difference are not told apart.
+    """
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired_difference: expected two equal, non-empty lists, got {len(a)} and {len(b)}")
+    d = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+    se = float(d.std(unbiased=True) / len(d) ** 0.5) if len(d) > 1 else float("nan")
+    return {"mean": float(d.mean()), "se": se, "wins": int((d > 0).sum()), "losses": int((d < 0).sum())}
+
+
+@torch.no_grad()
+def judge_scores(run: Run, model: GPT, prompts: list[str] | None = None, chunk: int = 256) -> list[float]:
+    """Judge score of the greedy decode of each held-out prompt."""
     prompts = prompts if prompts is not None else D.eval_prompts(run.seed, run.cfg["eval.n_prompts"], run.data_cfg)
     was = model.training
     model.eval()
@@ -239,4 +258,4 @@ def judge_score(run: Run, model: GPT, prompts: list[str] | None = None, chunk: i
         seq, _ = model.generate(x, n, run.cfg["eval.max_new"], greedy=True, eos=D.EOS, pad=D.PAD)
         scores += [D.judge(q, r) for q, r in zip(p, responses(seq, n))]
     model.train(was)
-    return sum(scores) / max(len(scores), 1)
+    return scores

@@ -24,8 +24,8 @@ import rlhf_ops as ro
 from rlhf_ops import data as D
 from rlhf_ops.model import ScalarHeadGPT, frozen_copy
 
-from .common import (Run, SimulatedCrash, judge_score, prompt_tensors, responses, rng_state, set_rng_state,
-                     throughput)
+from .common import (Run, SimulatedCrash, judge_score, judge_scores, paired_difference, prompt_tensors,
+                     responses, rng_state, set_rng_state, throughput)
 from .config import section
 
 
@@ -222,7 +222,13 @@ def run_ppo(run: Run) -> dict:
     policy.eval(), value.eval()
     speed = throughput(run, tokens, time.time() - t_loop)
     tail = max(1, len(hist["kl"]) // 10)
-    res = {"judge_score": judge_score(run, policy, held),
+    # greedy judge scores of the policy and of the frozen SFT copy on the same held-out prompts:
+    # the paired difference says whether PPO beat SFT by more than the evaluation's noise
+    ppo_scores, sft_scores = judge_scores(run, policy, held), judge_scores(run, ref, held)
+    diff = paired_difference(ppo_scores, sft_scores)
+    res = {"judge_score": sum(ppo_scores) / len(ppo_scores),
+           "judge_minus_sft": diff["mean"], "judge_minus_sft_se": diff["se"],
+           "prompts_better_than_sft": diff["wins"], "prompts_worse_than_sft": diff["losses"],
            "rm_score_start": score_start, "rm_score_end": rm_score(run, policy, rm, held, "ppo_eval"),
            "kl_mean": sum(hist["kl"]) / max(len(hist["kl"]), 1),
            "kl_end": sum(hist["kl"][-tail:]) / tail,

@@ -8,7 +8,7 @@ SUMMARY_KEYS = {
     "pretrain": ("final_loss", "judge_score"),
     "sft": ("final_loss", "judge_score"),
     "rm": ("heldout_pair_accuracy",),
-    "ppo": ("judge_score", "rm_score_start", "rm_score_end", "kl_mean"),
+    "ppo": ("judge_score", "judge_minus_sft", "judge_minus_sft_se", "rm_score_start", "rm_score_end", "kl_mean"),
 }
 
 
@@ -82,6 +82,13 @@ def write_report(out: Path, summary: dict) -> Path:
             v = summary.get(f"{stage}.{k}")
             if v is not None:
                 lines.append(f"| {stage}.{k} | {v:.4f} |")
+    d, se = summary.get("ppo.judge_minus_sft"), summary.get("ppo.judge_minus_sft_se")
+    if d is not None and se is not None:
+        verdict = ("PPO beats SFT" if d > 2 * se else "PPO is worse than SFT" if d < -2 * se
+                   else "PPO and SFT are not told apart")
+        lines += ["", f"Greedy judge score, PPO − SFT on the same held-out prompts: {d:+.4f} ± {se:.4f} "
+                      f"(paired standard error; {summary.get('ppo.prompts_better_than_sft')} prompts better, "
+                      f"{summary.get('ppo.prompts_worse_than_sft')} worse): {verdict} at two standard errors."]
     lines.append("")
     for title, fname in figs:
         lines += [f"## {title}", "", f"![{title}]({fname})", ""]
