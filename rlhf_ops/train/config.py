@@ -50,9 +50,10 @@ PRESETS: dict = {
     # the toy's pretraining corpus has noisy answers for half its documents, and at γ_ptx = 0.2 the
     # RM score fell instead of rising (−1.28 → −1.33) and the judge fell 0.9945 → 0.976 (seed 0);
     # `--set ppo.ptx_coef=27.8 ppo.ptx_per_episode=8` runs the paper's setting, the gpu preset keeps it.
-    # Open goal: ppo.judge_score > sft.judge_score is NOT met (see the README for the numbers and
-    # the measurements behind "why": reward over-optimisation of a small RM, and too few errors left
-    # in a 0.99 SFT policy for sequence-level RL to find them, even with the judge as the reward).
+    # Open goal: ppo.judge_score > sft.judge_score is NOT met: the paired difference
+    # (ppo.judge_minus_sft ± ppo.judge_minus_sft_se) is within noise. The README gives the
+    # measurements behind "why": the RM ranks the policy's samples worse than the policy's own
+    # greedy answer does, and even the judge as the reward gains only ≈ +0.005 at this budget.
     "cpu-demo": {
         "data.tasks": "RS", "data.max_len": 4, "eval.n_prompts": 500,
         "pretrain.steps": 250, "sft.steps": 1400,
