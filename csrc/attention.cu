@@ -257,10 +257,10 @@ attn_fwd_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
   const int g = lane / 4, t = lane % 4;
   // Heaviest (causal: last) query tiles first.
   const int m0 = (gridDim.x - 1 - blockIdx.x) * BM;
-  const int bh = blockIdx.y;  // b·Hq + h
-  const int b = bh / Hq, h = bh % Hq, Hkv = Hq / group;
+  const int h = blockIdx.y, b = blockIdx.z, Hkv = Hq / group;
+  const int64_t bh = static_cast<int64_t>(b) * Hq + h;
   const int64_t kvh = static_cast<int64_t>(b) * Hkv + h / group;
-  const scalar_t* qg = q + static_cast<int64_t>(bh) * T * D;
+  const scalar_t* qg = q + bh * T * D;
   const scalar_t* kg = k + kvh * S * D;
   const scalar_t* vg = v + kvh * S * D;
   const int shift = S - T;  // causal: key j visible from query i iff j <= i + shift
@@ -418,10 +418,10 @@ attn_bwd_dq_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ 
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int g = lane / 4, t = lane % 4;
   const int m0 = (gridDim.x - 1 - blockIdx.x) * BM;
-  const int bh = blockIdx.y;
-  const int b = bh / Hq, h = bh % Hq, Hkv = Hq / group;
+  const int h = blockIdx.y, b = blockIdx.z, Hkv = Hq / group;
+  const int64_t bh = static_cast<int64_t>(b) * Hq + h;
   const int64_t kvh = static_cast<int64_t>(b) * Hkv + h / group;
-  const int64_t qrow = static_cast<int64_t>(bh) * T;  // row index of (bh, 0) in [B·Hq·T]
+  const int64_t qrow = bh * T;  // row index of (bh, 0) in [B·Hq·T]
   const scalar_t* qg = q + qrow * D;
   const scalar_t* dog = dout + qrow * D;
   const scalar_t* kg = k + kvh * S * D;
@@ -530,10 +530,10 @@ attn_bwd_dkdv_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict_
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int g = lane / 4, t = lane % 4;
   const int n0 = blockIdx.x * BN;
-  const int bkv = blockIdx.y;  // b·Hkv + hkv
-  const int Hkv = Hq / group, b = bkv / Hkv, hkv = bkv % Hkv;
-  const scalar_t* kg = k + static_cast<int64_t>(bkv) * S * D;
-  const scalar_t* vg = v + static_cast<int64_t>(bkv) * S * D;
+  const int hkv = blockIdx.y, b = blockIdx.z, Hkv = Hq / group;
+  const int64_t bkv = static_cast<int64_t>(b) * Hkv + hkv;
+  const scalar_t* kg = k + bkv * S * D;
+  const scalar_t* vg = v + bkv * S * D;
   const int shift = S - T;
   // The first query that sees key n0 is i = n0 − shift (causal); query tiles before the one that
   // holds it see no key of this tile.
@@ -671,8 +671,8 @@ Dims check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
   d.group = d.Hkv > 0 ? static_cast<int>(d.Hq / d.Hkv) : 1;
   TORCH_CHECK(d.T < (int64_t(1) << 30) && d.S < (int64_t(1) << 30), "rlhf_ops_cuda.", op,
               ": sequence lengths must be below 2^30, got T = ", d.T, ", S = ", d.S);
-  TORCH_CHECK(d.B * d.Hq <= 65535, "rlhf_ops_cuda.", op, ": batch × heads = ", d.B * d.Hq,
-              " exceeds the 65535 grid rows this kernel supports");
+  TORCH_CHECK(d.B <= 65535 && d.Hq <= 65535, "rlhf_ops_cuda.", op, ": batch ", d.B,
+              " and query heads ", d.Hq, " must each be at most 65535 (CUDA grid y/z limit)");
   return d;
 }
 
@@ -729,7 +729,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at:
     using C = FwdCfg<D>;
     auto kernel = attn_fwd_kernel<scalar_t, D>;
     prepare_smem(kernel, C::smem_bytes, op);
-    const dim3 grid(static_cast<unsigned>((d.T + C::BM - 1) / C::BM), static_cast<unsigned>(d.B * d.Hq));
+    const dim3 grid(static_cast<unsigned>((d.T + C::BM - 1) / C::BM), static_cast<unsigned>(d.Hq),
+                    static_cast<unsigned>(d.B));
     kernel<<<grid, kAttnThreads, C::smem_bytes, stream>>>(
         cptr<scalar_t>(q), cptr<scalar_t>(k), cptr<scalar_t>(v), mptr<scalar_t>(out),
         lse.data_ptr<float>(), static_cast<int>(d.T), static_cast<int>(d.S),
@@ -788,7 +789,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
       auto kq = attn_bwd_dq_kernel<scalar_t, D>;
       prepare_smem(kq, Cq::smem_bytes, op);
       const dim3 grid_q(static_cast<unsigned>((d.T + Cq::BM - 1) / Cq::BM),
-                        static_cast<unsigned>(d.B * d.Hq));
+                        static_cast<unsigned>(d.Hq), static_cast<unsigned>(d.B));
       kq<<<grid_q, kAttnThreads, Cq::smem_bytes, stream>>>(
           cptr<scalar_t>(q), cptr<scalar_t>(k), cptr<scalar_t>(v), cptr<scalar_t>(dout),
           lse.data_ptr<float>(), delta.data_ptr<float>(), mptr<scalar_t>(dq), T, S, Hq, d.group,
@@ -803,7 +804,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
       auto kkv = attn_bwd_dkdv_kernel<scalar_t, D>;
       prepare_smem(kkv, Ck::smem_bytes, op);
       const dim3 grid_k(static_cast<unsigned>((d.S + Ck::BN - 1) / Ck::BN),
-                        static_cast<unsigned>(d.B * d.Hkv));
+                        static_cast<unsigned>(d.Hkv), static_cast<unsigned>(d.B));
       kkv<<<grid_k, kAttnThreads, Ck::smem_bytes, stream>>>(
           cptr<scalar_t>(q), cptr<scalar_t>(k), cptr<scalar_t>(v), cptr<scalar_t>(dout),
           lse.data_ptr<float>(), delta.data_ptr<float>(), mptr<scalar_t>(dk), mptr<scalar_t>(dv),

@@ -4,7 +4,7 @@ Notation: q [B, Hq, T, D], k/v [B, Hkv, S, D], G = Hq / Hkv query heads share on
 (GQA; MQA at Hkv = 1), kv head of query head h is h // G: k/v are indexed, never repeated.
 Scores s_ij = scale · q_i·k_j. Causal is bottom-right aligned: row i sees key j iff j ≤ i + S − T.
 
-Forward, grid (T / BLOCK_M, B·Hq), one program per query block; it streams key blocks and keeps the
+Forward, grid (T / BLOCK_M, Hq, B), one program per query block; it streams key blocks and keeps the
 online-softmax state per row in fp32 (fp64 for fp64 inputs), in base 2 (u = s·log2 e):
     m' = max(m, max_j u_ij)           running max
     l' = l·2^(m − m') + Σ_j 2^(u_ij − m')    running sum
@@ -143,9 +143,9 @@ def _attn_fwd(Q, K, V, O, LSE,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # Heaviest causal query blocks (the last ones) start first.
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    bh = b * H + h                       # row of lse / delta: [B, Hq, T] contiguous
     hk = h // G
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
@@ -180,9 +180,9 @@ def _attn_fwd(Q, K, V, O, LSE,
 def _attn_bwd_delta(O, DO, DELTA, sob, soh, sot, sdb, sdh, sdt, H, T,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                     FP64: tl.constexpr):
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    bh = b * H + h                       # row of lse / delta: [B, Hq, T] contiguous
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     o = _load_tile(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh, rows, T, sot, dims, HEAD_DIM)
@@ -225,14 +225,13 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdt, c
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
                    sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sdb, sdh, sdt,
                    sdkb, sdkh, sdks, sdvb, sdvh, sdvs,
-                   HQ, HKV, G, T, S, scale_hi, scale_lo,
+                   HQ, G, T, S, scale_hi, scale_lo,
                    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
                    FP64: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
-    bh = tl.program_id(1)
-    b = bh // HKV
-    hk = bh % HKV
+    hk = tl.program_id(1)
+    b = tl.program_id(2)
     cols = start_n + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     k = _load_tile(K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh, cols, S, sks, dims, HEAD_DIM)
@@ -304,9 +303,9 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
                  FP64: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    bh = b * H + h                       # row of lse / delta: [B, Hq, T] contiguous
     hk = h // G
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
@@ -429,7 +428,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sca
     if B * Hq * T == 0:
         return out, lse
     _launch(_attn_fwd, None if INTERPRET else _attn_fwd_tuned,
-            lambda m: (triton.cdiv(T, m["BLOCK_M"]), B * Hq),
+            lambda m: (triton.cdiv(T, m["BLOCK_M"]), Hq, B),
             q, k, v, out, lse, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
             Hq, Hq // Hkv, T, S, *_split(scale), **_meta(q, causal))
     return out, lse
@@ -449,16 +448,16 @@ def backward(dout, q, k, v, out, lse, causal: bool, scale: float):
     meta = _meta(q, causal)
     delta = _empty(lse.shape, dtype=lse.dtype, device=lse.device)
     bm = 16 if INTERPRET else 64
-    _attn_bwd_delta[(triton.cdiv(T, bm), B * Hq)](
+    _attn_bwd_delta[(triton.cdiv(T, bm), Hq, B)](
         out, dout, delta, *_strides3(out), *_strides3(dout), Hq, T,
         HEAD_DIM=D, BLOCK_M=bm, BLOCK_D=meta["BLOCK_D"], FP64=meta["FP64"])
     _launch(_attn_bwd_dkdv, None if INTERPRET else _attn_bwd_dkdv_tuned,
-            lambda m: (triton.cdiv(S, m["BLOCK_N"]), B * Hkv),
+            lambda m: (triton.cdiv(S, m["BLOCK_N"]), Hkv, B),
             q, k, v, dout, lse, delta, dk, dv,
             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout),
-            *_strides3(dk), *_strides3(dv), Hq, Hkv, Hq // Hkv, T, S, *_split(scale), **meta)
+            *_strides3(dk), *_strides3(dv), Hq, Hq // Hkv, T, S, *_split(scale), **meta)
     _launch(_attn_bwd_dq, None if INTERPRET else _attn_bwd_dq_tuned,
-            lambda m: (triton.cdiv(T, m["BLOCK_M"]), B * Hq),
+            lambda m: (triton.cdiv(T, m["BLOCK_M"]), Hq, B),
             q, k, v, dout, lse, delta, dq,
             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *_strides3(dq),
             Hq, Hq // Hkv, T, S, *_split(scale), **meta)

@@ -126,8 +126,15 @@ def _validate(q: Tensor, k: Tensor, v: Tensor) -> None:
                          f"positive multiple of the number of key/value heads (k.shape[1] = {Hkv})")
 
 
+GRID_LIMIT = 65535   # CUDA's limit on grid dims y and z: the fused kernels launch (tiles, heads, batch)
+
+
 def _check_backend_support(be: str, q: Tensor) -> None:
-    D = q.shape[-1]
+    B, Hq, _, D = q.shape
+    if be in ("triton", "cuda") and max(B, Hq) > GRID_LIMIT:
+        raise ValueError(f"rlhf_ops.{OP}: the {be} backend supports a batch size (q.shape[0]) and a "
+                         f"number of query heads (q.shape[1]) of at most {GRID_LIMIT} each, got "
+                         f"{B} and {Hq}; split the batch")
     if be == "triton" and not _triton_head_dim_ok(D):
         raise ValueError(f"rlhf_ops.{OP}: the triton backend supports head dims (q.shape[-1]) that "
                          f"are multiples of 16 from 16 to 256, got {D}")

@@ -276,6 +276,14 @@ def test_bad_inputs_raise(device):
     mq = torch.empty(1, 2, 4, 64, dtype=torch.float32, device="meta")
     with pytest.raises(TypeError, match="float16 and bfloat16, got float32"):
         ro.attention(mq, mq, mq, backend="cuda")
+    # the fused kernels launch a (tiles, heads, batch) grid: batch and heads each ≤ 65535
+    for be in ("triton", "cuda"):
+        for shape in ((65536, 1, 4, 64), (1, 65536, 4, 64)):
+            mq = torch.empty(*shape, dtype=torch.float16, device="meta")
+            with pytest.raises(ValueError, match=rf"{be} backend supports a batch size .* at most 65535"):
+                ro.attention(mq, mq, mq, backend=be)
+    mq = torch.empty(65535, 2, 4, 64, dtype=torch.float16, device="meta")  # B·H > 65535 is fine
+    assert ro.attention(mq, mq[:, :1], mq[:, :1], backend="triton").shape == mq.shape
     c = torch.randn(1, 2, 4, 64, dtype=torch.float16)
     with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
         ro.attention(c, c, c, backend="cuda")
