@@ -111,8 +111,8 @@ def _add_ours_and_compile(case: Case, call: Callable, compile_ok: bool):
 
 def _ce_case(N, V, dtype, size, priority=False):
     e = torch.tensor([], dtype=dtype).element_size()
-    # fwd: read logits once (N·V·e) + targets (8N), write loss and lse (8N).
-    # bwd: read logits and write the gradient (2·N·V·e) + targets, lse, grad_loss (16N).
+    # fwd: read logits once (N·V·e) + targets (8N), write loss (4N) and lse = (m, log s) (8N).
+    # bwd: read logits and write the gradient (2·N·V·e) + targets, lse, grad_loss (20N).
     nv = N * V
     case = Case(
         op="cross_entropy", family="cross_entropy", shape={"N": N, "V": V}, dtype=dtype, x=V,
@@ -123,7 +123,7 @@ def _ce_case(N, V, dtype, size, priority=False):
         diff=lambda out: [out],
         # softmax cross-entropy ≈ 3 FLOP per logit forward (max/sub, exp, add), 4 backward.
         flop={"fwd": 3 * nv, "bwd": 4 * nv, "fwd+bwd": 7 * nv},
-        bytes={"fwd": nv * e + 16 * N, "bwd": 2 * nv * e + 16 * N, "fwd+bwd": 3 * nv * e + 32 * N},
+        bytes={"fwd": nv * e + 20 * N, "bwd": 2 * nv * e + 20 * N, "fwd+bwd": 3 * nv * e + 40 * N},
         bound="memory", priority=priority)
 
     def call(inp, backend):
@@ -158,7 +158,7 @@ def _lce_case(N, d, V, dtype, size, priority=False):
         diff=lambda out: [out],
         flop={"fwd": 2 * N * d * V, "bwd": 4 * N * d * V, "fwd+bwd": 6 * N * d * V},
         # fwd reads hidden and weight; bwd reads them again and writes dh and dW.
-        bytes={"fwd": io + 16 * N, "bwd": 2 * io + 16 * N, "fwd+bwd": 3 * io + 32 * N},
+        bytes={"fwd": io + 20 * N, "bwd": 2 * io + 20 * N, "fwd+bwd": 3 * io + 40 * N},
         bound="compute", priority=priority)
 
     def call(inp, backend):

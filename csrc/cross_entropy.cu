@@ -3,8 +3,11 @@
 //
 // Forward per row: each thread keeps an online-softmax state (m, s = Σ exp(x − m)) and Σ x over
 // its strided share of the row; the block merges them, then
-//   lse = m + log s,  loss = lse − (1−ε)·x_t − ε·Σx/V   (0 if ignored, NaN if t is out of range).
-// Backward per element: dx_j = g · (exp(x_j − lse) − (1−ε)·[j = t] − ε/V), written in the
+//   loss = lse − (1−ε)·x_t − ε·Σx/V = log s + (1−ε)·(m − x_t) + ε·(m − Σx/V)
+// (0 if ignored, NaN if t is out of range). lse = m + log s is saved as the pair (m, log s),
+// [N, 2]: rounding m + log s to float would cost ulp(m)/2 (5e-4 at |x| ~ 1e4) in every
+// exp(x − lse) of the backward, while x − m is exact for the logits that matter.
+// Backward per element: dx_j = g · (exp((x_j − m) − log s) − (1−ε)·[j = t] − ε/V), written in the
 // logits dtype; ``out`` may alias ``logits`` (in-place backward), so neither is __restrict__.
 #include "common.cuh"
 
@@ -32,7 +35,7 @@ ce_fwd_kernel(const scalar_t* __restrict__ x, int64_t stride, const int64_t* __r
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       v[j] = static_cast<acc_t>(p.v[j]);
-      vmax = max(vmax, v[j]);
+      vmax = max_nan(vmax, v[j]);
       sx += v[j];
     }
     if (vmax == neg_inf<acc_t>()) continue;
@@ -48,19 +51,21 @@ ce_fwd_kernel(const scalar_t* __restrict__ x, int64_t stride, const int64_t* __r
   }
   block_reduce_softmax(st, sx, smem);
   if (threadIdx.x == 0) {
-    const acc_t lse = st.m + log(st.s);  // all −inf: −inf + log 0 = −inf
+    const acc_t log_s = log_sum(st.s);  // all −inf: log 0 = −inf
+    const acc_t shift = st.m == neg_inf<acc_t>() ? acc_t(0) : st.m;
     const int64_t t = target[row];
     acc_t l = 0;
     if (t != ignore_index) {
       if (t < 0 || t >= V) {
         l = NAN;
       } else {
-        l = lse - (acc_t(1) - eps) * static_cast<acc_t>(xr[t]);
-        if (eps > 0) l -= eps * sx / static_cast<acc_t>(V);
+        l = log_s + (acc_t(1) - eps) * (shift - static_cast<acc_t>(xr[t]));
+        if (eps > 0) l += eps * (shift - sx / static_cast<acc_t>(V));
       }
     }
     loss[row] = l;
-    lse_out[row] = lse;
+    lse_out[2 * row] = shift;
+    lse_out[2 * row + 1] = log_s;
   }
 }
 
@@ -75,14 +80,14 @@ ce_bwd_kernel(const scalar_t* x, int64_t stride_x, scalar_t* dx, int64_t stride_
   const bool valid = t != ignore_index;
   const bool in_range = t >= 0 && t < V;
   const acc_t g = grad[row * stride_g];
-  const acc_t lse = lse_in[row];
+  const acc_t shift = lse_in[2 * row], log_s = lse_in[2 * row + 1];
   const acc_t off = eps / static_cast<acc_t>(V);
   const scalar_t* xr = x + row * stride_x;
   scalar_t* dr = dx + row * stride_dx;
   auto grad_of = [&](acc_t v, int64_t col) -> acc_t {
     if (!valid) return acc_t(0);
     if (!in_range) return acc_t(NAN);
-    acc_t d = exp(v - lse) - off;
+    acc_t d = exp((v - shift) - log_s) - off;
     if (col == t) d -= acc_t(1) - eps;
     return d * g;
   };
@@ -118,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits, c
   const int64_t N = logits.size(0), V = logits.size(1);
   const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor loss = at::empty({N}, logits.options().dtype(acc));
-  at::Tensor lse = at::empty({N}, logits.options().dtype(acc));
+  at::Tensor lse = at::empty({N, 2}, logits.options().dtype(acc));  // (m, log s) per row
   if (N == 0) return {loss, lse};
   const int vec = pick_vec(logits, logits.stride(0), V);
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -143,8 +148,17 @@ void cross_entropy_bwd(const at::Tensor& grad, const at::Tensor& logits, const a
                        double label_smoothing) {
   check_inputs("cross_entropy_bwd", logits, target_);
   const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  RLHF_CHECK_CUDA("cross_entropy_bwd", "grad", grad);
+  RLHF_CHECK_CUDA("cross_entropy_bwd", "lse", lse);
+  RLHF_CHECK_CUDA("cross_entropy_bwd", "out", out);
   RLHF_CHECK_DTYPE("cross_entropy_bwd", "grad", grad, acc);
   RLHF_CHECK_DTYPE("cross_entropy_bwd", "lse", lse, acc);
+  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == logits.size(0),
+              "rlhf_ops_cuda.cross_entropy_bwd: grad must have shape [N] = [", logits.size(0),
+              "], got ", grad.sizes());
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == logits.size(0) && lse.size(1) == 2,
+              "rlhf_ops_cuda.cross_entropy_bwd: lse must have shape [N, 2] = [", logits.size(0),
+              ", 2], got ", lse.sizes());
   TORCH_CHECK(out.sizes() == logits.sizes() && out.scalar_type() == logits.scalar_type() &&
                   (out.size(0) == 0 || out.stride(1) == 1),
               "rlhf_ops_cuda.cross_entropy_bwd: out must match logits in shape and dtype");

@@ -29,7 +29,7 @@ template <typename T>
 struct EntState {
   T m, s, h;
   __device__ __forceinline__ void merge(T m2, T s2, T h2) {
-    const T M = max(m, m2);
+    const T M = max_nan(m, m2);
     if (M == neg_inf<T>()) return;  // both empty
     const T a1 = exp(m - M), a2 = exp(m2 - M);
     const T d1 = m == neg_inf<T>() ? T(0) : m - M;  // avoids 0·(−inf) for an empty side
@@ -45,7 +45,7 @@ template <typename T, int VEC>
 __device__ __forceinline__ void fold(EntState<T>& st, const T (&v)[VEC]) {
   T vmax = neg_inf<T>();
 #pragma unroll
-  for (int j = 0; j < VEC; ++j) vmax = max(vmax, v[j]);
+  for (int j = 0; j < VEC; ++j) vmax = max_nan(vmax, v[j]);
   if (vmax == neg_inf<T>()) return;
   T vs = 0, vh = 0;
 #pragma unroll
@@ -62,7 +62,7 @@ template <typename T, int VEC>
 __device__ __forceinline__ void fold(SoftmaxState<T>& st, const T (&v)[VEC]) {
   T vmax = neg_inf<T>();
 #pragma unroll
-  for (int j = 0; j < VEC; ++j) vmax = max(vmax, v[j]);
+  for (int j = 0; j < VEC; ++j) vmax = max_nan(vmax, v[j]);
   if (vmax == neg_inf<T>()) return;
   T vs = 0;
 #pragma unroll
@@ -170,7 +170,7 @@ kl_fwd_kernel(const scalar_t* __restrict__ x, int64_t stride_x, const scalar_t* 
   const int64_t t = tokens[row];
   const bool ok = t >= 0 && t < V;
   const acc_t shift = st.m == neg_inf<acc_t>() ? acc_t(0) : st.m;  // all −inf: lse = 0 + log 0
-  const acc_t log_s = log(st.s);
+  const acc_t log_s = log_sum(st.s);
   const acc_t logp = ok ? (static_cast<acc_t>(xr[t]) * inv_t - shift) - log_s : acc_t(NAN);
   logp_out[row] = logp;
   lse_out[row] = shift;
@@ -178,7 +178,7 @@ kl_fwd_kernel(const scalar_t* __restrict__ x, int64_t stride_x, const scalar_t* 
   if constexpr (HAS_REF) {
     ent_out[row] = log_s - st.h / st.s;  // lse − Σ p·y
     const acc_t rshift = rs.m == neg_inf<acc_t>() ? acc_t(0) : rs.m;
-    const acc_t ref = ok ? (static_cast<acc_t>(rr[t]) * inv_t - rshift) - log(rs.s) : acc_t(NAN);
+    const acc_t ref = ok ? (static_cast<acc_t>(rr[t]) * inv_t - rshift) - log_sum(rs.s) : acc_t(NAN);
     const acc_t d = logp - ref;
     const acc_t kl = estimator == 1 ? d : estimator == 2 ? acc_t(0.5) * d * d : k3(d);
     ref_out[row] = ref;

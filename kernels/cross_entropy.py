@@ -7,11 +7,14 @@ Forward, two launches and no host sync:
      plus Σ x for label smoothing. Rows up to CHUNK wide use one program; wider rows
      (vocabularies above 65,536 or few rows) are split over several programs.
   2. ``_ce_combine``: one program per row merges the chunk states,
-         lse = M + log Σ_c s_c·exp(m_c − M),
-     reads the target logit and writes loss = lse − (1−ε)·x_t − ε·Σx/V (0 when ignored, NaN when
-     the target is out of range) and lse.
+         lse = M + log S,  S = Σ_c s_c·exp(m_c − M),
+     reads the target logit and writes
+         loss = lse − (1−ε)·x_t − ε·Σx/V = log S + (1−ε)·(M − x_t) + ε·(M − Σx/V)
+     (0 when ignored, NaN when the target is out of range) and lse as the pair (M, log S), [N, 2]:
+     in fp32, M + log S rounded would cost ulp(M)/2 (5e-4 at |x| ~ 1e4) in every exp(x − lse)
+     of the backward, while x − M is exact for the logits that carry the probability.
 Backward, one launch, grid (rows, V / BLOCK):
-     dx_j = g · (exp(x_j − lse) − (1−ε)·[j = t] − ε/V)
+     dx_j = g · (exp((x_j − M) − log S) − (1−ε)·[j = t] − ε/V)
 written in the logits dtype, into a new tensor or over the logits (in-place mode).
 """
 import torch
@@ -59,19 +62,20 @@ def _ce_combine(x_ptr, stride_x, t_ptr, m_ptr, s_ptr, sx_ptr, loss_ptr, lse_ptr,
     sx = tl.load(sx_ptr + row * n_chunks + c, mask=have, other=0.0)
     big = tl.max(m, 0)
     shift = tl.where(big == float("-inf"), 0.0, big)
-    lse = shift + tl.log(tl.sum(s * tl.exp(m - shift), 0))
+    log_s = tl.log(tl.sum(s * tl.exp(m - shift), 0))
     t = tl.load(t_ptr + row)
     valid = t != ignore_index
     in_range = (t >= 0) & (t < V)
     xt = to_acc(tl.load(x_ptr + row * stride_x + t, mask=valid & in_range, other=0.0), ACC_FP64)
     eps_a = eps + to_acc(tl.zeros((), tl.float32), ACC_FP64)
-    loss = lse - (1.0 - eps_a) * xt
+    loss = log_s + (1.0 - eps_a) * (shift - xt)
     if eps > 0:
-        loss -= eps_a * tl.sum(sx, 0) / (V + to_acc(tl.zeros((), tl.float32), ACC_FP64))
+        loss += eps_a * (shift - tl.sum(sx, 0) / (V + to_acc(tl.zeros((), tl.float32), ACC_FP64)))
     loss = tl.where(in_range, loss, float("nan"))
     loss = tl.where(valid, loss, 0.0)
     tl.store(loss_ptr + row, loss)
-    tl.store(lse_ptr + row, lse)
+    tl.store(lse_ptr + 2 * row, shift)
+    tl.store(lse_ptr + 2 * row + 1, log_s)
 
 
 @triton.jit
@@ -83,23 +87,25 @@ def _ce_backward(x_ptr, stride_x, dx_ptr, stride_dx, t_ptr, lse_ptr, g_ptr, stri
     t = tl.load(t_ptr + row)
     valid = t != ignore_index
     in_range = (t >= 0) & (t < V)
-    lse = tl.load(lse_ptr + row)
+    shift = tl.load(lse_ptr + 2 * row)
+    log_s = tl.load(lse_ptr + 2 * row + 1)
     g = to_acc(tl.load(g_ptr + row * stride_g), ACC_FP64)
     x = to_acc(tl.load(x_ptr + row * stride_x + cols, mask=inside, other=float("-inf")), ACC_FP64)
     # ∂loss/∂x_j = softmax_j − (1−ε)·[j = t] − ε/V
     eps_a = eps + to_acc(tl.zeros((), tl.float32), ACC_FP64)
-    dx = tl.exp(x - lse) - tl.where(cols == t, 1.0 - eps_a, 0.0) - eps_a / (V + to_acc(tl.zeros((), tl.float32), ACC_FP64))
+    dx = tl.exp((x - shift) - log_s) - tl.where(cols == t, 1.0 - eps_a, 0.0) - eps_a / (V + to_acc(tl.zeros((), tl.float32), ACC_FP64))
     dx = tl.where(in_range, dx * g, float("nan"))
     dx = tl.where(valid, dx, 0.0)
     tl.store(dx_ptr + row * stride_dx + cols, dx.to(dx_ptr.dtype.element_ty), mask=inside)
 
 
 def forward(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, label_smoothing: float):
-    """logits [N, V] (unit column stride), target [N] → (loss [N], lse [N]) in fp32/fp64."""
+    """logits [N, V] (unit column stride), target [N] → (loss [N], lse [N, 2] = (M, log S)),
+    fp32 (fp64 for fp64 logits)."""
     N, V = logits.shape
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     loss = torch.empty(N, dtype=acc, device=logits.device)
-    lse = torch.empty(N, dtype=acc, device=logits.device)
+    lse = torch.empty(N, 2, dtype=acc, device=logits.device)
     if N == 0:
         return loss, lse
     chunk, block = row_blocks(N, V)

@@ -9,8 +9,10 @@ Op pattern (every op module follows it):
     torch.compile, ``register_autograd`` wires the backward op.
 
 Forward per row (fp32 accumulation, fp64 for fp64 logits):
-    lse  = log Σ_j exp(x_j)                     (online softmax, one read of the row)
-    loss = lse − (1−ε)·x_t − ε·mean_j x_j       (label smoothing ε; 0 for ignored rows)
+    lse  = m + log Σ_j exp(x_j − m), m = max_j x_j     (online softmax, one read of the row)
+    loss = lse − (1−ε)·x_t − ε·mean_j x_j              (label smoothing ε; 0 for ignored rows)
+saving lse as the pair (m, log Σ) per row, [N, 2], so that neither the loss nor the backward's
+softmax_j = exp((x_j − m) − log Σ) pays for rounding m + log Σ (ulp(m)/2 in fp32).
 Backward per element:
     ∂loss/∂x_j = g · (softmax_j − (1−ε)·[j = t] − ε/V)
 """
@@ -41,7 +43,7 @@ def _impl_bwd(backend: str):
 @torch.library.custom_op("rlhf_ops::cross_entropy_fwd", mutates_args=())
 def cross_entropy_fwd(logits: Tensor, target: Tensor, ignore_index: int, label_smoothing: float,
                       inplace_backward: bool, backend: str) -> tuple[Tensor, Tensor]:
-    """logits [N, V] (unit stride over V), target [N] int64 → (loss [N], lse [N]) in acc dtype.
+    """logits [N, V] (unit stride over V), target [N] int64 → (loss [N], lse [N, 2]) in acc dtype.
     ``inplace_backward`` only tells the backward where to write."""
     if _backend.debug_checks(logits.device):
         _checks.in_range(OP, "target", target, 0, logits.shape[1], ignore=ignore_index)
@@ -52,7 +54,7 @@ def cross_entropy_fwd(logits: Tensor, target: Tensor, ignore_index: int, label_s
 def _(logits, target, ignore_index, label_smoothing, inplace_backward, backend):
     acc = _checks.acc_dtype(logits.dtype)
     n = logits.shape[0]
-    return logits.new_empty((n,), dtype=acc), logits.new_empty((n,), dtype=acc)
+    return logits.new_empty((n,), dtype=acc), logits.new_empty((n, 2), dtype=acc)
 
 
 @torch.library.custom_op("rlhf_ops::cross_entropy_bwd", mutates_args=())
@@ -159,13 +161,13 @@ def _chunk_rows(n_rows: int, vocab: int, budget_bytes: int = 256 << 20) -> int:
 def linear_cross_entropy_fwd(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
                              ignore_index: int, label_smoothing: float, backend: str
                              ) -> tuple[Tensor, Tensor]:
-    """hidden [N, d], weight [V, d] → (loss [N], lse [N]); logits exist one row-chunk at a time."""
+    """hidden [N, d], weight [V, d] → (loss [N], lse [N, 2]); logits exist one row-chunk at a time."""
     N, V = hidden.shape[0], weight.shape[0]
     if _backend.debug_checks(hidden.device):
         _checks.in_range("linear_cross_entropy", "target", target, 0, V, ignore=ignore_index)
     acc = _checks.acc_dtype(hidden.dtype)
     loss = hidden.new_empty((N,), dtype=acc)
-    lse = hidden.new_empty((N,), dtype=acc)
+    lse = hidden.new_empty((N, 2), dtype=acc)
     fwd = _impl_fwd(backend)
     step = _chunk_rows(N, V)
     for s in range(0, N, step):
@@ -178,7 +180,7 @@ def linear_cross_entropy_fwd(hidden: Tensor, weight: Tensor, bias: Tensor | None
 def _(hidden, weight, bias, target, ignore_index, label_smoothing, backend):
     acc = _checks.acc_dtype(hidden.dtype)
     n = hidden.shape[0]
-    return hidden.new_empty((n,), dtype=acc), hidden.new_empty((n,), dtype=acc)
+    return hidden.new_empty((n,), dtype=acc), hidden.new_empty((n, 2), dtype=acc)
 
 
 @torch.library.custom_op("rlhf_ops::linear_cross_entropy_bwd", mutates_args=())

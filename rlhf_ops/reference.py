@@ -143,6 +143,8 @@ def kl_penalty(logits, ref_logits, tokens, beta, estimator="k1", mask=None, temp
         ref_logprobs = token_logprobs(ref_logits, tokens, temperature).to(logprobs.dtype)
         p = logp_all.exp()
         entropy = -torch.where(p > 0, p * logp_all, torch.zeros((), dtype=p.dtype, device=p.device)).sum(-1)
+        # a row without a distribution (a NaN logit, or every logit −inf) has none: NaN, as its log-prob
+        entropy = torch.where(logp_all.isnan().any(-1), torch.full_like(entropy, float("nan")), entropy)
     log_ratio = logprobs - ref_logprobs
     kl = kl_from_log_ratio(log_ratio, estimator)
     m = torch.ones_like(kl) if mask is None else mask.to(kl.dtype)

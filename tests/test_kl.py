@@ -311,6 +311,28 @@ def test_nothing_of_size_v_saved(name):
     _check_saved(lambda: ro.token_logprobs(x, t, backend=name), name, B, T, V, 3)
 
 
+def test_all_minus_inf_row_has_nan_entropy(backend, device):
+    """A row whose logits are all −inf has no distribution: log-prob and entropy are NaN."""
+    logits, ref = torch.randn(1, 2, 40, device=device), torch.randn(1, 2, 40, device=device)
+    logits[0, 0] = float("-inf")
+    kp = ro.kl_penalty(logits, ref, torch.tensor([[3, 4]], device=device), beta=0.1, backend=backend)
+    assert torch.isnan(kp.logprobs[0, 0]) and torch.isnan(kp.entropy[0, 0])
+    assert torch.isfinite(kp.entropy[0, 1]) and torch.isfinite(kp.logprobs[0, 1])
+
+
+def test_nan_logit_gives_nan(backend, device):
+    """A NaN in a policy row makes its log-prob NaN (as eager), never a finite number."""
+    logits, ref = torch.randn(2, 3, 700, device=device), torch.randn(2, 3, 700, device=device)
+    logits[0, 0, 0] = float("nan")
+    logits[1, 2, 400] = float("nan")
+    tokens = torch.randint(0, 700, (2, 3), device=device)
+    lp = ro.token_logprobs(logits, tokens, backend=backend)
+    kp = ro.kl_penalty(logits, ref, tokens, beta=0.1, backend=backend)
+    for t in (lp, kp.logprobs, kp.kl, kp.entropy):
+        assert torch.isnan(t[0, 0]) and torch.isnan(t[1, 2])
+        assert torch.isfinite(t[0, 1:]).all() and torch.isfinite(t[1, :2]).all()
+
+
 @pytest.mark.parametrize("shape", [(0, 4), (2, 0)])
 def test_empty_batch(backend, device, shape):
     x = torch.randn(*shape, 13, device=device, requires_grad=True)
