@@ -3,7 +3,7 @@
 //
 // Forward per row: each thread keeps an online-softmax state (m, s = Σ exp(x − m)) and Σ x over
 // its strided share of the row; the block merges them, then
-//   loss = lse − (1−ε)·x_t − ε·Σx/V = log s + (1−ε)·(m − x_t) + ε·(m − Σx/V)
+//   loss = lse − (1−ε)·x_t − ε·Σx/V = log s + (1−ε)·(m − x_t) + ε·(m − x_0 − Σ(x − x_0)/V)
 // (0 if ignored, NaN if t is out of range). lse = m + log s is saved as the pair (m, log s),
 // [N, 2]: rounding m + log s to float would cost ulp(m)/2 (5e-4 at |x| ~ 1e4) in every
 // exp(x − lse) of the backward, while x − m is exact for the logits that matter.
@@ -25,6 +25,10 @@ ce_fwd_kernel(const scalar_t* __restrict__ x, int64_t stride, const int64_t* __r
   const int64_t row = blockIdx.x;
   const scalar_t* xr = x + row * stride;
   SoftmaxState<acc_t> st{neg_inf<acc_t>(), acc_t(0)};
+  // Σ (x − x_0) for label smoothing, x_0 = the row's first logit if finite (else 0): a sum of V raw
+  // float logits near 1e4 would round at ulp(V·1e4), far above eager's error.
+  const acc_t first = V > 0 ? static_cast<acc_t>(xr[0]) : acc_t(0);
+  const acc_t x0 = isfinite(first) ? first : acc_t(0);
   acc_t sx = 0;
   const int64_t nvec = V / VEC;
   const Pack<scalar_t, VEC>* xv = reinterpret_cast<const Pack<scalar_t, VEC>*>(xr);
@@ -36,7 +40,7 @@ ce_fwd_kernel(const scalar_t* __restrict__ x, int64_t stride, const int64_t* __r
     for (int j = 0; j < VEC; ++j) {
       v[j] = static_cast<acc_t>(p.v[j]);
       vmax = max_nan(vmax, v[j]);
-      sx += v[j];
+      sx += v[j] - x0;
     }
     if (vmax == neg_inf<acc_t>()) continue;
     acc_t vs = 0;
@@ -46,7 +50,7 @@ ce_fwd_kernel(const scalar_t* __restrict__ x, int64_t stride, const int64_t* __r
   }
   for (int64_t i = nvec * VEC + threadIdx.x; i < V; i += kThreads) {  // tail (VEC == 1 covers all)
     acc_t v = static_cast<acc_t>(xr[i]);
-    sx += v;
+    sx += v - x0;
     if (v != neg_inf<acc_t>()) st.merge(v, acc_t(1));
   }
   block_reduce_softmax(st, sx, smem);
@@ -60,7 +64,7 @@ ce_fwd_kernel(const scalar_t* __restrict__ x, int64_t stride, const int64_t* __r
         l = NAN;
       } else {
         l = log_s + (acc_t(1) - eps) * (shift - static_cast<acc_t>(xr[t]));
-        if (eps > 0) l += eps * (shift - sx / static_cast<acc_t>(V));
+        if (eps > 0) l += eps * ((shift - x0) - sx / static_cast<acc_t>(V));
       }
     }
     loss[row] = l;

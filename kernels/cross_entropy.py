@@ -4,12 +4,13 @@ Forward, two launches and no host sync:
   1. ``_ce_partial``: grid (rows, chunks). Each program streams its chunk of the row in BLOCK
      tiles and keeps the online-softmax state (m, s) with s = Σ exp(x − m):
          m' = max(m, max(tile)),  s' = s·exp(m − m') + Σ exp(tile − m')
-     plus Σ x for label smoothing. Rows up to CHUNK wide use one program; wider rows
+     plus Σ (x − x_0) for label smoothing (x_0 = the row's first logit if finite, else 0: a sum of
+     V raw fp32 logits near 1e4 would lose ulp(V·1e4) ≫ eager's error). Rows up to CHUNK wide use one program; wider rows
      (vocabularies above 65,536 or few rows) are split over several programs.
   2. ``_ce_combine``: one program per row merges the chunk states,
          lse = M + log S,  S = Σ_c s_c·exp(m_c − M),
      reads the target logit and writes
-         loss = lse − (1−ε)·x_t − ε·Σx/V = log S + (1−ε)·(M − x_t) + ε·(M − Σx/V)
+         loss = lse − (1−ε)·x_t − ε·Σx/V = log S + (1−ε)·(M − x_t) + ε·(M − x_0 − Σ(x − x_0)/V)
      (0 when ignored, NaN when the target is out of range) and lse as the pair (M, log S), [N, 2]:
      in fp32, M + log S rounded would cost ulp(M)/2 (5e-4 at |x| ~ 1e4) in every exp(x − lse)
      of the backward, while x − M is exact for the logits that carry the probability.
@@ -26,6 +27,13 @@ from ._common import row_blocks, to_acc
 
 
 @triton.jit
+def _pivot(base, V, ACC_FP64: tl.constexpr):
+    """x_0: the row's first logit when it is finite, else 0 (the label-smoothing sum's offset)."""
+    x0 = to_acc(tl.load(base, mask=V > 0, other=0.0), ACC_FP64)
+    return tl.where((x0 == x0) & (tl.abs(x0) < float("inf")), x0, 0.0)
+
+
+@triton.jit
 def _ce_partial(x_ptr, stride_x, m_ptr, s_ptr, sx_ptr, V, n_chunks,
                 CHUNK: tl.constexpr, BLOCK: tl.constexpr, ACC_FP64: tl.constexpr):
     row = tl.program_id(0)
@@ -34,6 +42,7 @@ def _ce_partial(x_ptr, stride_x, m_ptr, s_ptr, sx_ptr, V, n_chunks,
     m = to_acc(tl.full((), float("-inf"), tl.float32), ACC_FP64)
     s = to_acc(tl.zeros((), tl.float32), ACC_FP64)
     sx = to_acc(tl.zeros((), tl.float32), ACC_FP64)
+    x0 = _pivot(base, V, ACC_FP64)
     for off in range(0, CHUNK, BLOCK):
         cols = chunk * CHUNK + off + tl.arange(0, BLOCK)
         inside = cols < V
@@ -43,7 +52,7 @@ def _ce_partial(x_ptr, stride_x, m_ptr, s_ptr, sx_ptr, V, n_chunks,
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), 0)
         m = m_new
-        sx += tl.sum(tl.where(inside, x, 0.0), 0)
+        sx += tl.sum(tl.where(inside, x - x0, 0.0), 0)
     i = row.to(tl.int64) * n_chunks + chunk
     tl.store(m_ptr + i, m)
     tl.store(s_ptr + i, s)
@@ -70,7 +79,8 @@ def _ce_combine(x_ptr, stride_x, t_ptr, m_ptr, s_ptr, sx_ptr, loss_ptr, lse_ptr,
     eps_a = eps + to_acc(tl.zeros((), tl.float32), ACC_FP64)
     loss = log_s + (1.0 - eps_a) * (shift - xt)
     if eps > 0:
-        loss += eps_a * (shift - tl.sum(sx, 0) / (V + to_acc(tl.zeros((), tl.float32), ACC_FP64)))
+        x0 = _pivot(x_ptr + row * stride_x, V, ACC_FP64)
+        loss += eps_a * ((shift - x0) - tl.sum(sx, 0) / (V + to_acc(tl.zeros((), tl.float32), ACC_FP64)))
     loss = tl.where(in_range, loss, float("nan"))
     loss = tl.where(valid, loss, 0.0)
     tl.store(loss_ptr + row, loss)

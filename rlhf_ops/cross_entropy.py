@@ -119,6 +119,14 @@ def _flatten(op, logits, target, ignore_index, reduction, label_smoothing):
         raise TypeError(f"rlhf_ops.{op}: ignore_index must be an int, got {type(ignore_index).__name__}")
 
 
+def _reference_range_check(op: str, target: Tensor, V: int, ignore_index: int) -> None:
+    """The fused ops check targets inside their custom op; eager gather would fail with an
+    index error that does not name ``target``, so the reference path checks first (not while
+    torch.compile traces: a value check is a host sync)."""
+    if _backend.debug_checks(target.device) and not torch.compiler.is_compiling():
+        _checks.in_range(op, "target", target, 0, V, ignore=ignore_index)
+
+
 def _reduce(loss: Tensor, target: Tensor, ignore_index: int, reduction: str, shape) -> Tensor:
     valid = target != ignore_index
     return reference._reduce_rows(loss, valid, reduction, shape)
@@ -139,12 +147,13 @@ def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100,
     _flatten(OP, logits, target, ignore_index, reduction, label_smoothing)
     be = _backend.resolve(OP, backend, logits.device)
     if be == "reference":
+        _reference_range_check(OP, target, logits.shape[-1], ignore_index)
         return reference.cross_entropy(logits, target, ignore_index, reduction, label_smoothing)
     V = logits.shape[-1]
     x = logits.reshape(-1, V)
     if x.shape[0] > 0 and x.stride(-1) != 1:
         x = x.contiguous()
-    t = target.reshape(-1)
+    t = target.reshape(-1).contiguous()        # the kernels index targets by row
     loss, _ = torch.ops.rlhf_ops.cross_entropy_fwd(x, t, ignore_index, float(label_smoothing),
                                                    bool(inplace_backward), be)
     return _reduce(loss, t, ignore_index, reduction, target.shape)
@@ -256,12 +265,15 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, *, bias
                          f"{tuple(hidden.shape[:-1])}, got {tuple(target.shape)}")
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise ValueError(f"rlhf_ops.{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
+    if not isinstance(ignore_index, int):
+        raise TypeError(f"rlhf_ops.{op}: ignore_index must be an int, got {type(ignore_index).__name__}")
     be = _backend.resolve(op, backend, hidden.device)
     if be == "reference":
+        _reference_range_check(op, target, weight.shape[0], ignore_index)
         return reference.linear_cross_entropy(hidden, weight, target, bias, ignore_index,
                                               reduction, label_smoothing)
     h = hidden.reshape(-1, hidden.shape[-1])
-    t = target.reshape(-1)
+    t = target.reshape(-1).contiguous()
     loss, _ = torch.ops.rlhf_ops.linear_cross_entropy_fwd(h, weight, bias, t, ignore_index,
                                                           float(label_smoothing), be)
     return _reduce(loss, t, ignore_index, reduction, target.shape)

@@ -34,6 +34,9 @@ def cross_entropy(logits, target, ignore_index=-100, reduction="mean", label_smo
     x = logits.reshape(-1, V).to(acc_dtype(logits.dtype))
     t = target.reshape(-1)
     valid = t != ignore_index
+    # an ignored row takes no part: zeroing it first keeps a row of −inf logits from turning its
+    # (unused) log-softmax into NaN, which autograd would carry into the gradient
+    x = torch.where(valid[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
     logp = torch.log_softmax(x, dim=-1)
     nll = -logp.gather(1, torch.where(valid, t, 0)[:, None]).squeeze(1)
     loss = nll
@@ -157,6 +160,8 @@ def ppo_rewards(penalty, scores, mask):
     sequence's last real token (the last position where ``mask`` is set). A row whose mask is
     all zero gets no score."""
     T = penalty.shape[-1]
+    if T == 0:                                # no token: nothing to add the score to
+        return penalty.clone()
     pos = torch.arange(T, device=penalty.device)
     last = torch.where(mask.bool(), pos, torch.full_like(pos, -1)).amax(-1)
     has = (last >= 0).to(penalty.dtype)

@@ -93,11 +93,14 @@ def test_extreme_and_minus_inf_logits(backend, device):
 
 
 @pytest.mark.parametrize("ls", [0.0, 0.1])
-def test_fp32_logits_near_1e4_no_worse_than_eager(backend, device, ls):
+@pytest.mark.parametrize("far", [False, True])
+def test_fp32_logits_near_1e4_no_worse_than_eager(backend, device, ls, far):
     """Near-tied fp32 logits of ~1e4: rounding lse = m + log s to fp32 would cost ulp(1e4)/2 ≈ 5e-4
-    in every softmax of the backward; the kernels keep (m, log s) apart and match eager."""
+    in every softmax of the backward, and a label-smoothing sum of V raw logits ulp(V·1e4); the
+    kernels keep (m, log s) apart and sum x − x_0, and match eager."""
     x = (1e4 + 2 * torch.randn(32, 300, dtype=torch.float64, device=device)).float()
-    x[:, ::7] = -1e4
+    if far:
+        x[:, ::7] = -1e4
     target = torch.randint(0, 300, (32,), device=device)
     ref64 = x.double().requires_grad_()
     ref = F.cross_entropy(ref64, target, reduction="none", label_smoothing=ls)
@@ -180,10 +183,37 @@ def test_out_of_range_target_raises_on_cpu(backend):
     if DEVICE != "cpu":
         pytest.skip("eager value checks run for CPU tensors (or with RLHF_OPS_DEBUG=1)")
     x = torch.randn(3, 10)
-    with pytest.raises(ValueError, match="target"):
-        ro.cross_entropy(x, torch.tensor([1, 10, 2]), backend=backend if backend != "reference" else "triton")
-    with pytest.raises(ValueError, match="target"):
-        ro.cross_entropy(x, torch.tensor([1, -5, 2]), backend="triton")
+    for bad in (10, -5):
+        with pytest.raises(ValueError, match=rf"cross_entropy: target holds {bad}, out of range \[0, 10\)"):
+            ro.cross_entropy(x, torch.tensor([1, bad, 2]), backend=backend)
+        with pytest.raises(ValueError, match=rf"linear_cross_entropy: target holds {bad}, out of range"):
+            ro.linear_cross_entropy(x, torch.randn(10, 10), torch.tensor([1, bad, 2]), backend=backend)
+
+
+def test_non_contiguous_targets(backend, device):
+    """Targets are read by row: a strided or expanded target is made contiguous first."""
+    x = torch.randn(6, 50, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(50, 50, dtype=torch.float64, device=device, requires_grad=True)
+    for t in (torch.randint(0, 50, (12,), device=device)[::2], torch.tensor([7], device=device).expand(6)):
+        assert not t.is_contiguous()
+        for ours, ref in ((lambda: ro.cross_entropy(x, t, reduction="none", backend=backend),
+                           lambda: F.cross_entropy(x, t, reduction="none")),
+                          (lambda: ro.linear_cross_entropy(x, w, t, reduction="none", backend=backend),
+                           lambda: F.cross_entropy(x @ w.T, t, reduction="none"))):
+            out, expect = ours(), ref()
+            torch.testing.assert_close(out, expect)
+            g = torch.randn(6, dtype=torch.float64, device=device)
+            torch.testing.assert_close(torch.autograd.grad(out, (x, w), g, allow_unused=True)[0],
+                                       torch.autograd.grad(expect, (x, w), g, allow_unused=True)[0])
+
+
+def test_ignored_rows_of_minus_inf_get_zero_gradient(backend, device):
+    """DESIGN.md: mean over zero non-ignored targets is 0 with a zero gradient — also when those
+    rows' logits are all −inf."""
+    x = torch.full((2, 30), float("-inf"), device=device, requires_grad=True)
+    loss = ro.cross_entropy(x, torch.tensor([-100, -100], device=device), backend=backend)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(x.grad, torch.zeros_like(x))
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the in-kernel NaN rule is for CUDA tensors (needs a GPU)")
@@ -210,6 +240,9 @@ def test_bad_inputs_raise(device):
         ro.cross_entropy(x, t, backend="tpu")
     with pytest.raises(ValueError, match="weight"):
         ro.linear_cross_entropy(torch.randn(4, 8, device=device), torch.randn(10, 7, device=device), t)
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        ro.linear_cross_entropy(torch.randn(4, 8, device=device), torch.randn(10, 8, device=device), t,
+                                ignore_index=-100.0)
 
 
 def test_unavailable_backends_are_errors(monkeypatch):

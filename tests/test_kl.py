@@ -457,6 +457,12 @@ def test_ppo_rewards(device, mask_dtype):
     assert out[1, 6] == penalty[1, 6] + scores[1] and out[4, 4] == penalty[4, 4] + scores[4]
 
 
+def test_ppo_rewards_no_tokens(device):
+    out = ro.ppo_rewards(torch.zeros(3, 0, device=device), torch.ones(3, device=device),
+                         torch.zeros(3, 0, dtype=torch.bool, device=device))
+    assert out.shape == (3, 0)
+
+
 def test_ppo_rewards_bad_shapes(device):
     p = torch.randn(2, 5, device=device)
     ones = torch.ones(2, 5, dtype=torch.bool, device=device)
