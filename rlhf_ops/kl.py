@@ -157,8 +157,8 @@ def _check_common(op, logits, tokens, temperature):
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"rlhf_ops.{op}: temperature must be a number, got "
                         f"{type(temperature).__name__}")
-    if not float(temperature) > 0.0:
-        raise ValueError(f"rlhf_ops.{op}: temperature must be > 0, got {temperature}")
+    if not 0.0 < float(temperature) < float("inf"):
+        raise ValueError(f"rlhf_ops.{op}: temperature must be a finite number > 0, got {temperature}")
 
 
 def _eager_token_check(op, tokens, V):

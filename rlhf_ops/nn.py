@@ -52,6 +52,9 @@ class CausalSelfAttention(nn.Module):
                  causal: bool = True, backend: str | None = None):
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        for name, val in (("d_model", d_model), ("n_heads", n_heads), ("n_kv_heads", n_kv_heads)):
+            if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
+                raise ValueError(f"CausalSelfAttention: {name} must be a positive int, got {val!r}")
         if d_model % n_heads:
             raise ValueError(f"CausalSelfAttention: d_model ({d_model}) must be a multiple of n_heads ({n_heads})")
         if n_heads % n_kv_heads:

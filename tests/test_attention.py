@@ -284,6 +284,9 @@ def test_bad_inputs_raise(device):
                 ro.attention(mq, mq, mq, backend=be)
     mq = torch.empty(65535, 2, 4, 64, dtype=torch.float16, device="meta")  # B·H > 65535 is fine
     assert ro.attention(mq, mq[:, :1], mq[:, :1], backend="triton").shape == mq.shape
+    for args, name in (((32, 0), "n_heads"), ((32, 2, 0), "n_kv_heads"), ((0, 2), "d_model")):
+        with pytest.raises(ValueError, match=f"{name} must be a positive int"):
+            CausalSelfAttention(*args)
     c = torch.randn(1, 2, 4, 64, dtype=torch.float16)
     with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
         ro.attention(c, c, c, backend="cuda")

@@ -382,6 +382,11 @@ def test_bad_inputs(backend, device, monkeypatch):
         kl(temperature=0.0)
     with pytest.raises(ValueError, match="temperature"):
         kl(temperature=-1.0)
+    for bad in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+            kl(temperature=bad)
+        with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+            ro.token_logprobs(x, t, temperature=bad, backend=backend)
     with pytest.raises(TypeError, match="beta"):
         kl(beta="0.1")
     with pytest.raises(ValueError, match="ref_logits"):
