@@ -1,6 +1,12 @@
 """Small Triton helpers shared by the kernel files."""
+import os
+
 import triton
 import triton.language as tl
+
+# Triton's CPU interpreter casts fp32 → bf16 by truncation, a GPU rounds to nearest even; under
+# the interpreter ``cast_out`` rounds first, so CPU results carry the same rounding as GPU ones.
+_INTERPRET_BF16_RNE = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 @triton.jit
@@ -12,6 +18,18 @@ def to_acc(x, ACC_FP64: tl.constexpr):
     else:
         y = x.to(tl.float32)
     return y
+
+
+@triton.jit
+def cast_out(x, dtype: tl.constexpr):
+    """x.to(dtype) with round-to-nearest-even also for bf16 under the interpreter:
+    add 0x7FFF plus the lowest kept bit to the fp32 bits, clear the 16 dropped bits (NaN kept)."""
+    if _INTERPRET_BF16_RNE and dtype == tl.bfloat16:
+        f = x.to(tl.float32)
+        b = f.to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+        x = tl.where(f != f, f, b.to(tl.float32, bitcast=True))
+    return x.to(dtype)
 
 
 MAX_CHUNK = 65536  # widest row slice one program sweeps

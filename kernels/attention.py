@@ -9,12 +9,14 @@ online-softmax state per row in fp32 (fp64 for fp64 inputs), in base 2 (u = s·l
     m' = max(m, max_j u_ij)           running max
     l' = l·2^(m − m') + Σ_j 2^(u_ij − m')    running sum
     acc' = acc·2^(m − m') + 2^(u − m') · v   rescaled accumulator
-    out = acc / l,  lse = (m + log2 l)·ln 2   (natural log-sum-exp, saved for backward)
+    out = acc / l,  and for backward the pair (m, log2 l): lse·log2 e = m + log2 l, kept apart
+    because m + log2 l rounded to fp32 costs ulp(m)/2 in every exp2(u − lse) of the backward
+    (≈ 0.2 % at scores ~1e4), while u − m is exact for the scores that carry the probability
 Key blocks wholly to the right of the diagonal are never visited (loop bound); key blocks wholly
 visible run without any mask; only blocks on the diagonal or at the end of S are masked.
-A row that sees no key (T > S) gets out = 0 and lse = +inf, so that backward's exp(s − lse) is 0.
+A row that sees no key (T > S) gets out = 0 and (m, log2 l) = (+inf, 0): backward's p is 0.
 
-Backward with P recomputed from q, k and lse (p_ij = exp(s_ij − lse_i)):
+Backward with P recomputed from q, k and (m, log2 l) (p_ij = 2^((u_ij − m_i) − log2 l_i)):
     delta_i = Σ_d dO_id · O_id                       (``_attn_bwd_delta``)
     dV_j = Σ_i p_ij dO_i,   dP_ij = dO_i·v_j,   dS_ij = p_ij (dP_ij − delta_i)
     dK_j = scale · Σ_i dS_ij q_i,   dQ_i = scale · Σ_j dS_ij k_j
@@ -135,7 +137,7 @@ def _key_range(start_m, T, S, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE,
+def _attn_fwd(Q, K, V, O, M2, L2,
               sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sob, soh, sot,
               H, G, T, S, scale_hi, scale_lo,
               HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
@@ -168,10 +170,12 @@ def _attn_fwd(Q, K, V, O, LSE,
                                qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, True, CAUSAL, FP64, PREC)
     empty = l_i == 0.0                       # rows that see no key
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("inf"), (m_i + _log2(l_i, FP64)) * LN2)
+    m_out = tl.where(empty, float("inf"), m_i)
+    l_out = tl.where(empty, 0.0, _log2(tl.where(empty, 1.0, l_i), FP64))
     o_ptrs = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + rows[:, None].to(tl.int64) * sot + dims[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(rows[:, None] < T) & (dims[None, :] < HEAD_DIM))
-    tl.store(LSE + bh.to(tl.int64) * T + rows, lse, mask=rows < T)
+    tl.store(M2 + bh.to(tl.int64) * T + rows, m_out, mask=rows < T)
+    tl.store(L2 + bh.to(tl.int64) * T + rows, l_out, mask=rows < T)
 
 
 # --------------------------------------------------------------------------------- backward ---
@@ -195,20 +199,27 @@ def _attn_bwd_delta(O, DO, DELTA, sob, soh, sot, sdb, sdh, sdt, H, T,
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdt, cols, lo, hi, T, S,
-                qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                MASK: tl.constexpr, CAUSAL: tl.constexpr, FP64: tl.constexpr, PREC: tl.constexpr):
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, m_base, l_base, delta_base, sqt, sdt, cols, lo, hi,
+                T, S, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                MASK: tl.constexpr, CAUSAL: tl.constexpr, FP64: tl.constexpr, PREC: tl.constexpr,
+                FWD_ORIENT: tl.constexpr):
     dims = tl.arange(0, BLOCK_D)
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
         q = _load_tile(q_base, rows, T, sqt, dims, HEAD_DIM)                   # [BM, D]
         do = _load_tile(do_base, rows, T, sdt, dims, HEAD_DIM)                 # [BM, D]
-        # Rows past T load q = dO = 0, lse = +inf (p = 0) and delta = 0, so they add nothing.
-        lse2 = tl.load(lse_base + rows, mask=rows < T, other=float("inf")) * LOG2E
+        # Rows past T load q = dO = 0, m = +inf (p = 0) and delta = 0, so they add nothing.
+        m2 = tl.load(m_base + rows, mask=rows < T, other=float("inf"))
+        l2 = tl.load(l_base + rows, mask=rows < T, other=0.0)
         delta = tl.load(delta_base + rows, mask=rows < T, other=0.0)
-        # Transposed tiles [BN, BM]: pᵀ_ji = exp(s_ij − lse_i).
-        ut = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
-        pt = _exp2(ut - lse2[None, :], FP64)
+        # Transposed tiles [BN, BM]: pᵀ_ji = 2^((u_ij − m_i) − log2 l_i). The interpreter's matmul
+        # rounds k·qᵀ and q·kᵀ differently (by an ulp of u, 0.3 % of p at scores ~1e4): there the
+        # scores are computed as the forward does.
+        if FWD_ORIENT:
+            ut = tl.trans(tl.dot(q, tl.trans(k), input_precision=PREC)) * qk_scale
+        else:
+            ut = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
+        pt = _exp2((ut - m2[None, :]) - l2[None, :], FP64)
         if MASK:  # keys past S (loaded as 0) and, when causal, key j visible to row i iff j ≤ i + S − T
             ok = cols[:, None] < S
             if CAUSAL:
@@ -222,12 +233,12 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdt, c
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
+def _attn_bwd_dkdv(Q, K, V, DO, M2, L2, DELTA, DK, DV,
                    sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sdb, sdh, sdt,
                    sdkb, sdkh, sdks, sdvb, sdvh, sdvs,
                    HQ, G, T, S, scale_hi, scale_lo,
                    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-                   FP64: tl.constexpr,
+                   FP64: tl.constexpr, FWD_ORIENT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     hk = tl.program_id(1)
@@ -259,12 +270,13 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
         h = hk * G + g
         q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
         do_base = DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
-        lse_base = LSE + (b.to(tl.int64) * HQ + h) * T
-        delta_base = DELTA + (b.to(tl.int64) * HQ + h) * T
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdt, cols,
-                             lo, mid, T, S, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_D, True, CAUSAL, FP64, PREC)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdt, cols,
-                             full, T, T, S, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_D, False, CAUSAL, FP64, PREC)
+        row0 = (b.to(tl.int64) * HQ + h) * T
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, M2 + row0, L2 + row0, DELTA + row0, sqt, sdt,
+                             cols, lo, mid, T, S, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_D, True, CAUSAL,
+                             FP64, PREC, FWD_ORIENT)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, M2 + row0, L2 + row0, DELTA + row0, sqt, sdt,
+                             cols, full, T, T, S, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_D, False, CAUSAL,
+                             FP64, PREC, FWD_ORIENT)
     dk = dk * scale
     smask = (cols[:, None] < S) & (dims[None, :] < HEAD_DIM)
     dk_ptrs = DK + b.to(tl.int64) * sdkb + hk.to(tl.int64) * sdkh + cols[:, None].to(tl.int64) * sdks + dims[None, :]
@@ -274,7 +286,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, svs, rows, lo, hi, T, S, qk_scale,
+def _dq_inner(dq, q, do, m2, l2, delta, k_base, v_base, sks, svs, rows, lo, hi, T, S, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               MASK: tl.constexpr, CAUSAL: tl.constexpr, FP64: tl.constexpr, PREC: tl.constexpr):
     dims = tl.arange(0, BLOCK_D)
@@ -283,7 +295,7 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, svs, rows, lo, hi, T,
         kt = _load_tile_t(k_base, cols, S, sks, dims, HEAD_DIM)                # [D, BN]
         vt = _load_tile_t(v_base, cols, S, svs, dims, HEAD_DIM)                # [D, BN]
         u = tl.dot(q, kt, input_precision=PREC) * qk_scale
-        p = _exp2(u - lse2[:, None], FP64)
+        p = _exp2((u - m2[:, None]) - l2[:, None], FP64)
         if MASK:  # keys past S (loaded as 0) and, when causal, right of the diagonal
             ok = cols[None, :] < S
             if CAUSAL:
@@ -296,7 +308,7 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, svs, rows, lo, hi, T,
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
+def _attn_bwd_dq(Q, K, V, DO, M2, L2, DELTA, DQ,
                  sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sdb, sdh, sdt, sdqb, sdqh, sdqt,
                  H, G, T, S, scale_hi, scale_lo,
                  HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
@@ -311,7 +323,8 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
     dims = tl.arange(0, BLOCK_D)
     q = _load_tile(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh, rows, T, sqt, dims, HEAD_DIM)
     do = _load_tile(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh, rows, T, sdt, dims, HEAD_DIM)
-    lse2 = tl.load(LSE + bh.to(tl.int64) * T + rows, mask=rows < T, other=float("inf")) * LOG2E
+    m2 = tl.load(M2 + bh.to(tl.int64) * T + rows, mask=rows < T, other=float("inf"))
+    l2 = tl.load(L2 + bh.to(tl.int64) * T + rows, mask=rows < T, other=0.0)
     delta = tl.load(DELTA + bh.to(tl.int64) * T + rows, mask=rows < T, other=0.0)
     k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
     v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
@@ -322,9 +335,9 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
     scale = _scale(scale_hi, scale_lo, FP64)
     qk_scale = scale * LOG2E
     full, hi = _key_range(start_m, T, S, CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, svs, rows, 0, full, T, S, qk_scale,
+    dq = _dq_inner(dq, q, do, m2, l2, delta, k_base, v_base, sks, svs, rows, 0, full, T, S, qk_scale,
                    HEAD_DIM, BLOCK_N, BLOCK_D, False, CAUSAL, FP64, PREC)
-    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, svs, rows, full, hi, T, S, qk_scale,
+    dq = _dq_inner(dq, q, do, m2, l2, delta, k_base, v_base, sks, svs, rows, full, hi, T, S, qk_scale,
                    HEAD_DIM, BLOCK_N, BLOCK_D, True, CAUSAL, FP64, PREC)
     dq = dq * scale
     ptrs = DQ + b.to(tl.int64) * sdqb + h.to(tl.int64) * sdqh + rows[:, None].to(tl.int64) * sdqt + dims[None, :]
@@ -417,19 +430,20 @@ def _strides3(t: torch.Tensor):
 # -------------------------------------------------------------------------------- launchers ---
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float):
-    """q [B, Hq, T, D], k/v [B, Hkv, S, D], unit stride over D → (out like q, lse [B, Hq, T]).
+    """q [B, Hq, T, D], k/v [B, Hkv, S, D], unit stride over D → (out like q, lse [2, B, Hq, T]).
 
-    lse is fp32 (fp64 for fp64 inputs); +inf for rows that see no key."""
+    lse holds (m, log2 l) per row in base 2 (natural lse = (m + log2 l)·ln 2), fp32 (fp64 for
+    fp64 inputs); (+inf, 0) for rows that see no key."""
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = _empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
-    lse = _empty((B, Hq, T), dtype=acc, device=q.device)
+    lse = _empty((2, B, Hq, T), dtype=acc, device=q.device)
     if B * Hq * T == 0:
         return out, lse
     _launch(_attn_fwd, None if INTERPRET else _attn_fwd_tuned,
             lambda m: (triton.cdiv(T, m["BLOCK_M"]), Hq, B),
-            q, k, v, out, lse, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
+            q, k, v, out, lse[0], lse[1], *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
             Hq, Hq // Hkv, T, S, *_split(scale), **_meta(q, causal))
     return out, lse
 
@@ -446,19 +460,20 @@ def backward(dout, q, k, v, out, lse, causal: bool, scale: float):
     if T == 0:  # no query: no gradient flows into k or v
         return dq, dk.zero_(), dv.zero_()
     meta = _meta(q, causal)
-    delta = _empty(lse.shape, dtype=lse.dtype, device=lse.device)
+    delta = _empty(lse.shape[1:], dtype=lse.dtype, device=lse.device)
     bm = 16 if INTERPRET else 64
     _attn_bwd_delta[(triton.cdiv(T, bm), Hq, B)](
         out, dout, delta, *_strides3(out), *_strides3(dout), Hq, T,
         HEAD_DIM=D, BLOCK_M=bm, BLOCK_D=meta["BLOCK_D"], FP64=meta["FP64"])
     _launch(_attn_bwd_dkdv, None if INTERPRET else _attn_bwd_dkdv_tuned,
             lambda m: (triton.cdiv(S, m["BLOCK_N"]), Hkv, B),
-            q, k, v, dout, lse, delta, dk, dv,
+            q, k, v, dout, lse[0], lse[1], delta, dk, dv,
             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout),
-            *_strides3(dk), *_strides3(dv), Hq, Hq // Hkv, T, S, *_split(scale), **meta)
+            *_strides3(dk), *_strides3(dv), Hq, Hq // Hkv, T, S, *_split(scale), FWD_ORIENT=INTERPRET,
+            **meta)
     _launch(_attn_bwd_dq, None if INTERPRET else _attn_bwd_dq_tuned,
             lambda m: (triton.cdiv(T, m["BLOCK_M"]), Hq, B),
-            q, k, v, dout, lse, delta, dq,
+            q, k, v, dout, lse[0], lse[1], delta, dq,
             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *_strides3(dq),
             Hq, Hq // Hkv, T, S, *_split(scale), **meta)
     return dq, dk, dv

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import row_blocks, to_acc
+from ._common import cast_out, row_blocks, to_acc
 
 
 
@@ -106,7 +106,7 @@ def _ce_backward(x_ptr, stride_x, dx_ptr, stride_dx, t_ptr, lse_ptr, g_ptr, stri
     dx = tl.exp((x - shift) - log_s) - tl.where(cols == t, 1.0 - eps_a, 0.0) - eps_a / (V + to_acc(tl.zeros((), tl.float32), ACC_FP64))
     dx = tl.where(in_range, dx * g, float("nan"))
     dx = tl.where(valid, dx, 0.0)
-    tl.store(dx_ptr + row * stride_dx + cols, dx.to(dx_ptr.dtype.element_ty), mask=inside)
+    tl.store(dx_ptr + row * stride_dx + cols, cast_out(dx, dx_ptr.dtype.element_ty), mask=inside)
 
 
 def forward(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, label_smoothing: float):

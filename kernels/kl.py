@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import row_blocks
+from ._common import cast_out, row_blocks
 
 ESTIMATOR_IDS = {"k1": 1, "k2": 2, "k3": 3}
 
@@ -202,7 +202,7 @@ def _kl_backward(x_ptr, stride_x, dx_ptr, stride_dx, t_ptr, lse_ptr, stride_lse,
     # dx_j = G/T · ([j = t] − softmax_j)
     dx = (tl.where(cols == t, 1.0, 0.0) - tl.exp((y - shift) - log_s)) * g
     dx = tl.where(in_range, dx, float("nan"))
-    tl.store(dx_ptr + row * stride_dx + cols, dx.to(dx_ptr.dtype.element_ty), mask=inside)
+    tl.store(dx_ptr + row * stride_dx + cols, cast_out(dx, dx_ptr.dtype.element_ty), mask=inside)
 
 
 def _params(logits: torch.Tensor, acc: torch.dtype, temperature: float, beta: float = 0.0):

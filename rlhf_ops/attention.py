@@ -55,7 +55,9 @@ def _unit_last(t: Tensor, backend: str) -> Tensor:
 @torch.library.custom_op("rlhf_ops::attention_fwd", mutates_args=())
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
                   backend: str) -> tuple[Tensor, Tensor]:
-    """q [B, Hq, T, D], k/v [B, Hkv, S, D] → (out [B, Hq, T, D] contiguous, lse [B, Hq, T])."""
+    """q [B, Hq, T, D], k/v [B, Hkv, S, D] → (out [B, Hq, T, D] contiguous, lse): the triton
+    backend's lse is [2, B, Hq, T], the base-2 pair (max, log2 Σ) per row; the cuda backend's is
+    [B, Hq, T], the natural log-sum-exp. Each backend's backward reads its own."""
     q, k, v = (_unit_last(t, backend) for t in (q, k, v))
     if backend == "triton":
         return _backend.triton_kernels("attention").forward(q, k, v, causal, scale)
@@ -65,7 +67,8 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
 @attention_fwd.register_fake
 def _(q, k, v, causal, scale, backend):
     B, Hq, T, D = q.shape
-    return q.new_empty((B, Hq, T, D)), q.new_empty((B, Hq, T), dtype=_checks.acc_dtype(q.dtype))
+    lse_shape = (2, B, Hq, T) if backend == "triton" else (B, Hq, T)
+    return q.new_empty((B, Hq, T, D)), q.new_empty(lse_shape, dtype=_checks.acc_dtype(q.dtype))
 
 
 @torch.library.custom_op("rlhf_ops::attention_bwd", mutates_args=())
