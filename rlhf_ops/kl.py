@@ -27,6 +27,10 @@ from torch import Tensor
 from . import _backend, _checks, reference
 from .reference import ESTIMATORS, KLPenalty
 
+# masks: bool, float, or the integer attention masks tokenizers return (0 / 1)
+MASK_DTYPES = (torch.bool,) + _checks.FLOAT_DTYPES + (torch.int64, torch.int32, torch.int16, torch.int8,
+                                                    torch.uint8)
+
 _EST_ID = {"k1": 1, "k2": 2, "k3": 3}
 
 
@@ -202,7 +206,8 @@ def kl_penalty(logits: Tensor, ref_logits: Tensor, tokens: Tensor, *, beta: floa
                    differentiable
       penalty      −beta·kl·mask                      no gradient (a reward term)
       entropy      policy entropy −Σ p·log p          no gradient
-    ``mask`` (bool or float, ``tokens.shape``) scales only the penalty; None means all ones.
+    ``mask`` (bool, float or integer such as an attention mask, ``tokens.shape``) scales only the
+    penalty; None means all ones.
     """
     op = "kl_penalty"
     _check_common(op, logits, tokens, temperature)
@@ -211,7 +216,7 @@ def kl_penalty(logits: Tensor, ref_logits: Tensor, tokens: Tensor, *, beta: floa
     _checks.same_dtype(op, "logits", logits, ref_logits=ref_logits)
     _checks.shape(op, "ref_logits", ref_logits, logits.shape, "logits.shape")
     if mask is not None:
-        _checks.tensor(op, "mask", mask, dtypes=(torch.bool,) + _checks.FLOAT_DTYPES)
+        _checks.tensor(op, "mask", mask, dtypes=MASK_DTYPES)
         _checks.shape(op, "mask", mask, tokens.shape, "tokens.shape")
     if estimator not in ESTIMATORS:
         raise ValueError(f"rlhf_ops.{op}: estimator must be one of {ESTIMATORS}, got {estimator!r}")
@@ -236,7 +241,7 @@ def ppo_rewards(penalty: Tensor, scores: Tensor, mask: Tensor) -> Tensor:
     op = "ppo_rewards"
     _checks.floating(op, "penalty", penalty, min_ndim=1)
     _checks.floating(op, "scores", scores)
-    _checks.tensor(op, "mask", mask, dtypes=(torch.bool,) + _checks.FLOAT_DTYPES + (torch.int64,))
+    _checks.tensor(op, "mask", mask, dtypes=MASK_DTYPES)
     _checks.same_device(op, "penalty", penalty, scores=scores, mask=mask)
     _checks.shape(op, "mask", mask, penalty.shape, "penalty.shape")
     _checks.shape(op, "scores", scores, penalty.shape[:-1], "penalty.shape[:-1]")

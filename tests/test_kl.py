@@ -41,7 +41,7 @@ def _check_fields(ours, ref, *, dtype=torch.float32, what=""):
 # ------------------------------------------------------------------------------- forward ---
 
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
-@pytest.mark.parametrize("mask_kind", [None, "bool", "float"])
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float", "int64"])
 def test_kl_penalty_forward(backend, device, estimator, mask_kind):
     x, r, t = _inputs((2, 3), 37, device)
     mask = None
@@ -50,6 +50,8 @@ def test_kl_penalty_forward(backend, device, estimator, mask_kind):
         mask[1] = False  # a row with no real token: penalty 0
         if mask_kind == "float":
             mask = mask.float() * torch.rand(2, 3, device=device)
+        if mask_kind == "int64":          # a tokenizer's attention mask
+            mask = mask.long()
     out = ro.kl_penalty(x, r, t, beta=0.05, estimator=estimator, mask=mask, temperature=0.7,
                         backend=backend)
     ref, x64 = _ref64(x, r, t, 0.05, estimator, mask, 0.7)
@@ -375,7 +377,7 @@ def test_bad_inputs(backend, device, monkeypatch):
     with pytest.raises(ValueError, match="mask"):
         kl(mask=torch.ones(2, 4, dtype=torch.bool, device=device))
     with pytest.raises(TypeError, match="mask"):
-        kl(mask=torch.ones(2, 3, dtype=torch.int32, device=device))
+        kl(mask=torch.ones(2, 3, dtype=torch.complex64, device=device))
     with pytest.raises(ValueError, match="estimator"):
         kl(estimator="k4")
     with pytest.raises(ValueError, match="temperature"):
