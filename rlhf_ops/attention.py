@@ -161,6 +161,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: fl
     backward is deterministic.
     """
     _validate(q, k, v)
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale)):
+        raise TypeError(f"rlhf_ops.{OP}: scale must be None or a finite number, got {scale!r}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     be = _backend.resolve(OP, backend, q.device)
     if be == "reference":

@@ -65,6 +65,10 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d_model = self.n_heads * self.head_dim
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != d_model:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"CausalSelfAttention: x must have shape [B, T, d_model = {d_model}], got {got}")
         B, T, _ = x.shape
         D, Hq, Hkv = self.head_dim, self.n_heads, self.n_kv_heads
         q, k, v = self.qkv(x).split([Hq * D, Hkv * D, Hkv * D], dim=-1)

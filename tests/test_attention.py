@@ -298,6 +298,11 @@ def test_bad_inputs_raise(device):
                 ro.attention(mq, mq, mq, backend=be)
     mq = torch.empty(65535, 2, 4, 64, dtype=torch.float16, device="meta")  # B·H > 65535 is fine
     assert ro.attention(mq, mq[:, :1], mq[:, :1], backend="triton").shape == mq.shape
+    for bad in ("x", float("nan"), True):
+        with pytest.raises(TypeError, match="scale must be None or a finite number"):
+            ro.attention(q, k, v, scale=bad)
+    with pytest.raises(ValueError, match=r"x must have shape \[B, T, d_model = 32\], got \(4, 32\)"):
+        CausalSelfAttention(32, 2)(torch.randn(4, 32))
     for args, name in (((32, 0), "n_heads"), ((32, 2, 0), "n_kv_heads"), ((0, 2), "d_model")):
         with pytest.raises(ValueError, match=f"{name} must be a positive int"):
             CausalSelfAttention(*args)
