@@ -17,6 +17,11 @@
 #define RLHF_CHECK_CUDA(op, name, t)                                                          \
   TORCH_CHECK((t).is_cuda(), "rlhf_ops_cuda.", op, ": ", name, " must be a CUDA tensor, got ", \
               (t).device())
+// is_cuda() alone lets a tensor on another GPU through: a kernel launched on ref's device would
+// then dereference that GPU's pointer (an illegal-address fault without peer access).
+#define RLHF_CHECK_SAME_DEVICE(op, name, t, ref_name, ref)                                    \
+  TORCH_CHECK((t).device() == (ref).device(), "rlhf_ops_cuda.", op, ": ", name, " must be on ", \
+              ref_name, "'s device ", (ref).device(), ", got ", (t).device())
 #define RLHF_CHECK_DTYPE(op, name, t, dt)                                                   \
   TORCH_CHECK((t).scalar_type() == (dt), "rlhf_ops_cuda.", op, ": ", name, " must be ", dt, \
               ", got ", (t).scalar_type())

@@ -110,6 +110,7 @@ ce_bwd_kernel(const scalar_t* x, int64_t stride_x, scalar_t* dx, int64_t stride_
 void check_inputs(const char* op, const at::Tensor& logits, const at::Tensor& target) {
   RLHF_CHECK_CUDA(op, "logits", logits);
   RLHF_CHECK_CUDA(op, "target", target);
+  RLHF_CHECK_SAME_DEVICE(op, "target", target, "logits", logits);
   RLHF_CHECK_DIM(op, "logits", logits, 2);
   RLHF_CHECK_DTYPE(op, "target", target, at::kLong);
   TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), "rlhf_ops_cuda.", op,
@@ -155,6 +156,9 @@ void cross_entropy_bwd(const at::Tensor& grad, const at::Tensor& logits, const a
   RLHF_CHECK_CUDA("cross_entropy_bwd", "grad", grad);
   RLHF_CHECK_CUDA("cross_entropy_bwd", "lse", lse);
   RLHF_CHECK_CUDA("cross_entropy_bwd", "out", out);
+  RLHF_CHECK_SAME_DEVICE("cross_entropy_bwd", "grad", grad, "logits", logits);
+  RLHF_CHECK_SAME_DEVICE("cross_entropy_bwd", "lse", lse, "logits", logits);
+  RLHF_CHECK_SAME_DEVICE("cross_entropy_bwd", "out", out, "logits", logits);
   RLHF_CHECK_DTYPE("cross_entropy_bwd", "grad", grad, acc);
   RLHF_CHECK_DTYPE("cross_entropy_bwd", "lse", lse, acc);
   TORCH_CHECK(grad.dim() == 1 && grad.size(0) == logits.size(0),

@@ -242,9 +242,11 @@ std::vector<at::Tensor> kl_fwd(const at::Tensor& logits, const std::optional<at:
   const char* op = "kl_fwd";
   check_tokens(op, tokens_);
   check_rows(op, "logits", logits, tokens_);
+  RLHF_CHECK_SAME_DEVICE(op, "tokens", tokens_, "logits", logits);
   const bool has_ref = ref_logits.has_value();
   if (has_ref) {
     check_rows(op, "ref_logits", *ref_logits, tokens_);
+    RLHF_CHECK_SAME_DEVICE(op, "ref_logits", *ref_logits, "logits", logits);
     TORCH_CHECK(ref_logits->sizes() == logits.sizes() &&
                     ref_logits->scalar_type() == logits.scalar_type(),
                 "rlhf_ops_cuda.kl_fwd: ref_logits must match logits in shape and dtype");
@@ -257,6 +259,7 @@ std::vector<at::Tensor> kl_fwd(const at::Tensor& logits, const std::optional<at:
   at::Tensor mask;
   if (mask_.has_value()) {
     RLHF_CHECK_CUDA(op, "mask", *mask_);
+    RLHF_CHECK_SAME_DEVICE(op, "mask", *mask_, "logits", logits);
     RLHF_CHECK_DTYPE(op, "mask", *mask_, acc);
     TORCH_CHECK(mask_->numel() == N, "rlhf_ops_cuda.kl_fwd: mask must have ", N, " elements");
     mask = mask_->contiguous();
@@ -307,6 +310,11 @@ at::Tensor kl_bwd(const at::Tensor& grad, const at::Tensor& logits, const at::Te
   const char* op = "kl_bwd";
   check_tokens(op, tokens_);
   check_rows(op, "logits", logits, tokens_);
+  RLHF_CHECK_SAME_DEVICE(op, "tokens", tokens_, "logits", logits);
+  RLHF_CHECK_CUDA(op, "grad", grad);
+  RLHF_CHECK_CUDA(op, "lse", lse);
+  RLHF_CHECK_SAME_DEVICE(op, "grad", grad, "logits", logits);
+  RLHF_CHECK_SAME_DEVICE(op, "lse", lse, "logits", logits);
   const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   RLHF_CHECK_DTYPE(op, "grad", grad, acc);
   RLHF_CHECK_DTYPE(op, "lse", lse, acc);
