@@ -164,19 +164,24 @@ def pad_rows(rows: list[list[int]], width: int | None = None, value: int = PAD) 
     return out
 
 
-def demo_set(seed: int, n: int, cfg: DataConfig) -> list[Task]:
-    """A fixed set of n demonstrations with distinct prompts (what labelers wrote once)."""
-    rng = _rng(seed, "sft_demos", 0)
+def _distinct_tasks(rng: random.Random, n: int, cfg: DataConfig, heldout: bool = False) -> list[Task]:
+    """Up to n tasks with distinct prompts, in draw order (fewer if 50·n draws do not find n)."""
     seen: dict[str, Task] = {}
     for _ in range(50 * n):
         if len(seen) == n:
             break
-        t = draw_task(rng, cfg)
+        t = draw_task(rng, cfg, heldout)
         seen.setdefault(t.prompt, t)
-    if len(seen) < n:
-        raise ValueError(f"sft.n_demos={n}: the task family has only about {len(seen)} distinct "
-                         f"training prompts")
     return list(seen.values())
+
+
+def demo_set(seed: int, n: int, cfg: DataConfig) -> list[Task]:
+    """A fixed set of n demonstrations with distinct prompts (what labelers wrote once)."""
+    tasks = _distinct_tasks(_rng(seed, "sft_demos", 0), n, cfg)
+    if len(tasks) < n:
+        raise ValueError(f"sft.n_demos={n}: the task family has only about {len(tasks)} distinct "
+                         f"training prompts")
+    return tasks
 
 
 def sft_batch(seed: int, index: int, batch: int, cfg: DataConfig, n_demos: int = 0) -> dict:
@@ -235,13 +240,7 @@ def prompts(seed: int, stream: str, index: int, n: int, cfg: DataConfig, heldout
 
 def eval_prompts(seed: int, n: int, cfg: DataConfig) -> list[str]:
     """Held-out evaluation prompts (never drawn by a training stream), distinct."""
-    rng = _rng(seed, "eval", 0)
-    seen: dict[str, None] = {}
-    for _ in range(50 * n):
-        if len(seen) == n:
-            break
-        seen[draw_task(rng, cfg, heldout=True).prompt] = None
-    return list(seen)
+    return [t.prompt for t in _distinct_tasks(_rng(seed, "eval", 0), n, cfg, heldout=True)]
 
 
 def ranks_from_scores(scores: list[float], K: int) -> list[int]:
