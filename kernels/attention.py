@@ -429,7 +429,30 @@ def _strides3(t: torch.Tensor):
 
 # -------------------------------------------------------------------------------- launchers ---
 
-def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float):
+def _causal_only(left, right, softcap):  # TEMPORARY until the window/softcap kernels land
+    if left >= 0 or right > 0 or softcap > 0:
+        raise NotImplementedError("rlhf_ops.attention: window and softcap on the triton backend are not "
+                                  "implemented yet; use backend='reference'")
+    return right == 0
+
+
+def varlen_forward(*args):
+    raise NotImplementedError("rlhf_ops.attention_varlen: the triton backend is not implemented yet; "
+                              "use backend='reference'")
+
+
+varlen_backward = varlen_forward
+
+
+def forward(q, k, v, scale, left, right, softcap):
+    return _forward(q, k, v, _causal_only(left, right, softcap), scale)
+
+
+def backward(dout, q, k, v, out, lse, scale, left, right, softcap):
+    return _backward(dout, q, k, v, out, lse, _causal_only(left, right, softcap), scale)
+
+
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float):
     """q [B, Hq, T, D], k/v [B, Hkv, S, D], unit stride over D → (out like q, lse [2, B, Hq, T]).
 
     lse holds (m, log2 l) per row in base 2 (natural lse = (m + log2 l)·ln 2), fp32 (fp64 for
@@ -448,7 +471,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sca
     return out, lse
 
 
-def backward(dout, q, k, v, out, lse, causal: bool, scale: float):
+def _backward(dout, q, k, v, out, lse, causal: bool, scale: float):
     """Gradients (dq like q, dk/dv like k/v) of attention; all inputs unit stride over D."""
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]

@@ -12,16 +12,18 @@ Backends: ``reference`` (eager PyTorch), ``triton``, ``cuda`` (the built extensi
 see ``available_backends()`` and ``use_backend()``.
 """
 from ._backend import available_backends, use_backend
-from .attention import attention
+from .attention import attention, attention_varlen
 from .cross_entropy import cross_entropy, linear_cross_entropy
 from .kl import kl_penalty, ppo_rewards, token_logprobs
+from .padding import pad, unpad
 from .reference import KLPenalty
 from .reward import pairwise_reward_loss, reward_at_last_token
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "available_backends", "use_backend", "attention", "cross_entropy", "linear_cross_entropy",
+    "available_backends", "use_backend", "attention", "attention_varlen", "unpad", "pad",
+    "cross_entropy", "linear_cross_entropy",
     "pairwise_reward_loss", "reward_at_last_token", "token_logprobs", "kl_penalty", "ppo_rewards",
     "KLPenalty",
 ]

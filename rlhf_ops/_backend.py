@@ -30,6 +30,7 @@ AUTO_PREFERENCE = {
     "cross_entropy": ("triton", "cuda", "reference"),
     "linear_cross_entropy": ("triton", "cuda", "reference"),
     "attention": ("triton", "cuda", "reference"),
+    "attention_varlen": ("triton", "cuda", "reference"),
     "pairwise_reward_loss": ("triton", "cuda", "reference"),
     "token_logprobs": ("triton", "cuda", "reference"),
     "kl_penalty": ("triton", "cuda", "reference"),

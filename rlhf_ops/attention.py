@@ -1,27 +1,40 @@
-"""Attention ``softmax(q kᵀ · scale + mask) v`` (FlashAttention-2 style on the fused backends).
+"""Attention ``softmax(mask(cap(q kᵀ · scale))) v`` (FlashAttention-2 style on the fused backends).
 
-    out = rlhf_ops.attention(q, k, v, causal=True, scale=None, backend=None)
+    out = rlhf_ops.attention(q, k, v, causal=True, scale=None, window=None, softcap=0.0)
     q [B, Hq, T, D]; k, v [B, Hkv, S, D]; Hq % Hkv == 0 (GQA, MQA at Hkv = 1); out like q.
 
-Backends: ``reference`` runs the eager math of ``reference.attention`` in the input dtype;
-``triton`` runs ``rlhf_ops.kernels.attention`` (any head dim that is a multiple of 16 up to 256;
-fp16, bf16, fp32 — with TF32 matmuls on a GPU when ``torch.backends.cuda.matmul.allow_tf32`` is
-set — and fp64, accumulated in fp64 so that ``gradcheck`` works); ``cuda`` runs
-``torch.ops.rlhf_ops_cuda.attention_fwd/_bwd`` (head dims 64 and 128, fp16/bf16 only).
-The fused backends never hold the T×S score matrix: forward saves only the output and one
-log-sum-exp per query row (O(B·H·T) bytes beyond the inputs), backward recomputes the
-probabilities block by block.
+    out = rlhf_ops.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                    causal=True, scale=None, window=None, softcap=0.0)
+    flash_attn_varlen_func's layout: q [Nq, Hq, D], k/v [Nk, Hkv, D] hold n sequences packed
+    one after another; cu_seqlens_* int32 [n + 1] = (0, cumulative lengths); sequence b is
+    q[cu_q[b]:cu_q[b+1]] against k/v[cu_k[b]:cu_k[b+1]]; max_seqlen_* are Python ints (≥ every
+    length: they size the launch grid, so the op never reads the lengths on the host).
 
-Causal alignment. ``causal=True`` is *bottom-right* aligned, as in flash-attn: query i sees key j
-iff j ≤ i + S − T, i.e. the last query sees every key (the decoding / chunked-prefill convention).
-``F.scaled_dot_product_attention(is_causal=True)`` is *top-left* aligned (j ≤ i). The two agree
-when T == S and differ otherwise. When T > S the first T − S query rows see no key; they output
-zeros (and give zero gradients); SDPA's top-left mask would let them attend.
+Backends: ``reference`` runs the eager math of ``reference.attention`` / ``attention_varlen`` in
+the input dtype; ``triton`` runs ``rlhf_ops.kernels.attention`` (any head dim that is a multiple of
+16 up to 256; fp16, bf16, fp32 — with TF32 matmuls on a GPU when
+``torch.backends.cuda.matmul.allow_tf32`` is set — and fp64, accumulated in fp64 so that
+``gradcheck`` works); ``cuda`` runs ``torch.ops.rlhf_ops_cuda.attention[_varlen]_fwd/_bwd`` (head
+dims 64 and 128, fp16/bf16 only, no window, no softcap). The fused backends never hold the T×S
+score matrix: forward saves only the output and two fp32 numbers per query row, the base-2 pair
+(m, log2 l) (lse = (m + log2 l)·ln 2; [2, B, Hq, T] dense, [2, Hq, Nq] varlen), and backward
+recomputes the probabilities block by block.
+
+Masking. ``causal=True`` is *bottom-right* aligned, as in flash-attn: query i sees key j iff
+j ≤ i + S − T, i.e. the last query sees every key (the decoding / chunked-prefill convention);
+varlen applies it per sequence with that sequence's T and S. ``F.scaled_dot_product_attention
+(is_causal=True)`` is *top-left* aligned (j ≤ i); the two agree when T == S. ``window=(left, right)``
+is flash-attn's ``window_size`` (sliding-window attention of Mistral/Gemma): query i sees key j iff
+i + S − T − left ≤ j ≤ i + S − T + right, −1 = that side unbounded, and with ``causal`` the right
+side is 0. A query row that sees no key (T > S under causal, or a window that leaves it nothing)
+outputs zeros and gives zero gradients; SDPA's top-left mask would let such rows attend.
+``softcap > 0`` (Gemma-2) maps each scaled score s to softcap·tanh(s / softcap) before the mask
+and the softmax; its derivative 1 − tanh² enters the backward.
 
 Determinism. The Triton backward is deterministic: dK/dV are computed by one program per key block
 (which loops over every query head of its GQA group and every query block), dQ by one program per
 query block, with no atomics, so repeated runs give bitwise identical gradients for a given
-block-size config (on a GPU the autotuner picks the config once per shape).
+block-size config (on a GPU the autotuner picks the config once per length bucket).
 """
 from __future__ import annotations
 
@@ -33,8 +46,10 @@ from torch import Tensor
 from . import _backend, _checks, reference
 
 OP = "attention"
+OP_VARLEN = "attention_varlen"
 CUDA_HEAD_DIMS = (64, 128)
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
+GRID_LIMIT = 65535   # CUDA's limit on grid dims y and z: the fused kernels launch (tiles, heads, batch)
 
 
 def _triton_head_dim_ok(d: int) -> bool:
@@ -50,124 +65,323 @@ def _unit_last(t: Tensor, backend: str) -> Tensor:
     return t if t.stride(-1) == 1 or t.numel() == 0 else t.contiguous()
 
 
+def _cuda_op(name: str):
+    op = getattr(torch.ops.rlhf_ops_cuda, name, None) if _backend.load_extension() else None
+    if op is None:
+        raise RuntimeError(f"rlhf_ops: the built CUDA extension has no op rlhf_ops_cuda::{name}; "
+                           f"rebuild it (RLHF_OPS_BUILD_CUDA=1 pip install -e .)")
+    return op
+
+
 # ------------------------------------------------------------------------------ custom ops ---
+# ``left``/``right`` are the normalised window (−1 = unbounded; causal already folded into
+# right = 0); ``causal`` is passed as well because the CUDA kernels take it.
 
 @torch.library.custom_op("rlhf_ops::attention_fwd", mutates_args=())
-def attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
-                  backend: str) -> tuple[Tensor, Tensor]:
-    """q [B, Hq, T, D], k/v [B, Hkv, S, D] → (out [B, Hq, T, D] contiguous, lse): the triton
-    backend's lse is [2, B, Hq, T], the base-2 pair (max, log2 Σ) per row; the cuda backend's is
-    [B, Hq, T], the natural log-sum-exp. Each backend's backward reads its own."""
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, left: int, right: int,
+                  softcap: float, backend: str) -> tuple[Tensor, Tensor]:
+    """q [B, Hq, T, D], k/v [B, Hkv, S, D] → (out [B, Hq, T, D] contiguous, lse [2, B, Hq, T]): the
+    base-2 pair (m, log2 l) per row in fp32 (fp64 for fp64 inputs), (+inf, 0) for a row that sees
+    no key."""
     q, k, v = (_unit_last(t, backend) for t in (q, k, v))
     if backend == "triton":
-        return _backend.triton_kernels("attention").forward(q, k, v, causal, scale)
-    return torch.ops.rlhf_ops_cuda.attention_fwd(q, k, v, causal, scale)
+        return _backend.triton_kernels("attention").forward(q, k, v, scale, left, right, softcap)
+    return _cuda_op("attention_fwd")(q, k, v, causal, scale)
 
 
 @attention_fwd.register_fake
-def _(q, k, v, causal, scale, backend):
+def _(q, k, v, causal, scale, left, right, softcap, backend):
     B, Hq, T, D = q.shape
-    lse_shape = (2, B, Hq, T) if backend == "triton" else (B, Hq, T)
-    return q.new_empty((B, Hq, T, D)), q.new_empty(lse_shape, dtype=_checks.acc_dtype(q.dtype))
+    return q.new_empty((B, Hq, T, D)), q.new_empty((2, B, Hq, T), dtype=_checks.acc_dtype(q.dtype))
 
 
 @torch.library.custom_op("rlhf_ops::attention_bwd", mutates_args=())
 def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                  causal: bool, scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                  causal: bool, scale: float, left: int, right: int, softcap: float,
+                  backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """→ (dq like q, dk like k, dv like v), new contiguous tensors."""
     dout, q, k, v, out = (_unit_last(t, backend) for t in (dout, q, k, v, out))
     if backend == "triton":
-        return _backend.triton_kernels("attention").backward(dout, q, k, v, out, lse, causal, scale)
-    return torch.ops.rlhf_ops_cuda.attention_bwd(dout, q, k, v, out, lse.contiguous(), causal, scale)
+        return _backend.triton_kernels("attention").backward(dout, q, k, v, out, lse, scale, left,
+                                                              right, softcap)
+    return _cuda_op("attention_bwd")(dout, q, k, v, out, lse.contiguous(), causal, scale)
 
 
 @attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, causal, scale, backend):
+def _(dout, q, k, v, out, lse, causal, scale, left, right, softcap, backend):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, scale, backend = inputs
+    q, k, v, *args = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
-    ctx.args = (causal, scale, backend)
+    ctx.args = args
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse = ctx.saved_tensors
     dq, dk, dv = torch.ops.rlhf_ops.attention_bwd(dout, q, k, v, out, lse, *ctx.args)
-    return dq, dk, dv, None, None, None
+    return (dq, dk, dv) + (None,) * len(ctx.args)
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-# ------------------------------------------------------------------------------ public API ---
+@torch.library.custom_op("rlhf_ops::attention_varlen_fwd", mutates_args=())
+def attention_varlen_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                         max_seqlen_q: int, max_seqlen_k: int, causal: bool, scale: float, left: int,
+                         right: int, softcap: float, backend: str) -> tuple[Tensor, Tensor]:
+    """q [Nq, Hq, D], k/v [Nk, Hkv, D], cu_seqlens int32 [n + 1] → (out [Nq, Hq, D] contiguous,
+    lse [2, Hq, Nq]: the base-2 pair (m, log2 l) per row, as the dense op)."""
+    q, k, v = (_unit_last(t, backend) for t in (q, k, v))
+    cu_q, cu_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
+    if backend == "triton":
+        return _backend.triton_kernels("attention").varlen_forward(
+            q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, left, right, softcap)
+    return _cuda_op("attention_varlen_fwd")(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causal,
+                                            scale)
 
-def _validate(q: Tensor, k: Tensor, v: Tensor) -> None:
-    _checks.floating(OP, "q", q, ndim=4)
-    _checks.floating(OP, "k", k, ndim=4)
-    _checks.floating(OP, "v", v, ndim=4)
-    _checks.same_device(OP, "q", q, k=k, v=v)
-    _checks.same_dtype(OP, "q", q, k=k, v=v)
+
+@attention_varlen_fwd.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, left, right,
+      softcap, backend):
+    Nq, Hq, D = q.shape
+    return q.new_empty((Nq, Hq, D)), q.new_empty((2, Hq, Nq), dtype=_checks.acc_dtype(q.dtype))
+
+
+@torch.library.custom_op("rlhf_ops::attention_varlen_bwd", mutates_args=())
+def attention_varlen_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                         cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
+                         max_seqlen_k: int, causal: bool, scale: float, left: int, right: int,
+                         softcap: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """→ (dq like q, dk like k, dv like v), new contiguous tensors."""
+    dout, q, k, v, out = (_unit_last(t, backend) for t in (dout, q, k, v, out))
+    cu_q, cu_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
+    if backend == "triton":
+        return _backend.triton_kernels("attention").varlen_backward(
+            dout, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, left, right,
+            softcap)
+    return _cuda_op("attention_varlen_bwd")(dout, q, k, v, out, lse.contiguous(), cu_q, cu_k,
+                                            max_seqlen_q, max_seqlen_k, causal, scale)
+
+
+@attention_varlen_bwd.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+      left, right, softcap, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context_varlen(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, *args = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    ctx.args = args
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward_varlen(ctx, dout, dlse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    dq, dk, dv = torch.ops.rlhf_ops.attention_varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k,
+                                                         *ctx.args)
+    return (dq, dk, dv, None, None) + (None,) * len(ctx.args)
+
+
+attention_varlen_fwd.register_autograd(_backward_varlen, setup_context=_setup_context_varlen)
+
+
+# -------------------------------------------------------------------------------- validation ---
+
+def _validate_qkv(op: str, q: Tensor, k: Tensor, v: Tensor, layout: str) -> None:
+    """Shapes: dense [B, H, T, D] (``layout`` "BHTD") or packed [N, H, D] ("NHD")."""
+    nd = len(layout)
+    kv = "[B, Hkv, S, D]" if nd == 4 else "[Nk, Hkv, D]"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _checks.floating(op, name, t, ndim=nd)
+    _checks.same_device(op, "q", q, k=k, v=v)
+    _checks.same_dtype(op, "q", q, k=k, v=v)
     if tuple(k.shape) != tuple(v.shape):
-        raise ValueError(f"rlhf_ops.{OP}: k and v must have the same shape [B, Hkv, S, D], got "
+        raise ValueError(f"rlhf_ops.{op}: k and v must have the same shape {kv}, got "
                          f"k {tuple(k.shape)} and v {tuple(v.shape)}")
-    B, Hq, T, D = q.shape
+    D, Hq, Hkv = q.shape[-1], q.shape[1], k.shape[1]
     if D == 0:
-        raise ValueError(f"rlhf_ops.{OP}: q/k/v head dim (shape[-1]) must be positive, got 0")
-    if k.shape[0] != B:
-        raise ValueError(f"rlhf_ops.{OP}: k/v batch size {k.shape[0]} differs from q's {B} "
+        raise ValueError(f"rlhf_ops.{op}: q/k/v head dim (shape[-1]) must be positive, got 0")
+    if nd == 4 and k.shape[0] != q.shape[0]:
+        raise ValueError(f"rlhf_ops.{op}: k/v batch size {k.shape[0]} differs from q's {q.shape[0]} "
                          f"(q [B, Hq, T, D] = {tuple(q.shape)}, k [B, Hkv, S, D] = {tuple(k.shape)})")
-    if k.shape[3] != D:
-        raise ValueError(f"rlhf_ops.{OP}: k/v head dim {k.shape[3]} differs from q's {D} "
+    if k.shape[-1] != D:
+        raise ValueError(f"rlhf_ops.{op}: k/v head dim {k.shape[-1]} differs from q's {D} "
                          f"(q {tuple(q.shape)}, k {tuple(k.shape)})")
-    Hkv = k.shape[1]
     if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"rlhf_ops.{OP}: the number of query heads (q.shape[1] = {Hq}) must be a "
+        raise ValueError(f"rlhf_ops.{op}: the number of query heads (q.shape[1] = {Hq}) must be a "
                          f"positive multiple of the number of key/value heads (k.shape[1] = {Hkv})")
 
 
-GRID_LIMIT = 65535   # CUDA's limit on grid dims y and z: the fused kernels launch (tiles, heads, batch)
+def _scale_arg(op: str, scale, D: int) -> float:
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale)):
+        raise TypeError(f"rlhf_ops.{op}: scale must be None or a finite number, got {scale!r}")
+    return 1.0 / math.sqrt(D) if scale is None else float(scale)
 
 
-def _check_backend_support(be: str, q: Tensor) -> None:
-    B, Hq, _, D = q.shape
-    if be in ("triton", "cuda") and max(B, Hq) > GRID_LIMIT:
-        raise ValueError(f"rlhf_ops.{OP}: the {be} backend supports a batch size (q.shape[0]) and a "
-                         f"number of query heads (q.shape[1]) of at most {GRID_LIMIT} each, got "
-                         f"{B} and {Hq}; split the batch")
+def _window_arg(op: str, window, causal: bool) -> tuple[int, int]:
+    """window=None or (left, right), ints ≥ −1 → (left, right) with causal folded in (right = 0)."""
+    if window is None:
+        left, right = -1, -1
+    else:
+        if not isinstance(window, (tuple, list)) or len(window) != 2:
+            raise TypeError(f"rlhf_ops.{op}: window must be None or a pair (left, right) of ints "
+                            f"≥ −1 (−1 = unbounded), got {window!r}")
+        for side, w in zip(("left", "right"), window):
+            if isinstance(w, bool) or not isinstance(w, int):
+                raise TypeError(f"rlhf_ops.{op}: window {side} must be an int ≥ −1 (−1 = unbounded), "
+                                f"got {w!r}")
+            if w < -1:
+                raise ValueError(f"rlhf_ops.{op}: window {side} must be ≥ −1 (−1 = unbounded), got {w}")
+        left, right = int(window[0]), int(window[1])
+    return left, (0 if causal else right)
+
+
+def _softcap_arg(op: str, softcap) -> float:
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) \
+            or softcap < 0:
+        raise ValueError(f"rlhf_ops.{op}: softcap must be a finite number ≥ 0 (0 = off), got {softcap!r}")
+    return float(softcap)
+
+
+def _kernel_window(left: int, right: int, T: int, S: int) -> tuple[int, int]:
+    """Drop bounds that exclude nothing (query i, key j: j − i − (S − T) ≥ −(S − 1) and ≤ T − 1),
+    so a window wider than the sequence runs the plain kernel and ints stay small."""
+    return (-1 if left >= S else left), (-1 if right >= T else right)
+
+
+def _check_backend_support(op: str, be: str, q: Tensor, n_batch: int, window, causal: bool,
+                           softcap: float) -> None:
+    """What the fused backends accept. ``n_batch`` is B (dense) or the number of sequences."""
+    D, Hq = q.shape[-1], q.shape[1]
+    batch = "a batch size (q.shape[0])" if q.dim() == 4 else "a number of sequences (len(cu_seqlens) − 1)"
+    if be in ("triton", "cuda") and max(n_batch, Hq) > GRID_LIMIT:
+        raise ValueError(f"rlhf_ops.{op}: the {be} backend supports {batch} and a number of query heads "
+                         f"(q.shape[1]) of at most {GRID_LIMIT} each, got {n_batch} and {Hq}; "
+                         f"split the batch")
     if be == "triton" and not _triton_head_dim_ok(D):
-        raise ValueError(f"rlhf_ops.{OP}: the triton backend supports head dims (q.shape[-1]) that "
+        raise ValueError(f"rlhf_ops.{op}: the triton backend supports head dims (q.shape[-1]) that "
                          f"are multiples of 16 from 16 to 256, got {D}")
     if be == "cuda":
         if D not in CUDA_HEAD_DIMS:
-            raise ValueError(f"rlhf_ops.{OP}: the cuda backend supports head dims (q.shape[-1]) "
+            raise ValueError(f"rlhf_ops.{op}: the cuda backend supports head dims (q.shape[-1]) "
                              f"{CUDA_HEAD_DIMS}, got {D}")
         if q.dtype not in CUDA_DTYPES:
-            raise TypeError(f"rlhf_ops.{OP}: the cuda backend supports q/k/v dtypes float16 and "
+            raise TypeError(f"rlhf_ops.{op}: the cuda backend supports q/k/v dtypes float16 and "
                             f"bfloat16, got {str(q.dtype).replace('torch.', '')}")
+        if window is not None and (window[0] >= 0 or (window[1] >= 0 and not causal)):
+            raise ValueError(f"rlhf_ops.{op}: the cuda backend does not support window (got "
+                             f"{tuple(window)}); use backend='triton' or 'reference'")
+        if softcap > 0:
+            raise ValueError(f"rlhf_ops.{op}: the cuda backend does not support softcap (got {softcap}); "
+                             f"use backend='triton' or 'reference'")
 
+
+def _check_cu_seqlens(cu_q: Tensor, cu_k: Tensor, q: Tensor, k: Tensor, max_q, max_k) -> None:
+    op = OP_VARLEN
+    for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
+        if not isinstance(cu, torch.Tensor):
+            raise TypeError(f"rlhf_ops.{op}: {name} must be a torch.Tensor (int32 [n + 1]), got "
+                            f"{type(cu).__name__}")
+        if cu.dtype != torch.int32:
+            raise TypeError(f"rlhf_ops.{op}: {name} must have dtype int32 (flash-attn's cu_seqlens), "
+                            f"got {str(cu.dtype).replace('torch.', '')}")
+        if cu.dim() != 1 or cu.shape[0] == 0:
+            raise ValueError(f"rlhf_ops.{op}: {name} must be 1-D [n + 1] with n ≥ 0 (0, then the "
+                             f"cumulative lengths), got shape {tuple(cu.shape)}")
+    _checks.same_device(op, "q", q, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    if cu_q.shape[0] != cu_k.shape[0]:
+        raise ValueError(f"rlhf_ops.{op}: cu_seqlens_q and cu_seqlens_k must have the same length "
+                         f"n + 1 (one entry per sequence, plus one), got {cu_q.shape[0]} and {cu_k.shape[0]}")
+    for name, m in (("max_seqlen_q", max_q), ("max_seqlen_k", max_k)):
+        if isinstance(m, bool) or not isinstance(m, (int, torch.SymInt)):
+            raise TypeError(f"rlhf_ops.{op}: {name} must be a Python int (the longest sequence), "
+                            f"got {type(m).__name__}")
+        if m < 0:
+            raise ValueError(f"rlhf_ops.{op}: {name} must be ≥ 0, got {m}")
+    # Value checks read cu_seqlens on the host: eagerly for CPU tensors, RLHF_OPS_DEBUG=1 for CUDA.
+    if q.device.type == "meta" or not _backend.debug_checks(q.device) or torch.compiler.is_compiling():
+        return
+    for name, cu, N, m, mname in (("cu_seqlens_q", cu_q, q.shape[0], max_q, "max_seqlen_q"),
+                                  ("cu_seqlens_k", cu_k, k.shape[0], max_k, "max_seqlen_k")):
+        c = cu.cpu().long()
+        lens = c[1:] - c[:-1]
+        if int(c[0]) != 0:
+            raise ValueError(f"rlhf_ops.{op}: {name} must start at 0, got {int(c[0])}")
+        if lens.numel() and int(lens.min()) < 0:
+            b = int((lens < 0).nonzero()[0])
+            raise ValueError(f"rlhf_ops.{op}: {name} must be non-decreasing, but entry {b + 1} "
+                             f"({int(c[b + 1])}) is smaller than entry {b} ({int(c[b])})")
+        if int(c[-1]) != N:
+            what = "q.shape[0]" if name == "cu_seqlens_q" else "k.shape[0]"
+            raise ValueError(f"rlhf_ops.{op}: the last entry of {name} ({int(c[-1])}) must equal the "
+                             f"number of packed tokens {what} = {N}")
+        if lens.numel() and int(lens.max()) > m:
+            raise ValueError(f"rlhf_ops.{op}: {mname} = {m} is smaller than the longest sequence in "
+                             f"{name} ({int(lens.max())})")
+
+
+# ------------------------------------------------------------------------------ public API ---
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: float | None = None,
+              window: tuple[int, int] | None = None, softcap: float = 0.0,
               backend: str | None = None) -> Tensor:
-    """Scaled dot-product attention, ``softmax(q kᵀ · scale + causal mask) v``.
+    """Scaled dot-product attention, ``softmax(mask(cap(q kᵀ · scale))) v``.
 
     q [B, Hq, T, D]; k, v [B, Hkv, S, D] with Hq a multiple of Hkv (GQA/MQA, k/v never repeated on
     the fused backends); ``scale=None`` means 1/sqrt(D). ``causal`` is bottom-right aligned when
     T != S (query i sees keys j ≤ i + S − T; rows that see no key output 0), unlike SDPA's
-    top-left ``is_causal`` — see the module docstring. Differentiable in q, k and v; the Triton
-    backward is deterministic.
+    top-left ``is_causal``. ``window=(left, right)``: query i sees keys
+    i + S − T − left ≤ j ≤ i + S − T + right (−1 = unbounded; causal makes right 0), as
+    flash-attn's ``window_size``. ``softcap > 0``: s → softcap·tanh(s / softcap) before the
+    softmax. Differentiable in q, k and v; the Triton backward is deterministic. See the module
+    docstring.
     """
-    _validate(q, k, v)
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
-                              or not math.isfinite(scale)):
-        raise TypeError(f"rlhf_ops.{OP}: scale must be None or a finite number, got {scale!r}")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    _validate_qkv(OP, q, k, v, "BHTD")
+    scale = _scale_arg(OP, scale, q.shape[-1])
+    left, right = _window_arg(OP, window, causal)
+    softcap = _softcap_arg(OP, softcap)
     be = _backend.resolve(OP, backend, q.device)
     if be == "reference":
-        return reference.attention(q, k, v, causal, scale)
-    _check_backend_support(be, q)
-    out, _ = torch.ops.rlhf_ops.attention_fwd(q, k, v, bool(causal), scale, be)
+        return reference.attention(q, k, v, causal, scale, window, softcap)
+    _check_backend_support(OP, be, q, q.shape[0], window, causal, softcap)
+    left, right = _kernel_window(left, right, q.shape[2], k.shape[2])
+    out, _ = torch.ops.rlhf_ops.attention_fwd(q, k, v, bool(causal), scale, left, right, softcap, be)
+    return out
+
+
+def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                     max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = True,
+                     scale: float | None = None, window: tuple[int, int] | None = None,
+                     softcap: float = 0.0, backend: str | None = None) -> Tensor:
+    """Attention over packed variable-length sequences, ``flash_attn_varlen_func``'s layout.
+
+    q [Nq, Hq, D]; k, v [Nk, Hkv, D]; ``cu_seqlens_q``/``cu_seqlens_k`` int32 [n + 1], 0 then the
+    cumulative lengths (empty sequences allowed); ``max_seqlen_q``/``max_seqlen_k`` Python ints at
+    least the longest length (they size the launch grid; the op never syncs with the host).
+    Sequence b's queries see only its own keys, with ``causal`` (bottom-right, per sequence),
+    ``window`` and ``softcap`` as in ``attention``; a query row that sees no key outputs zeros.
+    Returns [Nq, Hq, D] like q. The values of cu_seqlens are checked (starts at 0, non-decreasing,
+    ends at N, lengths ≤ max_seqlen) eagerly for CPU tensors and with RLHF_OPS_DEBUG=1 for CUDA.
+    """
+    _validate_qkv(OP_VARLEN, q, k, v, "NHD")
+    _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q, k, max_seqlen_q, max_seqlen_k)
+    scale = _scale_arg(OP_VARLEN, scale, q.shape[-1])
+    left, right = _window_arg(OP_VARLEN, window, causal)
+    softcap = _softcap_arg(OP_VARLEN, softcap)
+    be = _backend.resolve(OP_VARLEN, backend, q.device)
+    if be == "reference":
+        return reference.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                          max_seqlen_k, causal, scale, window, softcap)
+    _check_backend_support(OP_VARLEN, be, q, cu_seqlens_q.shape[0] - 1, window, causal, softcap)
+    left, right = _kernel_window(left, right, max_seqlen_q, max_seqlen_k)
+    out, _ = torch.ops.rlhf_ops.attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k,
+                                                     int(max_seqlen_q), int(max_seqlen_k), bool(causal),
+                                                     scale, left, right, softcap, be)
     return out

@@ -5,7 +5,9 @@ import torch
 from torch import nn
 
 from .attention import attention as _attention
+from .attention import attention_varlen as _attention_varlen
 from .cross_entropy import cross_entropy, linear_cross_entropy
+from .padding import pad, unpad
 
 
 class CrossEntropyLoss(nn.Module):
@@ -46,6 +48,15 @@ class CausalSelfAttention(nn.Module):
 
     x [B, T, d_model] → [B, T, d_model]. ``n_kv_heads`` < ``n_heads`` gives GQA (MQA at 1): the
     QKV projection then produces n_heads query heads and n_kv_heads key/value heads.
+
+    Padded and packed batches (``forward(x, attention_mask=None, *, cu_seqlens=None,
+    max_seqlen=None)``):
+      * ``attention_mask`` [B, T] (1 = real token, 0 = padding, on any side): the real tokens are
+        packed (``rlhf_ops.unpad``, one host sync), run through ``attention_varlen`` one sequence
+        per row, and scattered back; padding positions of the output are 0.
+      * packed x [N, d_model] or [1, N, d_model] with ``cu_seqlens`` (int32 [n + 1]) and
+        ``max_seqlen`` (int): ``attention_varlen`` directly, output shaped like x.
+    Positions are the caller's business (this block has no positional encoding).
     """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, bias: bool = True,
@@ -64,12 +75,30 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=bias)
         self.proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
         d_model = self.n_heads * self.head_dim
+        if cu_seqlens is not None or max_seqlen is not None:
+            if cu_seqlens is None or max_seqlen is None:
+                raise ValueError("CausalSelfAttention: packed input needs both cu_seqlens and max_seqlen")
+            if attention_mask is not None:
+                raise ValueError("CausalSelfAttention: pass either attention_mask (padded x) or "
+                                 "cu_seqlens/max_seqlen (packed x), not both")
+            packed = isinstance(x, torch.Tensor) and x.shape[-1:] == (d_model,) and (
+                x.dim() == 2 or (x.dim() == 3 and x.shape[0] == 1))
+            if not packed:
+                got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                raise ValueError(f"CausalSelfAttention: packed x (with cu_seqlens) must have shape "
+                                 f"[N, d_model = {d_model}] or [1, N, d_model], got {got}")
+            y = self._varlen(x.reshape(-1, d_model), cu_seqlens, max_seqlen)
+            return y.view(x.shape)
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != d_model:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"CausalSelfAttention: x must have shape [B, T, d_model = {d_model}], got {got}")
         B, T, _ = x.shape
+        if attention_mask is not None:
+            x_packed, indices, cu, max_len = unpad(x, attention_mask)
+            return pad(self._varlen(x_packed, cu, max_len), indices, B, T)
         D, Hq, Hkv = self.head_dim, self.n_heads, self.n_kv_heads
         q, k, v = self.qkv(x).split([Hq * D, Hkv * D, Hkv * D], dim=-1)
         q = q.view(B, T, Hq, D).transpose(1, 2)
@@ -77,6 +106,16 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, Hkv, D).transpose(1, 2)
         y = _attention(q, k, v, causal=self.causal, backend=self.backend)
         return self.proj(y.transpose(1, 2).reshape(B, T, Hq * D))
+
+    def _varlen(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+        """x [N, d_model] packed → [N, d_model]."""
+        N = x.shape[0]
+        D, Hq, Hkv = self.head_dim, self.n_heads, self.n_kv_heads
+        q, k, v = self.qkv(x).split([Hq * D, Hkv * D, Hkv * D], dim=-1)
+        y = _attention_varlen(q.view(N, Hq, D), k.view(N, Hkv, D), v.view(N, Hkv, D), cu_seqlens,
+                              cu_seqlens, max_seqlen, max_seqlen, causal=self.causal,
+                              backend=self.backend)
+        return self.proj(y.reshape(N, Hq * D))
 
 
 class PairwiseRewardLoss(nn.Module):

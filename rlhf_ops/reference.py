@@ -56,37 +56,100 @@ def linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, r
 
 # ------------------------------------------------------------------------------- attention ---
 
-def attention(q, k, v, causal=True, scale=None):
+def attention_window(causal, window):
+    """(left, right) key offsets a query may look back / ahead, −1 = unbounded; causal caps right
+    at 0 (flash-attn's ``window_size``: causal is the window (−1, 0))."""
+    left, right = (-1, -1) if window is None else (int(window[0]), int(window[1]))
+    return left, (0 if causal else right)
+
+
+def _visible(i, j, T, S, left, right):
+    """Bottom-right aligned window: query i sees key j iff i + S − T − left ≤ j ≤ i + S − T + right
+    (a bound of −1 is absent). i, j, T, S are tensors or ints that broadcast."""
+    d = j - i - (S - T)                      # key offset from the query's diagonal
+    ok = torch.ones_like(d, dtype=torch.bool)
+    if right >= 0:
+        ok = ok & (d <= right)
+    if left >= 0:
+        ok = ok & (d >= -left)
+    return ok
+
+
+def _softmax_attend(q, k, v, visible, scale, softcap):
+    """softmax(mask(cap(q kᵀ · scale))) v over the last two dims; GQA by repeating k/v heads.
+    A row with no visible key outputs zeros (and gets zero gradients: masked_fill's backward
+    zeroes every masked position, so the NaN softmax of an all −inf row never reaches q, k, v)."""
+    Hq, Hkv = q.shape[-3], k.shape[-3]
+    if Hq != Hkv:
+        k = k.repeat_interleave(Hq // Hkv, dim=-3)
+        v = v.repeat_interleave(Hq // Hkv, dim=-3)
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if softcap > 0:                          # Gemma-2: s → c·tanh(s / c), before the mask
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~visible, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    p = torch.where(visible.any(-1, keepdim=True), p, torch.zeros((), dtype=p.dtype, device=p.device))
+    return torch.matmul(p, v)
+
+
+def attention(q, k, v, causal=True, scale=None, window=None, softcap=0.0):
     """softmax(q kᵀ · scale + mask) v in the input dtype, GQA by repeating k/v heads.
 
     Causal is bottom-right aligned (query i sees keys j ≤ i + S − T), as flash-attn; SDPA's
-    ``is_causal`` is top-left aligned, the two agree when T == S. A query row that sees no key
-    (possible only when T > S) outputs zeros.
+    ``is_causal`` is top-left aligned, the two agree when T == S. ``window=(left, right)``
+    restricts query i to keys i + S − T − left ≤ j ≤ i + S − T + right (−1 = unbounded; causal
+    caps right at 0). ``softcap > 0`` maps each scaled score s to softcap·tanh(s / softcap)
+    before the softmax. A query row that sees no key outputs zeros.
     """
-    B, Hq, T, D = q.shape
-    S, Hkv = k.shape[2], k.shape[1]
-    if Hq != Hkv:
-        k = k.repeat_interleave(Hq // Hkv, dim=1)
-        v = v.repeat_interleave(Hq // Hkv, dim=1)
+    T, D, S = q.shape[2], q.shape[3], k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    s = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if causal:
-        i = torch.arange(T, device=q.device)[:, None]
-        j = torch.arange(S, device=q.device)[None, :]
-        visible = j <= i + (S - T)
-        s = s.masked_fill(~visible, float("-inf"))
-        p = torch.softmax(s, dim=-1)
-        p = torch.where(visible.any(-1, keepdim=True), p, torch.zeros((), dtype=p.dtype, device=p.device))
-    else:
-        p = torch.softmax(s, dim=-1)
-    return torch.matmul(p, v)
+    left, right = attention_window(causal, window)
+    i = torch.arange(T, device=q.device)[:, None]
+    j = torch.arange(S, device=q.device)[None, :]
+    return _softmax_attend(q, k, v, _visible(i, j, T, S, left, right), scale, softcap)
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=True,
+                     scale=None, window=None, softcap=0.0):
+    """flash_attn_varlen_func semantics: q [Nq, Hq, D], k/v [Nk, Hkv, D]; sequence b is
+    q[cu_q[b]:cu_q[b+1]] against k/v[cu_k[b]:cu_k[b+1]], each masked as ``attention`` (bottom-right
+    per sequence). Gathers every sequence into a [n, max_seqlen] block (max_seqlen is a Python
+    int: no host sync, no data-dependent shape), runs the dense math with a per-sequence mask and
+    gathers the real rows back; padded rows and keys are masked, so they carry no gradient.
+    """
+    Nq, Hq, D = q.shape
+    Nk, Hkv = k.shape[0], k.shape[1]
+    n = cu_seqlens_q.shape[0] - 1
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    left, right = attention_window(causal, window)
+    cu_q, cu_k = cu_seqlens_q.long(), cu_seqlens_k.long()
+    T = (cu_q[1:] - cu_q[:-1])[:, None, None]                      # [n, 1, 1] lengths
+    S = (cu_k[1:] - cu_k[:-1])[:, None, None]
+    i = torch.arange(max_seqlen_q, device=q.device)[None, :, None]  # [1, maxq, 1]
+    j = torch.arange(max_seqlen_k, device=q.device)[None, None, :]  # [1, 1, maxk]
+    visible = (i < T) & (j < S) & _visible(i, j, T, S, left, right)  # [n, maxq, maxk]
+
+    def blocks(x, cu, N, max_len):           # [N, H, D] → [n, H, max_len, D]
+        # positions past the packed end read an appended zero row (N may be 0)
+        x = torch.cat([x, x.new_zeros((1,) + tuple(x.shape[1:]))])
+        idx = (cu[:-1, None] + torch.arange(max_len, device=x.device)).clamp(max=N)
+        return x[idx].transpose(1, 2)
+
+    o = _softmax_attend(blocks(q, cu_q, Nq, max_seqlen_q), blocks(k, cu_k, Nk, max_seqlen_k),
+                        blocks(v, cu_k, Nk, max_seqlen_k), visible[:, None], scale, softcap)
+    # token t of the packed q belongs to sequence b with cu_q[b] ≤ t < cu_q[b + 1]
+    t = torch.arange(Nq, device=q.device)
+    b = torch.searchsorted(cu_q[1:], t, right=True).clamp(max=max(n - 1, 0))
+    return o[b, :, t - cu_q[b]]              # [Nq, Hq, D]
 
 
 # ---------------------------------------------------------------------- pairwise reward loss ---
 
 def pairwise_reward_loss(rewards, ranks, reduction="mean", margin=0.0):
     """Per prompt b: mean over pairs (i, j) with 0 ≤ ranks[b,i] < ranks[b,j] of
-    −log σ(r_i − r_j − margin) (margin 0: InstructGPT; > 0: a Llama-2-style fixed margin).
+    −log σ(r_i − r_j − m_b) (margin 0: InstructGPT; > 0: a Llama-2 / TRL-style margin).
+    ``margin`` is a float (m_b = margin) or a tensor [B] (m_b = margin[b], one per prompt); it
+    gets no gradient.
 
     −log σ(d) = softplus(−d) = −logsigmoid(d), stable for any d. Prompts without a pair have
     loss 0; ``mean`` averages over prompts that have at least one pair (0 if none has).
