@@ -104,41 +104,232 @@ class GPT(nn.Module):
         return ro.linear_cross_entropy(h.reshape(-1, h.shape[-1]), W_e, targets.reshape(-1),
                                        reduction=reduction, backend=self.cfg.backend)
 
+    def hidden(self, idx):
+        """h_n = LN(trunk(idx)) [B, T, d]: the states the tied unembedding W_e reads."""
+        return self.trunk(idx)
+
+    # ------------------------------------------------------------------ generation ---
     @torch.no_grad()
     def generate(self, prompts: torch.Tensor, lengths: torch.Tensor, max_new: int, *,
                  greedy: bool = False, temperature: float = 1.0, eos: int = 1, pad: int = 0,
-                 generator: torch.Generator | None = None):
-        """Continue right-padded prompts [B, P] (row i has lengths[i] real tokens) by up to
-        ``max_new`` tokens each; no KV cache. Because attention is causal, the pad after a row's
-        end never influences it, so rows of different lengths decode in one batch.
+                 generator: torch.Generator | None = None, padding_side: str = "right",
+                 use_cache: bool = True):
+        """Continue a batch of prompts [B, P] (row b has lengths[b] real tokens) by up to
+        ``max_new`` tokens each; a row stops after its EOS.
 
-        Returns (seq [B, P + max_new] right-padded, resp_len [B]) — the response includes EOS.
+        ``padding_side="right"``: row b's prompt is prompts[b, :L_b]; ``"left"``: prompts[b, P−L_b:].
+        Returns (seq [B, P + max_new], resp_len [B]); seq keeps the prompt where it was and puts the
+        response (EOS included) right after it, pad elsewhere: right padding gives
+        [prompt, response, pad], left padding [pad, prompt, response, pad].
+
+        ``use_cache=True`` (default) keeps each layer's keys and values (a KV cache, see
+        ``_CachedDecoder``); ``use_cache=False`` recomputes the whole prefix for every new token
+        (the reference the cache is tested against).
         """
-        B = prompts.shape[0]
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"generate: padding_side must be 'left' or 'right', got {padding_side!r}")
+        B, P = prompts.shape
         dev = prompts.device
-        if prompts.shape[1] + max_new > self.cfg.block_size:
-            raise ValueError(f"generate: prompts width {prompts.shape[1]} + max_new {max_new} exceeds "
+        if P + max_new > self.cfg.block_size:
+            raise ValueError(f"generate: prompts width {P} + max_new {max_new} exceeds "
                              f"block_size={self.cfg.block_size}")
-        seq = torch.full((B, prompts.shape[1] + max_new), pad, dtype=torch.long, device=dev)
-        seq[:, :prompts.shape[1]] = prompts
-        cur = lengths.clone().to(dev)                 # next position to write, per row
+        lengths = lengths.to(dev)
+        cols = torch.arange(P, device=dev)
+        if padding_side == "left":               # left-align every row: token j of row b at column j
+            x = prompts.gather(1, (cols[None, :] + (P - lengths)[:, None]) % max(P, 1))
+        else:
+            x = prompts
+        step = (_CachedDecoder(self, x, lengths, P + max_new) if use_cache
+                else _Recompute(self, x, lengths, P + max_new))
+        resp = torch.full((B, max_new), pad, dtype=torch.long, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
-        rows = torch.arange(B, device=dev)
-        for _ in range(max_new):
-            width = int(cur.max())
-            logits = self(seq[:, :width])[rows, cur - 1]
+        n = torch.zeros(B, dtype=torch.long, device=dev)             # response tokens so far
+        logits = step.first_logits()                                 # [B, V] at each row's last token
+        for i in range(max_new):
             if greedy:
                 nxt = logits.argmax(-1)
             else:
                 probs = torch.softmax(logits.float() / temperature, dim=-1)
                 nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-            seq[rows, cur] = nxt
-            cur = cur + (~done).long()
+            resp[:, i] = nxt
+            n = n + (~done).long()
             done = done | (nxt == eos)
-            if bool(done.all()):
+            if i + 1 == max_new or bool(done.all()):
                 break
-        return seq, cur - lengths.to(dev)
+            logits = step.next_logits(nxt, ~done)
+        seq = torch.full((B, P + max_new), pad, dtype=torch.long, device=dev)
+        seq[:, :P] = prompts
+        if padding_side == "left":               # every prompt ends at column P − 1
+            seq[:, P:] = resp
+        else:                                    # response token j of row b at column L_b + j
+            seq.scatter_(1, lengths[:, None] + torch.arange(max_new, device=dev)[None, :], resp)
+        return seq, n
+
+
+class _Recompute:
+    """Generation without a cache: every step runs the model over the whole prefix.
+
+    Rows are left-aligned (row b: tokens at columns 0..L_b−1); causal attention means the pad after
+    a row's end never influences it, so rows of different lengths share one forward."""
+
+    def __init__(self, model: GPT, x, lengths, width: int):
+        self.m, self.len = model, lengths.clone()
+        self.seq = torch.zeros(x.shape[0], width, dtype=torch.long, device=x.device)
+        self.seq[:, :x.shape[1]] = x
+        self.rows = torch.arange(x.shape[0], device=x.device)
+
+    def _logits(self):
+        w = int(self.len.max())
+        h = self.m.trunk(self.seq[:, :w])[self.rows, self.len - 1]
+        return F.linear(h, self.m.trunk.wte.weight)   # the unembedding of the rows' last tokens
+
+    def first_logits(self):
+        return self._logits()
+
+    def next_logits(self, tok, live):
+        self.seq[self.rows, self.len.clamp(max=self.seq.shape[1] - 1)] = tok
+        self.len = self.len + live.long()
+        return self._logits()
+
+
+class _CachedDecoder:
+    """Generation with a KV cache: the prompt runs once (prefill), then each step feeds one token.
+
+    Row b's cache holds its L_b tokens at the start of a dense buffer [B, S_max, Hkv, D] per layer
+    (S_max = P + max_new). A decode step is one query per row against that row's L_b + 1 keys —
+    the attention op's bottom-right causal alignment (query i sees keys j ≤ i + S − T) is exactly
+    "the last query sees everything" for T = 1.
+
+    * equal prompt lengths: every row advances in lockstep, so the step is the dense op
+      ``attention(q [B, Hq, 1, D], k [B, Hkv, t+1, D])``; a row that has finished keeps computing
+      (its tokens are discarded) rather than making the batch ragged.
+    * mixed lengths: ``attention_varlen`` over 2B sequences that describe the dense cache without
+      copying it or syncing with the host: sequence 2b is row b's L_b + 1 real keys, sequence
+      2b+1 the gap up to the next row's start (no queries):
+      cu_seqlens_k = [0, L_0+1, S, S+L_1+1, 2S, …, B·S], cu_seqlens_q = [0, 1, 1, 2, 2, …, B, B].
+      Until ``attention_varlen`` is available the rows are decoded in groups of equal length.
+    """
+
+    def __init__(self, model: GPT, x, lengths, width: int):
+        self.m = model
+        cfg, blocks = model.cfg, model.trunk.blocks
+        B, P = x.shape
+        a0 = blocks[0].attn if len(blocks) else None
+        self.Hq = a0.n_heads if a0 is not None else 1
+        self.Hkv = a0.n_kv_heads if a0 is not None else 1
+        self.D = a0.head_dim if a0 is not None else 1
+        dt = model.trunk.wte.weight.dtype
+        dev = x.device
+        self.S = width
+        self.k = [torch.zeros(B, width, self.Hkv, self.D, dtype=dt, device=dev) for _ in blocks]
+        self.v = [torch.zeros(B, width, self.Hkv, self.D, dtype=dt, device=dev) for _ in blocks]
+        self.len = lengths.clone()
+        self.rows = torch.arange(B, device=dev)
+        # equal lengths: lockstep dense decode; otherwise varlen (or groups of equal length)
+        lo, hi = (int(lengths.min()), int(lengths.max())) if B else (0, 0)
+        self.lockstep = lo == hi
+        self.varlen = getattr(ro, "attention_varlen", None)
+        self.groups = None
+        if not self.lockstep and self.varlen is None:
+            self.groups = [(lengths == L).nonzero().flatten() for L in lengths.unique().tolist()]
+        self.pos0 = hi if self.lockstep else None         # lockstep: the position being written
+        self.x = x
+        self.P = P
+
+    # -- one block's attention with the cache ------------------------------------------------
+    def _qkv(self, attn, h):
+        """The projections of CausalSelfAttention.forward: h [B, T, d] → q, k, v [B, T, H, D]."""
+        B, T, _ = h.shape
+        q, k, v = attn.qkv(h).split([self.Hq * self.D, self.Hkv * self.D, self.Hkv * self.D], dim=-1)
+        return q.view(B, T, self.Hq, self.D), k.view(B, T, self.Hkv, self.D), v.view(B, T, self.Hkv, self.D)
+
+    def _out(self, attn, y):                      # y [B, Hq, T, D] → [B, T, d]
+        B, _, T, _ = y.shape
+        return attn.proj(y.transpose(1, 2).reshape(B, T, self.Hq * self.D))
+
+    def _run(self, tok, pos, attend):
+        """The trunk over tokens tok [B, T] at positions pos ([T] or [B, T]); ``attend(l, attn, q,
+        k, v)`` stores k, v in the cache and returns the attention output [B, Hq, T, D]."""
+        t = self.m.trunk
+        x = t.wte(tok) + t.wpe(pos)
+        for l, blk in enumerate(t.blocks):
+            q, k, v = self._qkv(blk.attn, blk.ln1(x))
+            x = x + self._out(blk.attn, attend(l, blk.attn, q, k, v))
+            x = x + blk.mlp(blk.ln2(x))
+        return t.ln_f(x)
+
+    def _logits(self, h):
+        return F.linear(h, self.m.trunk.wte.weight)
+
+    def first_logits(self):
+        """Prefill: the left-aligned prompts [B, P] through the dense causal op (the pad after a
+        row's end never reaches its real tokens); caches every position, returns each row's last."""
+        P = self.P
+
+        def attend(l, attn, q, k, v):
+            self.k[l][:, :P], self.v[l][:, :P] = k, v
+            return ro.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
+                                backend=attn.backend)
+
+        h = self._run(self.x, torch.arange(P, device=self.x.device), attend)
+        return self._logits(h[self.rows, self.len - 1])
+
+    def next_logits(self, tok, live):
+        """Feed tok [B] (the token just chosen) at each row's next position; logits [B, V]."""
+        if self.lockstep:
+            pos = self.pos0
+
+            def attend(l, attn, q, k, v):
+                self.k[l][:, pos], self.v[l][:, pos] = k[:, 0], v[:, 0]
+                return ro.attention(q.transpose(1, 2), self.k[l][:, :pos + 1].transpose(1, 2),
+                                    self.v[l][:, :pos + 1].transpose(1, 2), causal=True, backend=attn.backend)
+
+            h = self._run(tok[:, None], torch.tensor([pos], device=tok.device), attend)
+            self.pos0 += 1
+            return self._logits(h[:, 0])
+        if self.groups is not None:
+            return self._next_grouped(tok, live)
+        return self._next_varlen(tok, live)
+
+    def _next_varlen(self, tok, live):
+        B, S, L = tok.shape[0], self.S, self.len             # row b writes its new token at L_b
+        pos = L.clamp(max=S - 1)
+        b = self.rows
+        start = b * S
+        cu_k = torch.cat([torch.stack([start, start + pos + 1], 1).flatten(),
+                          start.new_full((1,), B * S)]).to(torch.int32)
+        cu_q = torch.cat([torch.stack([b, b + 1], 1).flatten(), b.new_full((1,), B)]).to(torch.int32)
+
+        def attend(l, attn, q, k, v):
+            self.k[l][b, pos], self.v[l][b, pos] = k[:, 0], v[:, 0]
+            y = self.varlen(q[:, 0], self.k[l].view(B * S, self.Hkv, self.D),
+                            self.v[l].view(B * S, self.Hkv, self.D), cu_q, cu_k, 1, S,
+                            causal=True, backend=attn.backend)          # [B, Hq, D]
+            return y[:, :, None]
+
+        h = self._run(tok[:, None], pos[:, None], attend)
+        self.len = L + live.long()
+        return self._logits(h[:, 0])
+
+    def _next_grouped(self, tok, live):
+        """Fallback without attention_varlen: each group of rows of one length is a lockstep batch."""
+        out = None
+        pos = self.len.clamp(max=self.S - 1)
+        for g in self.groups:
+            p = int(pos[g[0]])
+
+            def attend(l, attn, q, k, v, g=g, p=p):
+                self.k[l][g, p], self.v[l][g, p] = k[:, 0], v[:, 0]
+                return ro.attention(q.transpose(1, 2), self.k[l][g, :p + 1].transpose(1, 2),
+                                    self.v[l][g, :p + 1].transpose(1, 2), causal=True, backend=attn.backend)
+
+            lg = self._logits(self._run(tok[g, None], torch.tensor([p], device=tok.device), attend)[:, 0])
+            out = lg.new_empty(tok.shape[0], lg.shape[-1]) if out is None else out
+            out[g] = lg
+        # every row advances (finished rows too) so each group stays one length
+        self.len = self.len + 1
+        return out
 
 
 class ScalarHeadGPT(nn.Module):
