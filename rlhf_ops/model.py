@@ -208,12 +208,12 @@ class _CachedDecoder:
       copying it or syncing with the host: sequence 2b is row b's L_b + 1 real keys, sequence
       2b+1 the gap up to the next row's start (no queries):
       cu_seqlens_k = [0, L_0+1, S, S+L_1+1, 2S, …, B·S], cu_seqlens_q = [0, 1, 1, 2, 2, …, B, B].
-      Until ``attention_varlen`` is available the rows are decoded in groups of equal length.
+      A finished row stays where it is (its slot at L_b is rewritten each step, never read).
     """
 
     def __init__(self, model: GPT, x, lengths, width: int):
         self.m = model
-        cfg, blocks = model.cfg, model.trunk.blocks
+        blocks = model.trunk.blocks
         B, P = x.shape
         a0 = blocks[0].attn if len(blocks) else None
         self.Hq = a0.n_heads if a0 is not None else 1
@@ -226,13 +226,9 @@ class _CachedDecoder:
         self.v = [torch.zeros(B, width, self.Hkv, self.D, dtype=dt, device=dev) for _ in blocks]
         self.len = lengths.clone()
         self.rows = torch.arange(B, device=dev)
-        # equal lengths: lockstep dense decode; otherwise varlen (or groups of equal length)
+        # equal lengths: lockstep dense decode; otherwise varlen
         lo, hi = (int(lengths.min()), int(lengths.max())) if B else (0, 0)
         self.lockstep = lo == hi
-        self.varlen = getattr(ro, "attention_varlen", None)
-        self.groups = None
-        if not self.lockstep and self.varlen is None:
-            self.groups = [(lengths == L).nonzero().flatten() for L in lengths.unique().tolist()]
         self.pos0 = hi if self.lockstep else None         # lockstep: the position being written
         self.x = x
         self.P = P
@@ -288,8 +284,6 @@ class _CachedDecoder:
             h = self._run(tok[:, None], torch.tensor([pos], device=tok.device), attend)
             self.pos0 += 1
             return self._logits(h[:, 0])
-        if self.groups is not None:
-            return self._next_grouped(tok, live)
         return self._next_varlen(tok, live)
 
     def _next_varlen(self, tok, live):
@@ -303,7 +297,7 @@ class _CachedDecoder:
 
         def attend(l, attn, q, k, v):
             self.k[l][b, pos], self.v[l][b, pos] = k[:, 0], v[:, 0]
-            y = self.varlen(q[:, 0], self.k[l].view(B * S, self.Hkv, self.D),
+            y = ro.attention_varlen(q[:, 0], self.k[l].view(B * S, self.Hkv, self.D),
                             self.v[l].view(B * S, self.Hkv, self.D), cu_q, cu_k, 1, S,
                             causal=True, backend=attn.backend)          # [B, Hq, D]
             return y[:, :, None]
@@ -311,25 +305,6 @@ class _CachedDecoder:
         h = self._run(tok[:, None], pos[:, None], attend)
         self.len = L + live.long()
         return self._logits(h[:, 0])
-
-    def _next_grouped(self, tok, live):
-        """Fallback without attention_varlen: each group of rows of one length is a lockstep batch."""
-        out = None
-        pos = self.len.clamp(max=self.S - 1)
-        for g in self.groups:
-            p = int(pos[g[0]])
-
-            def attend(l, attn, q, k, v, g=g, p=p):
-                self.k[l][g, p], self.v[l][g, p] = k[:, 0], v[:, 0]
-                return ro.attention(q.transpose(1, 2), self.k[l][g, :p + 1].transpose(1, 2),
-                                    self.v[l][g, :p + 1].transpose(1, 2), causal=True, backend=attn.backend)
-
-            lg = self._logits(self._run(tok[g, None], torch.tensor([p], device=tok.device), attend)[:, 0])
-            out = lg.new_empty(tok.shape[0], lg.shape[-1]) if out is None else out
-            out[g] = lg
-        # every row advances (finished rows too) so each group stays one length
-        self.len = self.len + 1
-        return out
 
 
 class ScalarHeadGPT(nn.Module):
