@@ -9,18 +9,44 @@ import torch
 TIGHT = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
+def _nonfinite_differ(a: torch.Tensor, ref: torch.Tensor) -> bool:
+    """True unless ``a`` and ``ref`` hold the same non-finite values at the same positions:
+    NaN where ref is NaN, +inf where ref is +inf, −inf where ref is −inf (and nowhere else)."""
+    bad_a, bad_r = ~torch.isfinite(a), ~torch.isfinite(ref)
+    if not torch.equal(bad_a, bad_r):
+        return True
+    x, y = a[bad_r], ref[bad_r]
+    nan_x, nan_y = torch.isnan(x), torch.isnan(y)
+    return not (torch.equal(nan_x, nan_y) and torch.equal(x[~nan_y], y[~nan_y]))
+
+
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    """‖a − ref‖ / ‖ref‖ in float64, NaN/inf positions compared exactly."""
+    """‖a − ref‖ / ‖ref‖ in float64 over the finite positions; inf unless the non-finite
+    positions agree exactly (NaN with NaN, +inf with +inf, −inf with −inf)."""
     a, ref = a.detach().double().cpu(), ref.detach().double().cpu()
-    same_nonfinite = (~torch.isfinite(ref)) & (a == ref)
-    if torch.isnan(a).any() and not torch.isnan(ref).any():
+    if a.shape != ref.shape or _nonfinite_differ(a, ref):
         return float("inf")
-    fin = torch.isfinite(ref) & ~same_nonfinite
-    if not torch.equal(torch.isfinite(a), torch.isfinite(ref)):
-        return float("inf")
+    fin = torch.isfinite(ref)
     d = (a[fin] - ref[fin]).norm()
     n = ref[fin].norm()
     return float(d / n) if n > 0 else float(d)
+
+
+def max_rel_err(a: torch.Tensor, ref: torch.Tensor, atol: float = 0.0) -> float:
+    """Element-wise: max_i |a_i − ref_i| / (|ref_i| + atol) over the finite positions (0/0 = 0);
+    inf unless the non-finite positions agree exactly. Unlike ``rel_err``'s one norm, an error
+    confined to a few small elements is not hidden by large ones. ``atol`` is the absolute scale
+    below which an element counts as zero (0: every element judged on its own magnitude)."""
+    a, ref = a.detach().double().cpu(), ref.detach().double().cpu()
+    if a.shape != ref.shape or _nonfinite_differ(a, ref):
+        return float("inf")
+    fin = torch.isfinite(ref)
+    if not fin.any():
+        return 0.0
+    d = (a[fin] - ref[fin]).abs()
+    den = ref[fin].abs() + atol
+    r = torch.where(d == 0, torch.zeros_like(d), d / den)
+    return float(r.max())
 
 
 def assert_matches(ours, ref64, eager=None, *, dtype=None, tol=None, what=""):
@@ -31,6 +57,19 @@ def assert_matches(ours, ref64, eager=None, *, dtype=None, tol=None, what=""):
     else:
         bound = rel_err(eager, ref64) * 1.05 + (tol if tol is not None else 2e-3)
     assert err <= bound, f"{what}: relative error {err:.3e} exceeds {bound:.3e}"
+
+
+def assert_elementwise(ours, ref64, eager=None, *, dtype=None, tol=None, atol=0.0, what=""):
+    """Element-wise form of ``assert_matches`` for outputs whose elements are independent (one
+    per row or token): the worst element's relative error (``max_rel_err``) may not exceed the
+    tight bound of ``dtype`` (fp32/fp64), or eager's own worst element in the same dtype × 1.05
+    + tol."""
+    err = max_rel_err(ours, ref64, atol)
+    if eager is None:
+        bound = tol if tol is not None else TIGHT.get(dtype or ours.dtype, 1e-5)
+    else:
+        bound = max_rel_err(eager, ref64, atol) * 1.05 + (tol if tol is not None else 2e-3)
+    assert err <= bound, f"{what}: worst element relative error {err:.3e} exceeds {bound:.3e}"
 
 
 def poison_(t: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,22 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+# Hypothesis profiles (tests/test_properties.py). "ci", the default: derandomized (examples are
+# a fixed function of each test's name, no example database), so every run draws the same inputs
+# and the run time is bounded; "long" (`pytest --hypothesis-profile=long`): random draws, 10×
+# the examples, failures saved in .hypothesis/ for replay. HYPOTHESIS_PROFILE=long also selects it.
+try:
+    from hypothesis import HealthCheck, settings
+
+    _quiet = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
+    settings.register_profile("ci", max_examples=10, derandomize=True, database=None, deadline=None,
+                              print_blob=True, suppress_health_check=_quiet)
+    settings.register_profile("long", max_examples=100, derandomize=False, deadline=None,
+                              print_blob=True, suppress_health_check=_quiet)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+except ImportError:  # pragma: no cover - hypothesis is pinned in requirements.txt
+    pass
 ON_GPU = DEVICE == "cuda"
 BACKENDS = ("reference", "triton", "cuda")
 
