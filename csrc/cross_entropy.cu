@@ -9,6 +9,16 @@
 // exp(x − lse) of the backward, while x − m is exact for the logits that matter.
 // Backward per element: dx_j = g · (exp((x_j − m) − log s) − (1−ε)·[j = t] − ε/V), written in the
 // logits dtype; ``out`` may alias ``logits`` (in-place backward), so neither is __restrict__.
+//
+// Vocabulary parallel (rlhf_ops.distributed): the logits are this rank's slice [o, o + V) of a
+// V_g-wide vocabulary, targets hold global ids, o (and V_g) come in a small int64 device tensor.
+// cross_entropy_stats writes per row, [5, N]: shift (= m, 0 when the slice is all −inf), log s,
+// owned = [o ≤ t < o + V], shift − x_t (0 if not owned), Σ_j (shift − x_j) = V·(shift − x_0) −
+// Σ(x − x_0) (label smoothing), which rlhf_ops.distributed combines across ranks. The backward
+// with shard = (o, V_g) reads the combined lse, puts the one-hot at column t − o, uses ε/V_g and
+// gives NaN for a target outside [0, V_g).
+#include <optional>
+
 #include "common.cuh"
 
 namespace rlhf {
@@ -20,7 +30,8 @@ template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kThreads)
 ce_fwd_kernel(const scalar_t* __restrict__ x, int64_t stride, const int64_t* __restrict__ target,
               acc_t* __restrict__ loss, acc_t* __restrict__ lse_out, int64_t V,
-              int64_t ignore_index, acc_t eps) {
+              int64_t ignore_index, acc_t eps, const int64_t* __restrict__ offset,
+              acc_t* __restrict__ stats, int64_t N) {
   __shared__ acc_t smem[3 * kThreads / kWarp];
   const int64_t row = blockIdx.x;
   const scalar_t* xr = x + row * stride;
@@ -58,6 +69,16 @@ ce_fwd_kernel(const scalar_t* __restrict__ x, int64_t stride, const int64_t* __r
     const acc_t log_s = log_sum(st.s);  // all −inf: log 0 = −inf
     const acc_t shift = st.m == neg_inf<acc_t>() ? acc_t(0) : st.m;
     const int64_t t = target[row];
+    if (stats != nullptr) {  // a vocabulary slice: its statistics, combined across ranks later
+      const int64_t tl = t - offset[0];
+      const bool owned = t != ignore_index && tl >= 0 && tl < V;
+      stats[row] = shift;
+      stats[N + row] = log_s;
+      stats[2 * N + row] = owned ? acc_t(1) : acc_t(0);
+      stats[3 * N + row] = owned ? shift - static_cast<acc_t>(xr[tl]) : acc_t(0);
+      stats[4 * N + row] = eps > 0 ? static_cast<acc_t>(V) * (shift - x0) - sx : acc_t(0);
+      return;
+    }
     acc_t l = 0;
     if (t != ignore_index) {
       if (t < 0 || t >= V) {
@@ -78,21 +99,24 @@ __global__ void __launch_bounds__(kThreads)
 ce_bwd_kernel(const scalar_t* x, int64_t stride_x, scalar_t* dx, int64_t stride_dx,
               const int64_t* __restrict__ target, const acc_t* __restrict__ lse_in,
               const acc_t* __restrict__ grad, int64_t stride_g, int64_t V, int64_t ignore_index,
-              acc_t eps) {
+              acc_t eps, const int64_t* __restrict__ shard) {
   const int64_t row = blockIdx.x;
   const int64_t t = target[row];
+  // a vocabulary slice holds the global ids [col0, col0 + V) of V_g
+  const int64_t col0 = shard != nullptr ? shard[0] : 0;
+  const int64_t V_g = shard != nullptr ? shard[1] : V;
   const bool valid = t != ignore_index;
-  const bool in_range = t >= 0 && t < V;
+  const bool in_range = t >= 0 && t < V_g;
   const acc_t g = grad[row * stride_g];
   const acc_t shift = lse_in[2 * row], log_s = lse_in[2 * row + 1];
-  const acc_t off = eps / static_cast<acc_t>(V);
+  const acc_t off = eps / static_cast<acc_t>(V_g);
   const scalar_t* xr = x + row * stride_x;
   scalar_t* dr = dx + row * stride_dx;
   auto grad_of = [&](acc_t v, int64_t col) -> acc_t {
     if (!valid) return acc_t(0);
     if (!in_range) return acc_t(NAN);
     acc_t d = exp((v - shift) - log_s) - off;
-    if (col == t) d -= acc_t(1) - eps;
+    if (col + col0 == t) d -= acc_t(1) - eps;
     return d * g;
   };
   const int64_t nvec = V / VEC;
@@ -120,17 +144,14 @@ void check_inputs(const char* op, const at::Tensor& logits, const at::Tensor& ta
   TORCH_CHECK(logits.size(0) <= INT32_MAX, "rlhf_ops_cuda.", op, ": too many rows");
 }
 
-std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& target_,
-                                                     int64_t ignore_index, double label_smoothing) {
-  check_inputs("cross_entropy_fwd", logits, target_);
-  const at::cuda::OptionalCUDAGuard guard(logits.device());
-  const at::Tensor target = target_.contiguous();
+// One launch of ce_fwd_kernel: (loss, lse) when ``stats`` is undefined, else the slice's
+// statistics into ``stats`` [5, N] (``offset``: int64 [1], the slice's first global id).
+void launch_fwd(const at::Tensor& logits, const at::Tensor& target, at::Tensor& loss, at::Tensor& lse,
+                int64_t ignore_index, double label_smoothing, const at::Tensor& offset,
+                at::Tensor& stats) {
   const int64_t N = logits.size(0), V = logits.size(1);
-  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor loss = at::empty({N}, logits.options().dtype(acc));
-  at::Tensor lse = at::empty({N, 2}, logits.options().dtype(acc));  // (m, log s) per row
-  if (N == 0) return {loss, lse};
   const int vec = pick_vec(logits, logits.stride(0), V);
+  const bool sharded = stats.defined();
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_fwd", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
@@ -138,19 +159,59 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits, c
       constexpr int VEC = decltype(vec_c)::value;
       ce_fwd_kernel<scalar_t, acc_t, VEC><<<N, kThreads, 0, stream>>>(
           logits.data_ptr<scalar_t>(), logits.stride(0), target.data_ptr<int64_t>(),
-          loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), V, ignore_index,
-          static_cast<acc_t>(label_smoothing));
+          sharded ? nullptr : loss.data_ptr<acc_t>(), sharded ? nullptr : lse.data_ptr<acc_t>(), V,
+          ignore_index, static_cast<acc_t>(label_smoothing),
+          sharded ? offset.data_ptr<int64_t>() : nullptr, sharded ? stats.data_ptr<acc_t>() : nullptr, N);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (vec * sizeof(scalar_t) == 16) launch(std::integral_constant<int, 16 / sizeof(scalar_t)>{});
     else launch(std::integral_constant<int, 1>{});
   });
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& target_,
+                                                     int64_t ignore_index, double label_smoothing) {
+  check_inputs("cross_entropy_fwd", logits, target_);
+  const at::cuda::OptionalCUDAGuard guard(logits.device());
+  const at::Tensor target = target_.contiguous();
+  const int64_t N = logits.size(0);
+  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor loss = at::empty({N}, logits.options().dtype(acc));
+  at::Tensor lse = at::empty({N, 2}, logits.options().dtype(acc));  // (m, log s) per row
+  if (N == 0) return {loss, lse};
+  at::Tensor no_offset, no_stats;
+  launch_fwd(logits, target, loss, lse, ignore_index, label_smoothing, no_offset, no_stats);
   return {loss, lse};
+}
+
+at::Tensor cross_entropy_stats(const at::Tensor& logits, const at::Tensor& target_, const at::Tensor& offset,
+                               int64_t ignore_index, bool smoothing) {
+  check_inputs("cross_entropy_stats", logits, target_);
+  RLHF_CHECK_CUDA("cross_entropy_stats", "offset", offset);
+  RLHF_CHECK_SAME_DEVICE("cross_entropy_stats", "offset", offset, "logits", logits);
+  RLHF_CHECK_DTYPE("cross_entropy_stats", "offset", offset, at::kLong);
+  TORCH_CHECK(offset.numel() == 1, "rlhf_ops_cuda.cross_entropy_stats: offset must have one element, got ",
+              offset.sizes());
+  const at::cuda::OptionalCUDAGuard guard(logits.device());
+  const at::Tensor target = target_.contiguous();
+  const at::Tensor off = offset.contiguous();
+  const int64_t N = logits.size(0), V = logits.size(1);
+  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor stats = at::empty({5, N}, logits.options().dtype(acc));
+  if (N == 0) return stats;
+  if (V == 0) {  // an empty slice: no mass, no target
+    stats.zero_();
+    stats[1].fill_(-INFINITY);
+    return stats;
+  }
+  at::Tensor unused;
+  launch_fwd(logits, target, unused, unused, ignore_index, smoothing ? 1.0 : 0.0, off, stats);
+  return stats;
 }
 
 void cross_entropy_bwd(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target_,
                        const at::Tensor& lse, at::Tensor out, int64_t ignore_index,
-                       double label_smoothing) {
+                       double label_smoothing, const std::optional<at::Tensor>& shard_) {
   check_inputs("cross_entropy_bwd", logits, target_);
   const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   RLHF_CHECK_CUDA("cross_entropy_bwd", "grad", grad);
@@ -170,6 +231,15 @@ void cross_entropy_bwd(const at::Tensor& grad, const at::Tensor& logits, const a
   TORCH_CHECK(out.sizes() == logits.sizes() && out.scalar_type() == logits.scalar_type() &&
                   (out.size(0) == 0 || out.stride(1) == 1),
               "rlhf_ops_cuda.cross_entropy_bwd: out must match logits in shape and dtype");
+  at::Tensor shard;
+  if (shard_.has_value()) {
+    shard = shard_->contiguous();
+    RLHF_CHECK_CUDA("cross_entropy_bwd", "shard", shard);
+    RLHF_CHECK_SAME_DEVICE("cross_entropy_bwd", "shard", shard, "logits", logits);
+    RLHF_CHECK_DTYPE("cross_entropy_bwd", "shard", shard, at::kLong);
+    TORCH_CHECK(shard.numel() == 2, "rlhf_ops_cuda.cross_entropy_bwd: shard must be (offset, V), 2 "
+                "elements, got ", shard.sizes());
+  }
   const at::cuda::OptionalCUDAGuard guard(logits.device());
   const at::Tensor target = target_.contiguous();
   const at::Tensor lse_c = lse.contiguous();
@@ -184,7 +254,8 @@ void cross_entropy_bwd(const at::Tensor& grad, const at::Tensor& logits, const a
       ce_bwd_kernel<scalar_t, acc_t, VEC><<<N, kThreads, 0, stream>>>(
           logits.data_ptr<scalar_t>(), logits.stride(0), out.data_ptr<scalar_t>(), out.stride(0),
           target.data_ptr<int64_t>(), lse_c.data_ptr<acc_t>(), grad.data_ptr<acc_t>(),
-          grad.stride(0), V, ignore_index, static_cast<acc_t>(label_smoothing));
+          grad.stride(0), V, ignore_index, static_cast<acc_t>(label_smoothing),
+          shard.defined() ? shard.data_ptr<int64_t>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (vec * sizeof(scalar_t) == 16) launch(std::integral_constant<int, 16 / sizeof(scalar_t)>{});
@@ -197,12 +268,15 @@ void cross_entropy_bwd(const at::Tensor& grad, const at::Tensor& logits, const a
 TORCH_LIBRARY_FRAGMENT(rlhf_ops_cuda, m) {
   m.def("cross_entropy_fwd(Tensor logits, Tensor target, int ignore_index, float label_smoothing) -> (Tensor, Tensor)");
   m.def("cross_entropy_bwd(Tensor grad, Tensor logits, Tensor target, Tensor lse, Tensor(a!) out, "
-        "int ignore_index, float label_smoothing) -> ()");
+        "int ignore_index, float label_smoothing, Tensor? shard=None) -> ()");
+  m.def("cross_entropy_stats(Tensor logits, Tensor target, Tensor offset, int ignore_index, "
+        "bool smoothing) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rlhf_ops_cuda, CUDA, m) {
   m.impl("cross_entropy_fwd", &cross_entropy_fwd);
   m.impl("cross_entropy_bwd", &cross_entropy_bwd);
+  m.impl("cross_entropy_stats", &cross_entropy_stats);
 }
 
 }  // namespace rlhf

@@ -15,13 +15,20 @@ saving lse as the pair (m, log Σ) per row, [N, 2], so that neither the loss nor
 softmax_j = exp((x_j − m) − log Σ) pays for rounding m + log Σ (ulp(m)/2 in fp32).
 Backward per element:
     ∂loss/∂x_j = g · (softmax_j − (1−ε)·[j = t] − ε/V)
+
+Vocabulary parallel (``process_group=``, or a DTensor sharded over the vocabulary): ``logits``
+(``weight`` for the linear op) is this rank's contiguous slice of the vocabulary, targets are
+global ids. The kernels write per-row statistics of the slice (``local_stats``), which
+``rlhf_ops.distributed`` gathers and combines into the full-vocabulary loss and lse; the backward
+above then runs on the slice against that global lse, with the one-hot at t − offset and ε/V
+over the global V (``shard`` = (offset, V) on the device).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from . import _backend, _checks, reference
+from . import _backend, _checks, distributed, reference
 
 OP = "cross_entropy"
 
@@ -30,6 +37,12 @@ def _impl_fwd(backend: str):
     if backend == "triton":
         return _backend.triton_kernels("cross_entropy").forward
     return torch.ops.rlhf_ops_cuda.cross_entropy_fwd
+
+
+def _impl_stats(backend: str):
+    if backend == "triton":
+        return _backend.triton_kernels("cross_entropy").local_stats
+    return torch.ops.rlhf_ops_cuda.cross_entropy_stats
 
 
 def _impl_bwd(backend: str):
@@ -59,27 +72,30 @@ def _(logits, target, ignore_index, label_smoothing, inplace_backward, backend):
 
 @torch.library.custom_op("rlhf_ops::cross_entropy_bwd", mutates_args=())
 def cross_entropy_bwd(grad_loss: Tensor, logits: Tensor, target: Tensor, lse: Tensor,
-                      ignore_index: int, label_smoothing: float, backend: str) -> Tensor:
-    """grad_loss [N] (any stride) → grad_logits [N, V] in the logits dtype (a new tensor)."""
+                      ignore_index: int, label_smoothing: float, backend: str,
+                      shard: Tensor | None = None) -> Tensor:
+    """grad_loss [N] (any stride) → grad_logits [N, V] in the logits dtype (a new tensor).
+    ``shard``: int64 [2] = (offset, global V) when ``logits`` is a vocabulary slice."""
     out = torch.empty_like(logits)
-    _impl_bwd(backend)(grad_loss, logits, target, lse, out, ignore_index, label_smoothing)
+    _impl_bwd(backend)(grad_loss, logits, target, lse, out, ignore_index, label_smoothing, shard)
     return out
 
 
 @cross_entropy_bwd.register_fake
-def _(grad_loss, logits, target, lse, ignore_index, label_smoothing, backend):
+def _(grad_loss, logits, target, lse, ignore_index, label_smoothing, backend, shard=None):
     return torch.empty_like(logits)
 
 
 @torch.library.custom_op("rlhf_ops::cross_entropy_bwd_inplace", mutates_args=("logits",))
 def cross_entropy_bwd_inplace(grad_loss: Tensor, logits: Tensor, target: Tensor, lse: Tensor,
-                              ignore_index: int, label_smoothing: float, backend: str) -> None:
+                              ignore_index: int, label_smoothing: float, backend: str,
+                              shard: Tensor | None = None) -> None:
     """As cross_entropy_bwd, but overwrites ``logits`` with the gradient (opt-in)."""
-    _impl_bwd(backend)(grad_loss, logits, target, lse, logits, ignore_index, label_smoothing)
+    _impl_bwd(backend)(grad_loss, logits, target, lse, logits, ignore_index, label_smoothing, shard)
 
 
 @cross_entropy_bwd_inplace.register_fake
-def _(grad_loss, logits, target, lse, ignore_index, label_smoothing, backend):
+def _(grad_loss, logits, target, lse, ignore_index, label_smoothing, backend, shard=None):
     return None
 
 
@@ -101,6 +117,48 @@ def _backward(ctx, grad_loss, grad_lse):
 
 
 cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("rlhf_ops::cross_entropy_vp_fwd", mutates_args=())
+def cross_entropy_vp_fwd(logits: Tensor, target: Tensor, offset: Tensor, ignore_index: int,
+                         label_smoothing: float, inplace_backward: bool, backend: str, group: str
+                         ) -> tuple[Tensor, Tensor, Tensor]:
+    """Vocabulary parallel: logits [N, V_r] = this rank's slice from global id ``offset`` (int64
+    [1]) → (loss [N], global lse [N, 2], shard = (offset, V) int64 [2]), the same on every rank
+    of the process group named ``group``."""
+    stats = _impl_stats(backend)(logits, target, offset, ignore_index, label_smoothing > 0)
+    G, sizes = distributed.gather_stats(stats, logits.shape[1], group)
+    loss, lse = distributed.cross_entropy_combine(G, sizes, target, ignore_index, label_smoothing)
+    return loss, lse, distributed.shard_tensor(offset, sizes)
+
+
+@cross_entropy_vp_fwd.register_fake
+def _(logits, target, offset, ignore_index, label_smoothing, inplace_backward, backend, group):
+    acc = _checks.acc_dtype(logits.dtype)
+    n = logits.shape[0]
+    return (logits.new_empty((n,), dtype=acc), logits.new_empty((n, 2), dtype=acc),
+            logits.new_empty((2,), dtype=torch.int64))
+
+
+def _vp_setup_context(ctx, inputs, output):
+    logits, target, offset, ignore_index, label_smoothing, inplace_backward, backend, group = inputs
+    ctx.save_for_backward(logits, target, output[1], output[2])
+    ctx.args = (ignore_index, label_smoothing, backend)
+    ctx.inplace = inplace_backward
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _vp_backward(ctx, grad_loss, grad_lse, grad_shard):
+    # no communication: this rank's slice of the full-vocabulary gradient, from the global lse
+    logits, target, lse, shard = ctx.saved_tensors
+    if ctx.inplace:
+        torch.ops.rlhf_ops.cross_entropy_bwd_inplace(grad_loss, logits, target, lse, *ctx.args, shard)
+        return logits, None, None, None, None, None, None, None
+    grad = torch.ops.rlhf_ops.cross_entropy_bwd(grad_loss, logits, target, lse, *ctx.args, shard)
+    return grad, None, None, None, None, None, None, None
+
+
+cross_entropy_vp_fwd.register_autograd(_vp_backward, setup_context=_vp_setup_context)
 
 
 # ------------------------------------------------------------------------------ public API ---
@@ -134,7 +192,8 @@ def _reduce(loss: Tensor, target: Tensor, ignore_index: int, reduction: str, sha
 
 def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100,
                   reduction: str = "mean", label_smoothing: float = 0.0,
-                  backend: str | None = None, inplace_backward: bool = False) -> Tensor:
+                  backend: str | None = None, inplace_backward: bool = False,
+                  process_group=None, vocab_offset: int | None = None) -> Tensor:
     """Softmax cross-entropy over the last dim of ``logits`` [..., V] with int64 ``target`` [...].
 
     Same semantics as ``F.cross_entropy`` (ignore_index, reduction, label_smoothing), fp32 result
@@ -143,9 +202,26 @@ def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100,
     logits once and saves one log-sum-exp per row; backward writes the gradient into a new tensor,
     or, with ``inplace_backward=True``, into the logits buffer itself (the caller's logits are then
     overwritten by their gradient during backward — only use it when nothing else reads them).
+
+    Vocabulary parallel: with ``process_group`` (a ``torch.distributed`` group), ``logits``
+    [..., V_r] is this rank's contiguous slice of the vocabulary, in rank order (sizes may
+    differ); ``target`` holds global ids and, like the leading shape and the options, is the
+    same on every rank. The result is the full-vocabulary loss on every rank; the gradient
+    reaches each rank's slice. ``vocab_offset`` (this rank's first global id) skips the
+    all_gather that finds it (where no check runs). A DTensor ``logits`` sharded ``Shard(-1)``
+    on a 1-D mesh is accepted instead, and gives a replicated DTensor, as ``loss_parallel()``.
+    Per row, k numbers per rank cross the network, never a V-sized tensor (``rlhf_ops.distributed``).
     """
+    logits, process_group, mesh = distributed.unwrap(OP, "logits", logits, process_group, -1)
+    target = distributed.replicated_local(OP, "target", target)
     _flatten(OP, logits, target, ignore_index, reduction, label_smoothing)
     be = _backend.resolve(OP, backend, logits.device)
+    if process_group is not None:
+        out = _cross_entropy_vp(logits, target, ignore_index, reduction, float(label_smoothing), be,
+                                bool(inplace_backward), process_group, vocab_offset)
+        return distributed.wrap(out, mesh)
+    if vocab_offset is not None:
+        raise ValueError(f"rlhf_ops.{OP}: vocab_offset needs a process_group (or a DTensor logits)")
     if be == "reference":
         _reference_range_check(OP, target, logits.shape[-1], ignore_index)
         return reference.cross_entropy(logits, target, ignore_index, reduction, label_smoothing)
@@ -156,6 +232,33 @@ def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100,
     t = target.reshape(-1).contiguous()        # the kernels index targets by row
     loss, _ = torch.ops.rlhf_ops.cross_entropy_fwd(x, t, ignore_index, float(label_smoothing),
                                                    bool(inplace_backward), be)
+    return _reduce(loss, t, ignore_index, reduction, target.shape)
+
+
+def _vp_config(op, lead_shape, dtype, ignore_index, reduction, label_smoothing, extra="") -> str:
+    """What every rank must pass alike (checked by ``distributed.shard_offset``)."""
+    return (f"{op}(leading shape {tuple(lead_shape)}, {str(dtype).replace('torch.', '')}{extra}, "
+            f"ignore_index={ignore_index}, reduction={reduction}, label_smoothing={label_smoothing})")
+
+
+def _cross_entropy_vp(logits, target, ignore_index, reduction, label_smoothing, be, inplace,
+                      group, vocab_offset):
+    V_r = logits.shape[-1]
+    x = logits.reshape(-1, V_r)
+    t = target.reshape(-1).contiguous()
+    config = _vp_config(OP, target.shape, logits.dtype, ignore_index, reduction, label_smoothing)
+    gname, offset = distributed.locate(OP, "target", group, t, V_r, ignore_index=ignore_index,
+                                       vocab_offset=vocab_offset, config=config)
+    if be == "reference":  # eager statistics of the slice, then the same combination
+        stats = distributed.cross_entropy_stats_reference(x, t, offset, ignore_index,
+                                                          label_smoothing > 0)
+        G, sizes = distributed.gather_stats(stats, V_r, group)
+        loss, _ = distributed.cross_entropy_combine(G, sizes, t, ignore_index, label_smoothing)
+    else:
+        if x.shape[0] > 0 and x.stride(-1) != 1:
+            x = x.contiguous()
+        loss, _, _ = torch.ops.rlhf_ops.cross_entropy_vp_fwd(x, t, offset, ignore_index,
+                                                             label_smoothing, inplace, be, gname)
     return _reduce(loss, t, ignore_index, reduction, target.shape)
 
 
@@ -195,12 +298,15 @@ def _(hidden, weight, bias, target, ignore_index, label_smoothing, backend):
 @torch.library.custom_op("rlhf_ops::linear_cross_entropy_bwd", mutates_args=())
 def linear_cross_entropy_bwd(grad_loss: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None,
                              target: Tensor, lse: Tensor, ignore_index: int, label_smoothing: float,
-                             backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                             backend: str, shard: Tensor | None = None, group: str = ""
+                             ) -> tuple[Tensor, Tensor, Tensor]:
     """Recompute each chunk's logits, turn them into dlogits in place, then
-    d hidden = dlogits · W,  d W += dlogitsᵀ · hidden,  d bias += Σ_rows dlogits."""
+    d hidden = dlogits · W,  d W += dlogitsᵀ · hidden,  d bias += Σ_rows dlogits.
+    Vocabulary parallel (``shard``, ``group``): W is this rank's slice, so d hidden is this
+    slice's part; it is summed over the group (in the accumulation dtype) before it returns."""
     N, V = hidden.shape[0], weight.shape[0]
     acc = _checks.acc_dtype(hidden.dtype)
-    d_hidden = torch.empty_like(hidden)
+    d_hidden = torch.empty_like(hidden) if not group else hidden.new_empty(hidden.shape, dtype=acc)
     d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
     d_bias = torch.zeros((V,), dtype=acc, device=weight.device)
     bwd = _impl_bwd(backend)
@@ -209,15 +315,18 @@ def linear_cross_entropy_bwd(grad_loss: Tensor, hidden: Tensor, weight: Tensor, 
         h = hidden[s:s + step]
         logits = torch.nn.functional.linear(h, weight, bias)
         bwd(grad_loss[s:s + step], logits, target[s:s + step], lse[s:s + step], logits,
-            ignore_index, label_smoothing)
+            ignore_index, label_smoothing, shard)
         d_hidden[s:s + step] = logits @ weight
         d_weight.addmm_(logits.t().to(acc), h.to(acc))
         d_bias += logits.sum(0, dtype=acc)
+    if group:  # column-parallel head: d hidden = Σ_ranks dlogits_r · W_r
+        d_hidden = distributed.all_reduce_(d_hidden, group).to(hidden.dtype)
     return d_hidden, d_weight.to(weight.dtype), d_bias.to(weight.dtype)
 
 
 @linear_cross_entropy_bwd.register_fake
-def _(grad_loss, hidden, weight, bias, target, lse, ignore_index, label_smoothing, backend):
+def _(grad_loss, hidden, weight, bias, target, lse, ignore_index, label_smoothing, backend,
+      shard=None, group=""):
     return torch.empty_like(hidden), torch.empty_like(weight), weight.new_empty((weight.shape[0],))
 
 
@@ -238,17 +347,74 @@ def _lce_backward(ctx, grad_loss, grad_lse):
 linear_cross_entropy_fwd.register_autograd(_lce_backward, setup_context=_lce_setup)
 
 
+@torch.library.custom_op("rlhf_ops::linear_cross_entropy_vp_fwd", mutates_args=())
+def linear_cross_entropy_vp_fwd(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
+                                offset: Tensor, ignore_index: int, label_smoothing: float,
+                                backend: str, group: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Vocabulary parallel: weight [V_r, d] (bias [V_r]) = this rank's slice from global id
+    ``offset`` → (loss [N], global lse [N, 2], shard int64 [2]); logits one row-chunk at a time."""
+    N, V_r = hidden.shape[0], weight.shape[0]
+    stats = hidden.new_empty((5, N), dtype=_checks.acc_dtype(hidden.dtype))
+    fn = _impl_stats(backend)
+    step = _chunk_rows(N, V_r)
+    for s in range(0, N, step):
+        logits = torch.nn.functional.linear(hidden[s:s + step], weight, bias)
+        stats[:, s:s + step] = fn(logits, target[s:s + step], offset, ignore_index, label_smoothing > 0)
+    G, sizes = distributed.gather_stats(stats, V_r, group)
+    loss, lse = distributed.cross_entropy_combine(G, sizes, target, ignore_index, label_smoothing)
+    return loss, lse, distributed.shard_tensor(offset, sizes)
+
+
+@linear_cross_entropy_vp_fwd.register_fake
+def _(hidden, weight, bias, target, offset, ignore_index, label_smoothing, backend, group):
+    acc = _checks.acc_dtype(hidden.dtype)
+    n = hidden.shape[0]
+    return (hidden.new_empty((n,), dtype=acc), hidden.new_empty((n, 2), dtype=acc),
+            hidden.new_empty((2,), dtype=torch.int64))
+
+
+def _lce_vp_setup(ctx, inputs, output):
+    hidden, weight, bias, target, offset, ignore_index, label_smoothing, backend, group = inputs
+    ctx.save_for_backward(hidden, weight, bias, target, output[1], output[2])
+    ctx.args = (ignore_index, label_smoothing, backend)
+    ctx.group = group
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _lce_vp_backward(ctx, grad_loss, grad_lse, grad_shard):
+    hidden, weight, bias, target, lse, shard = ctx.saved_tensors
+    dh, dw, db = torch.ops.rlhf_ops.linear_cross_entropy_bwd(
+        grad_loss, hidden, weight, bias, target, lse, *ctx.args, shard, ctx.group)
+    return dh, dw, (db if bias is not None else None), None, None, None, None, None, None
+
+
+linear_cross_entropy_vp_fwd.register_autograd(_lce_vp_backward, setup_context=_lce_vp_setup)
+
+
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, *, bias: Tensor | None = None,
                          ignore_index: int = -100, reduction: str = "mean",
-                         label_smoothing: float = 0.0, backend: str | None = None) -> Tensor:
+                         label_smoothing: float = 0.0, backend: str | None = None,
+                         process_group=None, vocab_offset: int | None = None) -> Tensor:
     """``cross_entropy(hidden @ weight.T + bias, target)`` without holding all [N, V] logits.
 
     hidden [..., d], weight [V, d], bias [V] or None, target [...] int64. The fused backends
     compute the logits one chunk of rows at a time (at most 256 MiB of fp32 logits), keep only
     the per-row log-sum-exp for backward, and recompute each chunk's logits in backward
     (the matmuls run on cuBLAS, the softmax/gradient on the chosen backend's kernels).
+
+    Vocabulary parallel (``process_group``, ``vocab_offset`` as in ``cross_entropy``): ``weight``
+    [V_r, d] and ``bias`` [V_r] are this rank's rows of the LM head (a column-parallel layer);
+    ``hidden`` and ``target`` are the same on every rank. The loss is the full-vocabulary loss on
+    every rank; ``weight``/``bias`` get their slice's gradient, ``hidden`` the sum over the ranks
+    (one all_reduce of [N, d] in the backward). A DTensor ``weight`` sharded ``Shard(0)`` on a
+    1-D mesh (``bias`` ``Shard(0)`` too) is accepted instead of ``process_group``.
     """
     op = "linear_cross_entropy"
+    weight, process_group, mesh = distributed.unwrap(op, "weight", weight, process_group, 0)
+    if mesh is not None and bias is not None:
+        bias, _, _ = distributed.unwrap(op, "bias", bias, None, 0)
+    hidden = distributed.replicated_local(op, "hidden", hidden)
+    target = distributed.replicated_local(op, "target", target)
     _checks.floating(op, "hidden", hidden, min_ndim=1)
     _checks.floating(op, "weight", weight, ndim=2)
     _checks.index(op, "target", target)
@@ -268,6 +434,12 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, *, bias
     if not isinstance(ignore_index, int):
         raise TypeError(f"rlhf_ops.{op}: ignore_index must be an int, got {type(ignore_index).__name__}")
     be = _backend.resolve(op, backend, hidden.device)
+    if process_group is not None:
+        out = _linear_cross_entropy_vp(hidden, weight, target, bias, ignore_index, reduction,
+                                       float(label_smoothing), be, process_group, vocab_offset)
+        return distributed.wrap(out, mesh)
+    if vocab_offset is not None:
+        raise ValueError(f"rlhf_ops.{op}: vocab_offset needs a process_group (or a DTensor weight)")
     if be == "reference":
         _reference_range_check(op, target, weight.shape[0], ignore_index)
         return reference.linear_cross_entropy(hidden, weight, target, bias, ignore_index,
@@ -276,4 +448,26 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, *, bias
     t = target.reshape(-1).contiguous()
     loss, _ = torch.ops.rlhf_ops.linear_cross_entropy_fwd(h, weight, bias, t, ignore_index,
                                                           float(label_smoothing), be)
+    return _reduce(loss, t, ignore_index, reduction, target.shape)
+
+
+def _linear_cross_entropy_vp(hidden, weight, target, bias, ignore_index, reduction,
+                             label_smoothing, be, group, vocab_offset):
+    op = "linear_cross_entropy"
+    V_r = weight.shape[0]
+    h = hidden.reshape(-1, hidden.shape[-1])
+    t = target.reshape(-1).contiguous()
+    config = _vp_config(op, target.shape, hidden.dtype, ignore_index, reduction, label_smoothing,
+                        f", d={hidden.shape[-1]}, bias={bias is not None}")
+    gname, offset = distributed.locate(op, "target", group, t, V_r, ignore_index=ignore_index,
+                                       vocab_offset=vocab_offset, config=config)
+    if be == "reference":  # eager logits of the slice; hidden's gradient summed over the ranks
+        logits = torch.nn.functional.linear(distributed.replicated_input(h, group), weight, bias)
+        stats = distributed.cross_entropy_stats_reference(logits, t, offset, ignore_index,
+                                                          label_smoothing > 0)
+        G, sizes = distributed.gather_stats(stats, V_r, group)
+        loss, _ = distributed.cross_entropy_combine(G, sizes, t, ignore_index, label_smoothing)
+    else:
+        loss, _, _ = torch.ops.rlhf_ops.linear_cross_entropy_vp_fwd(
+            h, weight, bias, t, offset, ignore_index, label_smoothing, be, gname)
     return _reduce(loss, t, ignore_index, reduction, target.shape)

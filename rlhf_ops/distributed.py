@@ -1,0 +1,393 @@
+"""Vocabulary parallelism: the one place where per-row softmax statistics of vocabulary shards
+are combined across the ranks of a ``torch.distributed`` process group.
+
+Setting (tensor parallelism over the LM head, as Megatron's ``vocab_parallel_cross_entropy`` or
+PyTorch's ``loss_parallel()``): rank r of the group holds the contiguous slice [o_r, o_r + V_r)
+of a V-wide vocabulary, in rank order (slices may differ in size, even be empty); targets hold
+global ids and are the same on every rank, as is everything upstream of the logits. Each op
+
+  1. locates this rank's slice (``shard_offset``: one all_gather of a few int64 per rank, which
+     also lets every rank check, together, that all ranks passed the same shapes, settings and
+     targets — an error on every rank, never a hang — and that no target lies outside [0, V));
+  2. computes per-row statistics of its slice with the fused kernels (or eagerly, reference);
+  3. all-gathers them (``gather_stats``: k numbers per row and rank, never a V-sized tensor) and
+     combines them here, identically on every rank, into the full-vocabulary result;
+  4. runs its fused backward against the combined (global) statistics: the gradient of each
+     rank's slice needs no communication; the linear ops all-reduce d hidden (``all_reduce_``,
+     the input gradient of a column-parallel layer).
+
+Statistics of a slice, per row (x = the logits / temperature, shift = max_j x_j, or 0 when the
+slice has no finite logit):
+    shift, log S = log Σ_j exp(x_j − shift)                    the (m, log Σ) pair of the slice
+    owned = [o ≤ t < o + V_r],  shift − x_t (0 if not owned)   the target's logit
+    Σ_j (shift − x_j)                                          label smoothing
+    E = Σ_j p_j (x_j − shift),  p = softmax of the slice        entropy
+Combination (M = max_r shift_r over slices with mass, dM_r = M − shift_r ≥ 0):
+    log Z = log Σ_r exp(log S_r − dM_r)      lse = M + log Z, kept as the pair (M, log Z)
+    M − x_t = dM_o + (shift_o − x_t)          o = the owning rank (no owner: NaN for the row)
+    Σ_j (M − x_j) = Σ_r V_r·dM_r + Σ_j (shift_r − x_j)
+    entropy = log Z − Σ_r w_r (E_r − dM_r),   w_r = exp(log S_r − dM_r − log Z) (the slice's mass)
+Every difference is taken between numbers of similar size (x − shift, M − shift), so fp32 logits
+near 1e4 lose no more than unsharded: the same rule as the fused kernels' (m, log Σ) pair.
+
+Gradients. The combined result is replicated; as in Megatron, every rank back-propagates the
+same upstream gradient into it (it computes the same loss from it). The gradient of this rank's
+slice is then its own part of the full-vocabulary gradient, and a statistic's gradient is the
+row of the gathered gradient that belongs to this rank (``gather_stats``' backward: no
+communication). A replicated input feeding every rank's slice (``hidden`` of the linear ops)
+sums its gradient over the ranks (``replicated_input`` / ``all_reduce_``).
+
+DTensor: a ``DTensor`` sharded ``Shard(-1)`` on a 1-D mesh (``Shard(0)`` for a weight [V, d]) is
+accepted in place of ``process_group`` (``unwrap``); its local tensor and the mesh's group run
+the path above and the result comes back as a replicated DTensor, as under ``loss_parallel()``.
+
+Host syncs: for CPU tensors (and with ``RLHF_OPS_DEBUG=1``) step 1 reads the gathered metadata
+on the host to check it. For CUDA tensors otherwise nothing is read back: the offset stays on
+the device and the kernels read it there; a rank that passes a mismatched shape then is not
+caught (set RLHF_OPS_DEBUG=1 while debugging). ``vocab_offset=`` skips step 1's collective
+where no check runs.
+"""
+from __future__ import annotations
+
+import zlib
+
+import torch
+from torch import Tensor
+
+from . import _backend, _checks
+
+# ----------------------------------------------------------------------------- the group ---
+
+
+def _dist():
+    import torch.distributed as dist
+    return dist
+
+
+def group_name(op: str, group) -> str:
+    """The name under which the custom ops find ``group`` again (``_resolve_process_group``)."""
+    dist = _dist()
+    if not dist.is_available() or not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"rlhf_ops.{op}: process_group must be a torch.distributed.ProcessGroup "
+                        f"(torch.distributed.group.WORLD for the default group) or None, got "
+                        f"{type(group).__name__}")
+    if dist.get_rank(group) < 0:
+        raise ValueError(f"rlhf_ops.{op}: this rank is not a member of process_group")
+    return group.group_name
+
+
+def resolve_group(name: str):
+    from torch.distributed.distributed_c10d import _resolve_process_group
+    return _resolve_process_group(name)
+
+
+def _all_gather(x: Tensor, group) -> Tensor:
+    """[R, *x.shape]: every rank's ``x`` (same shape on every rank), in rank order."""
+    dist = _dist()
+    R = dist.get_world_size(group)
+    out = x.new_empty((R * x.numel(),))  # the concatenated form (gloo takes no other)
+    # all_gather_single is the name from torch 2.12 on (all_gather_into_tensor warns there)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, x.reshape(-1).contiguous(), group=group)
+    return out.view((R,) + tuple(x.shape))
+
+
+def all_reduce_(x: Tensor, group_or_name) -> Tensor:
+    """Sum ``x`` over the group, in place (the backward of a replicated input)."""
+    group = resolve_group(group_or_name) if isinstance(group_or_name, str) else group_or_name
+    _dist().all_reduce(x, group=group)
+    return x
+
+
+# ------------------------------------------------------------------------------- DTensor ---
+
+def _dtensor_types():
+    try:
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+    except ImportError:  # pragma: no cover - torch without distributed
+        return None
+    return DTensor, Replicate, Shard
+
+
+def is_dtensor(x) -> bool:
+    t = _dtensor_types()
+    return t is not None and isinstance(x, t[0])
+
+
+def unwrap(op: str, name: str, x, process_group, shard_dim: int):
+    """(local tensor, group, mesh): a DTensor sharded on ``shard_dim`` over a 1-D mesh gives its
+    local shard and the mesh's group; anything else is returned as it is (mesh None)."""
+    if not is_dtensor(x):
+        return x, process_group, None
+    _, _, Shard = _dtensor_types()
+    if process_group is not None:
+        raise ValueError(f"rlhf_ops.{op}: {name} is a DTensor, which brings its own process group; "
+                         f"pass process_group=None")
+    mesh = x.device_mesh
+    if mesh.ndim != 1:
+        raise ValueError(f"rlhf_ops.{op}: {name} must be a DTensor on a 1-D device mesh, got a "
+                         f"{mesh.ndim}-D mesh")
+    want = shard_dim % x.ndim
+    p = x.placements[0]
+    if not (isinstance(p, Shard) and p.dim % x.ndim == want):
+        raise ValueError(f"rlhf_ops.{op}: {name} must be a DTensor sharded over the vocabulary "
+                         f"(Shard({shard_dim})), got placements {tuple(x.placements)}")
+    return x.to_local(), mesh.get_group(), mesh
+
+
+def replicated_local(op: str, name: str, t):
+    """A replicated DTensor's local tensor (targets, hidden states); anything else unchanged."""
+    if t is None or not is_dtensor(t):
+        return t
+    _, Replicate, _ = _dtensor_types()
+    if not all(isinstance(p, Replicate) for p in t.placements):
+        raise ValueError(f"rlhf_ops.{op}: {name} must be replicated on every rank (a plain tensor "
+                         f"or a Replicate() DTensor), got placements {tuple(t.placements)}")
+    return t.to_local()
+
+
+def wrap(out: Tensor, mesh) -> Tensor:
+    """The replicated result as a Replicate() DTensor on ``mesh`` (as loss_parallel() returns)."""
+    if mesh is None:
+        return out
+    DTensor, Replicate, _ = _dtensor_types()
+    return DTensor.from_local(out, mesh, [Replicate()], run_check=False)
+
+
+# ----------------------------------------------------------------- 1. locate the slice ---
+# meta row per rank: [V_r, crc32(config), rows, min target, max target, target checksum]
+_BIG = 2 ** 62
+
+
+def _meta(target: Tensor, local_vocab: int, ignore_index: int | None, config: str) -> Tensor:
+    t = target.reshape(-1)
+    valid = t != ignore_index if ignore_index is not None else torch.ones_like(t, dtype=torch.bool)
+    tmin = torch.where(valid, t, _BIG).amin() if t.numel() else torch.tensor(_BIG, device=t.device)
+    tmax = torch.where(valid, t, -_BIG).amax() if t.numel() else torch.tensor(-_BIG, device=t.device)
+    # checksum of the targets (int64 arithmetic wraps, which is fine for a checksum)
+    pos = torch.arange(1, t.numel() + 1, device=t.device, dtype=torch.int64)
+    tsum = (t * pos).sum() + t.numel()
+    head = torch.tensor([local_vocab, zlib.crc32(config.encode()), t.numel()], dtype=torch.int64)
+    return torch.cat([head.to(t.device), torch.stack([tmin, tmax, tsum]).to(torch.int64)])
+
+
+def _check_meta(op, name, group, meta, target, ignore_index, vocab_offset, config, rank):
+    """Raise the same error on every rank when the ranks disagree or a target is out of range.
+    Every rank holds the same gathered ``meta``, so every rank reaches the same decision."""
+    m = meta.cpu().tolist()
+    R = len(m)
+    if any(row[1] != m[0][1] for row in m):
+        # the error path: one more collective (every rank is here) to name what differs
+        configs = [None] * R
+        _dist().all_gather_object(configs, config, group=group)
+        lines = "; ".join(f"rank {r}: {c}" for r, c in enumerate(configs))
+        raise ValueError(f"rlhf_ops.{op}: the ranks of process_group passed different shapes or "
+                         f"settings (every rank must pass the same leading shape, dtype and "
+                         f"options, with its own vocabulary slice): {lines}")
+    sizes = [row[0] for row in m]
+    V = sum(sizes)
+    offset = sum(sizes[:rank])
+    if vocab_offset is not None and vocab_offset != offset:
+        raise ValueError(f"rlhf_ops.{op}: vocab_offset={vocab_offset}, but the slice sizes of the "
+                         f"ranks {sizes} place rank {rank}'s slice at {offset}")
+    bad_ranks = [r for r, row in enumerate(m) if row[3] < 0 or row[4] >= V]
+    if bad_ranks:
+        if rank in bad_ranks:  # this rank's own targets: the unsharded op's message
+            _checks.in_range(op, name, target, 0, V, ignore=ignore_index)
+        r = bad_ranks[0]
+        bad = m[r][3] if m[r][3] < 0 else m[r][4]
+        extra = f" or {ignore_index}" if ignore_index is not None else ""
+        raise ValueError(f"rlhf_ops.{op}: {name} holds {bad} (on rank {r}), out of range "
+                         f"[0, {V}){extra}")
+    if any(row[5] != m[0][5] for row in m):
+        diff = [r for r in range(R) if m[r][5] != m[0][5]]
+        raise ValueError(f"rlhf_ops.{op}: {name} differs between the ranks of process_group "
+                         f"(rank 0 and rank {diff[0]}); vocabulary parallelism needs the same "
+                         f"{name} on every rank")
+
+
+@torch.library.custom_op("rlhf_ops::vocab_shard_offset", mutates_args=())
+def shard_offset(target: Tensor, local_vocab: int, ignore_index: int | None, vocab_offset: int,
+                 op: str, name: str, config: str, group: str) -> Tensor:
+    """int64 [1] on the target's device: where this rank's vocabulary slice starts.
+
+    One all_gather of a few int64 per rank (skipped when ``vocab_offset`` ≥ 0 is given and no
+    check runs). For CPU tensors, or with RLHF_OPS_DEBUG=1, the gathered rows are checked on the
+    host: same ``config`` (leading shape, dtype, options) and targets on every rank, targets in
+    [0, V) — a ValueError on every rank otherwise."""
+    check = _backend.debug_checks(target.device)
+    if vocab_offset >= 0 and not check:
+        return torch.full((1,), vocab_offset, dtype=torch.int64, device=target.device)
+    pg = resolve_group(group)
+    rank = _dist().get_rank(pg)
+    meta = _all_gather(_meta(target, local_vocab, ignore_index, config), pg)
+    if check:
+        _check_meta(op, name, pg, meta, target, ignore_index,
+                    vocab_offset if vocab_offset >= 0 else None, config, rank)
+    if vocab_offset >= 0:
+        return torch.full((1,), vocab_offset, dtype=torch.int64, device=target.device)
+    return meta[:rank, 0].sum().reshape(1)
+
+
+@shard_offset.register_fake
+def _(target, local_vocab, ignore_index, vocab_offset, op, name, config, group):
+    return target.new_empty((1,), dtype=torch.int64)
+
+
+def locate(op: str, name: str, group, target: Tensor, local_vocab: int, *, ignore_index=None,
+           vocab_offset=None, config: str = "") -> tuple[str, Tensor]:
+    """(group name, offset int64 [1]) for this rank's slice; checks as ``shard_offset``."""
+    gname = group_name(op, group)
+    if vocab_offset is not None:
+        if isinstance(vocab_offset, bool) or not isinstance(vocab_offset, int) or vocab_offset < 0:
+            raise TypeError(f"rlhf_ops.{op}: vocab_offset must be None or an int >= 0 (the global "
+                            f"id of this rank's first vocabulary entry), got {vocab_offset!r}")
+    if target.device.type == "meta":
+        return gname, target.new_zeros((1,), dtype=torch.int64)
+    off = torch.ops.rlhf_ops.vocab_shard_offset(target, int(local_vocab), ignore_index,
+                                                -1 if vocab_offset is None else int(vocab_offset),
+                                                op, name, config, gname)
+    return gname, off
+
+
+# ------------------------------------------------------------ 3. gather the statistics ---
+
+class _GatherStats(torch.autograd.Function):
+    """stats [k, N] of this rank → [R, k, N] of every rank, plus the slice sizes [R] (which ride
+    along as one extra number). Backward: this rank's row of the gradient (see the module
+    docstring: every rank back-propagates the same gradient through the same combination)."""
+
+    @staticmethod
+    def forward(ctx, stats, local_vocab, group):
+        k, n = stats.shape
+        flat = torch.cat([stats.reshape(-1), stats.new_full((1,), float(local_vocab))])
+        if stats.device.type == "meta":
+            out = flat.new_empty((_dist().get_world_size(group), flat.numel()))
+        else:
+            out = _all_gather(flat, group)
+        ctx.rank = _dist().get_rank(group)
+        ctx.set_materialize_grads(False)
+        sizes = out[:, -1]
+        ctx.mark_non_differentiable(sizes)
+        return out[:, :-1].reshape(-1, k, n), sizes
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        return (None if grad is None else grad[ctx.rank]), None, None
+
+
+def gather_stats(stats: Tensor, local_vocab: int, group) -> tuple[Tensor, Tensor]:
+    """(every rank's stats [R, k, N], slice sizes [R] in the stats dtype)."""
+    if isinstance(group, str):
+        group = resolve_group(group)
+    return _GatherStats.apply(stats, local_vocab, group)
+
+
+class _ReplicatedInput(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over the group (a replicated input that
+    feeds every rank's vocabulary slice, e.g. the hidden states of a column-parallel head)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_reduce_(grad.contiguous().clone(), ctx.group), None
+
+
+def replicated_input(x: Tensor, group) -> Tensor:
+    return _ReplicatedInput.apply(x, group)
+
+
+# ------------------------------------------------------------------------ combination ---
+# Pure torch on [R, ...] tensors: the same numbers on every rank, differentiable (the reference
+# backend back-propagates through them; the fused backends call them without autograd).
+
+def merge_lse(shift: Tensor, log_s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Slices' (shift_r, log S_r) [R, N] → (M, log Z) [N] of the whole row, and dM = M − shift
+    [R, N]. M is the largest shift of a slice with mass (0 when no slice has any)."""
+    ninf = torch.full_like(shift, float("-inf"))
+    M = torch.where(log_s == float("-inf"), ninf, shift).amax(0)
+    M = torch.where(M == float("-inf"), torch.zeros_like(M), M).detach()
+    dM = M - shift.detach()
+    log_z = torch.logsumexp(log_s - dM, 0)
+    return M, log_z, dM
+
+
+def _owned_sum(owned: Tensor, value: Tensor) -> Tensor:
+    """Σ_r value_r over the ranks that own the row's target (one, for a valid target)."""
+    return torch.where(owned > 0, value, torch.zeros_like(value)).sum(0)
+
+
+def cross_entropy_combine(G: Tensor, sizes: Tensor, target: Tensor, ignore_index: int,
+                          label_smoothing: float) -> tuple[Tensor, Tensor]:
+    """G [R, 5, N] (``CE_STATS``) → (loss [N], lse [N, 2] = (M, log Z)).
+
+    loss = log Z + (1−ε)·(M − x_t) + ε·Σ_j (M − x_j)/V; 0 for ignored rows, NaN for a target
+    that no rank owns (out of [0, V): the CUDA rule; CPU tensors were checked before)."""
+    shift, log_s, owned, tgt, ls = G.unbind(1)
+    M, log_z, dM = merge_lse(shift, log_s)
+    eps = float(label_smoothing)
+    loss = log_z + (1.0 - eps) * _owned_sum(owned, dM + tgt)
+    if eps > 0:
+        loss = loss + eps * (sizes[:, None] * dM + ls).sum(0) / sizes.sum()
+    valid = target != ignore_index
+    nan = torch.full_like(loss, float("nan"))
+    loss = torch.where(owned.sum(0) == 1, loss, nan)
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    return loss, torch.stack([M, log_z], 1).detach()
+
+
+def shard_tensor(offset: Tensor, sizes: Tensor) -> Tensor:
+    """int64 [2] = (offset, V) on the device: what the sharded backward kernels read."""
+    return torch.cat([offset.reshape(1), sizes.sum().round().to(torch.int64).reshape(1)])
+
+
+# ------------------------------------------------------------ 2. statistics, reference ---
+
+def _safe_log(s: Tensor) -> Tensor:
+    """log s, −inf where s = 0, with a zero (not NaN) gradient there."""
+    pos = s > 0
+    return torch.where(pos, torch.log(torch.where(pos, s, torch.ones_like(s))),
+                       torch.full_like(s, float("-inf")))
+
+
+def softmax_stats_reference(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Eager (shift, log S, exp(x − shift)) of each row of a slice x [N, V_r] (acc dtype).
+    shift is detached: the combination does not depend on it."""
+    if x.shape[1] == 0:
+        z = x.new_zeros((x.shape[0],))
+        return z, torch.full_like(z, float("-inf")), x
+    m = x.detach().amax(1)
+    shift = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+    e = torch.exp(x - shift[:, None])
+    return shift, _safe_log(e.sum(1)), e
+
+
+def target_stats_reference(x: Tensor, shift: Tensor, target: Tensor, offset: Tensor,
+                           ignore_index: int | None) -> tuple[Tensor, Tensor]:
+    """(owned, shift − x_t) for a slice x [N, V_r] starting at global id ``offset``."""
+    V_r = x.shape[1]
+    t = target - offset
+    owned = (t >= 0) & (t < V_r)
+    if ignore_index is not None:
+        owned &= target != ignore_index
+    if V_r == 0:
+        return owned.to(x.dtype), torch.zeros_like(shift)
+    xt = x.gather(1, torch.where(owned, t, 0)[:, None]).squeeze(1)
+    return owned.to(x.dtype), torch.where(owned, shift - xt, torch.zeros_like(xt))
+
+
+def cross_entropy_stats_reference(logits: Tensor, target: Tensor, offset: Tensor, ignore_index: int,
+                                  smoothing: bool) -> Tensor:
+    """Eager ``CE_STATS`` [5, N] of a slice (the reference backend's step 2), differentiable."""
+    x = logits.to(_checks.acc_dtype(logits.dtype))
+    valid = target != ignore_index
+    # an ignored row takes no part: zeroing it first keeps a row of −inf logits out of the graph
+    x = torch.where(valid[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+    shift, log_s, _ = softmax_stats_reference(x)
+    owned, tgt = target_stats_reference(x, shift, target, offset, ignore_index)
+    ls = (shift[:, None] - x).sum(1) if smoothing else torch.zeros_like(shift)
+    return torch.stack([shift, log_s, owned, tgt, ls])
