@@ -1,5 +1,5 @@
-// Per-token log-probabilities and the PPO KL penalty, CUDA: one thread block per row, 16-byte
-// vector loads, warp-shuffle reductions, accumulation in float (double for double inputs).
+// Per-token log-probabilities, entropy and the PPO KL penalty, CUDA: one thread block per row,
+// 16-byte vector loads, warp-shuffle reductions, accumulation in float (double for double inputs).
 //
 // Forward per row, y = x / T: every thread keeps, over its strided share of the policy row,
 //   m = max y,  s = Σ exp(y − m),  h = Σ exp(y − m)·(y − m)
@@ -7,12 +7,22 @@
 // M = max(m1, m2), a_i = exp(m_i − M):
 //   s = a1·s1 + a2·s2,   h = a1·(h1 + (m1 − M)·s1) + a2·(h2 + (m2 − M)·s2)
 // (exp(y − M)·(y − M) = a_i·exp(y − m_i)·((y − m_i) + (m_i − M))). After the block reduction
-// thread 0 writes
-//   lse = M + log S, kept as the pair (M, log S) in lse [2, N] (rounding M + log S to float costs
-//   ~1e-3 at |y| ~ 1e4), logp = (y_t − M) − log S,  entropy = lse − Σ p·y = log S − H/S,
-//   ref_logp, d = logp − ref_logp, kl (k1 = d, k2 = ½d², k3 = e^{−d} − 1 + d), penalty = −β·kl·mask.
-// A token out of [0, V) gives NaN for its row (and is never read).
-// Backward per element: dx_j = G · ([j = t] − exp((y_j − M) − log S)) / T, in the logits dtype.
+// thread 0 writes lse = M + log S, kept as the pair (M, log S) in lse [2, N] (rounding M + log S
+// to float costs ~1e-3 at |y| ~ 1e4) and entropy = lse − Σ p·y = log S − H/S; the threads share
+// the row's K tokens (tokens [N, K]; K = 1 with a reference): logp_k = (y_{t_k} − M) − log S,
+// and with a reference ref_logp, d = logp − ref_logp, kl (k1 = d, k2 = ½d², k3 = e^{−d} − 1 + d),
+// penalty = −β·kl·mask. A token out of [0, V) gives NaN for its log-prob (and is never read).
+//
+// Backward per row, with upstream gradients G_k (log-probs) and G_H (entropy, optional):
+//   dx_j = (Σ_k G_k·[j = t_k] − (Σ_k G_k)·p_j − G_H·p_j·(log p_j + H)) / T,
+//   log p_j = (y_j − M) − log S, and the entropy term 0 where y_j = −inf (0·log 0 = 0).
+// Phase 1 writes the dense part (everything but Σ_k G_k·[j = t_k]) of every column with vector
+// stores; after __syncthreads (global writes of a block are then visible to all its threads)
+// phase 2 rewrites the columns that hold a token: the thread of token k adds up G over every k'
+// with t_k' = t_k (repeated tokens accumulate) and writes the whole value, computed in acc_t
+// from the untouched input, so each element is rounded to the logits dtype once. Duplicates
+// write the same value. A row with a token out of [0, V) gets a NaN gradient row. The kernel
+// also runs on a column slice [col0, col0 + W) of rows of V entries (linear_token_logprobs).
 #include "common.cuh"
 
 #include <optional>
@@ -125,12 +135,12 @@ __device__ __forceinline__ T k3(T d) {
 template <typename scalar_t, typename acc_t, int VEC, bool HAS_REF>
 __global__ void __launch_bounds__(kKLThreads)
 kl_fwd_kernel(const scalar_t* __restrict__ x, int64_t stride_x, const scalar_t* __restrict__ r,
-              int64_t stride_r, const int64_t* __restrict__ tokens, const acc_t* __restrict__ mask,
-              acc_t* __restrict__ logp_out, acc_t* __restrict__ lse_out,
-              acc_t* __restrict__ ref_out, acc_t* __restrict__ ratio_out,
-              acc_t* __restrict__ kl_out, acc_t* __restrict__ pen_out,
-              acc_t* __restrict__ ent_out, int64_t N, int64_t V, acc_t inv_t, acc_t beta,
-              int estimator) {
+              int64_t stride_r, const int64_t* __restrict__ tokens, int64_t K,
+              const acc_t* __restrict__ mask, acc_t* __restrict__ logp_out,
+              acc_t* __restrict__ lse_out, acc_t* __restrict__ ref_out,
+              acc_t* __restrict__ ratio_out, acc_t* __restrict__ kl_out,
+              acc_t* __restrict__ pen_out, acc_t* __restrict__ ent_out, int64_t N, int64_t V,
+              acc_t inv_t, acc_t beta, int estimator) {
   __shared__ acc_t smem[5 * kKLThreads / kWarp];
   const int64_t row = blockIdx.x;
   const scalar_t* xr = x + row * stride_x;
@@ -165,86 +175,136 @@ kl_fwd_kernel(const scalar_t* __restrict__ x, int64_t stride_x, const scalar_t* 
       fold(rs, w);
     }
   }
-  block_reduce(st, rs, smem);
-  if (threadIdx.x != 0) return;
-  const int64_t t = tokens[row];
-  const bool ok = t >= 0 && t < V;
+  block_reduce(st, rs, smem);  // every thread gets the row's state
   const acc_t shift = st.m == neg_inf<acc_t>() ? acc_t(0) : st.m;  // all −inf: lse = 0 + log 0
   const acc_t log_s = log_sum(st.s);
-  const acc_t logp = ok ? (static_cast<acc_t>(xr[t]) * inv_t - shift) - log_s : acc_t(NAN);
-  logp_out[row] = logp;
-  lse_out[row] = shift;
-  lse_out[N + row] = log_s;
-  if constexpr (HAS_REF) {
+  if (threadIdx.x == 0) {
+    lse_out[row] = shift;
+    lse_out[N + row] = log_s;
     ent_out[row] = log_s - st.h / st.s;  // lse − Σ p·y
-    const acc_t rshift = rs.m == neg_inf<acc_t>() ? acc_t(0) : rs.m;
-    const acc_t ref = ok ? (static_cast<acc_t>(rr[t]) * inv_t - rshift) - log_sum(rs.s) : acc_t(NAN);
-    const acc_t d = logp - ref;
-    const acc_t kl = estimator == 1 ? d : estimator == 2 ? acc_t(0.5) * d * d : k3(d);
-    ref_out[row] = ref;
-    ratio_out[row] = d;
-    kl_out[row] = kl;
-    pen_out[row] = -beta * kl * (mask != nullptr ? mask[row] : acc_t(1));
+  }
+  const acc_t rshift = rs.m == neg_inf<acc_t>() ? acc_t(0) : rs.m;
+  for (int64_t k = threadIdx.x; k < K; k += kKLThreads) {
+    const int64_t i = row * K + k;
+    const int64_t t = tokens[i];
+    const bool ok = t >= 0 && t < V;
+    const acc_t logp = ok ? (static_cast<acc_t>(xr[t]) * inv_t - shift) - log_s : acc_t(NAN);
+    logp_out[i] = logp;
+    if constexpr (HAS_REF) {
+      const acc_t ref = ok ? (static_cast<acc_t>(rr[t]) * inv_t - rshift) - log_sum(rs.s) : acc_t(NAN);
+      const acc_t d = logp - ref;
+      const acc_t kl = estimator == 1 ? d : estimator == 2 ? acc_t(0.5) * d * d : k3(d);
+      ref_out[i] = ref;
+      ratio_out[i] = d;
+      kl_out[i] = kl;
+      pen_out[i] = -beta * kl * (mask != nullptr ? mask[i] : acc_t(1));
+    }
   }
 }
 
-template <typename scalar_t, typename acc_t, int VEC>
+// Sum over the block; every thread gets the result. smem: blockDim / 32 entries.
+template <typename T>
+__device__ __forceinline__ T block_sum(T v, T* smem) {
+  v = warp_sum(v);
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, nw = blockDim.x / kWarp;
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  T s = 0;
+  for (int w = 0; w < nw; ++w) s += smem[w];
+  return s;
+}
+
+template <typename scalar_t, typename acc_t, int VEC, bool HAS_GH>
 __global__ void __launch_bounds__(kKLThreads)
 kl_bwd_kernel(const scalar_t* __restrict__ x, int64_t stride_x, scalar_t* __restrict__ dx,
-              int64_t stride_dx, const int64_t* __restrict__ tokens,
+              int64_t stride_dx, const int64_t* __restrict__ tokens, int64_t K,
               const acc_t* __restrict__ lse_in, int64_t stride_lse, const acc_t* __restrict__ grad,
-              int64_t stride_g, int64_t V, acc_t inv_t) {
+              int64_t stride_g0, int64_t stride_g1, const acc_t* __restrict__ grad_ent,
+              int64_t stride_gh, const acc_t* __restrict__ ent, int64_t col0, int64_t V, int64_t W,
+              acc_t inv_t) {
+  __shared__ acc_t smem[kKLThreads / kWarp];
   const int64_t row = blockIdx.x;
-  const int64_t t = tokens[row];
-  const bool ok = t >= 0 && t < V;
-  const acc_t g = grad[row * stride_g] * inv_t;  // G / T
+  const int64_t* tr = tokens + row * K;
+  const acc_t* gr = grad + row * stride_g0;
+  // Σ_k G_k, and whether any token is out of [0, V)
+  acc_t g_sum = 0;
+  int bad = 0;
+  for (int64_t k = threadIdx.x; k < K; k += kKLThreads) {
+    const int64_t t = tr[k];
+    bad |= t < 0 || t >= V;
+    g_sum += gr[k * stride_g1];
+  }
+  bad = __syncthreads_or(bad);
+  g_sum = block_sum(g_sum, smem);
   const acc_t shift = lse_in[row], log_s = lse_in[stride_lse + row];
+  const acc_t g_h = HAS_GH ? grad_ent[row * stride_gh] : acc_t(0);
+  const acc_t h = HAS_GH ? ent[row] : acc_t(0);
+  // (−(Σ_k G_k)·p_j − G_H·p_j·(log p_j + H)) / T for y_j = v: everything but the token terms
+  auto dense = [&](acc_t v) -> acc_t {
+    if (bad) return acc_t(NAN);
+    const acc_t lp = (v - shift) - log_s;
+    const acc_t p = exp(lp);
+    acc_t d = -g_sum * p;
+    if constexpr (HAS_GH) d -= g_h * (v == neg_inf<acc_t>() ? acc_t(0) : p * (lp + h));
+    return d * inv_t;
+  };
   const scalar_t* xr = x + row * stride_x;
   scalar_t* dr = dx + row * stride_dx;
-  auto grad_of = [&](acc_t v, int64_t col) -> acc_t {
-    if (!ok) return acc_t(NAN);
-    return ((col == t ? acc_t(1) : acc_t(0)) - exp((v * inv_t - shift) - log_s)) * g;
-  };
-  const int64_t nvec = V / VEC;
+  const int64_t nvec = W / VEC;
   for (int64_t i = threadIdx.x; i < nvec; i += kKLThreads) {
     Pack<scalar_t, VEC> p = reinterpret_cast<const Pack<scalar_t, VEC>*>(xr)[i];
 #pragma unroll
     for (int j = 0; j < VEC; ++j)
-      p.v[j] = static_cast<scalar_t>(grad_of(static_cast<acc_t>(p.v[j]), i * VEC + j));
+      p.v[j] = static_cast<scalar_t>(dense(static_cast<acc_t>(p.v[j]) * inv_t));
     reinterpret_cast<Pack<scalar_t, VEC>*>(dr)[i] = p;
   }
-  for (int64_t i = nvec * VEC + threadIdx.x; i < V; i += kKLThreads)
-    dr[i] = static_cast<scalar_t>(grad_of(static_cast<acc_t>(xr[i]), i));
+  for (int64_t i = nvec * VEC + threadIdx.x; i < W; i += kKLThreads)
+    dr[i] = static_cast<scalar_t>(dense(static_cast<acc_t>(xr[i]) * inv_t));
+  if (K == 0 || bad) return;  // block-uniform: no thread is left waiting at the barrier
+  __syncthreads();            // phase 1's writes are visible to the whole block
+  for (int64_t k = threadIdx.x; k < K; k += kKLThreads) {
+    const int64_t t = tr[k];
+    if (t < col0 || t >= col0 + W) continue;  // another slice's column
+    acc_t g_t = 0;  // Σ G_k' over every k' with t_k' = t
+    for (int64_t k2 = 0; k2 < K; ++k2)
+      if (tr[k2] == t) g_t += gr[k2 * stride_g1];
+    dr[t - col0] = static_cast<scalar_t>(g_t * inv_t + dense(static_cast<acc_t>(xr[t - col0]) * inv_t));
+  }
 }
 
 void check_rows(const char* op, const char* name, const at::Tensor& t, const at::Tensor& tokens) {
   RLHF_CHECK_CUDA(op, name, t);
   RLHF_CHECK_DIM(op, name, t, 2);
   TORCH_CHECK(t.size(0) == tokens.size(0), "rlhf_ops_cuda.", op, ": ", name, " must have ",
-              tokens.size(0), " rows (one per token), got shape ", t.sizes());
+              tokens.size(0), " rows (one per token position), got shape ", t.sizes());
   TORCH_CHECK(t.size(0) == 0 || t.stride(1) == 1, "rlhf_ops_cuda.", op, ": ", name,
               " must have unit stride over the vocabulary");
   TORCH_CHECK(t.size(0) <= INT32_MAX, "rlhf_ops_cuda.", op, ": too many rows");
 }
 
-void check_tokens(const char* op, const at::Tensor& tokens) {
+// tokens [N] (one per row) or [N, K]; returns K.
+int64_t check_tokens(const char* op, const at::Tensor& tokens) {
   RLHF_CHECK_CUDA(op, "tokens", tokens);
   RLHF_CHECK_DTYPE(op, "tokens", tokens, at::kLong);
-  RLHF_CHECK_DIM(op, "tokens", tokens, 1);
+  TORCH_CHECK(tokens.dim() == 1 || tokens.dim() == 2, "rlhf_ops_cuda.", op,
+              ": tokens must be [N] or [N, K], got shape ", tokens.sizes());
+  return tokens.dim() == 2 ? tokens.size(1) : 1;
 }
 
-// Returns [logprobs, lse] without ref_logits, else
-// [logprobs, ref_logprobs, log_ratio, kl, penalty, entropy, lse]; each [N] float (double) but
-// lse, which is [2, N]: (shift, log S) with lse = shift + log S.
+// Returns [logprobs (tokens' shape), entropy [N], lse] without ref_logits, else
+// [logprobs, ref_logprobs, log_ratio, kl, penalty, entropy, lse] (tokens [N] only); each float
+// (double) but lse, which is [2, N]: (shift, log S) with lse = shift + log S.
 std::vector<at::Tensor> kl_fwd(const at::Tensor& logits, const std::optional<at::Tensor>& ref_logits,
                                const at::Tensor& tokens_, const std::optional<at::Tensor>& mask_,
                                double temperature, double beta, int64_t estimator) {
   const char* op = "kl_fwd";
-  check_tokens(op, tokens_);
+  const int64_t K = check_tokens(op, tokens_);
   check_rows(op, "logits", logits, tokens_);
   RLHF_CHECK_SAME_DEVICE(op, "tokens", tokens_, "logits", logits);
   const bool has_ref = ref_logits.has_value();
   if (has_ref) {
+    TORCH_CHECK(tokens_.dim() == 1, "rlhf_ops_cuda.kl_fwd: with ref_logits, tokens must be [N], got ",
+                tokens_.sizes());
     check_rows(op, "ref_logits", *ref_logits, tokens_);
     RLHF_CHECK_SAME_DEVICE(op, "ref_logits", *ref_logits, "logits", logits);
     TORCH_CHECK(ref_logits->sizes() == logits.sizes() &&
@@ -256,6 +316,7 @@ std::vector<at::Tensor> kl_fwd(const at::Tensor& logits, const std::optional<at:
   const at::cuda::OptionalCUDAGuard guard(logits.device());
   const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t N = logits.size(0), V = logits.size(1);
+  const auto opts = logits.options().dtype(acc);
   at::Tensor mask;
   if (mask_.has_value()) {
     RLHF_CHECK_CUDA(op, "mask", *mask_);
@@ -265,35 +326,117 @@ std::vector<at::Tensor> kl_fwd(const at::Tensor& logits, const std::optional<at:
     mask = mask_->contiguous();
   }
   const at::Tensor tokens = tokens_.contiguous();
-  std::vector<at::Tensor> out;
-  for (int i = 0; i < (has_ref ? 6 : 1); ++i) out.push_back(at::empty({N}, logits.options().dtype(acc)));
-  out.push_back(at::empty({2, N}, logits.options().dtype(acc)));
-  if (N == 0) return out;
-  int vec = pick_vec(logits, logits.stride(0), V);
-  if (has_ref) vec = std::min(vec, pick_vec(*ref_logits, ref_logits->stride(0), V));
+  at::Tensor logp = at::empty(tokens.sizes(), opts);
+  at::Tensor ent = at::empty({N}, opts);
+  at::Tensor lse = at::empty({2, N}, opts);
+  std::vector<at::Tensor> ref;  // ref_logprobs, log_ratio, kl, penalty
+  for (int i = 0; i < (has_ref ? 4 : 0); ++i) ref.push_back(at::empty({N}, opts));
+  if (N > 0) {
+    int vec = pick_vec(logits, logits.stride(0), V);
+    if (has_ref) vec = std::min(vec, pick_vec(*ref_logits, ref_logits->stride(0), V));
+    auto stream = at::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "kl_fwd", [&] {
+      using acc_t = at::acc_type<scalar_t, true>;
+      acc_t* o[4];
+      for (int i = 0; i < 4; ++i) o[i] = has_ref ? ref[i].data_ptr<acc_t>() : nullptr;
+      const scalar_t* rp = has_ref ? ref_logits->data_ptr<scalar_t>() : nullptr;
+      const int64_t rstride = has_ref ? ref_logits->stride(0) : 0;
+      const acc_t* mp = mask.defined() ? mask.data_ptr<acc_t>() : nullptr;
+      const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
+      auto launch = [&](auto vec_c, auto ref_c) {
+        constexpr int VEC = decltype(vec_c)::value;
+        constexpr bool REF = decltype(ref_c)::value;
+        kl_fwd_kernel<scalar_t, acc_t, VEC, REF><<<N, kKLThreads, 0, stream>>>(
+            logits.data_ptr<scalar_t>(), logits.stride(0), rp, rstride,
+            tokens.data_ptr<int64_t>(), K, mp, logp.data_ptr<acc_t>(), lse.data_ptr<acc_t>(),
+            o[0], o[1], o[2], o[3], ent.data_ptr<acc_t>(), N, V, inv_t,
+            static_cast<acc_t>(beta), static_cast<int>(estimator));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      using Full = std::integral_constant<int, 16 / sizeof(scalar_t)>;
+      using One = std::integral_constant<int, 1>;
+      const bool full = vec * sizeof(scalar_t) == 16;
+      if (has_ref) {
+        if (full) launch(Full{}, std::true_type{});
+        else launch(One{}, std::true_type{});
+      } else {
+        if (full) launch(Full{}, std::false_type{});
+        else launch(One{}, std::false_type{});
+      }
+    });
+  }
+  if (!has_ref) return {logp, ent, lse};
+  return {logp, ref[0], ref[1], ref[2], ref[3], ent, lse};
+}
+
+// d/d logits of Σ grad·logprobs + Σ grad_entropy·entropy as a new tensor in the logits dtype.
+// grad has the tokens' shape ([N] or [N, K], any strides); grad_entropy [N] (any stride) or
+// None, with entropy [N] (the forward's) when given. logits [N, W] are the columns
+// [col0, col0 + W) of rows of ``vocab`` entries (vocab < 0: W, the whole row).
+at::Tensor kl_bwd(const at::Tensor& grad, const std::optional<at::Tensor>& grad_entropy,
+                  const at::Tensor& logits, const at::Tensor& tokens_, const at::Tensor& lse,
+                  const std::optional<at::Tensor>& entropy, double temperature, int64_t col0,
+                  int64_t vocab) {
+  const char* op = "kl_bwd";
+  const int64_t K = check_tokens(op, tokens_);
+  check_rows(op, "logits", logits, tokens_);
+  RLHF_CHECK_SAME_DEVICE(op, "tokens", tokens_, "logits", logits);
+  RLHF_CHECK_CUDA(op, "grad", grad);
+  RLHF_CHECK_CUDA(op, "lse", lse);
+  RLHF_CHECK_SAME_DEVICE(op, "grad", grad, "logits", logits);
+  RLHF_CHECK_SAME_DEVICE(op, "lse", lse, "logits", logits);
+  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  RLHF_CHECK_DTYPE(op, "grad", grad, acc);
+  RLHF_CHECK_DTYPE(op, "lse", lse, acc);
+  TORCH_CHECK(grad.sizes() == tokens_.sizes(), "rlhf_ops_cuda.kl_bwd: grad must have the tokens' shape ",
+              tokens_.sizes(), ", got ", grad.sizes());
+  const int64_t N = logits.size(0), W = logits.size(1);
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == 2 && lse.size(1) == N,
+              "rlhf_ops_cuda.kl_bwd: lse must have shape [2, N], got ", lse.sizes());
+  const bool has_gh = grad_entropy.has_value();
+  at::Tensor ent;
+  if (has_gh) {
+    TORCH_CHECK(entropy.has_value(), "rlhf_ops_cuda.kl_bwd: grad_entropy needs the entropy");
+    for (const auto* t : {&*grad_entropy, &*entropy}) {
+      RLHF_CHECK_CUDA(op, "grad_entropy / entropy", *t);
+      RLHF_CHECK_SAME_DEVICE(op, "grad_entropy / entropy", *t, "logits", logits);
+      RLHF_CHECK_DTYPE(op, "grad_entropy / entropy", *t, acc);
+      TORCH_CHECK(t->dim() == 1 && t->size(0) == N, "rlhf_ops_cuda.kl_bwd: grad_entropy and "
+                  "entropy must have shape [N] = [", N, "], got ", t->sizes());
+    }
+    ent = entropy->contiguous();
+  }
+  const int64_t V = vocab < 0 ? W : vocab;
+  TORCH_CHECK(col0 >= 0 && col0 + W <= V, "rlhf_ops_cuda.kl_bwd: the column slice [", col0, ", ",
+              col0 + W, ") must lie in [0, vocab = ", V, ")");
+  const at::cuda::OptionalCUDAGuard guard(logits.device());
+  const at::Tensor tokens = tokens_.contiguous();
+  const at::Tensor lse_c = lse.contiguous();
+  at::Tensor out = at::empty_like(logits, at::MemoryFormat::Contiguous);
+  if (N == 0 || W == 0) return out;
+  const int vec = std::min(pick_vec(logits, logits.stride(0), W), pick_vec(out, out.stride(0), W));
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "kl_fwd", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "kl_bwd", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
-    acc_t* o[7];
-    for (int i = 0; i < 7; ++i) o[i] = out[has_ref ? i : 0].data_ptr<acc_t>();
-    acc_t* lse = out.back().data_ptr<acc_t>();
-    const scalar_t* rp = has_ref ? ref_logits->data_ptr<scalar_t>() : nullptr;
-    const int64_t rstride = has_ref ? ref_logits->stride(0) : 0;
-    const acc_t* mp = mask.defined() ? mask.data_ptr<acc_t>() : nullptr;
-    const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
-    auto launch = [&](auto vec_c, auto ref_c) {
+    const acc_t* gh = has_gh ? grad_entropy->data_ptr<acc_t>() : nullptr;
+    const int64_t stride_gh = has_gh ? grad_entropy->stride(0) : 0;
+    const acc_t* ep = has_gh ? ent.data_ptr<acc_t>() : nullptr;
+    const int64_t g0 = grad.dim() == 2 ? grad.stride(0) : (grad.dim() == 1 ? grad.stride(0) : 0);
+    const int64_t g1 = grad.dim() == 2 ? grad.stride(1) : 0;
+    auto launch = [&](auto vec_c, auto gh_c) {
       constexpr int VEC = decltype(vec_c)::value;
-      constexpr bool REF = decltype(ref_c)::value;
-      kl_fwd_kernel<scalar_t, acc_t, VEC, REF><<<N, kKLThreads, 0, stream>>>(
-          logits.data_ptr<scalar_t>(), logits.stride(0), rp, rstride,
-          tokens.data_ptr<int64_t>(), mp, o[0], lse, o[1], o[2], o[3], o[4], o[5], N, V, inv_t,
-          static_cast<acc_t>(beta), static_cast<int>(estimator));
+      constexpr bool GH = decltype(gh_c)::value;
+      kl_bwd_kernel<scalar_t, acc_t, VEC, GH><<<N, kKLThreads, 0, stream>>>(
+          logits.data_ptr<scalar_t>(), logits.stride(0), out.data_ptr<scalar_t>(), out.stride(0),
+          tokens.data_ptr<int64_t>(), K, lse_c.data_ptr<acc_t>(), lse_c.stride(0),
+          grad.data_ptr<acc_t>(), g0, g1, gh, stride_gh, ep, col0, V, W,
+          static_cast<acc_t>(1.0 / temperature));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     using Full = std::integral_constant<int, 16 / sizeof(scalar_t)>;
     using One = std::integral_constant<int, 1>;
     const bool full = vec * sizeof(scalar_t) == 16;
-    if (has_ref) {
+    if (has_gh) {
       if (full) launch(Full{}, std::true_type{});
       else launch(One{}, std::true_type{});
     } else {
@@ -304,54 +447,13 @@ std::vector<at::Tensor> kl_fwd(const at::Tensor& logits, const std::optional<at:
   return out;
 }
 
-// grad [N] (G, any stride) → G · ∂logp/∂logits as a new [N, V] tensor in the logits dtype.
-at::Tensor kl_bwd(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& tokens_,
-                  const at::Tensor& lse, double temperature) {
-  const char* op = "kl_bwd";
-  check_tokens(op, tokens_);
-  check_rows(op, "logits", logits, tokens_);
-  RLHF_CHECK_SAME_DEVICE(op, "tokens", tokens_, "logits", logits);
-  RLHF_CHECK_CUDA(op, "grad", grad);
-  RLHF_CHECK_CUDA(op, "lse", lse);
-  RLHF_CHECK_SAME_DEVICE(op, "grad", grad, "logits", logits);
-  RLHF_CHECK_SAME_DEVICE(op, "lse", lse, "logits", logits);
-  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  RLHF_CHECK_DTYPE(op, "grad", grad, acc);
-  RLHF_CHECK_DTYPE(op, "lse", lse, acc);
-  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == logits.size(0),
-              "rlhf_ops_cuda.kl_bwd: grad must have one element per row, got shape ", grad.sizes());
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == 2 && lse.size(1) == logits.size(0),
-              "rlhf_ops_cuda.kl_bwd: lse must have shape [2, N], got ", lse.sizes());
-  const at::cuda::OptionalCUDAGuard guard(logits.device());
-  const at::Tensor tokens = tokens_.contiguous();
-  const at::Tensor lse_c = lse.contiguous();
-  const int64_t N = logits.size(0), V = logits.size(1);
-  at::Tensor out = at::empty_like(logits, at::MemoryFormat::Contiguous);
-  if (N == 0 || V == 0) return out;
-  const int vec = std::min(pick_vec(logits, logits.stride(0), V), pick_vec(out, out.stride(0), V));
-  auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "kl_bwd", [&] {
-    using acc_t = at::acc_type<scalar_t, true>;
-    auto launch = [&](auto vec_c) {
-      constexpr int VEC = decltype(vec_c)::value;
-      kl_bwd_kernel<scalar_t, acc_t, VEC><<<N, kKLThreads, 0, stream>>>(
-          logits.data_ptr<scalar_t>(), logits.stride(0), out.data_ptr<scalar_t>(), out.stride(0),
-          tokens.data_ptr<int64_t>(), lse_c.data_ptr<acc_t>(), lse_c.stride(0),
-          grad.data_ptr<acc_t>(), grad.stride(0), V, static_cast<acc_t>(1.0 / temperature));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    if (vec * sizeof(scalar_t) == 16) launch(std::integral_constant<int, 16 / sizeof(scalar_t)>{});
-    else launch(std::integral_constant<int, 1>{});
-  });
-  return out;
-}
-
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(rlhf_ops_cuda, m) {
   m.def("kl_fwd(Tensor logits, Tensor? ref_logits, Tensor tokens, Tensor? mask, float temperature, "
         "float beta, int estimator) -> Tensor[]");
-  m.def("kl_bwd(Tensor grad, Tensor logits, Tensor tokens, Tensor lse, float temperature) -> Tensor");
+  m.def("kl_bwd(Tensor grad, Tensor? grad_entropy, Tensor logits, Tensor tokens, Tensor lse, "
+        "Tensor? entropy, float temperature, int col0=0, int vocab=-1) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rlhf_ops_cuda, CUDA, m) {

@@ -1,14 +1,16 @@
-"""Triton per-token log-probabilities and the PPO KL penalty: one read of each logit row forward,
-one read + one write of the policy row backward. Nothing of size V is kept between the two.
+"""Triton per-token log-probabilities, entropy and the PPO KL penalty: one read of each logit
+row forward, one read + one write of the policy row backward. Nothing of size V is kept between
+the two.
 
 Notation per row: y = x / T (the temperature divides inside the kernel, no scaled copy),
-lse = log Σ_j exp(y_j), p = softmax(y), t = the token.
+lse = log Σ_j exp(y_j), p = softmax(y), t_1..t_K = the row's tokens (K ≥ 0; K = 1 for
+``kl_penalty`` and for the one-token-per-position form).
 
 Forward, no host sync:
   ``_kl_forward``: grid (rows, chunks). Each program streams its chunk of the policy row (and,
   for kl_penalty, the same chunk of the reference row) in BLOCK tiles, keeping the state
       m = max y,   s = Σ exp(y − m),   h = Σ exp(y − m)·(y − m)
-  (h only serves the policy entropy). A tile merges into the running state as
+  (h serves the entropy). A tile merges into the running state as
       M = max(m, max tile),  a = exp(m − M),
       s ← a·s + Σ exp(y − M),   h ← a·(h + (m − M)·s) + Σ exp(y − M)·(y − M)
   because exp(y − M)·(y − M) = a·exp(y − m)·((y − m) + (m − M)). Keeping h relative to the
@@ -16,12 +18,20 @@ Forward, no host sync:
   Rows up to 65,536 columns are one program, which writes the outputs itself (``_epilogue``);
   wider rows (or few rows) are split, the chunk states stored and merged by ``_kl_combine``
   with the same formulas. Outputs per row:
-      logp = (y_t − M) − log S,   entropy = −Σ p·log p = lse − Σ p·y = log S − H / S,
-      ref_logp likewise, d = logp − ref_logp, kl = d | ½d² | e^{−d} − 1 + d, penalty = −β·kl·mask,
-  and lse as the pair (M, log S) for the backward. A token out of [0, V) gives NaN for its row.
-Backward, one launch, grid (rows, V / BLOCK):
-      dx_j = G · ([j = t] − exp((y_j − M) − log S)) / T     (∂logp/∂x_j = ([j = t] − p_j) / T)
-where G [rows] = g_logp + g_log_ratio + g_kl·∂kl/∂logp is formed by the caller.
+      logp_k = (y_{t_k} − M) − log S  (K gathered values, the row itself is read once),
+      entropy = −Σ p·log p = lse − Σ p·y = log S − H / S,
+      for kl_penalty ref_logp likewise, d = logp − ref_logp, kl = d | ½d² | e^{−d} − 1 + d,
+      penalty = −β·kl·mask,
+  and lse as the pair (M, log S) for the backward. A token out of [0, V) gives NaN for its
+  log-prob (the entropy does not depend on the tokens).
+Backward, one launch, grid (rows, V / BLOCK), with upstream gradients G_k of the log-probs and
+G_H of the entropy (∂logp_k/∂y_j = [j = t_k] − p_j, ∂H/∂y_j = −p_j·(log p_j + H)):
+      dx_j = (Σ_k G_k·[j = t_k] − (Σ_k G_k)·p_j − G_H·p_j·(log p_j + H)) / T
+with log p_j = (y_j − M) − log S; repeated tokens add up. Where y_j = −inf, p_j = 0 and the
+entropy term is taken as 0 (0·log 0 = 0), never 0·(−inf). A row with a token out of [0, V) gets
+a NaN gradient row. The backward can run on a column slice of the rows (``col0``: the slice's
+first vocabulary id) and write in place, which ``linear_token_logprobs`` uses.
+For kl_penalty the caller forms G = g_logp + g_log_ratio + g_kl·∂kl/∂logp.
 Scalars (T, β) travel in a small tensor of the accumulation dtype so that fp64 stays exact.
 Helpers are inline code rather than nested @triton.jit calls where they run per tile: the
 interpreter re-patches triton.language on every nested call, which slows the CPU tests a lot.
@@ -36,62 +46,65 @@ ESTIMATOR_IDS = {"k1": 1, "k2": 2, "k3": 3}
 
 
 @triton.jit
-def _epilogue(row, M, S, H, RM, RS, x_ptr, stride_x, r_ptr, stride_r, t_ptr, mask_ptr, prm_ptr,
+def _epilogue(row, M, S, H, RM, RS, x_ptr, stride_x, r_ptr, stride_r, t_ptr, K, mask_ptr, prm_ptr,
               logp_ptr, lse_ptr, ref_ptr, ratio_ptr, kl_ptr, pen_ptr, ent_ptr, N, V,
               HAS_REF: tl.constexpr, HAS_MASK: tl.constexpr, ESTIMATOR: tl.constexpr,
               ACC_FP64: tl.constexpr):
     """Row outputs from the merged states (M, S, H) of the policy and (RM, RS) of the reference.
     lse = M + log S is kept as the pair (M, log S) (``lse_ptr`` [2, N]): logp = (y_t − M) − log S
     and the backward's exp((y − M) − log S) then keep their precision at |y| ~ 1e4, where
-    rounding M + log S to fp32 would cost ~1e-3 absolute."""
+    rounding M + log S to fp32 would cost ~1e-3 absolute. Tokens and the per-token outputs are
+    [N, K] (K = 1 with a reference)."""
     temp = tl.load(prm_ptr)
     M = tl.where(M == float("-inf"), 0.0, M)
     log_s = tl.log(S)
-    t = tl.load(t_ptr + row)
-    in_range = (t >= 0) & (t < V)
-    yt = tl.load(x_ptr + row * stride_x + t, mask=in_range, other=0.0).to(temp.dtype) / temp
-    logp = tl.where(in_range, (yt - M) - log_s, float("nan"))
-    tl.store(logp_ptr + row, logp)
     tl.store(lse_ptr + row, M)
     tl.store(lse_ptr + N + row, log_s)
-    if HAS_REF:
-        tl.store(ent_ptr + row, log_s - H / S)  # entropy = lse − Σ p·y
-        rt = tl.load(r_ptr + row * stride_r + t, mask=in_range, other=0.0).to(temp.dtype) / temp
-        RM = tl.where(RM == float("-inf"), 0.0, RM)
-        ref_logp = tl.where(in_range, (rt - RM) - tl.log(RS), float("nan"))
-        d = logp - ref_logp
-        if ESTIMATOR == 1:
-            kl = d
-        elif ESTIMATOR == 2:
-            kl = 0.5 * d * d
-        else:
-            # k3 = exp(−d) − 1 + d. In fp32 the closed form cancels for small |d|: use its Taylor
-            # series Σ_{n≥2} (−d)ⁿ/n! (Horner, to 1/11!) for |d| < ½. fp64 has the digits to
-            # spare (and its series coefficients would be rounded to fp32 literals).
-            kl = tl.exp(-d) - 1.0 + d
-            if not ACC_FP64:
-                q = 1.0 / 39916800.0
-                q = 1.0 / 3628800.0 - d * q
-                q = 1.0 / 362880.0 - d * q
-                q = 1.0 / 40320.0 - d * q
-                q = 1.0 / 5040.0 - d * q
-                q = 1.0 / 720.0 - d * q
-                q = 1.0 / 120.0 - d * q
-                q = 1.0 / 24.0 - d * q
-                q = 1.0 / 6.0 - d * q
-                q = 0.5 - d * q
-                kl = tl.where(tl.abs(d) < 0.5, d * d * q, kl)
-        pen = -tl.load(prm_ptr + 1) * kl
-        if HAS_MASK:
-            pen = pen * tl.load(mask_ptr + row)
-        tl.store(ref_ptr + row, ref_logp)
-        tl.store(ratio_ptr + row, d)
-        tl.store(kl_ptr + row, kl)
-        tl.store(pen_ptr + row, pen)
+    tl.store(ent_ptr + row, log_s - H / S)  # entropy = lse − Σ p·y
+    RM = tl.where(RM == float("-inf"), 0.0, RM)
+    for k in range(0, K):
+        i = row * K + k
+        t = tl.load(t_ptr + i)
+        in_range = (t >= 0) & (t < V)
+        yt = tl.load(x_ptr + row * stride_x + t, mask=in_range, other=0.0).to(temp.dtype) / temp
+        logp = tl.where(in_range, (yt - M) - log_s, float("nan"))
+        tl.store(logp_ptr + i, logp)
+        if HAS_REF:
+            rt = tl.load(r_ptr + row * stride_r + t, mask=in_range, other=0.0).to(temp.dtype) / temp
+            ref_logp = tl.where(in_range, (rt - RM) - tl.log(RS), float("nan"))
+            d = logp - ref_logp
+            if ESTIMATOR == 1:
+                kl = d
+            elif ESTIMATOR == 2:
+                kl = 0.5 * d * d
+            else:
+                # k3 = exp(−d) − 1 + d. In fp32 the closed form cancels for small |d|: use its
+                # Taylor series Σ_{n≥2} (−d)ⁿ/n! (Horner, to 1/11!) for |d| < ½. fp64 has the
+                # digits to spare (and its series coefficients would be rounded to fp32 literals).
+                kl = tl.exp(-d) - 1.0 + d
+                if not ACC_FP64:
+                    q = 1.0 / 39916800.0
+                    q = 1.0 / 3628800.0 - d * q
+                    q = 1.0 / 362880.0 - d * q
+                    q = 1.0 / 40320.0 - d * q
+                    q = 1.0 / 5040.0 - d * q
+                    q = 1.0 / 720.0 - d * q
+                    q = 1.0 / 120.0 - d * q
+                    q = 1.0 / 24.0 - d * q
+                    q = 1.0 / 6.0 - d * q
+                    q = 0.5 - d * q
+                    kl = tl.where(tl.abs(d) < 0.5, d * d * q, kl)
+            pen = -tl.load(prm_ptr + 1) * kl
+            if HAS_MASK:
+                pen = pen * tl.load(mask_ptr + i)
+            tl.store(ref_ptr + i, ref_logp)
+            tl.store(ratio_ptr + i, d)
+            tl.store(kl_ptr + i, kl)
+            tl.store(pen_ptr + i, pen)
 
 
 @triton.jit
-def _kl_forward(x_ptr, stride_x, r_ptr, stride_r, t_ptr, mask_ptr, part_ptr, prm_ptr,
+def _kl_forward(x_ptr, stride_x, r_ptr, stride_r, t_ptr, K, mask_ptr, part_ptr, prm_ptr,
                 logp_ptr, lse_ptr, ref_ptr, ratio_ptr, kl_ptr, pen_ptr, ent_ptr,
                 N, V, n_chunks, SPLIT: tl.constexpr, HAS_REF: tl.constexpr,
                 HAS_MASK: tl.constexpr, ESTIMATOR: tl.constexpr, CHUNK: tl.constexpr,
@@ -146,13 +159,13 @@ def _kl_forward(x_ptr, stride_x, r_ptr, stride_r, t_ptr, mask_ptr, part_ptr, prm
             tl.store(part_ptr + 4 * plane + i, rs)
     else:
         # with the max as shift the states are already in (M, S, H) form
-        _epilogue(row, m, s, h, rm, rs, x_ptr, stride_x, r_ptr, stride_r, t_ptr, mask_ptr, prm_ptr,
-                  logp_ptr, lse_ptr, ref_ptr, ratio_ptr, kl_ptr, pen_ptr, ent_ptr, N, V,
+        _epilogue(row, m, s, h, rm, rs, x_ptr, stride_x, r_ptr, stride_r, t_ptr, K, mask_ptr,
+                  prm_ptr, logp_ptr, lse_ptr, ref_ptr, ratio_ptr, kl_ptr, pen_ptr, ent_ptr, N, V,
                   HAS_REF, HAS_MASK, ESTIMATOR, ACC_FP64)
 
 
 @triton.jit
-def _kl_combine(x_ptr, stride_x, r_ptr, stride_r, t_ptr, mask_ptr, part_ptr, prm_ptr,
+def _kl_combine(x_ptr, stride_x, r_ptr, stride_r, t_ptr, K, mask_ptr, part_ptr, prm_ptr,
                 logp_ptr, lse_ptr, ref_ptr, ratio_ptr, kl_ptr, pen_ptr, ent_ptr,
                 N, V, n_chunks, HAS_REF: tl.constexpr, HAS_MASK: tl.constexpr,
                 ESTIMATOR: tl.constexpr, BLOCK_C: tl.constexpr, ACC_FP64: tl.constexpr):
@@ -180,28 +193,48 @@ def _kl_combine(x_ptr, stride_x, r_ptr, stride_r, t_ptr, mask_ptr, part_ptr, prm
         rbig = tl.max(rm, 0)
         RM = tl.where(rbig == NEG, 0.0, rbig)
         RS = tl.sum(rs * tl.exp(rm - RM), 0)
-    _epilogue(row, M, S, H, RM, RS, x_ptr, stride_x, r_ptr, stride_r, t_ptr, mask_ptr, prm_ptr,
+    _epilogue(row, M, S, H, RM, RS, x_ptr, stride_x, r_ptr, stride_r, t_ptr, K, mask_ptr, prm_ptr,
               logp_ptr, lse_ptr, ref_ptr, ratio_ptr, kl_ptr, pen_ptr, ent_ptr, N, V,
               HAS_REF, HAS_MASK, ESTIMATOR, ACC_FP64)
 
 
 @triton.jit
-def _kl_backward(x_ptr, stride_x, dx_ptr, stride_dx, t_ptr, lse_ptr, stride_lse, g_ptr, stride_g,
-                 prm_ptr, V, BLOCK: tl.constexpr):
+def _kl_backward(x_ptr, stride_x, dx_ptr, stride_dx, t_ptr, K, lse_ptr, stride_lse,
+                 g_ptr, stride_g0, stride_g1, gh_ptr, stride_gh, ent_ptr, prm_ptr, col0, V, W,
+                 BLOCK: tl.constexpr, HAS_GH: tl.constexpr, ACC_FP64: tl.constexpr):
+    """Grid (rows, W / BLOCK) over the columns [col0, col0 + W) of a V-wide row (W = V unless
+    the caller passes a slice); x and dx point at the slice's first column (they may alias)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    inside = cols < V
+    inside = cols < W
+    if ACC_FP64:
+        zero = tl.zeros((BLOCK,), tl.float64)
+    else:
+        zero = tl.zeros((BLOCK,), tl.float32)
     temp = tl.load(prm_ptr)
-    t = tl.load(t_ptr + row)
-    in_range = (t >= 0) & (t < V)
     shift = tl.load(lse_ptr + row)             # lse = shift + log_s
     log_s = tl.load(lse_ptr + stride_lse + row)
-    g = tl.load(g_ptr + row * stride_g).to(temp.dtype) / temp
     x = tl.load(x_ptr + row * stride_x + cols, mask=inside, other=float("-inf"))
-    y = x.to(temp.dtype) / temp
-    # dx_j = G/T · ([j = t] − softmax_j)
-    dx = (tl.where(cols == t, 1.0, 0.0) - tl.exp((y - shift) - log_s)) * g
-    dx = tl.where(in_range, dx, float("nan"))
+    y = x.to(zero.dtype) / temp
+    logp = (y - shift) - log_s
+    p = tl.exp(logp)
+    # token terms: Σ_k G_k·[j = t_k] (repeated tokens add up) and Σ_k G_k
+    tok = zero
+    g_sum = tl.sum(zero, 0)
+    n_bad = tl.zeros((), tl.int32)
+    for k in range(0, K):
+        t = tl.load(t_ptr + row * K + k)
+        g = tl.load(g_ptr + row * stride_g0 + k * stride_g1).to(zero.dtype)
+        n_bad += ((t < 0) | (t >= V)).to(tl.int32)
+        g_sum += g
+        tok += tl.where(cols + col0 == t, g, 0.0)
+    dx = tok - g_sum * p
+    if HAS_GH:
+        # −G_H·p_j·(log p_j + H); 0·log 0 = 0 where y_j = −inf (p_j = 0)
+        gh = tl.load(gh_ptr + row * stride_gh).to(zero.dtype)
+        ent = tl.load(ent_ptr + row)
+        dx -= gh * p * (tl.where(y == float("-inf"), 0.0, logp) + ent)
+    dx = tl.where(n_bad == 0, dx / temp, float("nan"))
     tl.store(dx_ptr + row * stride_dx + cols, cast_out(dx, dx_ptr.dtype.element_ty), mask=inside)
 
 
@@ -216,46 +249,69 @@ def _params(logits: torch.Tensor, acc: torch.dtype, temperature: float, beta: fl
 
 def forward(logits, ref_logits, tokens, mask, temperature: float, beta: float = 0.0,
             estimator: str = "k1"):
-    """logits (and ref_logits) [N, V] with unit column stride, tokens [N] int64, mask [N] in the
-    accumulation dtype or None. Returns (logprobs, lse) without ref_logits, else
-    (logprobs, ref_logprobs, log_ratio, kl, penalty, entropy, lse), each [N] fp32 (fp64)."""
+    """logits (and ref_logits) [N, V] with unit column stride; tokens [N] or [N, K] int64
+    (contiguous; [N] with ref_logits); mask [N] in the accumulation dtype or None.
+    Returns (logprobs (tokens' shape), entropy [N], lse [2, N]) without ref_logits, else
+    (logprobs, ref_logprobs, log_ratio, kl, penalty, entropy, lse), each [N]; fp32 (fp64)."""
     N, V = logits.shape
+    K = tokens.shape[1] if tokens.dim() == 2 else 1
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    dev = logits.device
     has_ref = ref_logits is not None
     # separate tensors: outputs of a custom op may not be views of one another
-    out = [torch.empty(N, dtype=acc, device=logits.device) for _ in range(6 if has_ref else 1)]
-    out.append(torch.empty(2, N, dtype=acc, device=logits.device))  # lse as (shift, log S)
+    logp = torch.empty(tokens.shape, dtype=acc, device=dev)
+    ent = torch.empty(N, dtype=acc, device=dev)
+    lse = torch.empty(2, N, dtype=acc, device=dev)  # (shift, log S)
+    ref = [torch.empty(N, dtype=acc, device=dev) for _ in range(4)] if has_ref else []
     if N > 0:
         chunk, block = row_blocks(N, V)
         n_chunks = triton.cdiv(V, chunk)
         fp64 = acc == torch.float64
         prm = _params(logits, acc, temperature, beta)
-        part = (torch.empty(5 if has_ref else 3, N, n_chunks, dtype=acc, device=logits.device)
+        part = (torch.empty(5 if has_ref else 3, N, n_chunks, dtype=acc, device=dev)
                 if n_chunks > 1 else prm)  # one chunk per row needs no partial states
         r = ref_logits if has_ref else logits
-        o = out if has_ref else [out[0]] * 7  # without a ref, o[1..5] are never written
+        o = ref if has_ref else [logp] * 4  # without a ref these four are never written
         msk = mask if mask is not None else prm
         split = n_chunks > 1
         common = dict(HAS_REF=has_ref, HAS_MASK=mask is not None,
                       ESTIMATOR=ESTIMATOR_IDS[estimator], ACC_FP64=fp64)
-        ptrs = (logits, logits.stride(0), r, r.stride(0), tokens, msk, part, prm,
-                out[0], out[-1], o[1], o[2], o[3], o[4], o[5], N, V, n_chunks)
+        tok = tokens if tokens.numel() else torch.zeros(1, dtype=tokens.dtype, device=dev)  # K = 0
+        ptrs = (logits, logits.stride(0), r, r.stride(0), tok, K, msk, part, prm,
+                logp, lse, o[0], o[1], o[2], o[3], ent, N, V, n_chunks)
         _kl_forward[(N, n_chunks)](*ptrs, SPLIT=split, CHUNK=chunk, BLOCK=block, **common)
         if split:
             _kl_combine[(N,)](*ptrs, BLOCK_C=triton.next_power_of_2(n_chunks), **common)
-    return tuple(out)
+    if has_ref:
+        return (logp, *ref, ent, lse)
+    return logp, ent, lse
 
 
-def backward(grad, logits, tokens, lse, temperature: float):
-    """grad [N] (G, any stride) → d logp / d logits · G as a new [N, V] tensor in logits' dtype."""
-    N, V = logits.shape
-    out = torch.empty_like(logits)
-    if N == 0 or V == 0:
+def backward(grad, grad_entropy, logits, tokens, lse, entropy, temperature: float, out=None,
+             col0: int = 0, vocab: int | None = None):
+    """d/d logits of Σ grad·logprobs + Σ grad_entropy·entropy, in the logits' dtype.
+
+    grad: tokens' shape ([N] or [N, K], any strides); grad_entropy [N] or None (then
+    ``entropy`` may be None too); logits [N, W] with unit column stride: the columns
+    [col0, col0 + W) of rows of ``vocab`` (default W) entries; tokens contiguous. Writes into
+    ``out`` (a new tensor when None; it may be ``logits`` itself) and returns it."""
+    N, W = logits.shape
+    V = W if vocab is None else vocab
+    out = torch.empty_like(logits) if out is None else out
+    if N == 0 or W == 0:
         return out
+    K = tokens.shape[1] if tokens.dim() == 2 else 1
+    g = grad if grad.dim() == 2 else grad[:, None]
+    if K == 0:  # nothing to read: placeholders of the right dtypes (never dereferenced)
+        tokens = torch.zeros(1, dtype=tokens.dtype, device=tokens.device)
+        g = lse[:, :1]
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    block = min(4096, triton.next_power_of_2(max(V, 16)))
-    _kl_backward[(N, triton.cdiv(V, block))](
-        logits, logits.stride(0), out, out.stride(0), tokens, lse, lse.stride(0),
-        grad, grad.stride(0),
-        _params(logits, acc, temperature), V, BLOCK=block)
+    has_gh = grad_entropy is not None
+    gh = grad_entropy if has_gh else lse
+    block = min(4096, triton.next_power_of_2(max(W, 16)))
+    _kl_backward[(N, triton.cdiv(W, block))](
+        logits, logits.stride(0), out, out.stride(0), tokens, K, lse, lse.stride(0),
+        g, g.stride(0), g.stride(1), gh, gh.stride(0), entropy if has_gh else lse,
+        _params(logits, acc, temperature), col0, V, W,
+        BLOCK=block, HAS_GH=has_gh, ACC_FP64=acc == torch.float64)
     return out

@@ -6,6 +6,7 @@
     out  = ro.attention(q, k, v, causal=True)               # every stage
     loss = ro.pairwise_reward_loss(rewards, ranks)          # reward modelling
     lp   = ro.token_logprobs(logits, tokens)                # PPO
+    lp, ent = ro.linear_token_logprobs(hidden, W, tokens, return_entropy=True)  # ... without logits
     res  = ro.kl_penalty(logits, ref_logits, tokens, beta=0.02)
 
 Backends: ``reference`` (eager PyTorch), ``triton``, ``cuda`` (the built extension), ``auto``;
@@ -14,7 +15,7 @@ see ``available_backends()`` and ``use_backend()``.
 from ._backend import available_backends, use_backend
 from .attention import attention, attention_varlen
 from .cross_entropy import cross_entropy, linear_cross_entropy
-from .kl import kl_penalty, ppo_rewards, token_logprobs
+from .kl import kl_from_logprobs, kl_penalty, linear_token_logprobs, ppo_rewards, token_logprobs
 from .padding import pad, unpad
 from .reference import KLPenalty
 from .reward import pairwise_reward_loss, reward_at_last_token
@@ -25,5 +26,6 @@ __all__ = [
     "available_backends", "use_backend", "attention", "attention_varlen", "unpad", "pad",
     "cross_entropy", "linear_cross_entropy",
     "pairwise_reward_loss", "reward_at_last_token", "token_logprobs", "kl_penalty", "ppo_rewards",
+    "linear_token_logprobs", "kl_from_logprobs",
     "KLPenalty",
 ]

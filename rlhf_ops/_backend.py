@@ -33,6 +33,7 @@ AUTO_PREFERENCE = {
     "attention_varlen": ("triton", "cuda", "reference"),
     "pairwise_reward_loss": ("triton", "cuda", "reference"),
     "token_logprobs": ("triton", "cuda", "reference"),
+    "linear_token_logprobs": ("triton", "cuda", "reference"),
     "kl_penalty": ("triton", "cuda", "reference"),
 }
 

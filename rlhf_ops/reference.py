@@ -157,6 +157,8 @@ def pairwise_reward_loss(rewards, ranks, reduction="mean", margin=0.0):
     present = ranks >= 0
     # Absent responses' rewards never enter (a NaN there would otherwise poison the gradient).
     r = torch.where(present, rewards.to(acc_dtype(rewards.dtype)), 0.0)
+    if isinstance(margin, torch.Tensor):
+        margin = margin.detach().to(r.dtype)[:, None, None]     # [B] → [B, 1, 1]
     better = (ranks[:, :, None] < ranks[:, None, :]) & present[:, :, None] & present[:, None, :]
     zero = torch.zeros((), dtype=r.dtype, device=r.device)
     # Non-pairs (the diagonal included) never enter: an inf reward makes r_i − r_i NaN there.
@@ -175,22 +177,77 @@ def pairwise_reward_loss(rewards, ranks, reduction="mean", margin=0.0):
 # ----------------------------------------------------------------- log-probs and KL penalty ---
 
 class KLPenalty(NamedTuple):
-    """Per-token results of ``kl_penalty``, each [B, T] fp32 (fp64 for fp64 logits)."""
+    """Per-token results of ``kl_penalty`` / ``kl_from_logprobs``, each [B, T] fp32 (fp64 for fp64
+    inputs)."""
     logprobs: torch.Tensor      # log π(y_t), differentiable
     ref_logprobs: torch.Tensor  # log π_ref(y_t), no grad
     log_ratio: torch.Tensor     # logprobs − ref_logprobs, differentiable
     kl: torch.Tensor            # per-token KL estimate, differentiable
     penalty: torch.Tensor       # −beta · kl · mask, no grad (a reward term)
-    entropy: torch.Tensor       # policy entropy, no grad
+    entropy: torch.Tensor       # policy entropy, differentiable (None from kl_from_logprobs)
 
 
 ESTIMATORS = ("k1", "k2", "k3")
 
 
-def token_logprobs(logits, tokens, temperature=1.0):
-    """log_softmax(logits / temperature).gather(-1, tokens), accumulated in fp32."""
-    logp = torch.log_softmax(logits.to(acc_dtype(logits.dtype)) / temperature, dim=-1)
-    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+def _log_softmax(logits, temperature):
+    return torch.log_softmax(logits.to(acc_dtype(logits.dtype)) / temperature, dim=-1)
+
+
+def gather_tokens(logp_all, tokens):
+    """logp_all [..., V] at ``tokens``: [...] (tokens.dim() == logp_all.dim() − 1) or [..., K]
+    (tokens.dim() == logp_all.dim(), K tokens per position)."""
+    if tokens.dim() == logp_all.dim():
+        return logp_all.gather(-1, tokens)
+    return logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_of(logp_all):
+    """H = −Σ_j p_j·log p_j of each row of log-probabilities [..., V], differentiable.
+
+    0·log 0 = 0: log p is replaced by 0 where p = 0 *before* the product, so that a −inf logit
+    contributes nothing to H nor to its gradient (the product 0·(−inf) would make autograd's
+    gradient NaN). ∂H/∂y_j = −p_j·(log p_j + H) for the row's scaled logits y. A row without a
+    distribution (a NaN logit, or every logit −inf) has no entropy: NaN, as its log-probs."""
+    p = logp_all.exp()
+    zero = torch.zeros((), dtype=p.dtype, device=p.device)
+    ent = -(p * torch.where(p > 0, logp_all, zero)).sum(-1)
+    return torch.where(logp_all.isnan().any(-1), torch.full_like(ent, float("nan")), ent)
+
+
+def token_logprobs(logits, tokens, temperature=1.0, return_entropy=False):
+    """log_softmax(logits / temperature) at ``tokens`` ([...] or [..., K]), accumulated in fp32;
+    with ``return_entropy`` also the entropy [...] of softmax(logits / temperature)."""
+    logp_all = _log_softmax(logits, temperature)
+    logprobs = gather_tokens(logp_all, tokens)
+    return (logprobs, entropy_of(logp_all)) if return_entropy else logprobs
+
+
+def linear_token_logprobs(hidden, weight, tokens, bias=None, temperature=1.0, return_entropy=False):
+    """token_logprobs(hidden @ weight.T + bias, ...): the logits are materialised, in the input
+    dtype, exactly as eager model code does."""
+    return token_logprobs(F.linear(hidden, weight, bias), tokens, temperature, return_entropy)
+
+
+# k3's Taylor coefficients 1/n! for n = 11 .. 2, Horner order (as the kernels use them)
+_K3_SERIES = (1.0 / 39916800.0, 1.0 / 3628800.0, 1.0 / 362880.0, 1.0 / 40320.0, 1.0 / 5040.0,
+              1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5)
+
+
+def _k3(d):
+    """k3 = e^{−d} − 1 + d. Below fp64 the closed form cancels for small |d| (at |d| = 1e-4 fp32
+    keeps ~3 digits): there, as in the kernels, Σ_{n≥2} (−d)ⁿ/n! = d²·(½ − d·(1/6 − d·(…))) for
+    |d| < ½. Each branch gets an operand that is finite where it is not taken, so the branch not
+    taken contributes a zero gradient, never 0·inf = NaN."""
+    if d.dtype == torch.float64:
+        return torch.expm1(-d) + d
+    small = d.abs() < 0.5
+    ds = torch.where(small, d, torch.zeros((), dtype=d.dtype, device=d.device))
+    q = _K3_SERIES[0]
+    for c in _K3_SERIES[1:]:
+        q = c - ds * q
+    dl = torch.where(small, torch.ones((), dtype=d.dtype, device=d.device), d)
+    return torch.where(small, ds * ds * q, torch.expm1(-dl) + dl)
 
 
 def kl_from_log_ratio(log_ratio, estimator):
@@ -199,18 +256,28 @@ def kl_from_log_ratio(log_ratio, estimator):
         return log_ratio
     if estimator == "k2":
         return 0.5 * log_ratio * log_ratio
-    return torch.expm1(-log_ratio) + log_ratio
+    return _k3(log_ratio)
+
+
+def kl_from_logprobs(logprobs, ref_logprobs, beta, estimator="k1", mask=None):
+    """KLPenalty from per-token log-probs (entropy None); gradients reach ``logprobs`` only.
+    Computed in fp32 (fp64 when either input is fp64)."""
+    acc = torch.promote_types(acc_dtype(logprobs.dtype), acc_dtype(ref_logprobs.dtype))
+    logprobs = logprobs.to(acc)
+    ref_logprobs = ref_logprobs.detach().to(acc)
+    log_ratio = logprobs - ref_logprobs
+    kl = kl_from_log_ratio(log_ratio, estimator)
+    m = torch.ones_like(kl) if mask is None else mask.to(kl.dtype)
+    penalty = (-beta * kl * m).detach()
+    return KLPenalty(logprobs, ref_logprobs, log_ratio, kl, penalty, None)
 
 
 def kl_penalty(logits, ref_logits, tokens, beta, estimator="k1", mask=None, temperature=1.0):
-    logp_all = torch.log_softmax(logits.to(acc_dtype(logits.dtype)) / temperature, dim=-1)
-    logprobs = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    logp_all = _log_softmax(logits, temperature)
+    logprobs = gather_tokens(logp_all, tokens)
     with torch.no_grad():
         ref_logprobs = token_logprobs(ref_logits, tokens, temperature).to(logprobs.dtype)
-        p = logp_all.exp()
-        entropy = -torch.where(p > 0, p * logp_all, torch.zeros((), dtype=p.dtype, device=p.device)).sum(-1)
-        # a row without a distribution (a NaN logit, or every logit −inf) has none: NaN, as its log-prob
-        entropy = torch.where(logp_all.isnan().any(-1), torch.full_like(entropy, float("nan")), entropy)
+    entropy = entropy_of(logp_all)
     log_ratio = logprobs - ref_logprobs
     kl = kl_from_log_ratio(log_ratio, estimator)
     m = torch.ones_like(kl) if mask is None else mask.to(kl.dtype)

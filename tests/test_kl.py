@@ -1,4 +1,5 @@
-"""token_logprobs / kl_penalty / ppo_rewards on every backend against the float64 eager reference.
+"""token_logprobs / kl_penalty / kl_from_logprobs / ppo_rewards on every backend against the float64
+eager reference (and, for the entropy, a direct formula).
 
 Shapes are tiny and awkward (V = 37, not a multiple of any block) because the Triton kernels run
 under the interpreter on CPU; one test uses V = 70,001 to cover the split-vocabulary path.
@@ -173,8 +174,8 @@ def test_extreme_logits(backend, device):
     assert out.logprobs[0, 2] == float("-inf")
     assert not torch.isnan(out.logprobs).any()
     assert out.logprobs[1, 1] == 0 and out.entropy[1, 1] == 0
-    (gx,) = torch.autograd.grad(out.logprobs.sum() + out.kl[1].sum(), x)
-    (gr,) = torch.autograd.grad(ref.logprobs.sum() + ref.kl[1].sum(), x64)
+    (gx,) = torch.autograd.grad(out.logprobs.sum() + out.kl[1].sum() + out.entropy.sum(), x)
+    (gr,) = torch.autograd.grad(ref.logprobs.sum() + ref.kl[1].sum() + ref.entropy.sum(), x64)
     assert torch.isfinite(gx).all()
     assert_matches(gx, gr, dtype=torch.float32, what="extreme dlogits")
     lp = ro.token_logprobs(x.detach(), t, backend=backend)
@@ -206,10 +207,12 @@ def test_low_precision(backend, device, dtype):
         o = getattr(out, name)
         assert o.dtype == torch.float32
         assert_matches(o, getattr(ref, name), e, what=f"{dtype} {name}")
-    g1, g2 = (torch.randn(2, 3, dtype=torch.float64, device=device) for _ in range(2))
-    (gx,) = torch.autograd.grad((out.logprobs, out.kl), x, (g1.float(), g2.float()))
-    (gr,) = torch.autograd.grad((ref.logprobs, ref.kl), x64, (g1, g2))
-    (ge,) = torch.autograd.grad((eager[0], eager[3]), xe, (g1.to(dtype), g2.to(dtype)))
+    g1, g2, g3 = (torch.randn(2, 3, dtype=torch.float64, device=device) for _ in range(3))
+    (gx,) = torch.autograd.grad((out.logprobs, out.kl, out.entropy), x,
+                                (g1.float(), g2.float(), g3.float()))
+    (gr,) = torch.autograd.grad((ref.logprobs, ref.kl, ref.entropy), x64, (g1, g2, g3))
+    (ge,) = torch.autograd.grad((eager[0], eager[3], eager[4]), xe,
+                                (g1.to(dtype), g2.to(dtype), g3.to(dtype)))
     assert gx.dtype == dtype
     assert_matches(gx, gr, ge, what=f"{dtype} dlogits")
 
@@ -217,20 +220,22 @@ def test_low_precision(backend, device, dtype):
 # ------------------------------------------------------------------------------ backward ---
 
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
-@pytest.mark.parametrize("used", ["all", "kl"])
+@pytest.mark.parametrize("used", ["all", "kl", "entropy"])
 def test_kl_penalty_backward(backend, device, estimator, used):
     x, r, t = _inputs((2, 3), 37, device)
     x.requires_grad_(True)
     out = ro.kl_penalty(x, r, t, beta=0.1, estimator=estimator, temperature=0.9, backend=backend)
     ref, x64 = _ref64(x, r, t, 0.1, estimator, None, 0.9)
-    names = ("logprobs", "log_ratio", "kl") if used == "all" else ("kl",)
+    names = {"all": ("logprobs", "log_ratio", "kl", "entropy"), "kl": ("kl",),
+             "entropy": ("entropy",)}[used]
     gs = [torch.randn(2, 3, dtype=torch.float64, device=device) for _ in names]
     (gx,) = torch.autograd.grad([getattr(out, n) for n in names], x, [g.float() for g in gs])
     (gr,) = torch.autograd.grad([getattr(ref, n) for n in names], x64, gs)
     assert gx.dtype == x.dtype and gx.shape == x.shape
     assert_matches(gx, gr, dtype=torch.float32, what=f"{estimator}/{used} dlogits")
-    for name in ("ref_logprobs", "penalty", "entropy"):
+    for name in ("ref_logprobs", "penalty"):
         assert not getattr(out, name).requires_grad, f"{name} must carry no gradient"
+    assert out.entropy.requires_grad, "entropy is differentiable (an entropy bonus trains)"
 
 
 def test_ref_logits_get_no_grad(backend, device):
@@ -251,11 +256,15 @@ def test_gradcheck(fused_backend, device, estimator):
     def f(x):
         o = ro.kl_penalty(x, r, t, beta=0.1, estimator=estimator, temperature=0.7,
                           backend=fused_backend)
-        return o.logprobs, o.log_ratio, o.kl
+        return o.logprobs, o.log_ratio, o.kl, o.entropy
 
     assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-7)
     assert torch.autograd.gradcheck(
         lambda x: ro.token_logprobs(x, t, temperature=1.3, backend=fused_backend), (x,))
+    tk = torch.tensor([[[0, 3, 0], [4, 4, 1]]], device=device)   # [..., K] with repeats
+    assert torch.autograd.gradcheck(
+        lambda x: ro.token_logprobs(x, tk, temperature=0.8, return_entropy=True,
+                                    backend=fused_backend), (x,))
 
 
 # ------------------------------------------------------------- compile, meta, empty, errors ---
@@ -320,8 +329,11 @@ def test_nothing_of_size_v_saved(name):
     r = torch.empty(B, T, V, device="meta", dtype=torch.bfloat16)
     t = torch.empty(B, T, device="meta", dtype=torch.int64)
     for est in ("k1", "k3"):
-        _check_saved(lambda: ro.kl_penalty(x, r, t, beta=0.1, estimator=est, backend=name), name, B, T, V, 4)
+        # tokens, lse (2), the entropy and, for k3, the log-ratio: 5 numbers per token
+        _check_saved(lambda: ro.kl_penalty(x, r, t, beta=0.1, estimator=est, backend=name), name, B, T, V, 5)
     _check_saved(lambda: ro.token_logprobs(x, t, backend=name), name, B, T, V, 3)
+    # with a differentiable entropy: one more number per token
+    _check_saved(lambda: ro.token_logprobs(x, t, return_entropy=True, backend=name), name, B, T, V, 4)
 
 
 def test_all_minus_inf_row_has_nan_entropy(backend, device):
