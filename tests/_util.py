@@ -32,19 +32,22 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float(d / n) if n > 0 else float(d)
 
 
-def max_rel_err(a: torch.Tensor, ref: torch.Tensor, atol: float = 0.0) -> float:
-    """Element-wise: max_i |a_i − ref_i| / (|ref_i| + atol) over the finite positions (0/0 = 0);
+def max_rel_err(a: torch.Tensor, ref: torch.Tensor, atol=0.0) -> float:
+    """Element-wise: max_i |a_i − ref_i| / (|ref_i| + atol_i) over the finite positions (0/0 = 0);
     inf unless the non-finite positions agree exactly. Unlike ``rel_err``'s one norm, an error
-    confined to a few small elements is not hidden by large ones. ``atol`` is the absolute scale
-    below which an element counts as zero (0: every element judged on its own magnitude)."""
+    confined to a few small elements is not hidden by large ones. ``atol`` (a number or a tensor
+    broadcast to ``ref``) is each element's scale of rounding: an element computed as a difference
+    of operands of size A carries an error relative to A, not to itself (0: every element is
+    judged on its own magnitude)."""
     a, ref = a.detach().double().cpu(), ref.detach().double().cpu()
     if a.shape != ref.shape or _nonfinite_differ(a, ref):
         return float("inf")
     fin = torch.isfinite(ref)
     if not fin.any():
         return 0.0
+    atol = torch.as_tensor(atol, dtype=torch.float64).detach().cpu().abs().expand(ref.shape)
     d = (a[fin] - ref[fin]).abs()
-    den = ref[fin].abs() + atol
+    den = ref[fin].abs() + atol[fin]
     r = torch.where(d == 0, torch.zeros_like(d), d / den)
     return float(r.max())
 
