@@ -37,6 +37,18 @@ def _eager(x, r, t, beta, est, mask, temperature):
     return reference.kl_penalty(x.detach(), r, t, beta, est, mask, temperature)
 
 
+def _direct(x, tokens, temperature):
+    """Log-probs at tokens ([...] or [..., K]) and the entropy by the textbook formulas in
+    float64 (H = −Σ softmax·log_softmax, 0·log 0 = 0), independent of reference.py."""
+    y = x.double() / temperature
+    logp = y - torch.logsumexp(y, -1, keepdim=True)
+    p = torch.softmax(y, -1)
+    plogp = torch.where(p > 0, p * torch.where(p > 0, logp, torch.zeros_like(logp)),
+                        torch.zeros_like(p))
+    lp = logp.gather(-1, tokens if tokens.dim() == x.dim() else tokens[..., None])
+    return (lp if tokens.dim() == x.dim() else lp[..., 0]), -plogp.sum(-1)
+
+
 def _check_fields(ours, ref, *, eager=None, dtype=torch.float32, what=""):
     assert isinstance(ours, ro.KLPenalty)
     for name in FIELDS:
@@ -132,6 +144,16 @@ def test_every_output_written(fused_backend, device, monkeypatch, V):
     assert_matches(gx, gr, dtype=torch.float32, what="poisoned dlogits")
     assert_matches(ro.token_logprobs(x.detach(), t, backend=fused_backend), ref.logprobs,
                    what="poisoned token_logprobs")
+    # [..., K] tokens and the entropy, forward and backward
+    tk = torch.stack([t, (t + 5) % V, t], -1)
+    lp, ent = ro.token_logprobs(x, tk, return_entropy=True, backend=fused_backend)
+    lp64, ent64 = _direct(x64, tk, 1.0)
+    assert_matches(lp, lp64, what="poisoned [..., K] logprobs")
+    assert_matches(ent, ent64, what="poisoned entropy")
+    g1, g2 = torch.randn_like(lp64), torch.randn_like(ent64)
+    (gx,) = torch.autograd.grad((lp, ent), x, (g1.float(), g2.float()))
+    (gr,) = torch.autograd.grad((lp64, ent64), x64, (g1, g2))
+    assert_matches(gx, gr, dtype=torch.float32, what="poisoned dlogits with entropy")
 
 
 def test_large_vocab(backend, device):
@@ -279,7 +301,10 @@ def test_torch_compile(backend, device):
         o = ro.kl_penalty(x, r, t, beta=0.1, estimator="k3", mask=mask, temperature=0.9,
                           backend=backend)
         lp = ro.token_logprobs(x, t, temperature=0.9, backend=backend)
-        return o.kl.sum() + lp.sum() + o.penalty.sum() + o.entropy.sum()
+        lpk, ent = ro.token_logprobs(x, torch.stack([t, t.flip(-1)], -1), temperature=1.1,
+                                     return_entropy=True, backend=backend)
+        return (o.kl.sum() + lp.sum() + o.penalty.sum() + o.entropy.sum() + (lpk * lpk).sum()
+                - ent.sum())
 
     cstep = torch.compile(step, fullgraph=True,
                           backend="aot_eager" if device == "cpu" else "inductor")
@@ -448,6 +473,14 @@ def test_out_of_range_token_gives_nan_on_gpu(fused_backend, device, monkeypatch)
     assert torch.isnan(x.grad[bad]).all() and torch.isfinite(x.grad[~bad]).all()
     lp = ro.token_logprobs(x.detach(), t, backend=fused_backend)
     assert torch.isnan(lp[bad]).all() and torch.isfinite(lp[~bad]).all()
+    # [..., K]: the bad token's log-prob is NaN, its row's gradient too; the entropy is unaffected
+    tk = torch.stack([t.clamp(0, 36), t], -1)
+    x.grad = None
+    lp, ent = ro.token_logprobs(x, tk, return_entropy=True, backend=fused_backend)
+    assert torch.isnan(lp[..., 1][bad]).all() and torch.isfinite(lp[..., 0]).all()
+    assert torch.isfinite(ent).all()
+    (lp[..., 0].sum() + ent.sum()).backward()
+    assert torch.isnan(x.grad[bad]).all() and torch.isfinite(x.grad[~bad]).all()
 
 
 def test_module(backend, device):
@@ -504,3 +537,209 @@ def test_ppo_rewards_bad_shapes(device):
         ro.ppo_rewards(p, torch.randn(3, device=device), ones)
     with pytest.raises(TypeError, match="penalty"):
         ro.ppo_rewards(p.long(), torch.randn(2, device=device), torch.ones(2, 5, device=device))
+
+
+# ------------------------------------------- token_logprobs: K tokens, entropy with gradient ---
+
+@pytest.mark.parametrize("V, temperature", [(37, 0.7), (70_001, 1.3)])
+def test_token_logprobs_k_tokens_and_entropy(backend, device, V, temperature):
+    """tokens [..., K] with repeated tokens, entropy, both outputs' gradients at once, against
+    the direct formulas in float64; V = 70,001 takes the split-row path."""
+    shape = (2, 3) if V < 1000 else (1, 2)
+    x, _, t = _inputs(shape, V, device, scale=3.0)
+    tk = torch.stack([t, torch.randint(0, V, shape, device=device), t, t], -1)  # repeats
+    if V < 1000:
+        x[0, 0, :4] = 1e4                     # ±1e4 and −inf logits in one row each
+        x[0, 0, 4] = -1e4
+        x[1, 2, ::3] = float("-inf")
+        tk[1, 2, 1] = 3                       # a token whose logit is −inf: log-prob −inf
+    x.requires_grad_(True)
+    lp, ent = ro.token_logprobs(x, tk, temperature=temperature, return_entropy=True,
+                                backend=backend)
+    x64 = x.detach().double().requires_grad_()
+    lp64, ent64 = _direct(x64, tk, temperature)
+    assert lp.shape == tk.shape and ent.shape == shape and lp.dtype == ent.dtype == torch.float32
+    assert_matches(lp, lp64, what="[..., K] logprobs")
+    assert_matches(ent, ent64, what="entropy")
+    assert torch.equal(lp[..., 0], lp[..., 2]) and torch.equal(lp[..., 0], lp[..., 3])
+    g1, g2 = torch.randn_like(lp64), torch.randn_like(ent64)
+    g1[torch.isinf(lp64)] = 0                 # d(−inf)/dx is not defined; its gradient stays 0
+    (gx,) = torch.autograd.grad((lp, ent), x, (g1.float(), g2.float()))
+    (gr,) = torch.autograd.grad((lp64, ent64), x64, (g1, g2))
+    assert torch.isfinite(gx).all()
+    assert_matches(gx, gr, dtype=torch.float32, what="d logits (log-probs and entropy)")
+    # the [...] form is the K = 1 column of the [..., K] form
+    lp1, ent1 = ro.token_logprobs(x.detach(), t, temperature=temperature, return_entropy=True,
+                                  backend=backend)
+    assert lp1.shape == shape
+    assert_matches(lp1, lp64[..., 0], what="[...] logprobs")
+    assert_matches(ent1, ent64, what="[...] entropy")
+
+
+def test_entropy_gradient_alone(backend, device):
+    """Only the entropy used (an entropy bonus): the log-prob gradient is absent, not zero-filled
+    by the caller; and the reverse: log-probs used, entropy asked for but unused."""
+    x, _, t = _inputs((3, 2), 23, device)
+    x.requires_grad_(True)
+    x64 = x.detach().double().requires_grad_()
+    lp64, ent64 = _direct(x64, t, 0.9)
+    _, ent = ro.token_logprobs(x, t, temperature=0.9, return_entropy=True, backend=backend)
+    g = torch.randn_like(ent64)
+    (gx,) = torch.autograd.grad(ent, x, g.float())
+    (gr,) = torch.autograd.grad(ent64, x64, g, retain_graph=True)
+    assert_matches(gx, gr, dtype=torch.float32, what="d entropy")
+    lp, _ = ro.token_logprobs(x, t, temperature=0.9, return_entropy=True, backend=backend)
+    (gx,) = torch.autograd.grad(lp.sum(), x)
+    (gr,) = torch.autograd.grad(lp64.sum(), x64)
+    assert_matches(gx, gr, dtype=torch.float32, what="d logprobs, entropy unused")
+    out = ro.kl_penalty(x, x.detach() * 0.5, t, beta=0.1, temperature=0.9, backend=backend)
+    (gx,) = torch.autograd.grad(out.entropy, x, g.float())
+    (gr,) = torch.autograd.grad(_direct(x64, t, 0.9)[1], x64, g)
+    assert_matches(gx, gr, dtype=torch.float32, what="kl_penalty d entropy")
+
+
+def test_token_logprobs_no_tokens_per_position(backend, device):
+    """tokens [..., 0]: no log-prob, the entropy still there and differentiable."""
+    x = torch.randn(2, 3, 11, device=device, requires_grad=True)
+    t = torch.zeros(2, 3, 0, dtype=torch.int64, device=device)
+    lp, ent = ro.token_logprobs(x, t, return_entropy=True, backend=backend)
+    assert lp.shape == (2, 3, 0) and ent.shape == (2, 3)
+    (gx,) = torch.autograd.grad(ent.sum() + lp.sum(), x)
+    x64 = x.detach().double().requires_grad_()
+    (gr,) = torch.autograd.grad(_direct(x64, t, 1.0)[1].sum(), x64)
+    assert_matches(gx, gr, dtype=torch.float32, what="entropy gradient, K = 0")
+
+
+def test_token_logprobs_new_argument_errors(backend, device):
+    x, r, t = _inputs((2, 3), 11, device)
+    with pytest.raises(TypeError, match="return_entropy must be a bool"):
+        ro.token_logprobs(x, t, return_entropy=1, backend=backend)
+    with pytest.raises(ValueError, match=r"tokens must have shape .*\(2, 3, 'K'\)"):
+        ro.token_logprobs(x, torch.zeros(2, 4, 2, dtype=torch.int64, device=device), backend=backend)
+    with pytest.raises(ValueError, match="tokens"):
+        ro.token_logprobs(x, torch.zeros(2, 3, 2, 1, dtype=torch.int64, device=device), backend=backend)
+    with pytest.raises(ValueError, match=r"tokens must have shape logits.shape\[:-1\]"):
+        ro.kl_penalty(x, r, torch.stack([t, t], -1), beta=0.1, backend=backend)
+    if device == "cpu":   # value checks run eagerly for CPU tensors
+        bad = torch.stack([t, t], -1)
+        bad[1, 1, 1] = 11
+        with pytest.raises(ValueError, match="tokens holds 11"):
+            ro.token_logprobs(x, bad, backend=backend)
+
+
+# ------------------------------------------------------------------------ kl_from_logprobs ---
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_kl_from_logprobs_matches_kl_penalty(device, estimator):
+    """Same fields as kl_penalty computes from the logits (entropy None), gradient to logprobs
+    only, masks of every kind."""
+    x, r, t = _inputs((2, 5), 29, device)
+    mask = (torch.rand(2, 5, device=device) > 0.3).long()
+    x64 = x.double().requires_grad_()
+    kp = reference.kl_penalty(x64, r.double(), t, 0.07, estimator, mask, 0.8)
+    lp = kp.logprobs.detach().float().requires_grad_()
+    ref = kp.ref_logprobs.float().requires_grad_()       # gets no gradient
+    out = ro.kl_from_logprobs(lp, ref, beta=0.07, estimator=estimator, mask=mask)
+    assert isinstance(out, ro.KLPenalty) and out.entropy is None
+    for name in ("logprobs", "ref_logprobs", "log_ratio", "kl", "penalty"):
+        o = getattr(out, name)
+        assert o.shape == (2, 5) and o.dtype == torch.float32, name
+        want = getattr(kp, name)
+        e = reference.kl_from_logprobs(lp.detach(), ref.detach(), 0.07, estimator, mask)
+        assert_matches(o, want, getattr(e, name), tol=1e-6, what=name)
+    assert not out.ref_logprobs.requires_grad and not out.penalty.requires_grad
+    assert out.kl.requires_grad and out.log_ratio.requires_grad
+    g1, g2 = torch.randn(2, 5, dtype=torch.float64, device=device), torch.randn(2, 5, dtype=torch.float64, device=device)
+    glp, = torch.autograd.grad((out.kl, out.log_ratio), lp, (g1.float(), g2.float()))
+    lp64 = kp.logprobs.detach().requires_grad_()
+    d = lp64 - kp.ref_logprobs
+    kl64 = {"k1": d, "k2": 0.5 * d * d, "k3": torch.exp(-d) - 1 + d}[estimator]
+    gr, = torch.autograd.grad((kl64, d), lp64, (g1, g2))
+    assert_matches(glp, gr, dtype=torch.float32, what="d logprobs")
+    ro.kl_from_logprobs(lp, ref, beta=0.07, estimator=estimator).kl.sum().backward()
+    assert ref.grad is None and lp.grad is not None
+    # bool and float masks, and no mask
+    for m in (mask.bool(), mask.float() * 0.5, None):
+        o = ro.kl_from_logprobs(lp, ref, beta=0.07, estimator=estimator, mask=m)
+        mm = torch.ones(2, 5, device=device) if m is None else m.float()
+        torch.testing.assert_close(o.penalty, -0.07 * o.kl.detach() * mm)
+
+
+def test_kl_from_logprobs_k3_small_ratio_numerics(device):
+    """|d| ≪ 1 in fp32: the k3 series keeps full precision where e^{−d} − 1 + d cancels."""
+    d = torch.tensor([1e-6, -3e-5, 1e-4, -2e-3, 0.3, -0.49, 0.51, -4.0], device=device)
+    ref = torch.full_like(d, -7.25)
+    lp = (ref.double() + d.double()).float()
+    dd = (lp.double() - ref.double())               # the exact difference of the fp32 inputs
+    exact = dd * dd * 0.5 - dd ** 3 / 6 + dd ** 4 / 24 - dd ** 5 / 120 + dd ** 6 / 720
+    exact = torch.where(dd.abs() < 0.1, exact, torch.expm1(-dd) + dd)
+    lpg = lp.clone().requires_grad_()
+    out = ro.kl_from_logprobs(lpg, ref, beta=1.0, estimator="k3")
+    rel = ((out.kl.double() - exact).abs() / exact).max().item()
+    assert rel < 1e-6, rel
+    naive = torch.expm1(-(lp - ref)) + (lp - ref)   # the closed form in fp32: far off
+    assert ((naive.double() - exact).abs() / exact).max().item() > 1e-5  # the bar can fail
+    (g,) = torch.autograd.grad(out.kl.sum(), lpg)
+    assert_matches(g, -torch.expm1(-dd), tol=1e-6, what="d k3 / d logprobs")
+    # fp64 inputs stay fp64
+    out64 = ro.kl_from_logprobs(lp.double(), ref.double(), beta=1.0, estimator="k3")
+    assert out64.kl.dtype == torch.float64
+    assert_matches(out64.kl, exact, tol=1e-9, what="fp64 k3")
+
+
+def test_kl_from_logprobs_low_precision_compile_meta_empty(device):
+    lp = (torch.randn(3, 4, device=device) - 3).half().requires_grad_()
+    ref = (torch.randn(3, 4, device=device) - 3).half()
+    out = ro.kl_from_logprobs(lp, ref, beta=0.1, estimator="k3")
+    assert out.kl.dtype == torch.float32
+    d = lp.detach().double() - ref.double()
+    assert_matches(out.kl, torch.expm1(-d) + d, tol=1e-6, what="fp16 inputs, fp32 math")
+    out.kl.sum().backward()
+    assert lp.grad.dtype == torch.float16
+
+    def step(lp, ref, mask):
+        o = ro.kl_from_logprobs(lp, ref, beta=0.2, estimator="k3", mask=mask)
+        return o.kl.sum() + o.penalty.sum()
+
+    import torch._dynamo as dynamo
+    dynamo.reset()
+    a = torch.randn(2, 7, device=device, requires_grad=True)
+    b = torch.randn(2, 7, device=device)
+    m = torch.rand(2, 7, device=device) > 0.5
+    c = torch.compile(step, fullgraph=True, backend="aot_eager")(a, b, m)
+    (gc_,) = torch.autograd.grad(c, a)
+    e = step(a, b, m)
+    (ge,) = torch.autograd.grad(e, a)
+    torch.testing.assert_close(c, e)
+    torch.testing.assert_close(gc_, ge)
+    meta = torch.empty(4096, 1024, device="meta", requires_grad=True)
+    o = ro.kl_from_logprobs(meta, torch.empty(4096, 1024, device="meta"), beta=0.1, estimator="k2")
+    assert o.kl.shape == (4096, 1024) and o.kl.device.type == "meta"
+    empty = ro.kl_from_logprobs(torch.zeros(0, 5, device=device), torch.zeros(0, 5, device=device),
+                                beta=0.1)
+    assert empty.kl.shape == (0, 5)
+
+
+def test_kl_from_logprobs_errors(device):
+    lp, ref = torch.randn(2, 3, device=device), torch.randn(2, 3, device=device)
+    f = ro.kl_from_logprobs
+    with pytest.raises(TypeError, match="logprobs"):
+        f(lp.long(), ref, beta=0.1)
+    with pytest.raises(TypeError, match="ref_logprobs"):
+        f(lp, ref.long(), beta=0.1)
+    with pytest.raises(ValueError, match="ref_logprobs must have shape"):
+        f(lp, ref[:, :2], beta=0.1)
+    with pytest.raises(ValueError, match="ref_logprobs"):
+        f(lp, ref.to("meta"), beta=0.1)
+    with pytest.raises(ValueError, match="estimator"):
+        f(lp, ref, beta=0.1, estimator="k4")
+    with pytest.raises(TypeError, match="beta"):
+        f(lp, ref, beta=None)
+    with pytest.raises(ValueError, match="beta must be finite"):
+        f(lp, ref, beta=float("nan"))
+    with pytest.raises(ValueError, match="mask"):
+        f(lp, ref, beta=0.1, mask=torch.ones(3, 2, dtype=torch.bool, device=device))
+    with pytest.raises(TypeError, match="mask"):
+        f(lp, ref, beta=0.1, mask=torch.ones(2, 3, dtype=torch.complex64, device=device))
+    with pytest.raises(TypeError, match="positional"):
+        f(lp, ref, 0.1)                          # beta is keyword-only
