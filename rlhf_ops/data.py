@@ -7,6 +7,19 @@ Tasks (prompt → response, each response ends with EOS "\\n"):
 A programmatic judge plays the human labeler: judge(task, response) = 1 − edit_distance / max_len,
 in [0, 1], 1 only for the exact answer.
 
+What RLHF has to learn here — labelers who judge better than they write. People who write these
+answers (the pretraining corpus and the labelers' SFT demonstrations alike) have a habit: a
+fraction ``filler`` of written answers end with a filler full stop, "dbac." instead of "dbac".
+The same labelers, ranking responses, score that filler as what it is, one wrong character
+(the judge: 0.8 for a 4-letter answer, 0.67 for a 2-letter one). So:
+    * SFT imitates the demonstrations and learns the habit: at filler > 0.5 its greedy answer
+      carries the filler (judge ≈ 0.75 even when every letter is right);
+    * the reward model learns from rankings of SFT samples only, and a sample without the filler
+      outranks the same answer with it — the one thing rankings know that demonstrations do not;
+    * PPO, rewarded by the RM only (plus the KL to SFT), can drop the habit that SFT cannot.
+The judge, the tasks and the stage objectives are unchanged; ``filler = 0`` is the old toy, in
+which demonstrations are perfect and PPO has nothing to gain over SFT.
+
 Every generator is a pure function of (seed, a stream name, an index), so a training run can be
 resumed at any step and two processes agree on the global batch. Held-out prompts are split off
 by a hash of the prompt, so no training stream ever contains an evaluation prompt.
@@ -24,7 +37,8 @@ import torch
 
 PAD, EOS = 0, 1
 LETTERS = "abcdefgh"
-CHARS = "\n >+RSA" + LETTERS + "0123456789"
+FILLER = "."                              # the writers' habit (see the module docstring)
+CHARS = "\n >+RSA" + LETTERS + "0123456789" + FILLER
 VOCAB = ["<pad>"] + list(CHARS)          # id 1 is "\n" = EOS
 STOI = {c: i for i, c in enumerate(VOCAB) if i > 0}
 VOCAB_SIZE = len(VOCAB)
@@ -50,7 +64,7 @@ def decode(ids, stop_at_eos: bool = True) -> str:
 @dataclass(frozen=True)
 class Task:
     prompt: str      # ends with ">"
-    answer: str      # without EOS
+    answer: str      # the response, without EOS (a demonstration's: as the labeler wrote it)
 
     @property
     def text(self) -> str:
@@ -65,6 +79,7 @@ class DataConfig:
     tasks: str = "RSA"       # which task families are drawn
     noise: float = 0.5       # pretraining corpus: fraction of documents with a noisy answer
     heldout_mod: int = 10    # a prompt is held out when crc32(prompt) % heldout_mod == 0
+    filler: float = 0.0      # fraction of human-written answers (corpus, demos) ending in FILLER
 
 
 def _rng(seed: int, stream: str, index: int) -> random.Random:
@@ -117,6 +132,19 @@ def judge(prompt: str, response: str) -> float:
     return 1.0 - edit_distance(response, ans) / max(len(response), len(ans), 1)
 
 
+def written(rng: random.Random, answer: str, cfg: DataConfig) -> str:
+    """An answer as a person writes it: with probability ``cfg.filler`` the filler habit is appended.
+
+    One draw from ``rng`` whatever ``cfg.filler`` is, so the streams keep their shape."""
+    return answer + FILLER if rng.random() < cfg.filler else answer
+
+
+def demonstration(rng: random.Random, cfg: DataConfig) -> Task:
+    """A labeler's demonstration for a training-split task: the right answer, as written."""
+    t = draw_task(rng, cfg)
+    return Task(t.prompt, written(rng, t.answer, cfg))
+
+
 def _noisy(rng: random.Random, answer: str) -> str:
     """A plausible wrong answer: substituted, dropped or duplicated characters."""
     pool = LETTERS if answer.isalpha() else "0123456789"
@@ -138,7 +166,8 @@ def _noisy(rng: random.Random, answer: str) -> str:
 
 def pretrain_batch(seed: int, index: int, batch: int, block: int, cfg: DataConfig,
                    stream: str = "pretrain") -> tuple[torch.Tensor, torch.Tensor]:
-    """Context windows of a corpus of task documents, ``noise`` of them with a wrong answer.
+    """Context windows of a corpus of task documents, ``noise`` of them with a wrong answer and
+    ``filler`` of them with the writers' filler habit.
 
     Returns x, y [batch, block] int64 with y the next token of x (L1 over the whole window).
     """
@@ -149,7 +178,7 @@ def pretrain_batch(seed: int, index: int, batch: int, block: int, cfg: DataConfi
         while len(ids) < block + 1 + 16:
             t = draw_task(rng, cfg)
             ans = _noisy(rng, t.answer) if rng.random() < cfg.noise else t.answer
-            ids += encode(t.prompt + ans + "\n")
+            ids += encode(t.prompt + written(rng, ans, cfg) + "\n")
         off = rng.randrange(16)
         rows.append(ids[off:off + block + 1])
     data = torch.tensor(rows, dtype=torch.long)
@@ -181,11 +210,13 @@ def demo_set(seed: int, n: int, cfg: DataConfig) -> list[Task]:
     if len(tasks) < n:
         raise ValueError(f"sft.n_demos={n}: the task family has only about {len(tasks)} distinct "
                          f"training prompts")
-    return tasks
+    rng = _rng(seed, "sft_demos_written", 0)
+    return [Task(t.prompt, written(rng, t.answer, cfg)) for t in tasks]
 
 
 def sft_batch(seed: int, index: int, batch: int, cfg: DataConfig, n_demos: int = 0) -> dict:
-    """Demonstrations prompt → correct response + EOS, right-padded.
+    """Demonstrations prompt → the labeler's response (the right answer, with the filler habit
+    at rate ``cfg.filler``) + EOS, right-padded.
 
     n_demos = 0: a fresh draw of tasks per batch (an unlimited stream). n_demos > 0: epochs over the
     fixed ``demo_set`` of that size, reshuffled each epoch (as InstructGPT's SFT on 13k prompts).
@@ -194,7 +225,7 @@ def sft_batch(seed: int, index: int, batch: int, cfg: DataConfig, n_demos: int =
     """
     if n_demos <= 0:
         rng = _rng(seed, "sft", index)
-        return demo_tensors([draw_task(rng, cfg) for _ in range(batch)])
+        return demo_tensors([demonstration(rng, cfg) for _ in range(batch)])
     pool = _demo_pool(seed, n_demos, cfg)
     tasks = []
     for i in range(index * batch, (index + 1) * batch):     # row i of the stream: epoch i // n
@@ -214,7 +245,7 @@ def _epoch_order(seed: int, epoch: int, n: int) -> list[int]:
 
 
 def _demo_pool(seed: int, n: int, cfg: DataConfig) -> list[Task]:
-    key = (seed, n, cfg.min_len, cfg.max_len, cfg.max_digits, cfg.tasks, cfg.heldout_mod)
+    key = (seed, n, cfg.min_len, cfg.max_len, cfg.max_digits, cfg.tasks, cfg.heldout_mod, cfg.filler)
     if key not in _POOLS:
         _POOLS[key] = demo_set(seed, n, cfg)
     return _POOLS[key]

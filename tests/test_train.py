@@ -18,6 +18,11 @@ import rlhf_ops as ro
 from rlhf_ops import data as D
 from rlhf_ops.model import GPT, GPTConfig, ScalarHeadGPT, frozen_copy
 from rlhf_ops.train import Run, SimulatedCrash, main, make_config
+from rlhf_ops.train.__main__ import resolve_device
+from rlhf_ops.train.common import CheckpointError, load_checkpoint, save_checkpoint
+from rlhf_ops.train.config import ConfigError
+from rlhf_ops.train.report import numbers
+from rlhf_ops.train.summarize import table
 from rlhf_ops.train import ppo as P
 from rlhf_ops.train.common import paired_difference
 from rlhf_ops.train.pretrain import lm_loss
@@ -62,11 +67,13 @@ def test_config_presets_and_overrides():
     assert (d["ppo.beta"], d["ppo.ptx_coef"], d["ppo.ptx_per_episode"], d["ppo.clip"]) == (0.02, 27.8, 8.0, 0.2)
     assert (d["ppo.gamma"], d["ppo.lam"], d["ppo.epochs"], d["ppo.temperature"]) == (1.0, 0.95, 1, 1.0)
     assert make_config("gpu")["model.d_model"] > make_config("cpu-demo")["model.d_model"]
-    with pytest.raises(ValueError, match="unknown key 'ppo.betta'"):
+    with pytest.raises(ConfigError, match="unknown key 'ppo.betta' \\(did you mean 'ppo.beta'\\?\\)"):
         make_config("cpu-demo", ["ppo.betta=1"])
-    with pytest.raises(ValueError, match="sft.steps: expected int"):
+    with pytest.raises(ConfigError, match="sft.steps: expected int"):
         make_config("cpu-demo", ["sft.steps=abc"])
-    with pytest.raises(ValueError, match="--preset"):
+    with pytest.raises(ConfigError, match="ppo.beta: expected KEY=VALUE"):
+        make_config("cpu-demo", ["ppo.beta"])
+    with pytest.raises(ConfigError, match="--preset"):
         make_config("laptop")
 
 
@@ -262,10 +269,13 @@ def test_ptx_adds_gamma_times_grad_of_l1(tmp_path):
 
 # ------------------------------------------------------------------ CLI, resume, DDP ---
 
+TINY_ARGS = ["--preset", "tiny", "--backend", "reference"]
+
+
 @pytest.fixture(scope="module")
 def tiny_all(tmp_path_factory):
     out = tmp_path_factory.mktemp("all")
-    summary = main(["all", "--out", str(out), "--preset", "tiny", "--backend", "reference"])
+    summary = main(["all", "--out", str(out)] + TINY_ARGS)
     return out, summary
 
 
@@ -273,24 +283,54 @@ def test_cli_all_end_to_end(tiny_all):
     out, summary = tiny_all
     s = json.loads((out / "summary.json").read_text())
     for k in ("pretrain.final_loss", "pretrain.judge_score", "sft.final_loss", "sft.judge_score",
-              "rm.heldout_pair_accuracy", "ppo.judge_score", "ppo.rm_score_start", "ppo.rm_score_end",
-              "ppo.kl_mean", "wall_seconds"):
+              "sft.pretrain_loss", "sft.filler_rate", "rm.heldout_pair_accuracy", "ppo.judge_score",
+              "ppo.rm_score_start", "ppo.rm_score_end", "ppo.kl_mean", "ppo.pretrain_loss",
+              "ppo_ptx.judge_score", "ppo_ptx.pretrain_loss", "ppo_ptx.kl_mean", "wall_seconds"):
         assert isinstance(s[k], float) and s[k] == s[k], k     # present and not NaN
-    assert s["config"]["model.d_model"] == 16 and s == json.loads(json.dumps(summary))
+    assert s == json.loads(json.dumps(summary))
+    assert s["ppo.ptx_coef"] == 0.0 and s["ppo_ptx.ptx_coef"] == 27.8   # the second policy is PPO-ptx
     assert abs(s["rm.demo_mean_after_bias"]) < 1e-5            # RM bias: SFT demos score 0
     # the paired PPO − SFT difference is over the same prompts as the two stages' judge scores
-    assert s["ppo.judge_minus_sft"] == pytest.approx(s["ppo.judge_score"] - s["sft.judge_score"], abs=1e-9)
-    assert s["ppo.judge_minus_sft_se"] >= 0
-    assert s["ppo.prompts_better_than_sft"] + s["ppo.prompts_worse_than_sft"] <= s["config"]["eval.n_prompts"]
+    for p in ("ppo", "ppo_ptx"):
+        assert s[f"{p}.judge_minus_sft"] == pytest.approx(s[f"{p}.judge_score"] - s["sft.judge_score"], abs=1e-9)
+        assert s[f"{p}.judge_minus_sft_se"] >= 0
+    assert s["ppo.sft_pretrain_loss"] == s["sft.pretrain_loss"]
+    # per-stage records: config, args and seconds of the command that ran each stage
+    assert set(s["stages"]) == {"pretrain", "sft", "rm", "ppo"}
+    for rec in s["stages"].values():
+        assert rec["config"]["model.d_model"] == 16 and rec["args"]["preset"] == "tiny"
+        assert rec["seconds"] > 0 and rec["cpu_seconds"] > 0
+    assert s["wall_seconds"] == pytest.approx(sum(r["seconds"] for r in s["stages"].values()))
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    assert {r["stage"] for r in rows} == {"pretrain", "sft", "rm", "ppo"}
+    assert {r["stage"] for r in rows} == {"pretrain", "sft", "rm", "ppo", "ppo_ptx"}
     assert any("kl" in r for r in rows) and any("heldout_pair_accuracy" in r for r in rows)
+    assert any(r.get("ptx_loss", 0) > 0 for r in rows if r["stage"] == "ppo_ptx")
     report = (out / "report.md").read_text()
-    for png in ("loss_pretrain.png", "loss_sft.png", "rm_accuracy.png", "ppo_reward.png", "ppo_kl.png",
-                "ppo_judge.png"):
+    for png in ("judge_by_stage.png", "loss_pretrain.png", "loss_sft.png", "rm_accuracy.png",
+                "ppo_rollout_reward.png", "ppo_kl.png", "ppo_judge.png"):
         assert png in report and (out / png).stat().st_size > 1000
-    for stage in ("pretrain", "sft", "rm", "ppo"):
-        assert (out / "ckpt" / f"{stage}_final.pt").exists()
+    assert "Pretraining loss" in report and "PPO-ptx" in report
+    # every checkpoint, and the RM comparisons, load with weights_only=True; no resume file is left
+    assert sorted(p.name for p in (out / "ckpt").glob("*.pt")) == [f"{s}_final.pt" for s in
+                                                                   ("ppo", "pretrain", "rm", "sft")]
+    for p in list((out / "ckpt").glob("*.pt")) + [out / "rm_comparisons.pt"]:
+        torch.load(p, weights_only=True)
+
+
+def test_summarize_prints_the_results_table(tiny_all, capsys):
+    out, s = tiny_all
+    t = table([str(out), str(out / "summary.json")])
+    lines = t.splitlines()
+    assert lines[0] == "| | seed 0 | seed 0 | goal |" and set(lines[1]) == set("|-")
+    assert all(ln.count("|") == 5 for ln in lines)
+    row = {ln.split(" | ")[0][2:]: ln for ln in lines[2:]}
+    assert f"{s['sft.judge_score']:.4f} ± {s['sft.judge_score_se']:.4f}" in row["sft.judge_score"]
+    assert row["rm.heldout_pair_accuracy"].endswith("≥ 0.8 ✓ |" if s["rm.heldout_pair_accuracy"] >= 0.8
+                                                    else "≥ 0.8 ✗ (seed 0, seed 0) |")
+    assert "ppo_ptx − SFT, paired" in row
+    from rlhf_ops.train import summarize
+    summarize.main([str(out)])
+    assert capsys.readouterr().out.startswith("| | seed 0 | goal |")
 
 
 def test_paired_difference():
@@ -302,8 +342,85 @@ def test_paired_difference():
         paired_difference([1.0], [1.0, 0.0])
 
 
+def test_resolve_device():
+    """--device → what torch.cuda.set_device accepts (it refuses torch.device("cuda"): no index)."""
+    assert resolve_device("auto", cuda_available=False) == "cpu"
+    assert resolve_device("auto", cuda_available=True) == "cuda:0"
+    assert resolve_device("cuda", cuda_available=True, local_rank=3) == "cuda:3"    # torchrun rank
+    assert resolve_device("cuda:1", cuda_available=True, local_rank=3) == "cuda:1"
+    assert resolve_device("cpu", cuda_available=True) == "cpu"
+    for arg in ("cuda", "cuda:0", "auto"):
+        d = resolve_device(arg, cuda_available=True)
+        assert torch.device(d).index is not None          # what set_device needs
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        resolve_device("cuda", cuda_available=False)
+    for bad in ("gpu", "mps", "cuda:x"):
+        with pytest.raises(ConfigError, match="--device"):
+            resolve_device(bad, cuda_available=True)
+
+
+def _cli_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("python -m rlhf_ops.train: error: "), err
+    return err
+
+
+def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    base = ["pretrain", "--out", str(out)] + TINY_ARGS
+    assert "unknown key 'ppo.betta'" in _cli_error(capsys, base + ["--set", "ppo.betta=1"])
+    assert "expected int" in _cli_error(capsys, base + ["--set", "sft.steps=abc"])
+    assert "expected KEY=VALUE" in _cli_error(capsys, base + ["--set", "ppo.beta"])
+    assert "unknown preset 'laptop'" in _cli_error(capsys, ["pretrain", "--out", str(out), "--preset", "laptop"])
+    assert "--device" in _cli_error(capsys, base + ["--device", "gpu"])
+    for stage, need in (("sft", "pretrain"), ("rm", "sft"), ("ppo", "sft")):
+        msg = _cli_error(capsys, [stage, "--out", str(out)] + TINY_ARGS)
+        assert f"needs the {need} stage's checkpoint" in msg and f"{need}_final.pt" in msg
+    # backends that cannot run here fail before any work, in one line
+    if not torch.cuda.is_available():
+        assert "--backend cuda on cpu" in _cli_error(capsys, ["pretrain", "--out", str(out), "--preset", "tiny",
+                                                             "--backend", "cuda"])
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        assert "TRITON_INTERPRET=1" in _cli_error(capsys, ["pretrain", "--out", str(out), "--preset", "tiny",
+                                                          "--backend", "triton"])
+    assert not out.exists()                                 # nothing was created by any of them
+
+
+def test_failed_stage_leaves_no_empty_folders(tmp_path):
+    out = tmp_path / "a" / "run"
+    with pytest.raises(SimulatedCrash):
+        main(["pretrain", "--out", str(out)] + TINY_ARGS + ["--set", "run.crash_at_step=0"])
+    assert not (tmp_path / "a").exists()
+
+
+def test_resume_on_a_finished_run_says_so(tiny_all, capsys):
+    out, summary = tiny_all
+    s = main(["all", "--out", str(out), "--resume"] + TINY_ARGS)
+    printed = capsys.readouterr().out
+    for stage in ("pretrain", "sft", "rm", "ppo"):
+        assert f"{stage}: already finished in {out}" in printed
+    assert "nothing to resume: every stage has finished" in printed
+    assert numbers(s) == numbers(summary) and s["stages"] == summary["stages"]
+
+
+def test_rerunning_one_stage_replaces_only_its_record(tiny_all, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_all[0], out)
+    before = json.loads((out / "summary.json").read_text())
+    s = main(["sft", "--out", str(out)] + TINY_ARGS + ["--set", "sft.steps=2", "--seed", "0"])
+    assert s["stages"]["sft"]["config"]["sft.steps"] == 2
+    for stage in ("pretrain", "rm", "ppo"):                  # the others keep their own records
+        assert s["stages"][stage] == before["stages"][stage]
+        assert s["stages"][stage]["config"]["sft.steps"] == 4
+    assert s["wall_seconds"] == pytest.approx(sum(r["seconds"] for r in s["stages"].values()))
+    assert "| sft | reference | cpu | tiny | 0 |" in (out / "report.md").read_text()
+
+
 def _params(path, name):
-    return torch.load(path, weights_only=False)["models"][name]
+    return torch.load(path, weights_only=True)["models"][name]
 
 
 def _stage_lines(out, stage):
@@ -317,11 +434,12 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_all, tmp_path, sta
     (out / "ckpt").mkdir(parents=True)
     if stage == "ppo":                               # start from the same pretrain/SFT/RM checkpoints
         for s in ("pretrain", "sft", "rm"):
-            shutil.copy(ref_out / "ckpt" / f"{s}_final.pt", out / "ckpt")
+            for f in (ref_out / "ckpt").glob(f"{s}_final.pt*"):
+                shutil.copy(f, out / "ckpt")
         steps = make_config("tiny")["ppo.steps"]
     else:
         steps = make_config("tiny")["pretrain.steps"]
-    args = [stage, "--out", str(out), "--preset", "tiny", "--backend", "reference"]
+    args = [stage, "--out", str(out)] + TINY_ARGS
     # ckpt_every=2: the crash at step 3 loses step 2's work, which the resumed run redoes
     with pytest.raises(SimulatedCrash):
         main(args + ["--set", f"run.crash_at_step={steps - 1}", f"{stage}.steps={steps}"])
@@ -331,6 +449,87 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_all, tmp_path, sta
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
     assert _stage_lines(out, stage) == _stage_lines(ref_out, stage)     # metrics: nothing lost or doubled
+
+
+def test_corrupt_checkpoint_is_refused_with_a_clear_message(tiny_all, tmp_path, capsys):
+    src = tiny_all[0]
+    good = load_checkpoint(src / "ckpt" / "sft_final.pt")
+    for damage in ("flip", "truncate", "no-sidecar"):
+        out = tmp_path / damage
+        (out / "ckpt").mkdir(parents=True)
+        for f in (src / "ckpt").glob("*_final.pt*"):
+            shutil.copy(f, out / "ckpt")
+        p = out / "ckpt" / "sft_final.pt"
+        data = bytearray(p.read_bytes())
+        if damage == "flip":
+            data[len(data) // 2] ^= 0x01
+            p.write_bytes(bytes(data))
+        elif damage == "truncate":
+            p.write_bytes(bytes(data[:len(data) // 3]))
+        else:
+            (out / "ckpt" / "sft_final.pt.sha256").unlink()
+        with pytest.raises(CheckpointError, match="sft_final.pt is truncated or corrupt.*not loaded"):
+            load_checkpoint(p)
+        with pytest.raises(SystemExit) as e:                # the CLI: one line, no traceback
+            main(["rm", "--out", str(out)] + TINY_ARGS)
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and len(err.strip().splitlines()) == 1 and "sft_final.pt" in err
+    # killed between the data's rename and the digest's: the new digest waits in .sha256.tmp
+    p = tmp_path / "x.pt"
+    save_checkpoint(p, {"a": torch.ones(3)})
+    side = p.with_name("x.pt.sha256")
+    old = side.read_text()
+    save_checkpoint(p, good)
+    os.replace(side, p.with_name("x.pt.sha256.tmp"))
+    side.write_text(old)
+    assert load_checkpoint(p)["result"] == good["result"] and not p.with_name("x.pt.sha256.tmp").exists()
+
+
+KILL_SCRIPT_TIMEOUT = 120
+
+
+def test_kill_9_at_random_moments_then_resume_is_bit_identical(tiny_all, tmp_path):
+    """kill -9 of `all` at random moments (one of them halfway through a checkpoint write), each
+    followed by --resume; the final summary numbers and weights equal the uninterrupted run's."""
+    import random
+    import signal
+    import time
+    ref_out, ref = tiny_all
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "rlhf_ops.train", "all", "--out", str(out)] + TINY_ARGS
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    rng = random.Random(17)
+    kills = 0
+    # 1: die halfway through writing the 3rd checkpoint (pretrain's resume file at step 2... )
+    p = subprocess.run(cmd + ["--set", "run.die_in_save=3"], env=env, capture_output=True, text=True,
+                       timeout=KILL_SCRIPT_TIMEOUT)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    kills += 1
+    assert list((out / "ckpt").glob("*.tmp"))                # a torn temporary file was left behind
+    # 2-4: SIGKILL a random moment after a stage has started
+    for _ in range(3):
+        proc = subprocess.Popen(cmd + ["--resume"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                text=True)
+        started = False
+        for line in proc.stdout:
+            if line.startswith("[rlhf_ops.train] stage"):
+                started = True
+                break
+        if started:
+            time.sleep(rng.uniform(0.0, 1.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=KILL_SCRIPT_TIMEOUT)
+        kills += proc.returncode == -signal.SIGKILL
+    p = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=KILL_SCRIPT_TIMEOUT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert kills >= 2
+    assert numbers(s) == numbers(ref)                      # every number, bit for bit (floats ==)
+    for stage, name in (("pretrain", "lm"), ("sft", "lm"), ("rm", "rm"), ("ppo", "lm"), ("ppo", "lm_ppo_ptx")):
+        a, b = _params(out / "ckpt" / f"{stage}_final.pt", name), _params(ref_out / "ckpt" / f"{stage}_final.pt", name)
+        assert all(torch.equal(a[k], b[k]) for k in a), (stage, name)
+    for stage in ("pretrain", "sft", "rm", "ppo", "ppo_ptx"):
+        assert _stage_lines(out, stage) == _stage_lines(ref_out, stage), stage
 
 
 def _free_port():

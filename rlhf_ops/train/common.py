@@ -2,11 +2,15 @@
 metrics, checkpoints), a supervised training loop, and the judge evaluation."""
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
 import os
 import random
+import signal
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -24,6 +28,126 @@ class SimulatedCrash(RuntimeError):
     """Raised at ``run.crash_at_step`` to test --resume."""
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint (or the RM comparison file) is truncated or corrupt: it is never loaded."""
+
+
+# ------------------------------------------------------------------------- files on disk ---
+# A kill -9 may strike at any instruction. Every file the loop reads back is therefore written
+# to a temporary name, flushed to disk (fsync) and renamed over the old one (rename is atomic):
+# a reader sees the old file or the new one, never half of one. Checkpoints carry a sha256
+# sidecar ("<name>.sha256") so that a file damaged in any other way is refused, not loaded.
+
+def _fsync_dir(path: Path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:                                  # e.g. a platform without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, *, die_halfway: bool = False):
+    """path ← data via path.tmp + fsync + rename. ``die_halfway``: testing only, SIGKILL this
+    process after half the bytes of the temporary file are on disk."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        if die_halfway:
+            f.write(data[:len(data) // 2])
+            f.flush()
+            os.fsync(f.fileno())
+            os.kill(os.getpid(), signal.SIGKILL)
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def save_checkpoint(path: Path, payload: dict, *, die_halfway: bool = False):
+    """torch.save(payload) with a sha256 sidecar, both written atomically.
+
+    Order: data to ``X.tmp``, digest to ``X.sha256.tmp``, rename the data, rename the digest. A
+    kill between the two renames leaves the new data with the old digest and the new digest in
+    ``X.sha256.tmp``: ``load_checkpoint`` finishes that commit instead of calling it corrupt."""
+    path = Path(path)
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    data = buf.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    side = path.with_name(path.name + ".sha256")
+    side_tmp = side.with_name(side.name + ".tmp")
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        if die_halfway:
+            f.write(data[:len(data) // 2])
+            f.flush()
+            os.fsync(f.fileno())
+            os.kill(os.getpid(), signal.SIGKILL)
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    with open(side_tmp, "w") as f:
+        f.write(f"{digest}  {path.name}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    os.replace(side_tmp, side)
+    _fsync_dir(path.parent)
+
+
+def _digest_in(p: Path) -> str | None:
+    try:
+        return p.read_text().split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def load_checkpoint(path: Path, map_location=None):
+    """The payload of a checkpoint written by ``save_checkpoint`` (None if there is none), loaded
+    with ``torch.load(weights_only=True)`` after its sha256 matches its sidecar."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    side = path.with_name(path.name + ".sha256")
+    if _digest_in(side) != digest:
+        pending = side.with_name(side.name + ".tmp")
+        if _digest_in(pending) == digest:           # killed between the two renames of a save
+            os.replace(pending, side)
+        else:
+            want = _digest_in(side)
+            raise CheckpointError(
+                f"checkpoint {path} is truncated or corrupt: its sha256 {digest[:16]}… does not match "
+                + (f"{side.name} ({want[:16]}…)" if want else f"a sidecar ({side.name} is missing)")
+                + "; it was not loaded. Delete it and its .sha256 to redo that part of the run.")
+    try:
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a digest-valid file that still does not load
+        raise CheckpointError(f"checkpoint {path} does not load with torch.load(weights_only=True): "
+                              f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+
+
+def write_text_atomic(path: Path, text: str):
+    write_atomic(Path(path), text.encode())
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines file; a line cut short by a kill (the last one) is skipped."""
+    out = []
+    if Path(path).exists():
+        for ln in Path(path).read_text().splitlines():
+            try:
+                out.append(json.loads(ln))
+            except ValueError:
+                continue
+    return out
+
+
 class Run:
     """One invocation: config, output folder, device, backend and the process group (if any)."""
 
@@ -34,9 +158,33 @@ class Run:
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.data_cfg = D.DataConfig(**section(cfg, "data"))
+        self.stage_info: dict = {}          # config, args of the command running a stage
+        self._saves = 0
         if self.is_main:
             (self.out / "ckpt").mkdir(parents=True, exist_ok=True)
         self.barrier()
+
+    def start_stage(self, stage: str, info: dict | None = None):
+        """Called before a stage runs: seeds torch's global generator from (seed, stage), so a stage
+        draws the same numbers whether the earlier stages ran in this process or in another one
+        (resume); starts the stage's clock; ``info`` (config, args) goes into its results."""
+        torch.manual_seed(zlib.crc32(f"{self.seed}/{stage}".encode()))
+        self.stage_info = dict(info or {})
+        self._t0, self._prior = time.time(), 0.0
+        self._c0, self._prior_cpu = time.process_time(), 0.0
+
+    def resumed_from(self, ck: dict):
+        """A resume checkpoint was loaded: the seconds spent before it count towards the stage."""
+        self._prior, self._prior_cpu = float(ck.get("seconds", 0.0)), float(ck.get("cpu_seconds", 0.0))
+
+    def elapsed(self) -> float:
+        """Wall seconds spent on the current stage, over every invocation that worked on it."""
+        return self._prior + time.time() - self._t0
+
+    def elapsed_cpu(self) -> float:
+        """CPU seconds of this process on the current stage (over every invocation): with one
+        thread, what the wall time would be on a core nobody else uses."""
+        return self._prior_cpu + time.process_time() - self._c0
 
     # ------------------------------------------------------------------ distributed helpers
     @property
@@ -86,15 +234,28 @@ class Run:
         return self.out / "ckpt" / f"{stage}_{kind}.pt"
 
     def save(self, stage: str, kind: str, payload: dict):
+        """Checkpoint (atomic, sha256 sidecar; see ``save_checkpoint``)."""
         if self.is_main:
-            p = self.path(stage, kind)
-            torch.save(payload, str(p) + ".tmp")
-            os.replace(str(p) + ".tmp", p)
+            self._saves += 1
+            save_checkpoint(self.path(stage, kind), payload,
+                            die_halfway=self._saves == self.cfg["run.die_in_save"])
         self.barrier()
 
     def load(self, stage: str, kind: str):
-        p = self.path(stage, kind)
-        return torch.load(p, map_location=self.device, weights_only=False) if p.exists() else None
+        return load_checkpoint(self.path(stage, kind), map_location=self.device)
+
+    def remove(self, *names: tuple[str, str]):
+        """Delete checkpoints (stage, kind) that a committed stage no longer needs."""
+        if self.is_main:
+            for stage, kind in names:
+                p = self.path(stage, kind)
+                for q in (p, p.with_name(p.name + ".sha256")):
+                    q.unlink(missing_ok=True)
+        self.barrier()
+
+    def finished(self, stage: str) -> bool:
+        """The stage's final checkpoint exists and is intact (a corrupt one raises CheckpointError)."""
+        return self.load(stage, "final") is not None
 
     def log(self, stage: str, step: int, **metrics):
         if self.is_main:
@@ -102,34 +263,41 @@ class Run:
                 f.write(json.dumps({"stage": stage, "step": step, **metrics}) + "\n")
 
     def trim_metrics(self, stage: str, upto: int):
-        """Forget this stage's lines logged after step ``upto`` (they are logged again)."""
+        """Forget this stage's lines logged after step ``upto`` (they are logged again), and any
+        line a kill cut short. Every stage calls this before it logs anything."""
         p = self.out / "metrics.jsonl"
         if self.is_main and p.exists():
-            keep = [ln for ln in p.read_text().splitlines()
-                    if ln and not (json.loads(ln)["stage"] == stage and json.loads(ln)["step"] > upto)]
-            p.write_text("".join(ln + "\n" for ln in keep))
+            keep = [r for r in read_jsonl(p) if not (r.get("stage") == stage and r.get("step", 0) > upto)]
+            write_text_atomic(p, "".join(json.dumps(r) + "\n" for r in keep))
         self.barrier()
 
-    def save_result(self, stage: str, result: dict):
+    def save_result(self, stage: str, result: dict, record: bool = True):
+        """results.json[stage] ← result, with the config and args of this command (``record``)."""
         if self.is_main:
             p = self.out / "results.json"
             res = json.loads(p.read_text()) if p.exists() else {}
-            res[stage] = result
-            p.write_text(json.dumps(res, indent=1))
+            rec = {"config": self.stage_info.get("config"), "args": self.stage_info.get("args"),
+                   "seconds": self.elapsed(), "cpu_seconds": self.elapsed_cpu()} if record else {}
+            res[stage] = {**result, **{k: v for k, v in rec.items() if v is not None}}
+            write_text_atomic(p, json.dumps(res, indent=1))
         self.barrier()
 
-    def progress(self, it, **kw):
+    def progress(self, it=None, **kw):
+        """A tqdm bar on the main process when ``run.progress`` is on (a silent one otherwise)."""
         return tqdm(it, disable=not (self.is_main and self.cfg["run.progress"]), dynamic_ncols=True, **kw)
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+    """Generator states as tensors and plain lists (a checkpoint loads with weights_only=True)."""
+    v, state, gauss = random.getstate()
+    return {"torch": torch.get_rng_state(), "python": [v, list(state), gauss],
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(s: dict):
     torch.set_rng_state(s["torch"].cpu())
-    random.setstate(s["python"])
+    v, state, gauss = s["python"]
+    random.setstate((v, tuple(state), gauss))
     if s.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([t.cpu() for t in s["cuda"]])
 
@@ -163,16 +331,17 @@ def fit(run: Run, stage: str, models: dict, main: str, batch_fn, loss_fn, *, eva
     model = models[main]
     steps = c["steps"]
     opt = make_optimizer(list(model.parameters()), c["lr"], c["weight_decay"])
-    start = 0
+    start, window = 0, []
     if run.resume and (ck := run.load(stage, "resume")) is not None:
         model.load_state_dict(ck["models"][main])
         opt.load_state_dict(ck["opt"])
         set_rng_state(ck["rng"])
-        start = ck["step"]
+        start, window = ck["step"], list(ck["window"])
+        run.resumed_from(ck)
     run.trim_metrics(stage, start)
     ddp = run.wrap(model)
     model.train()
-    window, last, tokens, t0 = [], {}, 0, time.time()
+    last, tokens, t0 = {}, 0, time.time()
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
     log_every, ckpt_every = run.cfg["run.log_every"], run.cfg["run.ckpt_every"]
@@ -202,7 +371,8 @@ def fit(run: Run, stage: str, models: dict, main: str, batch_fn, loss_fn, *, eva
             run.log(stage, step + 1, **last)
         if (step + 1) % ckpt_every == 0 and step + 1 < steps:
             run.save(stage, "resume", {"models": {main: model.state_dict()}, "opt": opt.state_dict(),
-                                       "step": step + 1, "rng": rng_state()})
+                                       "step": step + 1, "rng": rng_state(), "window": window,
+                                       "seconds": run.elapsed(), "cpu_seconds": run.elapsed_cpu()})
     model.eval()
     return {"final_loss": last.get("loss", float("nan")), **throughput(run, tokens, time.time() - t0)}
 
@@ -226,10 +396,35 @@ def responses(seq: torch.Tensor, lengths: torch.Tensor) -> list[str]:
     return [D.decode(seq[i, int(lengths[i]):].tolist()) for i in range(seq.shape[0])]
 
 
-def judge_score(run: Run, model: GPT, prompts: list[str] | None = None) -> float:
+def judge_score(run: Run, model: GPT, prompts: list[str] | None = None, desc: str = "judge") -> float:
     """Mean judge score of greedy decodes of the held-out prompts."""
-    scores = judge_scores(run, model, prompts)
+    scores = judge_scores(run, model, prompts, desc=desc)
     return sum(scores) / max(len(scores), 1)
+
+
+def mean_se(xs: list[float]) -> tuple[float, float]:
+    """Mean of xs and its standard error (sample std / √n; NaN for fewer than two)."""
+    t = torch.tensor(xs, dtype=torch.float64)
+    se = float(t.std(unbiased=True) / len(t) ** 0.5) if len(t) > 1 else float("nan")
+    return (float(t.mean()) if len(t) else float("nan")), se
+
+
+def filler_rate(responses: list[str]) -> float:
+    """Fraction of responses that end with the writers' filler habit (``rlhf_ops.data.FILLER``)."""
+    return sum(r.endswith(D.FILLER) for r in responses) / max(len(responses), 1)
+
+
+@torch.no_grad()
+def pretrain_loss(run: Run, model: GPT) -> float:
+    """L1 of the model on ``eval.lm_windows`` fixed windows of the pretraining corpus (a stream no
+    stage trains on): how far a stage has moved the model from the pretraining distribution."""
+    x, y = D.pretrain_batch(run.seed, 0, run.cfg["eval.lm_windows"], run.cfg["model.block_size"],
+                            run.data_cfg, stream="lm_eval")
+    was = model.training
+    model.eval()
+    loss = float(model(x.to(run.device), y.to(run.device)))
+    model.train(was)
+    return loss
 
 
 def paired_difference(a: list[float], b: list[float]) -> dict:
@@ -246,16 +441,29 @@ def paired_difference(a: list[float], b: list[float]) -> dict:
 
 
 @torch.no_grad()
-def judge_scores(run: Run, model: GPT, prompts: list[str] | None = None, chunk: int = 256) -> list[float]:
-    """Judge score of the greedy decode of each held-out prompt."""
+def greedy_responses(run: Run, model: GPT, prompts: list[str] | None = None, chunk: int = 128,
+                     desc: str = "judge") -> tuple[list[str], list[str]]:
+    """(prompts, greedy responses) for the held-out prompts (or the ones given)."""
     prompts = prompts if prompts is not None else D.eval_prompts(run.seed, run.cfg["eval.n_prompts"], run.data_cfg)
     was = model.training
     model.eval()
-    scores = []
-    for i in range(0, len(prompts), chunk):
-        p = prompts[i:i + chunk]
-        x, n = prompt_tensors(p, run.device)
-        seq, _ = model.generate(x, n, run.cfg["eval.max_new"], greedy=True, eos=D.EOS, pad=D.PAD)
-        scores += [D.judge(q, r) for q, r in zip(p, responses(seq, n))]
+    out = []
+    with run.progress(total=len(prompts), desc=desc, unit="prompt", leave=False) as bar:
+        for i in range(0, len(prompts), chunk):
+            p = prompts[i:i + chunk]
+            x, n = prompt_tensors(p, run.device)
+            seq, _ = model.generate(x, n, run.cfg["eval.max_new"], greedy=True, eos=D.EOS, pad=D.PAD)
+            out += responses(seq, n)
+            bar.update(len(p))
     model.train(was)
-    return scores
+    return prompts, out
+
+
+def judge_scores(run: Run, model: GPT, prompts: list[str] | None = None, desc: str = "judge",
+                 responses_out: list | None = None) -> list[float]:
+    """Judge score of the greedy decode of each held-out prompt (``responses_out`` gets the
+    responses appended when given)."""
+    prompts, resp = greedy_responses(run, model, prompts, desc=desc)
+    if responses_out is not None:
+        responses_out += resp
+    return [D.judge(q, r) for q, r in zip(prompts, resp)]

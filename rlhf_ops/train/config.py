@@ -6,14 +6,18 @@ ours; PPO: β = 0.02, γ = 1, GAE λ = 0.95, clip 0.2, one epoch per batch, temp
 """
 from __future__ import annotations
 
+import difflib
+
 DEFAULTS: dict = {
     # model
     "model.n_layer": 2, "model.n_head": 4, "model.d_model": 64, "model.block_size": 48,
     # data (see rlhf_ops.data.DataConfig)
     "data.min_len": 2, "data.max_len": 5, "data.max_digits": 2, "data.tasks": "RSA",
     "data.noise": 0.5, "data.heldout_mod": 10,
+    "data.filler": 0.7,          # writers' habit that the judge penalises (see rlhf_ops/data.py)
     # evaluation: greedy decodes of held-out prompts scored by the judge
     "eval.n_prompts": 200, "eval.max_new": 8,
+    "eval.lm_windows": 256,      # held-out pretraining windows for each stage's pretrain_loss
     # 1. pretraining: L1 over context windows
     "pretrain.steps": 600, "pretrain.batch": 32, "pretrain.lr": 3e-3, "pretrain.warmup": 30,
     "pretrain.weight_decay": 0.1,
@@ -30,11 +34,13 @@ DEFAULTS: dict = {
     "ppo.value_lr": 3e-4, "ppo.beta": 0.02, "ppo.kl_target": 0.0, "ppo.kl_horizon": 10000,
     "ppo.clip": 0.2, "ppo.value_clip": 0.2, "ppo.vf_coef": 0.5, "ppo.gamma": 1.0, "ppo.lam": 0.95,
     "ppo.temperature": 1.0, "ppo.ptx_coef": 27.8, "ppo.ptx_per_episode": 8.0,
+    "ppo.ptx_compare_coef": 0.0,  # > 0: after the PPO policy, a second one with this γ_ptx (ppo_ptx.*)
     "ppo.max_new": 8, "ppo.value_warmup": 0, "ppo.eval_every": 20, "ppo.grad_clip": 1.0,
     # run control
     "run.log_every": 10, "run.ckpt_every": 100, "run.grad_clip": 1.0, "run.progress": True,
     "run.threads": 1,            # torch CPU threads (0: torch's default); 1 avoids oversubscription
     "run.crash_at_step": -1,     # testing: raise at the start of this step (simulated interruption)
+    "run.die_in_save": -1,       # testing: SIGKILL halfway through writing this process's N-th checkpoint
 }
 
 PRESETS: dict = {
@@ -76,15 +82,20 @@ PRESETS: dict = {
     "tiny": {
         "model.n_layer": 1, "model.n_head": 1, "model.d_model": 16, "model.block_size": 24,
         "data.max_len": 3, "data.max_digits": 1, "eval.n_prompts": 8, "eval.max_new": 5,
+        "eval.lm_windows": 4,
         "pretrain.steps": 4, "pretrain.batch": 4, "pretrain.warmup": 1,
         "sft.steps": 4, "sft.batch": 4, "sft.warmup": 1,
         "rm.n_prompts": 6, "rm.n_heldout": 4, "rm.steps": 4, "rm.batch": 2, "rm.warmup": 1,
         "rm.eval_every": 2, "rm.n_bias_demos": 8,
         "ppo.steps": 3, "ppo.batch": 4, "ppo.minibatch": 2, "ppo.max_new": 5, "ppo.eval_every": 2,
-        "ppo.ptx_per_episode": 1.0,
+        "ppo.ptx_coef": 0.0, "ppo.ptx_per_episode": 1.0, "ppo.ptx_compare_coef": 27.8,
         "run.log_every": 1, "run.ckpt_every": 2, "run.progress": False,
     },
 }
+
+
+class ConfigError(ValueError):
+    """A command-line or configuration mistake (the CLI prints it in one line and exits with 2)."""
 
 
 def _cast(key: str, text: str):
@@ -94,26 +105,28 @@ def _cast(key: str, text: str):
             return True
         if text.lower() in ("0", "false", "no"):
             return False
-        raise ValueError(f"--set {key}: expected a boolean, got {text!r}")
+        raise ConfigError(f"--set {key}: expected a boolean, got {text!r}")
     try:
         return type(default)(text)
     except ValueError:
-        raise ValueError(f"--set {key}: expected {type(default).__name__}, got {text!r}") from None
+        raise ConfigError(f"--set {key}: expected {type(default).__name__}, got {text!r}") from None
 
 
 def make_config(preset: str = "cpu-demo", sets: list[str] | dict | None = None) -> dict:
     """DEFAULTS, then the preset, then overrides ("key=value" strings or a dict)."""
     if preset not in PRESETS:
-        raise ValueError(f"--preset: unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
+        raise ConfigError(f"--preset: unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
     cfg = dict(DEFAULTS)
     cfg.update(PRESETS[preset])
     items = sets.items() if isinstance(sets, dict) else (s.split("=", 1) if "=" in s else (s, None)
                                                           for s in (sets or []))
     for key, val in items:
         if key not in DEFAULTS:
-            raise ValueError(f"--set: unknown key {key!r}; known keys: {', '.join(sorted(DEFAULTS))}")
+            close = difflib.get_close_matches(key, DEFAULTS, n=1)
+            raise ConfigError(f"--set: unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                              + "; every key is in DEFAULTS of rlhf_ops/train/config.py")
         if val is None:
-            raise ValueError(f"--set {key}: expected key=value")
+            raise ConfigError(f"--set {key}: expected KEY=VALUE (no '=' in {key!r})")
         cfg[key] = _cast(key, val) if isinstance(val, str) else val
     return cfg
 
@@ -121,3 +134,4 @@ def make_config(preset: str = "cpu-demo", sets: list[str] | dict | None = None) 
 def section(cfg: dict, prefix: str) -> dict:
     """{"lr": ...} for every key "prefix.lr"."""
     return {k.split(".", 1)[1]: v for k, v in cfg.items() if k.startswith(prefix + ".")}
+

@@ -24,8 +24,8 @@ import rlhf_ops as ro
 from rlhf_ops import data as D
 from rlhf_ops.model import ScalarHeadGPT, frozen_copy
 
-from .common import (Run, SimulatedCrash, judge_score, judge_scores, paired_difference, prompt_tensors,
-                     responses, rng_state, set_rng_state, throughput)
+from .common import (Run, SimulatedCrash, filler_rate, judge_score, judge_scores, mean_se, paired_difference,
+                     pretrain_loss, prompt_tensors, responses, rng_state, set_rng_state, throughput)
 from .config import section
 
 
@@ -105,51 +105,84 @@ def rm_score(run: Run, policy, rm, prompts: list[str], tag: str) -> float:
 
 
 def run_ppo(run: Run) -> dict:
-    t0 = time.time()
+    """Train the PPO policy (γ_ptx = ``ppo.ptx_coef``); then, if ``ppo.ptx_compare_coef`` > 0, a
+    second policy from the same SFT and RM checkpoints with that γ_ptx (PPO-ptx, ``ppo_ptx.*``),
+    on the same prompts, so that the two differ only in the pretraining term."""
+    c = section(run.cfg, "ppo")
+    if c["batch"] % c["minibatch"]:
+        raise ValueError(f"ppo.batch ({c['batch']}) must be a multiple of ppo.minibatch ({c['minibatch']})")
+    if c["minibatch"] % run.world:
+        raise ValueError(f"ppo.minibatch ({c['minibatch']}) must be divisible by the world size {run.world}")
+    sft = run.load_model("sft", "lm")
+    ref = frozen_copy(sft)
+    rm = frozen_copy(run.load_model("rm", "rm", ScalarHeadGPT))
+    held = D.eval_prompts(run.seed, run.cfg["eval.n_prompts"], run.data_cfg)
+    # what every policy is compared with (deterministic: recomputed when a run resumes)
+    base = {"sft_scores": judge_scores(run, ref, held, desc="ppo: judge of SFT"),
+            "rm_score_start": rm_score(run, ref, rm, held, "ppo_eval"),
+            "sft_pretrain_loss": pretrain_loss(run, ref)}
+    phases = [("ppo", c["ptx_coef"])]
+    if c["ptx_compare_coef"] > 0:
+        phases.append(("ppo_ptx", c["ptx_compare_coef"]))
+    out, models = {}, {}
+    for phase, gamma in phases:
+        done = run.load(phase, "done") if run.resume else None
+        if done is None:
+            res, state = train_policy(run, phase, gamma, ref, rm, held, base)
+            run.save_result(phase, res, record=phase == "ppo")
+            run.save(phase, "done", {"models": state, "result": res})
+        else:
+            res, state = done["result"], done["models"]
+        out[phase] = res
+        models.update({(k if phase == "ppo" else f"{k}_{phase}"): v for k, v in state.items()})
+    res = out["ppo"]
+    if "ppo_ptx" in out:      # ptx's reason: a pretraining loss closer to SFT's than plain PPO's
+        res["ptx_pretrain_loss_gap"] = out["ppo_ptx"]["pretrain_loss"] - base["sft_pretrain_loss"]
+    res["sft_pretrain_loss"] = base["sft_pretrain_loss"]
+    res["seconds"] = run.elapsed()
+    run.save_result("ppo", res)
+    run.save("ppo", "final", {"models": models, "model_cfg": vars(sft.cfg), "result": res})   # commit
+    run.remove(*[(phase, kind) for phase, _ in phases for kind in ("resume", "done")])
+    return res
+
+
+def train_policy(run: Run, phase: str, ptx_coef: float, ref, rm, held: list[str], base: dict):
+    """PPO (γ_ptx = ptx_coef) from the SFT policy and a value model from the RM; resumable under
+    the checkpoint name ``phase``. Returns (results, {"lm": policy, "value": value} state dicts)."""
     c = section(run.cfg, "ppo")
     B, MB, steps = c["batch"], c["minibatch"], c["steps"]
     rows = run.local(B)
-    if B % MB:
-        raise ValueError(f"ppo.batch ({B}) must be a multiple of ppo.minibatch ({MB})")
-    n_mb = B // MB
-    mb_local = MB // run.world if MB % run.world == 0 else None
-    if mb_local is None:
-        raise ValueError(f"ppo.minibatch ({MB}) must be divisible by the world size {run.world}")
-    ptx_rows = int(round(c["ptx_per_episode"] * MB)) if c["ptx_coef"] > 0 else 0
+    n_mb, mb_local = B // MB, MB // run.world
+    ptx_rows = int(round(c["ptx_per_episode"] * MB)) if ptx_coef > 0 else 0
     if ptx_rows % run.world:
         raise ValueError(f"pretraining rows per minibatch ({ptx_rows}) must be divisible by the world size")
-
+    cw = {**c, "ptx_coef": ptx_coef}
     policy = run.load_model("sft", "lm")
-    ref = frozen_copy(policy)
     value = run.load_model("rm", "rm", ScalarHeadGPT)
-    rm = frozen_copy(value)
     opt = torch.optim.AdamW([{"params": list(policy.parameters()), "lr": c["lr"]},
                              {"params": list(value.parameters()), "lr": c["value_lr"]}],
                             betas=(0.9, 0.95), weight_decay=0.0)
-    held = D.eval_prompts(run.seed, run.cfg["eval.n_prompts"], run.data_cfg)
-    beta, start, hist = c["beta"], 0, {"kl": [], "rm": []}
-    ck = run.load("ppo", "resume") if run.resume else None
+    beta, start, hist, window = c["beta"], 0, {"kl": [], "rm": []}, []
+    ck = run.load(phase, "resume") if run.resume else None
     if ck is not None:
+        run.resumed_from(ck)
         policy.load_state_dict(ck["models"]["policy"])
         value.load_state_dict(ck["models"]["value"])
         opt.load_state_dict(ck["opt"])
         set_rng_state(ck["rng"])
-        beta, start, hist, score_start = ck["beta"], ck["step"], ck["hist"], ck["rm_score_start"]
-    else:
-        score_start = rm_score(run, policy, rm, held, "ppo_eval")
-    run.trim_metrics("ppo", start)
+        beta, start, hist, window = ck["beta"], ck["step"], ck["hist"], list(ck["window"])
+    run.trim_metrics(phase, start)
     pol, val = run.wrap(policy), run.wrap(value)
     policy.train(), value.train()
     temp, log_every = c["temperature"], run.cfg["run.log_every"]
-    window: list[dict] = []
     tokens, t_loop = 0, time.time()
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
 
-    for step in run.progress(range(start, steps), desc="ppo", initial=start, total=steps):
+    for step in run.progress(range(start, steps), desc=phase, initial=start, total=steps):
         if step == run.cfg["run.crash_at_step"]:
-            raise SimulatedCrash(f"ppo: simulated interruption at step {step}")
-        # ---- 1-3: rollout, rewards, advantages (no grad)
+            raise SimulatedCrash(f"{phase}: simulated interruption at step {step}")
+        # ---- 1-3: rollout, rewards, advantages (no grad). Both phases see the same prompts.
         prompts = D.prompts(run.seed, "ppo", step, B, run.data_cfg)[rows]
         gen = torch.Generator(device=run.device).manual_seed(
             zlib.crc32(f"{run.seed}/ppo/{step}/{run.rank}".encode()))
@@ -187,7 +220,7 @@ def run_ppo(run: Run) -> dict:
                 roll = {"inp": inp[mb], "act": act[mb], "mask": mask[mb], "adv": adv[mb], "ret": ret[mb],
                         "old_lp": old_lp[mb], "old_v": old_v[mb]}
                 opt.zero_grad(set_to_none=True)
-                stats += minibatch_backward(run, pol, val, roll, ptx, c)
+                stats += minibatch_backward(run, pol, val, roll, ptx, cw)
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), c["grad_clip"])   # each model on
                 torch.nn.utils.clip_grad_norm_(value.parameters(), c["grad_clip"])    # its own norm
                 opt.step()
@@ -200,6 +233,7 @@ def run_ppo(run: Run) -> dict:
                                                      device=run.device, dtype=torch.float32)]))
         stats = run.all_sum(stats) / (n_mb * c["epochs"])
         rec = {"rm_score": float(sums[0]) / n_seq, "kl": float(kl_seq), "beta": beta,
+               "reward": float(sums[0]) / n_seq - beta * float(kl_seq),
                "sample_judge": float(sums[3]) / n_seq, "entropy": float(sums[1] / sums[2]),
                "pg_loss": float(stats[0]), "vf_loss": float(stats[1]), "ptx_loss": float(stats[2]),
                "clip_frac": float(stats[3]), "resp_len": float(sums[2]) / n_seq}
@@ -213,31 +247,29 @@ def run_ppo(run: Run) -> dict:
             out = {key: sum(r[key] for r in window) / len(window) for key in window[0]}
             window = []
             if (step + 1) % c["eval_every"] == 0 or step == steps - 1:
-                out["judge_score"] = judge_score(run, policy, held)
-            run.log("ppo", step + 1, **out)
+                out["judge_score"] = judge_score(run, policy, held, desc=f"{phase}: judge")
+            run.log(phase, step + 1, **out)
         if (step + 1) % run.cfg["run.ckpt_every"] == 0 and step + 1 < steps:
-            run.save("ppo", "resume", {"models": {"policy": policy.state_dict(), "value": value.state_dict()},
+            run.save(phase, "resume", {"models": {"policy": policy.state_dict(), "value": value.state_dict()},
                                        "opt": opt.state_dict(), "step": step + 1, "rng": rng_state(),
-                                       "beta": beta, "hist": hist, "rm_score_start": score_start})
+                                       "beta": beta, "hist": hist, "window": window,
+                                       "seconds": run.elapsed(), "cpu_seconds": run.elapsed_cpu()})
     policy.eval(), value.eval()
     speed = throughput(run, tokens, time.time() - t_loop)
     tail = max(1, len(hist["kl"]) // 10)
     # greedy judge scores of the policy and of the frozen SFT copy on the same held-out prompts:
     # the paired difference says whether PPO beat SFT by more than the evaluation's noise
-    ppo_scores, sft_scores = judge_scores(run, policy, held), judge_scores(run, ref, held)
-    diff = paired_difference(ppo_scores, sft_scores)
-    res = {"judge_score": sum(ppo_scores) / len(ppo_scores),
+    resp_held: list[str] = []
+    scores = judge_scores(run, policy, held, desc=f"{phase}: judge", responses_out=resp_held)
+    diff = paired_difference(scores, base["sft_scores"])
+    res = {"judge_score": mean_se(scores)[0], "judge_score_se": mean_se(scores)[1],
            "judge_minus_sft": diff["mean"], "judge_minus_sft_se": diff["se"],
            "prompts_better_than_sft": diff["wins"], "prompts_worse_than_sft": diff["losses"],
-           "rm_score_start": score_start, "rm_score_end": rm_score(run, policy, rm, held, "ppo_eval"),
+           "rm_score_start": base["rm_score_start"],
+           "rm_score_end": rm_score(run, policy, rm, held, "ppo_eval"),
            "kl_mean": sum(hist["kl"]) / max(len(hist["kl"]), 1),
            "kl_end": sum(hist["kl"][-tail:]) / tail,
-           "train_rm_score_first": hist["rm"][0] if hist["rm"] else float("nan"),
-           "train_rm_score_last": sum(hist["rm"][-tail:]) / tail,
-           "beta_final": beta, "ptx_coef": c["ptx_coef"], "ptx_rows_per_minibatch": ptx_rows,
-           **speed, "seconds": time.time() - t0}
-    run.save("ppo", "final", {"models": {"lm": policy.state_dict(), "value": value.state_dict()},
-                              "model_cfg": vars(policy.cfg), "result": res})
-    run.save_result("ppo", res)
-    return res
-
+           "pretrain_loss": pretrain_loss(run, policy),
+           "filler_rate": filler_rate(resp_held),
+           "beta_final": beta, "ptx_coef": ptx_coef, "ptx_rows_per_minibatch": ptx_rows, **speed}
+    return res, {"lm": policy.state_dict(), "value": value.state_dict()}

@@ -2,11 +2,9 @@
 (half of its answers noisy, as web text is)."""
 from __future__ import annotations
 
-import time
-
 from rlhf_ops import data as D
 
-from .common import Run, fit, judge_score
+from .common import Run, filler_rate, fit, judge_scores, mean_se, pretrain_loss
 
 
 def lm_loss(model, x, y, n_global: int, world: int = 1):
@@ -19,7 +17,6 @@ def lm_loss(model, x, y, n_global: int, world: int = 1):
 
 
 def run_pretrain(run: Run) -> dict:
-    t0 = time.time()
     c, rows = run.cfg, run.local(run.cfg["pretrain.batch"])
     model = run.new_lm()
 
@@ -28,10 +25,15 @@ def run_pretrain(run: Run) -> dict:
         return x[rows].to(run.device), y[rows].to(run.device), y.numel()
 
     res = fit(run, "pretrain", {"lm": model}, "lm", batch, lambda m, b: lm_loss(m, *b, run.world))
-    res["judge_score"] = judge_score(run, model)
-    res["seconds"] = time.time() - t0
-    run.save("pretrain", "final", {"models": {"lm": model.state_dict()},
-                                   "model_cfg": vars(model.cfg), "result": res})
+    resp: list[str] = []
+    scores = judge_scores(run, model, desc="pretrain: judge", responses_out=resp)
+    res["judge_score"], res["judge_score_se"] = mean_se(scores)
+    res["filler_rate"] = filler_rate(resp)
+    res["pretrain_loss"] = pretrain_loss(run, model)
+    res["seconds"] = run.elapsed()
     run.log("pretrain", c["pretrain.steps"], judge_score=res["judge_score"])
     run.save_result("pretrain", res)
+    run.save("pretrain", "final", {"models": {"lm": model.state_dict()},   # the commit point
+                                   "model_cfg": vars(model.cfg), "result": res})
+    run.remove(("pretrain", "resume"))
     return res

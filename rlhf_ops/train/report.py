@@ -1,39 +1,102 @@
-"""summary.json and report.md (with PNG plots) from results.json and metrics.jsonl."""
+"""summary.json and report.md (with PNG plots) from results.json and metrics.jsonl.
+
+summary.json holds, flat, every number a stage reported (``"<stage>.<key>"``: ``sft.judge_score``,
+``ppo.judge_minus_sft``, ``ppo_ptx.pretrain_loss``, ...), ``wall_seconds`` (the four stages' own
+seconds, summed), and under ``stages`` the config, command-line args and seconds of the command
+that produced each stage — re-running one stage replaces that stage's record only.
+"""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from .common import read_jsonl, write_text_atomic
+
+STAGE_ORDER = ("pretrain", "sft", "rm", "ppo", "ppo_ptx")
+RECORD_KEYS = ("config", "args", "seconds", "cpu_seconds")      # per-stage record
+# keys that measure time or speed: they differ between two runs of the same commit and seed
+TIMING_KEYS = ("seconds", "cpu_seconds", "wall_seconds", "train_tokens_per_s", "peak_mem_bytes")
+
 SUMMARY_KEYS = {
-    "pretrain": ("final_loss", "judge_score"),
-    "sft": ("final_loss", "judge_score"),
+    "pretrain": ("final_loss", "judge_score", "pretrain_loss"),
+    "sft": ("final_loss", "judge_score", "filler_rate", "pretrain_loss"),
     "rm": ("heldout_pair_accuracy",),
-    "ppo": ("judge_score", "judge_minus_sft", "judge_minus_sft_se", "rm_score_start", "rm_score_end", "kl_mean"),
+    "ppo": ("judge_score", "judge_minus_sft", "judge_minus_sft_se", "filler_rate", "rm_score_start",
+            "rm_score_end", "kl_mean", "pretrain_loss"),
+    "ppo_ptx": ("judge_score", "judge_minus_sft", "judge_minus_sft_se", "filler_rate", "rm_score_end",
+                "kl_mean", "pretrain_loss"),
 }
+
+# name, title, [(label, metrics stage, metrics key)], y label, what the figure shows (one line)
+PLOTS = [
+    ("loss_pretrain.png", "pretraining loss L1", [("L1", "pretrain", "loss")], "loss",
+     "Stage 1: the mean next-token loss L1 of the training batches."),
+    ("loss_sft.png", "SFT loss L3 = L2 + λ·L1", [("L3", "sft", "loss")], "loss",
+     "Stage 2: L2 on the demonstrations' response tokens plus λ times L1 over the whole demonstration."),
+    ("loss_rm.png", "reward-model pairwise loss", [("loss", "rm", "loss")], "loss",
+     "Stage 3: −log σ(r_w − r_l), averaged over the ranked pairs of each prompt."),
+    ("rm_accuracy.png", "RM held-out pairwise accuracy", [("accuracy", "rm", "heldout_pair_accuracy")],
+     "accuracy", "Stage 3: the fraction of held-out ranked pairs the RM orders as the judge does."),
+    ("ppo_rollout_reward.png", "PPO rollouts: RM score and reward",
+     [("raw RM score", "ppo", "rm_score"), ("RM score − β·KL", "ppo", "reward"),
+      ("PPO-ptx raw RM score", "ppo_ptx", "rm_score"), ("PPO-ptx RM score − β·KL", "ppo_ptx", "reward")],
+     "per response", "Stage 4, the training rollouts (temperature 1) of each update: the raw RM score of "
+     "a response, and the reward PPO maximises (RM score minus β times the KL to SFT)."),
+    ("ppo_kl.png", "PPO: KL(π‖π_SFT) per response", [("PPO", "ppo", "kl"), ("PPO-ptx", "ppo_ptx", "kl")],
+     "nats", "Stage 4: the KL of the policy to SFT summed over a response's tokens (k1 estimate)."),
+    ("ppo_judge.png", "PPO: judge score",
+     [("samples (T=1)", "ppo", "sample_judge"), ("greedy, held-out", "ppo", "judge_score"),
+      ("PPO-ptx greedy, held-out", "ppo_ptx", "judge_score")], "judge",
+     "Stage 4: the judge's score of the training rollouts and of greedy decodes of the held-out prompts."),
+]
 
 
 def read_metrics(out: Path) -> list[dict]:
-    p = out / "metrics.jsonl"
-    return [json.loads(ln) for ln in p.read_text().splitlines() if ln] if p.exists() else []
+    return read_jsonl(Path(out) / "metrics.jsonl")
 
 
-def write_summary(out: Path, cfg: dict, args: dict) -> dict:
-    res = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
+def read_results(out: Path) -> dict:
+    p = Path(out) / "results.json"
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def summary_of(results: dict) -> dict:
+    """The flat summary of a results.json dict (see the module docstring)."""
     summary: dict = {}
-    for stage, r in res.items():
+    stages: dict = {}
+    for stage in sorted(results, key=lambda s: STAGE_ORDER.index(s) if s in STAGE_ORDER else 99):
+        r = results[stage]
         for k, v in r.items():
-            summary[f"{stage}.{k}"] = v
-    summary["wall_seconds"] = sum(r.get("seconds", 0.0) for r in res.values())
-    summary["config"] = cfg
-    summary["args"] = args
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+            if k not in ("config", "args"):
+                summary[f"{stage}.{k}"] = v
+        if "config" in r:
+            stages[stage] = {k: r[k] for k in RECORD_KEYS if k in r}
+    summary["wall_seconds"] = sum(s.get("seconds", 0.0) for s in stages.values())
+    summary["stages"] = stages
     return summary
 
 
-def _plot(path: Path, title: str, series: list[tuple[str, list, list]], ylabel: str):
+def write_summary(out: Path, cfg: dict | None = None, args: dict | None = None) -> dict:
+    summary = summary_of(read_results(out))
+    write_text_atomic(Path(out) / "summary.json", json.dumps(summary, indent=1))
+    return summary
+
+
+def numbers(summary: dict) -> dict:
+    """The summary's numbers that do not measure time: equal for two runs of one commit and seed."""
+    return {k: v for k, v in summary.items()
+            if k != "stages" and k.rsplit(".", 1)[-1] not in TIMING_KEYS}
+
+
+def _plt():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def _plot(path: Path, title: str, series: list[tuple[str, list, list]], ylabel: str):
+    plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for label, xs, ys in series:
         ax.plot(xs, ys, marker="." if len(xs) < 30 else None, label=label)
@@ -42,56 +105,95 @@ def _plot(path: Path, title: str, series: list[tuple[str, list, list]], ylabel: 
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     if len(series) > 1:
-        ax.legend()
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
+def _judge_bars(path: Path, summary: dict) -> bool:
+    """Greedy held-out judge score of each stage's model, ± one standard error of the mean."""
+    bars = [(name, summary.get(f"{s}.judge_score"), summary.get(f"{s}.judge_score_se"))
+            for s, name in (("pretrain", "pretrain"), ("sft", "SFT"), ("ppo", "PPO"), ("ppo_ptx", "PPO-ptx"))]
+    bars = [b for b in bars if b[1] is not None]
+    if not any(n in ("SFT", "PPO") for n, _, _ in bars):
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    xs = range(len(bars))
+    ax.bar(xs, [b[1] for b in bars], yerr=[b[2] or 0.0 for b in bars], capsize=6,
+           color=["#bbbbbb", "#4c72b0", "#dd8452", "#55a868"][:len(bars)])
+    ax.set_xticks(list(xs), [b[0] for b in bars])
+    for x, (_, v, se) in zip(xs, bars):
+        ax.text(x, v + (se or 0) + 0.01, f"{v:.3f}", ha="center", fontsize=8)
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("judge score (greedy, held-out)")
+    ax.set_title("judge score by stage (± standard error)")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def verdict(d: float, se: float, name: str = "PPO") -> str:
+    return (f"{name} beats SFT" if d > 2 * se else f"{name} is worse than SFT" if d < -2 * se
+            else f"{name} and SFT are not told apart")
+
+
 def write_report(out: Path, summary: dict) -> Path:
+    out = Path(out)
     rows = read_metrics(out)
     figs = []
 
     def series(stage, key):
-        pts = [(r["step"], r[key]) for r in rows if r["stage"] == stage and key in r]
+        pts = [(r["step"], r[key]) for r in rows if r.get("stage") == stage and key in r]
         return [p[0] for p in pts], [p[1] for p in pts]
 
-    plots = [
-        ("loss_pretrain.png", "pretraining loss L1", [("L1", "pretrain", "loss")], "loss"),
-        ("loss_sft.png", "SFT loss L3 = L2 + λ·L1", [("L3", "sft", "loss")], "loss"),
-        ("loss_rm.png", "reward-model pairwise loss", [("loss", "rm", "loss")], "loss"),
-        ("rm_accuracy.png", "RM held-out pairwise accuracy", [("accuracy", "rm", "heldout_pair_accuracy")],
-         "accuracy"),
-        ("ppo_reward.png", "PPO: RM score of samples", [("RM score", "ppo", "rm_score")], "score"),
-        ("ppo_kl.png", "PPO: KL(π‖π_SFT) per response", [("KL", "ppo", "kl")], "nats"),
-        ("ppo_judge.png", "PPO: judge score",
-         [("samples (T=1)", "ppo", "sample_judge"), ("greedy, held-out", "ppo", "judge_score")], "judge"),
-    ]
-    for fname, title, specs, ylabel in plots:
+    if _judge_bars(out / "judge_by_stage.png", summary):
+        figs.append(("judge score by stage", "judge_by_stage.png",
+                     "Greedy decodes of the same held-out prompts, scored by the judge; error bars are "
+                     "one standard error of the mean over the prompts."))
+    for fname, title, specs, ylabel, what in PLOTS:
         ser = [(label, *series(stage, key)) for label, stage, key in specs]
         ser = [s for s in ser if s[1]]
         if ser:
             _plot(out / fname, title, ser, ylabel)
-            figs.append((title, fname))
-    lines = ["# rlhf_ops training run", "",
-             f"backend `{summary.get('args', {}).get('backend')}`, device `{summary.get('args', {}).get('device')}`, "
-             f"preset `{summary.get('args', {}).get('preset')}`, wall time {summary['wall_seconds']:.0f} s", "",
-             "| metric | value |", "|---|---|"]
+            figs.append((title, fname, what))
+    lines = ["# rlhf_ops training run", ""]
+    st = summary.get("stages", {})
+    if st:
+        lines += ["| stage | backend | device | preset | seed | seconds |", "|---|---|---|---|---|---:|"]
+        for s, rec in st.items():
+            a = rec.get("args", {})
+            lines.append(f"| {s} | {a.get('backend')} | {a.get('device')} | {a.get('preset')} | "
+                         f"{a.get('seed')} | {rec.get('seconds', 0):.0f} |")
+        lines += ["", f"Wall time of the stages: {summary.get('wall_seconds', 0):.0f} s.", ""]
+    lines += ["| metric | value |", "|---|---|"]
     for stage, keys in SUMMARY_KEYS.items():
         for k in keys:
             v = summary.get(f"{stage}.{k}")
             if v is not None:
                 lines.append(f"| {stage}.{k} | {v:.4f} |")
-    d, se = summary.get("ppo.judge_minus_sft"), summary.get("ppo.judge_minus_sft_se")
-    if d is not None and se is not None:
-        verdict = ("PPO beats SFT" if d > 2 * se else "PPO is worse than SFT" if d < -2 * se
-                   else "PPO and SFT are not told apart")
-        lines += ["", f"Greedy judge score, PPO − SFT on the same held-out prompts: {d:+.4f} ± {se:.4f} "
-                      f"(paired standard error; {summary.get('ppo.prompts_better_than_sft')} prompts better, "
-                      f"{summary.get('ppo.prompts_worse_than_sft')} worse): {verdict} at two standard errors."]
-    lines.append("")
-    for title, fname in figs:
-        lines += [f"## {title}", "", f"![{title}]({fname})", ""]
+    for stage, name in (("ppo", "PPO"), ("ppo_ptx", "PPO-ptx")):
+        d, se = summary.get(f"{stage}.judge_minus_sft"), summary.get(f"{stage}.judge_minus_sft_se")
+        if d is not None and se is not None:
+            lines += ["", f"Greedy judge score, {name} − SFT on the same held-out prompts: {d:+.4f} ± {se:.4f} "
+                          f"(paired standard error; {summary.get(f'{stage}.prompts_better_than_sft')} prompts "
+                          f"better, {summary.get(f'{stage}.prompts_worse_than_sft')} worse): "
+                          f"{verdict(d, se, name)} at two standard errors."]
+    sl, pl, xl = (summary.get(k) for k in ("ppo.sft_pretrain_loss", "ppo.pretrain_loss", "ppo_ptx.pretrain_loss"))
+    if None not in (sl, pl, xl):
+        closer = abs(xl - sl) < abs(pl - sl)
+        lines += ["", f"Pretraining loss (L1 on held-out corpus windows): SFT {sl:.4f}, PPO {pl:.4f} "
+                      f"({pl - sl:+.4f}), PPO-ptx {xl:.4f} ({xl - sl:+.4f}): PPO-ptx "
+                      f"{'keeps it closer to' if closer else 'does not keep it closer to'} SFT's than PPO."]
+    lines += ["", "RM scores: `ppo.rm_score_start`/`rm_score_end` are the raw RM score of temperature-1 "
+                  "samples of the held-out prompts from the SFT model and from the final policy; the "
+                  "rollout figure shows the same raw score on each update's training prompts, and the "
+                  "reward PPO maximises (raw score − β·KL).", ""]
+    for title, fname, what in figs:
+        lines += [f"## {title}", "", what, "", f"![{title}]({fname})", ""]
     p = out / "report.md"
-    p.write_text("\n".join(lines))
+    write_text_atomic(p, "\n".join(lines))
     return p

@@ -10,7 +10,6 @@ score 0 on average (the PPO reward baseline of InstructGPT).
 from __future__ import annotations
 
 import random
-import time
 import zlib
 
 import torch
@@ -20,12 +19,13 @@ import rlhf_ops as ro
 from rlhf_ops import data as D
 from rlhf_ops.model import GPT, ScalarHeadGPT
 
-from .common import Run, fit, prompt_tensors, responses
+from .common import Run, fit, load_checkpoint, prompt_tensors, responses, save_checkpoint
 
 
 @torch.no_grad()
-def make_comparisons(run: Run, sft: GPT, prompts: list[str], tag: str, chunk: int = 512) -> dict:
-    """tokens [N, K, T], last [N, K] (index of each response's last real token), ranks [N, K]."""
+def make_comparisons(run: Run, sft: GPT, prompts: list[str], tag: str, chunk: int = 512, bar=None) -> dict:
+    """tokens [N, K, T], last [N, K] (index of each response's last real token), ranks [N, K].
+    ``bar``: a progress bar advanced by one per response sampled."""
     c = run.cfg
     rng = random.Random(f"{run.seed}/{tag}/k")
     ks = [rng.randint(c["rm.k_min"], c["rm.k_max"]) for _ in prompts]
@@ -39,6 +39,8 @@ def make_comparisons(run: Run, sft: GPT, prompts: list[str], tag: str, chunk: in
         seqs += list(seq.cpu())
         lasts += (n + rl - 1).tolist()
         resp += responses(seq, n)
+        if bar is not None:
+            bar.update(seq.shape[0])
     N, K = len(prompts), c["rm.k_max"]
     T = max(len(s) for s in seqs)
     tokens = torch.full((N, K, T), D.PAD, dtype=torch.long)
@@ -61,7 +63,7 @@ def has_pair(ranks: torch.Tensor) -> torch.Tensor:
 
 
 def informative_comparisons(run: Run, sft: GPT, n: int, prompts_of_round, tag: str,
-                            max_rounds: int = 20) -> dict:
+                            max_rounds: int = 20, bar=None) -> dict:
     """``make_comparisons`` over rounds of prompts (``prompts_of_round(r)``), keeping only prompts
     whose responses are not all tied, until n are kept (or the rounds / prompts run out).
 
@@ -74,11 +76,13 @@ def informative_comparisons(run: Run, sft: GPT, n: int, prompts_of_round, tag: s
         p = prompts_of_round(r)
         if not p or kept >= n:
             break
-        comp = make_comparisons(run, sft, p, f"{tag}/{r}")
+        comp = make_comparisons(run, sft, p, f"{tag}/{r}", bar=bar)
         idx = has_pair(comp["ranks"]).nonzero().flatten()[:n - kept]
         parts.append({k: (v[idx] if torch.is_tensor(v) else [v[i] for i in idx.tolist()])
                       for k, v in comp.items()})
         kept += idx.numel()
+        if bar is not None:
+            bar.set_postfix_str(f"{tag}: {kept}/{n} prompts kept")
     if kept == 0:
         raise RuntimeError(f"rm: every sampled response of every {tag} prompt ties under the judge, "
                            f"so there is no comparison to learn from; raise rm.sample_temperature or "
@@ -119,36 +123,43 @@ def pair_accuracy(model, comp: dict, device, chunk: int = 64) -> float:
 
 @torch.no_grad()
 def demo_mean_reward(run: Run, model: ScalarHeadGPT) -> float:
-    """Mean reward of SFT demonstrations (prompt + correct response) from the training split."""
+    """Mean reward of SFT demonstrations (prompt + the labeler's response) from the training split."""
     rng = random.Random(f"{run.seed}/rm_bias")
-    b = D.demo_tensors([D.draw_task(rng, run.data_cfg) for _ in range(run.cfg["rm.n_bias_demos"])])
+    b = D.demo_tensors([D.demonstration(rng, run.data_cfg) for _ in range(run.cfg["rm.n_bias_demos"])])
     return float(model(b["full"].to(run.device), b["last"].to(run.device)).mean())
 
 
+def collect_comparisons(run: Run, sft: GPT) -> dict:
+    """The train and held-out comparison sets (SFT samples ranked by the judge); every rank samples
+    the same data (same seeds)."""
+    c = run.cfg
+    n, n_held = c["rm.n_prompts"], c["rm.n_heldout"]
+    with run.progress(desc="rm: sampling comparisons", unit="response") as bar:
+        if c["rm.informative_only"]:
+            train = informative_comparisons(
+                run, sft, n, lambda r: D.prompts(run.seed, "rm", r, n, run.data_cfg), "rm_train", bar=bar)
+            # the held-out split is small: rank SFT samples of all its prompts, keep n_held
+            held_p = D.eval_prompts(run.seed + 1, 10 * n_held, run.data_cfg)
+            heldout = informative_comparisons(run, sft, n_held, lambda r: held_p if r == 0 else [],
+                                              "rm_heldout", bar=bar)
+        else:
+            train = make_comparisons(run, sft, D.prompts(run.seed, "rm", 0, n, run.data_cfg), "rm_train",
+                                     bar=bar)
+            heldout = make_comparisons(run, sft, D.eval_prompts(run.seed + 1, n_held, run.data_cfg),
+                                       "rm_heldout", bar=bar)
+    return {"train": train, "heldout": heldout}
+
+
 def run_rm(run: Run) -> dict:
-    t0 = time.time()
     c, B = run.cfg, run.cfg["rm.batch"]
     rows = run.local(B)
     sft = run.load_model("sft", "lm").eval()
     data_path = run.out / "rm_comparisons.pt"
-    if run.resume and data_path.exists():
-        data = torch.load(data_path, weights_only=False)
-    else:                                   # every rank samples the same data (same seeds)
-        n, n_held = c["rm.n_prompts"], c["rm.n_heldout"]
-        if c["rm.informative_only"]:
-            train = informative_comparisons(
-                run, sft, n, lambda r: D.prompts(run.seed, "rm", r, n, run.data_cfg), "rm_train")
-            # the held-out split is small: rank SFT samples of all its prompts, keep n_held
-            held_p = D.eval_prompts(run.seed + 1, 10 * n_held, run.data_cfg)
-            heldout = informative_comparisons(run, sft, n_held, lambda r: held_p if r == 0 else [],
-                                              "rm_heldout")
-        else:
-            train = make_comparisons(run, sft, D.prompts(run.seed, "rm", 0, n, run.data_cfg), "rm_train")
-            heldout = make_comparisons(run, sft, D.eval_prompts(run.seed + 1, n_held, run.data_cfg),
-                                       "rm_heldout")
-        data = {"train": train, "heldout": heldout}
+    data = load_checkpoint(data_path) if run.resume else None    # sha256-checked, weights_only
+    if data is None:
+        data = collect_comparisons(run, sft)
         if run.is_main:
-            torch.save(data, data_path)
+            save_checkpoint(data_path, data)
     tr, ho = data["train"], data["heldout"]
     N = tr["tokens"].shape[0]
     model = ScalarHeadGPT.from_lm(sft).to(run.device)
@@ -176,8 +187,9 @@ def run_rm(run: Run) -> dict:
     res["demo_mean_before_bias"], res["demo_mean_after_bias"] = before, demo_mean_reward(run, model)
     res["n_train_prompts"], res["n_heldout_prompts"] = N, ho["tokens"].shape[0]
     res["mean_k"] = float((tr["ranks"] >= 0).sum(1).float().mean())
-    res["seconds"] = time.time() - t0
-    run.save("rm", "final", {"models": {"rm": model.state_dict()}, "model_cfg": vars(model.cfg),
-                             "result": res})
+    res["seconds"] = run.elapsed()
     run.save_result("rm", res)
+    run.save("rm", "final", {"models": {"rm": model.state_dict()}, "model_cfg": vars(model.cfg),
+                             "result": res})                           # the commit point
+    run.remove(("rm", "resume"))
     return res

@@ -5,11 +5,9 @@ over the whole demonstration; both are means over their own tokens of the global
 """
 from __future__ import annotations
 
-import time
-
 from rlhf_ops import data as D
 
-from .common import Run, fit, judge_score
+from .common import Run, filler_rate, fit, judge_scores, mean_se, pretrain_loss
 
 
 def sft_loss(model, x, y_resp, y_all, n_resp: int, n_all: int, lam: float, world: int = 1):
@@ -26,7 +24,6 @@ def sft_loss(model, x, y_resp, y_all, n_resp: int, n_all: int, lam: float, world
 
 
 def run_sft(run: Run) -> dict:
-    t0 = time.time()
     c, B = run.cfg, run.cfg["sft.batch"]
     rows, lam = run.local(B), c["sft.lm_coef"]
     model = run.load_model("pretrain", "lm")
@@ -39,10 +36,15 @@ def run_sft(run: Run) -> dict:
             b["y_all"][rows].to(run.device), n2.item(), n1.item()
 
     res = fit(run, "sft", {"lm": model}, "lm", batch, lambda m, b: sft_loss(m, *b, lam, run.world))
-    res["judge_score"] = judge_score(run, model)
-    res["seconds"] = time.time() - t0
-    run.save("sft", "final", {"models": {"lm": model.state_dict()}, "model_cfg": vars(model.cfg),
-                              "result": res})
+    resp: list[str] = []
+    scores = judge_scores(run, model, desc="sft: judge", responses_out=resp)
+    res["judge_score"], res["judge_score_se"] = mean_se(scores)
+    res["filler_rate"] = filler_rate(resp)
+    res["pretrain_loss"] = pretrain_loss(run, model)
+    res["seconds"] = run.elapsed()
     run.log("sft", c["sft.steps"], judge_score=res["judge_score"])
     run.save_result("sft", res)
+    run.save("sft", "final", {"models": {"lm": model.state_dict()}, "model_cfg": vars(model.cfg),
+                              "result": res})                          # the commit point
+    run.remove(("sft", "resume"))
     return res
