@@ -1,0 +1,335 @@
+"""rlhf_ops.integrations.transformers: apply_rlhf_ops on tiny random-init models (no download).
+
+Each supported family (Llama, Mistral with a sliding window, Qwen2 with a sliding layer, Qwen3,
+Gemma-2 with softcap + sliding window, GPT-2 with learned positions and a tied embedding) is built
+from a config and compared with its unpatched copy running eager attention in fp32 on right-,
+left-, mixed-padded, unpadded and packed batches: logits of the real tokens, the loss and the
+gradient of every parameter. Greedy generation with the KV cache, remove_rlhf_ops, per-instance
+patching, the loss kwargs (num_items_in_batch, ignore_index, shift_labels) and the errors.
+
+Labels: a label is scored from the position before it. After left padding, the first real token
+is scored from a padding position, whose hidden state is meaningless (eager lets padding rows
+attend to something, flash-attn and rlhf_ops output zeros there); such labels are set to −100
+here, as any prompt token would be.
+"""
+import copy
+
+import pytest
+import torch
+
+tf = pytest.importorskip("transformers")
+
+import rlhf_ops.integrations.transformers as rit  # noqa: E402
+from rlhf_ops.integrations.transformers import apply_rlhf_ops, remove_rlhf_ops, rlhf_ops_status  # noqa: E402
+from _util import rel_err  # noqa: E402
+from conftest import DEVICE, backend_problem  # noqa: E402
+
+V = 97
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gpt2"]
+TOL = 1e-5          # fp32 vs fp32 eager: summation order only (a masking error is O(1e-2..1))
+
+
+def tiny(family: str, n_layers: int = 2, head: str = "lm", **over):
+    """A random-init model: d = 64, 4 query heads of dim 16, 2 KV heads (GQA) where the family has
+    them; init std 0.2 so that attention is far from uniform (windows and softcap matter)."""
+    common = dict(vocab_size=V, attn_implementation="eager", initializer_range=0.2)
+    rope = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=n_layers,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, **common)
+    if family == "llama":
+        cfg = tf.LlamaConfig(**rope)
+    elif family == "mistral":
+        cfg = tf.MistralConfig(sliding_window=4, **rope)
+    elif family == "qwen2":
+        rope.pop("head_dim")
+        layers = (["sliding_attention", "full_attention"] * n_layers)[:n_layers]
+        cfg = tf.Qwen2Config(use_sliding_window=True, sliding_window=4, layer_types=layers, **rope)
+    elif family == "qwen3":
+        cfg = tf.Qwen3Config(**rope)
+    elif family == "gemma2":
+        layers = (["sliding_attention", "full_attention"] * n_layers)[:n_layers]
+        cfg = tf.Gemma2Config(sliding_window=4, layer_types=layers, attn_logit_softcapping=1.0,
+                              final_logit_softcapping=None, query_pre_attn_scalar=16,
+                              tie_word_embeddings=False, **rope)   # tied: greedy repeats its input
+    elif family == "gpt2":
+        cfg = tf.GPT2Config(n_embd=64, n_layer=n_layers, n_head=4, n_positions=64, attn_pdrop=0.0,
+                            resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=0, eos_token_id=0, **common)
+    else:
+        raise ValueError(family)
+    for k, v in over.items():
+        setattr(cfg, k, v)
+    if head == "lm":
+        model = tf.AutoModelForCausalLM.from_config(cfg)
+    else:
+        cfg.num_labels, cfg.pad_token_id = 1, 0
+        model = tf.AutoModelForSequenceClassification.from_config(cfg)
+    return model.to(DEVICE)
+
+
+def batch(kind: str, B: int = 3, T: int = 10, seed: int = 1):
+    """input_ids + (attention_mask | position_ids) + labels for one batch kind."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, V, (B, T), generator=g)
+    if kind == "packed":    # rows of 3, 2 and 1 sequences; no attention_mask (padding-free)
+        pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2], [0, 1, 2, 3, 4, 5, 0, 1, 2, 3],
+                            list(range(T))])[:B, :T]
+        out = dict(input_ids=ids, position_ids=pos, labels=ids.clone())
+    else:
+        mask = torch.ones(B, T, dtype=torch.long)
+        if kind == "right":
+            mask[0, 6:] = 0
+            mask[1, 3:] = 0
+        elif kind == "left":
+            mask[0, :4] = 0
+            mask[1, :7] = 0
+        elif kind == "mixed":
+            mask[0, :4] = 0
+            mask[1, 5:] = 0
+        elif kind != "full":
+            raise ValueError(kind)
+        ids = ids.masked_fill(mask == 0, 0)           # the pad token (id 0) where there is padding
+        labels = ids.masked_fill(mask == 0, -100)
+        labels[:, 1:][mask[:, :-1] == 0] = -100     # scored from a padding position: see docstring
+        out = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    return {k: v.to(DEVICE) for k, v in out.items()}
+
+
+def _real(inp):
+    m = inp.get("attention_mask")
+    return torch.ones_like(inp["input_ids"], dtype=torch.bool) if m is None else m.bool()
+
+
+class _Spy:
+    """Counts the calls of the dense and varlen routes."""
+
+    def __init__(self, monkeypatch):
+        self.calls = {"dense": 0, "varlen": 0}
+        for name, key in (("flash_attn_func", "dense"), ("flash_attn_varlen_func", "varlen")):
+            fn = getattr(rit, name)
+
+            def wrapped(*a, _fn=fn, _key=key, **kw):
+                self.calls[_key] += 1
+                return _fn(*a, **kw)
+            monkeypatch.setattr(rit, name, wrapped)
+
+
+def _run(model, inp):
+    """loss, logits of every position (from the final hidden state and the LM head) and the
+    gradient of every parameter, for one forward/backward with labels."""
+    model.zero_grad(set_to_none=True)
+    captured = {}
+    base = getattr(model, model.base_model_prefix)
+    hook = base.register_forward_hook(lambda m, a, o: captured.update(h=o.last_hidden_state))
+    try:
+        out = model(**inp, use_cache=False)
+    finally:
+        hook.remove()
+    out.loss.backward()
+    logits = model.get_output_embeddings()(captured["h"]).detach()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, logits, grads
+
+
+def _compare(family, kind, backend, n_layers, monkeypatch):
+    torch.manual_seed(0)
+    ref = tiny(family, n_layers)
+    model = apply_rlhf_ops(copy.deepcopy(ref), backend=backend)
+    inp = batch(kind)
+    spy = _Spy(monkeypatch)
+    out_r, logits_r, grads_r = _run(ref, inp)
+    assert spy.calls == {"dense": 0, "varlen": 0}       # the eager copy is untouched
+    out, logits, grads = _run(model, inp)
+    assert out.logits is None                            # the fused loss never forms logits
+    route = "dense" if kind == "full" else "varlen"
+    assert spy.calls[route] == n_layers and sum(spy.calls.values()) == n_layers, spy.calls
+
+    assert torch.equal(out_r.logits.detach(), logits_r)  # the capture reproduces the model's logits
+    m = _real(inp)
+    assert rel_err(logits[m], logits_r[m]) <= TOL, f"logits {rel_err(logits[m], logits_r[m]):.2e}"
+    assert rel_err(out.loss, out_r.loss) <= TOL, f"loss {out.loss.item()} vs {out_r.loss.item()}"
+    assert grads.keys() == grads_r.keys() and len(grads) == len(list(ref.parameters()))
+    for name in grads_r:
+        e = rel_err(grads[name], grads_r[name])
+        assert e <= TOL, f"grad of {name}: relative error {e:.2e}"
+
+
+@pytest.mark.parametrize("kind", ["right", "left", "mixed", "full", "packed"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_matches_eager_reference_backend(family, kind, monkeypatch):
+    _compare(family, kind, "reference", 2, monkeypatch)
+
+
+TRITON_CASES = [(f, k) for f in FAMILIES for k in ("mixed", "packed")] + \
+               [("llama", "right"), ("llama", "left"), ("llama", "full")]
+
+
+@pytest.mark.parametrize("family,kind", TRITON_CASES)
+def test_matches_eager_triton(family, kind, monkeypatch):
+    why = backend_problem("triton")
+    if why:
+        pytest.skip(why)
+    _compare(family, kind, "triton", 1, monkeypatch)      # one layer: the interpreter is slow
+
+
+def _generate(model, ids, mask, n):
+    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                          pad_token_id=0, eos_token_id=None)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_generation_with_kv_cache_matches(family):
+    torch.manual_seed(0)
+    ref = tiny(family).eval()
+    model = apply_rlhf_ops(copy.deepcopy(ref), backend="reference")
+    inp = batch("left")                                  # left-padded prompts, longer than windows
+    g_ref = _generate(ref, inp["input_ids"], inp["attention_mask"], 8)
+    g = _generate(model, inp["input_ids"], inp["attention_mask"], 8)
+    assert torch.equal(g, g_ref)
+    assert len(set(g_ref[:, -8:].flatten().tolist())) > 3   # not a degenerate repetition
+
+
+def test_greedy_generation_triton():
+    why = backend_problem("triton")
+    if why:
+        pytest.skip(why)
+    torch.manual_seed(0)
+    ref = tiny("mistral", 1).eval()
+    model = apply_rlhf_ops(copy.deepcopy(ref), backend="triton")
+    inp = batch("mixed", B=2, T=6)
+    mask = torch.ones_like(inp["attention_mask"])
+    mask[0, :3] = 0
+    assert torch.equal(_generate(model, inp["input_ids"], mask, 4),
+                       _generate(ref, inp["input_ids"], mask, 4))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_remove_restores_original_outputs_exactly(family):
+    torch.manual_seed(0)
+    model = tiny(family)
+    inp = batch("mixed")
+    cfg_before, cls_before = model.config, type(model.config)
+    before = model(**inp, use_cache=False)
+    apply_rlhf_ops(model, backend="reference")
+    assert model.config is not cfg_before and model.config._attn_implementation == rit.ATTN_IMPLEMENTATION
+    assert rlhf_ops_status(model) == {"family": family, "attention": True, "loss": True,
+                                      "backend": "reference"}
+    assert model(**inp, use_cache=False).logits is None
+    remove_rlhf_ops(model)
+    after = model(**inp, use_cache=False)
+    assert model.config is cfg_before and type(model.config) is cls_before
+    assert all(m.config is cfg_before for m in model.modules() if "config" in m.__dict__)
+    assert "forward" not in model.__dict__ and rlhf_ops_status(model) is None
+    assert torch.equal(after.logits, before.logits) and torch.equal(after.loss, before.loss)
+
+
+def test_patching_is_per_instance():
+    """Two models built from one config object: patching one leaves the other eager."""
+    cfg = tiny("llama").config
+    torch.manual_seed(0)
+    a = tf.LlamaForCausalLM(cfg).to(DEVICE)
+    b = copy.deepcopy(a)
+    assert a.config is cfg
+    inp = batch("left")
+    before = b(**inp, use_cache=False)
+    apply_rlhf_ops(a, backend="reference")
+    assert cfg._attn_implementation == "eager" and b.config._attn_implementation == "eager"
+    assert a.config._attn_implementation == rit.ATTN_IMPLEMENTATION
+    after = b(**inp, use_cache=False)
+    assert torch.equal(after.logits, before.logits) and torch.equal(after.loss, before.loss)
+    # writes through the view reach the shared config (one attribute dict)
+    a.config.use_cache = False
+    assert cfg.use_cache is False
+    a.config.use_cache = True
+    with pytest.raises(RuntimeError, match="call remove_rlhf_ops"):
+        a.config._attn_implementation = "sdpa"
+
+
+def test_loss_kwargs_follow_transformers(monkeypatch):
+    """num_items_in_batch, ignore_index, shift_labels, return_dict=False, attention only / loss only."""
+    torch.manual_seed(0)
+    ref = tiny("qwen3")
+    model = apply_rlhf_ops(copy.deepcopy(ref), backend="reference")
+    inp = batch("right")
+    ids, mask, labels = inp["input_ids"], inp["attention_mask"], inp["labels"]
+    for kw in (dict(num_items_in_batch=torch.tensor(7)), dict(num_items_in_batch=11),
+               dict(ignore_index=-1, labels=labels.masked_fill(labels == -100, -1)),
+               dict(shift_labels=labels)):           # used as given, not shifted
+        kw = {"labels": labels, **kw}
+        r = ref(input_ids=ids, attention_mask=mask, use_cache=False, **kw).loss
+        o = model(input_ids=ids, attention_mask=mask, use_cache=False, **kw).loss
+        assert rel_err(o, r) <= TOL, (kw.keys(), o.item(), r.item())
+    tup = model(ids, mask, None, None, None, labels, False, return_dict=False)    # positional labels
+    assert isinstance(tup, tuple) and rel_err(tup[0], ref(**inp, use_cache=False).loss) <= TOL
+    # attention only: logits are formed by the model's own head, the loss by transformers
+    only_attn = apply_rlhf_ops(copy.deepcopy(ref), loss=False, backend="reference")
+    assert "forward" not in only_attn.__dict__ and only_attn(**inp).logits is not None
+    # loss only: eager attention, fused loss
+    only_loss = apply_rlhf_ops(copy.deepcopy(ref), attention=False, backend="reference")
+    assert only_loss.config._attn_implementation == "eager"
+    out = only_loss(**inp, use_cache=False)
+    assert out.logits is None and rel_err(out.loss, ref(**inp, use_cache=False).loss) <= TOL
+
+
+def test_all_ignored_labels_give_zero_loss():
+    model = apply_rlhf_ops(tiny("llama"), backend="reference")
+    inp = batch("full")
+    out = model(input_ids=inp["input_ids"], labels=torch.full_like(inp["input_ids"], -100))
+    assert out.loss.item() == 0.0
+    out.loss.backward()
+    assert all(p.grad is None or not p.grad.abs().any() for p in model.parameters())
+
+
+def test_reward_model_head_gets_attention_only(monkeypatch):
+    """A sequence-classification (reward) model: attention patched, its own score head kept."""
+    torch.manual_seed(0)
+    ref = tiny("llama", head="seqcls")
+    model = apply_rlhf_ops(copy.deepcopy(ref), backend="reference")
+    assert rlhf_ops_status(model)["loss"] is False and "forward" not in model.__dict__
+    inp = batch("right")
+    inp.pop("labels")
+    spy = _Spy(monkeypatch)
+    r, o = ref(**inp).logits, model(**inp).logits
+    assert spy.calls["varlen"] == 2 and o.shape == (3, 1)
+    assert rel_err(o, r) <= TOL
+
+
+def test_unsupported_and_bad_use_raise():
+    bert = tf.BertModel(tf.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, intermediate_size=32))
+    with pytest.raises(ValueError, match=r"BertModel \(model_type 'bert'\) is not supported.*"
+                                         r"Supported families: llama, mistral"):
+        apply_rlhf_ops(bert)
+    with pytest.raises(TypeError, match="expects a transformers PreTrainedModel"):
+        apply_rlhf_ops(torch.nn.Linear(2, 2))
+    gemma = tiny("gemma2", 1, final_logit_softcapping=30.0)
+    with pytest.raises(ValueError, match="final_logit_softcapping=30.0.*pass loss=False"):
+        apply_rlhf_ops(gemma)
+    apply_rlhf_ops(gemma, loss=False, backend="reference")           # attention only is fine
+    assert gemma(**batch("left")).logits is not None
+    with pytest.raises(ValueError, match="unknown backend 'tpu'"):
+        apply_rlhf_ops(tiny("llama", 1), backend="tpu")
+    with pytest.raises(ValueError, match="is not patched"):
+        remove_rlhf_ops(tiny("llama", 1))
+
+    model = apply_rlhf_ops(tiny("llama", 1, attention_dropout=0.1), backend="reference")
+    inp = batch("mixed")
+    with pytest.raises(ValueError, match="attention dropout p=0.1 in training mode"):
+        model(**inp)
+    model.eval()
+    model(**inp)                                                      # no dropout in eval mode
+    with pytest.raises(ValueError, match="output_attentions=True"):
+        model(**inp, output_attentions=True)
+    with pytest.raises(ValueError, match="logits_to_keep cannot be combined with labels"):
+        model(**inp, logits_to_keep=1)
+    mask4 = torch.zeros(3, 1, 10, 10, device=DEVICE)
+    with pytest.raises(ValueError, match="4-D attention mask"):
+        model(input_ids=inp["input_ids"], attention_mask=mask4)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the Triton interpreter runs on CPU tensors only")
+def test_bf16_triton_under_interpreter_raises():
+    model = apply_rlhf_ops(tiny("llama", 1).to(torch.bfloat16), backend="triton")
+    with pytest.raises(TypeError, match="bfloat16 .* CPU interpreter"):
+        model(**batch("mixed"))
+    model = apply_rlhf_ops(tiny("llama", 1).to(torch.bfloat16), attention=False, backend="triton")
+    with pytest.raises(TypeError, match="bfloat16 on the Triton backend under the CPU interpreter"):
+        model(**batch("mixed"))
