@@ -1,6 +1,10 @@
 """Bytes each op keeps for backward at LLM sizes, eager reference vs each fused backend.
 
-    python -m bench.memory [--out bench/results] [--ops cross_entropy,attention,...]
+    python -m bench.memory [--out DIR] [--ops cross_entropy,attention,...] [--force]
+
+Without ``--out`` the results go to the tracked ``bench/results/memory.{json,md}`` and the table in
+``bench/README.md`` — but only when a number changed: a rerun that measures the same bytes leaves
+those files (their commit and date included) untouched. ``--out DIR`` always writes there.
 
 Measured on the ``meta`` device, so it runs anywhere in seconds: a meta tensor has a shape,
 a dtype and a storage size but no data; the reference backend runs its eager code on meta
@@ -187,10 +191,25 @@ def git_commit() -> str:
         return "unknown"
 
 
+def unchanged(rows: list[dict], path: str) -> bool:
+    """The memory.json at path holds exactly these rows (commit, date and torch version aside)."""
+    try:
+        with open(path) as f:
+            return json.load(f).get("rows") == json.loads(json.dumps(rows))
+    except (OSError, ValueError):
+        return False
+
+
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=DEFAULT_OUT)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.memory", description=__doc__.split("\n")[0],
+        epilog="Without --out, tracked files are rewritten only when a number changed.")
+    p.add_argument("--out", default=None,
+                   help="write memory.json and memory.md to this folder, always (default: "
+                        "bench/results and bench/README.md's table, only when a number changed)")
     p.add_argument("--ops", default=None, help="comma-separated ops (default: all)")
+    p.add_argument("--force", action="store_true",
+                   help="rewrite the tracked files even when no number changed")
     args = p.parse_args(argv)
     rows = measure(args.ops.split(",") if args.ops else None)
     result = {"device": "meta", "commit": git_commit(),
@@ -198,19 +217,26 @@ def main(argv=None) -> dict:
               "what": "bytes kept for backward (saved tensors + tensors kept alive elsewhere), "
                       "excluding the op's inputs; measured on the meta device",
               "rows": rows}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "memory.json"), "w") as f:
+    out = args.out or DEFAULT_OUT
+    tracked = os.path.abspath(out) == os.path.abspath(DEFAULT_OUT)
+    sys.stdout.write(markdown(rows))
+    if tracked and not args.force and (args.ops or unchanged(rows, os.path.join(out, "memory.json"))):
+        why = ("--ops measures a subset" if args.ops else "every number equals bench/results/memory.json's")
+        print(f"bench.memory: {why}; tracked files left as they are (--out DIR writes elsewhere)")
+        return result
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "memory.json"), "w") as f:
         json.dump(result, f, indent=1)
-    with open(os.path.join(args.out, "memory.md"), "w") as f:
+    with open(os.path.join(out, "memory.md"), "w") as f:
         f.write(f"Bytes kept for backward, measured on the meta device (commit "
                 f"{result['commit'][:10]}, {result['date']}, torch {result['torch']}). "
                 "'new' excludes the op's inputs; 'incl. inputs' counts them too. On meta, the "
                 "triton and cuda rows both run the op's fake implementation (what autograd "
                 "would keep), so they agree by construction.\n\n")
         f.write(markdown(rows))
-    if os.path.abspath(args.out) == os.path.abspath(DEFAULT_OUT):
+    if tracked:
         _update_readme(result)
-    sys.stdout.write(markdown(rows))
+    print(f"bench.memory: wrote {out}/memory.json and memory.md")
     return result
 
 

@@ -388,18 +388,62 @@ def validate(res: dict) -> None:
             raise ValueError(f"benchmarks[{i}]: status {e['status']} without a reason")
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description="rlhf_ops benchmark report")
-    p.add_argument("--quick", action="store_true", help="GPU: only the goal shapes")
-    p.add_argument("--size", choices=harness.SIZES, default=None)
-    p.add_argument("--ops", default=None, help="comma-separated op names (default: all)")
-    p.add_argument("--tests", action="store_true", help="also run the test suite")
-    p.add_argument("--junit", default=None,
+# what a CPU smoke run measures but does not mean: timings (and when and where they were taken)
+_SMOKE_NOISE = {"median_ms", "tflops", "gbps", "roofline_frac", "peak_mem_bytes", "commit", "date",
+                "roofline", "roofline_label"}
+
+
+def _without_noise(x):
+    if isinstance(x, dict):
+        return {k: _without_noise(v) for k, v in x.items() if k not in _SMOKE_NOISE}
+    if isinstance(x, list):
+        return [_without_noise(v) for v in x]
+    return x
+
+
+def smoke_unchanged(res: dict, path: str) -> bool:
+    """A smoke run's results equal the file's, timings aside (which cases ran, their status,
+    reasons, goals and tests)."""
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return _without_noise(old) == _without_noise(json.loads(json.dumps(res)))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.report",
+        description="Run the roofline probe and every op benchmark on this machine's GPU (or, "
+                    "without one, tiny smoke sizes on the CPU); write <slug>.json in the results "
+                    "format of docs/design.md, <slug>.md (a table) and <slug>-<op>.png plots.",
+        epilog="A CPU smoke run does not rewrite the tracked bench/results files when only its "
+               "timings changed (they are not speed); --out DIR always writes.")
+    p.add_argument("--quick", action="store_true",
+                   help="GPU only: measure just the goal shapes of the issues (size 'quick')")
+    p.add_argument("--size", choices=harness.SIZES, default=None,
+                   help="case sizes: smoke (tiny, CPU default), quick (goal shapes), llm (full "
+                        "sweep, GPU default)")
+    p.add_argument("--ops", default=None,
+                   help=f"comma-separated ops to measure (default: all of {', '.join(sorted(FAMILY_OF))})")
+    p.add_argument("--tests", action="store_true",
+                   help="also run the test suite and record passed/failed/skipped per <op>/<backend>")
+    p.add_argument("--junit", default=None, metavar="FILE",
                    help="fill the tests field from this pytest junit XML instead of running them")
-    p.add_argument("--out", default=os.path.join(HERE, "results"))
-    p.add_argument("--budget-s", type=float, default=None)
-    p.add_argument("--no-plots", action="store_true")
-    args = p.parse_args(argv)
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="results folder (default: bench/results, the tracked one)")
+    p.add_argument("--budget-s", type=float, default=None, metavar="S",
+                   help="stop starting new measurements after S seconds (goal shapes run first; "
+                        "the rest is recorded as skipped)")
+    p.add_argument("--no-plots", action="store_true", help="write the JSON and the table, no PNGs")
+    return p
+
+
+def main(argv=None) -> dict:
+    args = parser().parse_args(argv)
+    tracked = args.out is None or os.path.abspath(args.out) == os.path.abspath(os.path.join(HERE, "results"))
+    args.out = args.out or os.path.join(HERE, "results")
 
     gpu = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
     device = torch.device("cuda" if gpu else "cpu")
@@ -421,9 +465,11 @@ def main(argv=None) -> dict:
         res["note"] = SMOKE_NOTE
     budget = None if args.budget_s is None else max(0.0, args.budget_s - (time.time() - t0))
     json_path = os.path.join(args.out, f"{slug}.json")
+    keep_if_same = tracked and size == "smoke"     # a smoke run's timings are not results
+    partial_path = json_path + ".partial" if keep_if_same else json_path
 
     def progress(entries):  # partial results on disk in case the run is cut short
-        with open(json_path, "w") as f:
+        with open(partial_path, "w") as f:
             json.dump(dict(res, benchmarks=entries, partial=True), f, indent=1)
     res["benchmarks"] = run_benchmarks(device, size, args.ops.split(",") if args.ops else None,
                                        budget, res["roofline"], progress=progress)
@@ -434,6 +480,13 @@ def main(argv=None) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             res["tests"] = run_tests(tmp)
     validate(res)
+    if keep_if_same:
+        if os.path.exists(partial_path):
+            os.remove(partial_path)
+        if smoke_unchanged(res, json_path):
+            print(f"smoke run: the same cases, statuses and tests as {json_path}; only timings differ "
+                  f"(not speed), so the tracked results are left as they are (--out DIR writes elsewhere)")
+            return res
     with open(json_path, "w") as f:
         json.dump(res, f, indent=1)
     with open(os.path.join(args.out, f"{slug}.md"), "w") as f:
