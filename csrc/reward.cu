@@ -1,7 +1,8 @@
 // Pairwise reward-model loss, CUDA: one warp per prompt, kPromptsPerBlock prompts per block.
 //
 // Prompt b has rewards r [K] and ranks k [K] (0 = best, < 0 = absent); its pairs are (i, j)
-// with 0 <= k_i < k_j, n their count, m the margin, d_ij = r_i − r_j − m for a pair:
+// with 0 <= k_i < k_j, n their count, m the margin (a float, or margins[b] of an optional
+// per-prompt tensor), d_ij = r_i − r_j − m for a pair:
 //   loss_b       = 1/n · Σ_pairs softplus(−d_ij)                    (0 when n = 0)
 //   ∂loss_b/∂r_i = 1/n · (Σ_{j beats i} σ(−d_ji) − Σ_{i beats j} σ(−d_ij))
 // Lane l owns responses i = l, l + 32, ...; the responses j stream past it 32 at a time: each
@@ -12,6 +13,8 @@
 // 1/(1+e): finite for rewards of any size. Rewards of absent responses are never read.
 // float math for half/bfloat16/float, double for double.
 #include "common.cuh"
+
+#include <optional>
 
 namespace rlhf {
 namespace {
@@ -30,13 +33,15 @@ template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kPromptsPerBlock * kWarp)
 pairwise_reward_fwd_kernel(const scalar_t* __restrict__ rewards, const int64_t* __restrict__ ranks,
                            acc_t* __restrict__ loss, int64_t* __restrict__ npairs,
-                           acc_t* __restrict__ grad, int64_t B, int64_t K, acc_t margin) {
+                           acc_t* __restrict__ grad, const acc_t* __restrict__ margins,
+                           int64_t B, int64_t K, acc_t margin_all) {
   const int lane = threadIdx.x % kWarp;
   const int64_t b = static_cast<int64_t>(blockIdx.x) * kPromptsPerBlock + threadIdx.x / kWarp;
   if (b >= B) return;  // the whole warp leaves together, so the shuffles below stay full-warp
   const scalar_t* r = rewards + b * K;
   const long long* rk = reinterpret_cast<const long long*>(ranks) + b * K;
   acc_t* g = grad + b * K;
+  const acc_t margin = margins != nullptr ? margins[b] : margin_all;
 
   acc_t loss_sum = 0;
   long long n = 0;
@@ -81,9 +86,9 @@ pairwise_reward_fwd_kernel(const scalar_t* __restrict__ rewards, const int64_t* 
   for (int64_t i = lane; i < K; i += kWarp) g[i] *= inv_n;  // entries this lane wrote above
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_reward_fwd(const at::Tensor& rewards_,
-                                                                   const at::Tensor& ranks_,
-                                                                   double margin) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_reward_fwd(
+    const at::Tensor& rewards_, const at::Tensor& ranks_, double margin,
+    const std::optional<at::Tensor>& margins_) {
   const char* op = "pairwise_reward_fwd";
   RLHF_CHECK_CUDA(op, "rewards", rewards_);
   RLHF_CHECK_CUDA(op, "ranks", ranks_);
@@ -101,6 +106,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_reward_fwd(const at::Ten
   at::Tensor loss = at::empty({B}, rewards.options().dtype(acc));
   at::Tensor npairs = at::empty({B}, rewards.options().dtype(at::kLong));
   at::Tensor grad = at::empty({B, K}, rewards.options().dtype(acc));
+  at::Tensor margins;  // per-prompt margins in the accumulation dtype
+  if (margins_.has_value()) {
+    RLHF_CHECK_CUDA(op, "margins", *margins_);
+    RLHF_CHECK_SAME_DEVICE(op, "margins", *margins_, "rewards", rewards_);
+    TORCH_CHECK(margins_->is_floating_point() && margins_->dim() == 1 && margins_->size(0) == B,
+                "rlhf_ops_cuda.", op, ": margins must be a float tensor of shape [B] = [", B,
+                "], got ", margins_->scalar_type(), " ", margins_->sizes());
+    margins = margins_->to(acc).contiguous();
+  }
   if (B == 0) return {loss, npairs, grad};
   const int64_t blocks = (B + kPromptsPerBlock - 1) / kPromptsPerBlock;
   TORCH_CHECK(blocks <= INT32_MAX, "rlhf_ops_cuda.", op, ": too many prompts");
@@ -110,7 +124,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_reward_fwd(const at::Ten
     pairwise_reward_fwd_kernel<scalar_t, acc_t>
         <<<static_cast<unsigned>(blocks), kPromptsPerBlock * kWarp, 0, stream>>>(
             rewards.data_ptr<scalar_t>(), ranks.data_ptr<int64_t>(), loss.data_ptr<acc_t>(),
-            npairs.data_ptr<int64_t>(), grad.data_ptr<acc_t>(), B, K, static_cast<acc_t>(margin));
+            npairs.data_ptr<int64_t>(), grad.data_ptr<acc_t>(),
+            margins.defined() ? margins.data_ptr<acc_t>() : nullptr, B, K, static_cast<acc_t>(margin));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {loss, npairs, grad};
@@ -119,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_reward_fwd(const at::Ten
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(rlhf_ops_cuda, m) {
-  m.def("pairwise_reward_fwd(Tensor rewards, Tensor ranks, float margin) -> "
+  m.def("pairwise_reward_fwd(Tensor rewards, Tensor ranks, float margin, Tensor? margins=None) -> "
         "(Tensor loss, Tensor npairs, Tensor grad)");
 }
 

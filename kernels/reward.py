@@ -1,7 +1,8 @@
 """Triton pairwise reward-model loss: one program per prompt, loss and gradient in one pass.
 
 For prompt b with rewards r [K] and ranks k [K] (0 = best, < 0 = absent response), the pairs
-are the ordered (i, j) with 0 <= k_i < k_j ("i beats j"), n = their count, m the margin,
+are the ordered (i, j) with 0 <= k_i < k_j ("i beats j"), n = their count, m the margin (one
+float for every prompt, or margins[b] from a per-prompt tensor),
 d_ij = r_i − r_j − m for a pair, and
 
     loss_b       = 1/n · Σ_pairs softplus(−d_ij)            (= −log σ(d_ij), 0 when n = 0)
@@ -60,15 +61,27 @@ def _load_prompt(r_ptr, rank_ptr, base, idx, K, ACC_FP64: tl.constexpr):
 
 
 @triton.jit
-def _pairwise_small(r_ptr, rank_ptr, loss_ptr, npairs_ptr, grad_ptr, K, m_hi, m_lo,
-                    BLOCK_K: tl.constexpr, ACC_FP64: tl.constexpr):
+def _margin(mg_ptr, b, m_hi, m_lo, HAS_MG: tl.constexpr, ACC_FP64: tl.constexpr):
+    """Prompt b's margin in the accumulation dtype: margins[b] (already in that dtype), or the
+    scalar m_hi + m_lo (exact in fp64; m_hi alone in fp32)."""
+    if HAS_MG:
+        m = to_acc(tl.load(mg_ptr + b), ACC_FP64)
+    else:
+        m = (to_acc(tl.zeros((), tl.float32), ACC_FP64) + m_hi) + m_lo
+    return m
+
+
+@triton.jit
+def _pairwise_small(r_ptr, rank_ptr, loss_ptr, npairs_ptr, grad_ptr, mg_ptr, K, m_hi, m_lo,
+                    BLOCK_K: tl.constexpr, HAS_MG: tl.constexpr, ACC_FP64: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     base = b * K
     idx = tl.arange(0, BLOCK_K)
     rank, r = _load_prompt(r_ptr, rank_ptr, base, idx, K, ACC_FP64)
+    m = _margin(mg_ptr, b, m_hi, m_lo, HAS_MG, ACC_FP64)
     # Pair matrix: row i = winner candidate, column j = loser candidate.
     better = (rank[:, None] >= 0) & (rank[:, None] < rank[None, :])
-    softplus_neg, sig_neg = _pair_terms(r[:, None] - r[None, :] - m_hi - m_lo)
+    softplus_neg, sig_neg = _pair_terms(r[:, None] - r[None, :] - m)
     n = tl.sum(tl.sum(better.to(tl.int64), 1), 0)
     inv_n = 1.0 / tl.maximum(n, 1).to(r.dtype)
     loss = tl.sum(tl.sum(tl.where(better, softplus_neg, 0.0), 1), 0) * inv_n
@@ -80,10 +93,11 @@ def _pairwise_small(r_ptr, rank_ptr, loss_ptr, npairs_ptr, grad_ptr, K, m_hi, m_
 
 
 @triton.jit
-def _pairwise_tiled(r_ptr, rank_ptr, loss_ptr, npairs_ptr, grad_ptr, K, m_hi, m_lo,
-                    TILE: tl.constexpr, ACC_FP64: tl.constexpr):
+def _pairwise_tiled(r_ptr, rank_ptr, loss_ptr, npairs_ptr, grad_ptr, mg_ptr, K, m_hi, m_lo,
+                    TILE: tl.constexpr, HAS_MG: tl.constexpr, ACC_FP64: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     base = b * K
+    m = _margin(mg_ptr, b, m_hi, m_lo, HAS_MG, ACC_FP64)
     t = tl.arange(0, TILE)
     # Pass 1, ranks only: n = number of pairs.
     n = tl.zeros((), tl.int64)
@@ -105,7 +119,7 @@ def _pairwise_tiled(r_ptr, rank_ptr, loss_ptr, npairs_ptr, grad_ptr, K, m_hi, m_
             loses = (rank_j[None, :] >= 0) & (rank_j[None, :] < rank_i[:, None])
             # One evaluation per element: d of the pair (i, j) if i wins, of (j, i) if j wins.
             diff = r_i[:, None] - r_j[None, :]
-            softplus_neg, sig_neg = _pair_terms(tl.where(wins, diff, -diff) - m_hi - m_lo)
+            softplus_neg, sig_neg = _pair_terms(tl.where(wins, diff, -diff) - m)
             loss += tl.sum(tl.sum(tl.where(wins, softplus_neg, 0.0), 1), 0)
             g += tl.sum(tl.where(loses, sig_neg, 0.0) - tl.where(wins, sig_neg, 0.0), 1)
         tl.store(grad_ptr + base + i0 + t, g * inv_n, mask=i0 + t < K)
@@ -114,8 +128,9 @@ def _pairwise_tiled(r_ptr, rank_ptr, loss_ptr, npairs_ptr, grad_ptr, K, m_hi, m_
 
 
 def launch(rewards: torch.Tensor, ranks: torch.Tensor, margin: float, loss: torch.Tensor,
-           npairs: torch.Tensor, grad: torch.Tensor) -> None:
-    """Write loss [B], npairs [B] (int64) and grad [B, K] (acc dtype) for contiguous inputs."""
+           npairs: torch.Tensor, grad: torch.Tensor, margins: torch.Tensor | None = None) -> None:
+    """Write loss [B], npairs [B] (int64) and grad [B, K] (acc dtype) for contiguous inputs;
+    ``margins`` [B] (contiguous, in the accumulation dtype) replaces ``margin`` when given."""
     B, K = rewards.shape
     if B == 0:
         return
@@ -124,23 +139,28 @@ def launch(rewards: torch.Tensor, ranks: torch.Tensor, margin: float, loss: torc
     # it to about 1e-15, as fp64 math needs.
     m_hi = struct.unpack("f", struct.pack("f", margin))[0]
     m_lo = float(margin) - m_hi
+    has_mg = margins is not None
+    mg = margins if has_mg else loss   # never read without margins
     if K <= MAX_SMALL_K:
         block = max(triton.next_power_of_2(max(K, 1)), 16)
         warps = 1 if block <= 16 else (2 if block <= 32 else 4)
-        _pairwise_small[(B,)](rewards, ranks, loss, npairs, grad, K, m_hi, m_lo,
-                              BLOCK_K=block, ACC_FP64=fp64, num_warps=warps)
+        _pairwise_small[(B,)](rewards, ranks, loss, npairs, grad, mg, K, m_hi, m_lo,
+                              BLOCK_K=block, HAS_MG=has_mg, ACC_FP64=fp64, num_warps=warps)
     else:
-        _pairwise_tiled[(B,)](rewards, ranks, loss, npairs, grad, K, m_hi, m_lo,
-                              TILE=TILE, ACC_FP64=fp64, num_warps=4)
+        _pairwise_tiled[(B,)](rewards, ranks, loss, npairs, grad, mg, K, m_hi, m_lo,
+                              TILE=TILE, HAS_MG=has_mg, ACC_FP64=fp64, num_warps=4)
 
 
-def forward(rewards: torch.Tensor, ranks: torch.Tensor, margin: float = 0.0):
-    """rewards [B, K] float, ranks [B, K] int64 → (loss [B], npairs [B] int64, grad [B, K])."""
+def forward(rewards: torch.Tensor, ranks: torch.Tensor, margin: float = 0.0,
+            margins: torch.Tensor | None = None):
+    """rewards [B, K] float, ranks [B, K] int64, margin a float or margins [B] (accumulation
+    dtype) → (loss [B], npairs [B] int64, grad [B, K])."""
     rewards, ranks = rewards.contiguous(), ranks.contiguous()
     B, K = rewards.shape
     acc = torch.float64 if rewards.dtype == torch.float64 else torch.float32
     loss = torch.empty(B, dtype=acc, device=rewards.device)
     npairs = torch.empty(B, dtype=torch.int64, device=rewards.device)
     grad = torch.empty(B, K, dtype=acc, device=rewards.device)
-    launch(rewards, ranks, margin, loss, npairs, grad)
+    launch(rewards, ranks, margin, loss, npairs, grad,
+           None if margins is None else margins.to(acc).contiguous())
     return loss, npairs, grad

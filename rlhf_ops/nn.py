@@ -120,20 +120,24 @@ class CausalSelfAttention(nn.Module):
 
 class PairwiseRewardLoss(nn.Module):
     """Module form of ``rlhf_ops.pairwise_reward_loss(rewards [B, K], ranks [B, K])``; ``margin`` is
-    subtracted inside σ (−log σ(r_w − r_l − margin))."""
+    subtracted inside σ (−log σ(r_w − r_l − margin)). A per-prompt margin tensor [B] (it changes
+    with every batch) is passed to ``forward`` and replaces the constructor's float there."""
 
     def __init__(self, reduction: str = "mean", margin: float = 0.0, backend: str | None = None):
         super().__init__()
         self.reduction, self.margin, self.backend = reduction, margin, backend
 
-    def forward(self, rewards: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    def forward(self, rewards: torch.Tensor, ranks: torch.Tensor,
+                margin: torch.Tensor | float | None = None) -> torch.Tensor:
         from .reward import pairwise_reward_loss
-        return pairwise_reward_loss(rewards, ranks, reduction=self.reduction, margin=self.margin,
+        return pairwise_reward_loss(rewards, ranks, reduction=self.reduction,
+                                    margin=self.margin if margin is None else margin,
                                     backend=self.backend)
 
 
 class KLPenalty(nn.Module):
-    """Module form of ``rlhf_ops.kl_penalty``; returns the ``KLPenalty`` named tuple."""
+    """Module form of ``rlhf_ops.kl_penalty``; returns the ``KLPenalty`` named tuple (its
+    ``entropy`` is differentiable, for an entropy bonus)."""
 
     def __init__(self, beta: float, estimator: str = "k1", temperature: float = 1.0,
                  backend: str | None = None):

@@ -3,7 +3,8 @@
     loss(θ) = −1/C(K,2) · E[log σ(r_θ(x, y_w) − r_θ(x, y_l))]
 
 Per prompt b (rewards r [K], ranks k [K], 0 = best, < 0 = absent): the pairs are (i, j) with
-0 <= k_i < k_j, n_b their count, m an optional fixed margin (0 by default), and
+0 <= k_i < k_j, n_b their count, m the margin (0 by default; a float, or one value per prompt
+from a tensor [B], which gets no gradient), and
 
     loss_b = 1/n_b · Σ_pairs softplus(−(r_i − r_j − m))   (0 with a zero gradient when n_b = 0)
 
@@ -33,15 +34,16 @@ def _impl_fwd(backend: str):
 # ------------------------------------------------------------------------------ custom op ---
 
 @torch.library.custom_op("rlhf_ops::pairwise_reward_fwd", mutates_args=())
-def pairwise_reward_fwd(rewards: Tensor, ranks: Tensor, margin: float,
+def pairwise_reward_fwd(rewards: Tensor, ranks: Tensor, margin: float, margins: Tensor | None,
                         backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """rewards [B, K] float, ranks [B, K] int64 → (loss [B], npairs [B] int64, grad [B, K]),
+    """rewards [B, K] float, ranks [B, K] int64, margin a float or margins [B] (in the
+    accumulation dtype; replaces margin when given) → (loss [B], npairs [B] int64, grad [B, K]),
     loss and grad in fp32 (fp64 for fp64 rewards); grad = ∂loss_b/∂rewards[b]."""
-    return _impl_fwd(backend)(rewards, ranks, margin)
+    return _impl_fwd(backend)(rewards, ranks, margin, margins)
 
 
 @pairwise_reward_fwd.register_fake
-def _(rewards, ranks, margin, backend):
+def _(rewards, ranks, margin, margins, backend):
     acc = _checks.acc_dtype(rewards.dtype)
     B, K = rewards.shape
     return (rewards.new_empty((B,), dtype=acc), rewards.new_empty((B,), dtype=torch.int64),
@@ -57,8 +59,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, grad_npairs, grad_grad):
     (grad,) = ctx.saved_tensors
-    # ∂L/∂r[b, i] = ∂L/∂loss_b · ∂loss_b/∂r[b, i]
-    return (grad_loss.unsqueeze(1) * grad).to(ctx.dtype), None, None, None
+    # ∂L/∂r[b, i] = ∂L/∂loss_b · ∂loss_b/∂r[b, i]; the margin gets no gradient
+    return (grad_loss.unsqueeze(1) * grad).to(ctx.dtype), None, None, None, None
 
 
 pairwise_reward_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -72,14 +74,25 @@ def _check(rewards, ranks, reduction, margin):
     _checks.same_device(OP, "rewards", rewards, ranks=ranks)
     _checks.shape(OP, "ranks", ranks, rewards.shape, "rewards.shape [B, K]")
     _checks.reduction(OP, reduction)
+    if isinstance(margin, Tensor):
+        _checks.floating(OP, "margin", margin)
+        _checks.same_device(OP, "rewards", rewards, margin=margin)
+        _checks.shape(OP, "margin", margin, rewards.shape[:1], "[B] (one per prompt)")
+        # a value check is a host sync: CPU tensors, or RLHF_OPS_DEBUG=1, and not while compiling
+        if _backend.debug_checks(margin.device) and not torch.compiler.is_compiling():
+            if margin.numel() and not bool(torch.isfinite(margin).all()):
+                raise ValueError(f"rlhf_ops.{OP}: margin must be finite, got a tensor holding "
+                                 f"{margin[~torch.isfinite(margin)][0].item()}")
+        return
     if isinstance(margin, bool) or not isinstance(margin, (int, float)):
-        raise TypeError(f"rlhf_ops.{OP}: margin must be a Python float, got {type(margin).__name__}")
+        raise TypeError(f"rlhf_ops.{OP}: margin must be a Python float or a float tensor [B], got "
+                        f"{type(margin).__name__}")
     if not abs(margin) < 1e30:
         raise ValueError(f"rlhf_ops.{OP}: margin must be finite (|margin| < 1e30), got {margin}")
 
 
 def pairwise_reward_loss(rewards: Tensor, ranks: Tensor, *, reduction: str = "mean",
-                         margin: float = 0.0, backend: str | None = None) -> Tensor:
+                         margin: float | Tensor = 0.0, backend: str | None = None) -> Tensor:
     """Pairwise ranking loss of a reward model over K responses per prompt.
 
     rewards [B, K] float (any of fp16/bf16/fp32/fp64); ranks [B, K] int64, 0 = best, a negative
@@ -87,15 +100,22 @@ def pairwise_reward_loss(rewards: Tensor, ranks: Tensor, *, reduction: str = "me
     Per prompt: the mean over pairs (i, j) with ranks[i] < ranks[j] of −log σ(r_i − r_j); equal
     ranks make no pair; a prompt without a pair has loss 0 and a zero gradient. ``reduction``:
     "mean" over prompts with at least one pair (0 if none has), "sum", or "none" ([B]).
-    ``margin`` (a float, default 0) is subtracted inside σ: −log σ(r_i − r_j − margin), a fixed
-    margin in the manner of Llama-2's reward model (which uses one per rating gap).
+    ``margin`` is subtracted inside σ: −log σ(r_i − r_j − m_b), either one float for every
+    prompt (default 0) or a float tensor [B] with one margin per prompt (Llama-2's margin by
+    rating gap, TRL's ``margin`` column); it gets no gradient. The tensor must be finite (checked
+    for CPU tensors and with RLHF_OPS_DEBUG=1; on CUDA a non-finite margin gives that prompt a
+    non-finite loss).
     The result is fp32 (fp64 for fp64 rewards).
     """
     _check(rewards, ranks, reduction, margin)
     be = _backend.resolve(OP, backend, rewards.device)
+    per_prompt = isinstance(margin, Tensor)
     if be == "reference":
-        return reference.pairwise_reward_loss(rewards, ranks, reduction, float(margin))
-    loss, npairs, _ = torch.ops.rlhf_ops.pairwise_reward_fwd(rewards, ranks, float(margin), be)
+        return reference.pairwise_reward_loss(rewards, ranks, reduction,
+                                              margin.detach() if per_prompt else float(margin))
+    margins = margin.detach().to(_checks.acc_dtype(rewards.dtype)).contiguous() if per_prompt else None
+    loss, npairs, _ = torch.ops.rlhf_ops.pairwise_reward_fwd(
+        rewards, ranks, 0.0 if per_prompt else float(margin), margins, be)
     if reduction == "none":
         return loss
     total = loss.sum()

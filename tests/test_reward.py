@@ -62,9 +62,13 @@ def _run(rewards, ranks, backend, reduction, g=None, margin=0.0):
 
 
 def _loop_oracle(rewards, ranks, margin=0.0):
-    """Per-prompt loss and gradient by an explicit Python loop over pairs (float64 math)."""
+    """Per-prompt loss and gradient by an explicit Python loop over pairs (float64 math);
+    ``margin`` a float or one per prompt (a list or tensor [B])."""
     loss, grad = [], []
-    for r, k in zip(rewards.double().tolist(), ranks.tolist()):
+    B = rewards.shape[0]
+    margins = margin.tolist() if isinstance(margin, torch.Tensor) else (
+        list(margin) if isinstance(margin, (list, tuple)) else [margin] * B)
+    for r, k, margin in zip(rewards.double().tolist(), ranks.tolist(), margins):
         total, n, g = 0.0, 0, [0.0] * len(r)
         for i in range(len(r)):
             for j in range(len(r)):
@@ -131,6 +135,55 @@ def test_margin(backend, device, K, dtype):
         assert_matches(gx, gr, dtype=dtype, what=f"grad margin={margin}")
 
 
+@pytest.mark.parametrize("K", [9, 70])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_margin_per_prompt(backend, device, K, dtype):
+    """margin as a tensor [B], one per prompt (TRL's margin column): against the loop oracle in
+    float64, the fp64 reference, and equal to the float form where all margins agree; the margin
+    gets no gradient even when it requires one."""
+    B = 5 if K <= 64 else 2
+    rewards = (torch.randn(B, K, device=device) * 2).to(dtype)
+    ranks = _ranks(B, K, device)
+    margins = (torch.randn(B, device=device) * 1.5).to(torch.float32)
+    margins[0] = 0.0
+    for reduction in ("none", "mean"):
+        out, ref, gx, gr = _run(rewards, ranks, backend, reduction, margin=margins)
+        tight = torch.float32 if dtype == torch.float16 else dtype   # fp32 math on fp16 values
+        assert_matches(out, ref, dtype=tight, what=f"loss, margins [B] {reduction}")
+        if dtype != torch.float16:   # an fp16 gradient is judged below against eager
+            assert_matches(gx, gr, dtype=dtype, what=f"grad, margins [B] {reduction}")
+    loss, grad = _loop_oracle(rewards.cpu(), ranks.cpu(), margins.cpu())
+    x = rewards.double().clone().requires_grad_()
+    got = ro.pairwise_reward_loss(x, ranks, reduction="none", margin=margins.double(), backend=backend)
+    got.sum().backward()
+    assert_matches(got, loss.to(device), what="loss vs loop oracle")
+    assert_matches(x.grad, grad.to(device), what="grad vs loop oracle")
+    same = ro.pairwise_reward_loss(rewards, ranks, reduction="none", backend=backend,
+                                   margin=torch.full((B,), 0.75, dtype=dtype, device=device))
+    assert torch.equal(same, ro.pairwise_reward_loss(rewards, ranks, reduction="none", margin=0.75,
+                                                     backend=backend))
+    m = margins.clone().requires_grad_()
+    ro.pairwise_reward_loss(rewards.float().requires_grad_(), ranks, margin=m, backend=backend).backward()
+    assert m.grad is None, "the margin must get no gradient"
+
+
+def test_margin_per_prompt_fp16_grad_no_worse_than_eager(backend, device):
+    B, K = 16, 9
+    rewards = (torch.randn(B, K, device=device) * 3).half()
+    ranks = _ranks(B, K, device)
+    margins = torch.rand(B, device=device) * 2
+    present = ranks >= 0
+    better = (ranks[:, :, None] < ranks[:, None, :]) & present[:, :, None]
+    n = better.sum((1, 2))
+    g = torch.randn(B, dtype=torch.float64, device=device)
+    out, ref, gx, gr = _run(rewards, ranks, backend, "none", g, margin=margins)
+    x = rewards.detach().clone().requires_grad_()
+    d = x[:, :, None] - x[:, None, :] - margins.half()[:, None, None]
+    eager = (-F.logsigmoid(d) * better).sum((1, 2)) / n.clamp(min=1).half()
+    ge, = torch.autograd.grad(eager, x, g.half())
+    assert_matches(gx, gr, ge, what="fp16 grad with margins [B]")
+
+
 @pytest.mark.parametrize("K, tile", [(9, 4), (17, 8)])
 def test_tiled_path_with_small_tiles(device, monkeypatch, K, tile):
     """The large-K Triton kernel, forced on small K with tiles that do not divide K."""
@@ -139,7 +192,8 @@ def test_tiled_path_with_small_tiles(device, monkeypatch, K, tile):
     monkeypatch.setattr(kr, "TILE", tile)
     rewards = torch.randn(3, K, dtype=torch.float64, device=device) * 3
     ranks = _ranks(3, K, device)
-    for reduction, margin in (("mean", 0.0), ("none", 0.3)):
+    for reduction, margin in (("mean", 0.0), ("none", 0.3),
+                              ("none", torch.randn(3, dtype=torch.float64, device=device))):
         out, ref, gx, gr = _run(rewards, ranks, "triton", reduction, margin=margin)
         assert_matches(out, ref, what=f"tiled loss {reduction}")
         assert_matches(gx, gr, what=f"tiled grad {reduction}")
@@ -156,9 +210,10 @@ def test_triton_kernel_writes_every_output(device, K):
     loss = poison_(torch.empty(B, device=device))
     npairs = torch.full((B,), -99, dtype=torch.int64, device=device)
     grad = poison_(torch.empty(B, K, device=device))
-    kr.launch(rewards, ranks, 0.0, loss, npairs, grad)
+    margins = torch.randn(B, device=device)
+    kr.launch(rewards, ranks, 0.0, loss, npairs, grad, margins)
     x = rewards.double().requires_grad_()
-    ref = reference.pairwise_reward_loss(x, ranks, "none")
+    ref = reference.pairwise_reward_loss(x, ranks, "none", margins.double())
     ref.sum().backward()
     present = ranks >= 0
     expect_n = ((ranks[:, :, None] < ranks[:, None, :]) & present[:, :, None]).sum((1, 2))
@@ -288,7 +343,8 @@ def test_non_contiguous_inputs(backend, device):
 def test_gradcheck(fused_backend, device):
     rewards = torch.randn(3, 5, dtype=torch.float64, device=device, requires_grad=True)
     ranks = torch.tensor([[0, 1, 2, 3, 4], [2, 0, 2, -1, 1], [4, -1, 0, 3, 0]], device=device)
-    for reduction, margin in (("mean", 0.0), ("none", 0.5)):
+    for reduction, margin in (("mean", 0.0), ("none", 0.5),
+                              ("sum", torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64, device=device))):
         assert torch.autograd.gradcheck(
             lambda r: ro.pairwise_reward_loss(r, ranks, reduction=reduction, margin=margin,
                                               backend=fused_backend), (rewards,))
@@ -332,16 +388,18 @@ def test_torch_compile_fullgraph(fused_backend, device):
     feats = torch.randn(6, 5, 8, dtype=torch.float64, device=device)
     ranks = _ranks(6, 5, device)
 
-    def step(feats):
+    margins = torch.rand(6, dtype=torch.float64, device=device)
+
+    def step(feats, margins):
         rewards = head(feats).squeeze(-1)
-        return ro.pairwise_reward_loss(rewards, ranks, backend=fused_backend)
+        return ro.pairwise_reward_loss(rewards, ranks, margin=margins, backend=fused_backend)
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    out = compiled(feats)
+    out = compiled(feats, margins)
     out.backward()
     g_c = head.weight.grad.clone()
     head.zero_grad()
-    ref = reference.pairwise_reward_loss(head(feats).squeeze(-1), ranks)
+    ref = reference.pairwise_reward_loss(head(feats).squeeze(-1), ranks, margin=margins)
     ref.backward()
     assert_matches(out, ref, what="compiled loss")
     assert_matches(g_c, head.weight.grad, what="compiled grad")
@@ -360,6 +418,12 @@ def test_nn_module_matches_functional(backend, device):
         x64 = rewards.clone().requires_grad_()
         reference.pairwise_reward_loss(x64, ranks, reduction).sum().backward()
         assert_matches(x.grad, x64.grad, what=f"module grad {reduction}")
+    margins = torch.randn(5, dtype=torch.float64, device=device)
+    mod = PairwiseRewardLoss(reduction="none", margin=0.3, backend=backend)
+    assert_matches(mod(rewards, ranks, margins),
+                   reference.pairwise_reward_loss(rewards, ranks, "none", margins), what="module margins")
+    assert_matches(mod(rewards, ranks), reference.pairwise_reward_loss(rewards, ranks, "none", 0.3),
+                   what="module float margin")
 
 
 # ------------------------------------------------------------------------------ bad input ---
@@ -388,10 +452,26 @@ def test_bad_inputs_raise(device):
         op(r, k, backend="fast")
     with pytest.raises(TypeError, match="rewards"):
         op([[0.0, 1.0]], k)
+    with pytest.raises(ValueError, match=r"margin must have shape \[B\] \(one per prompt\) = \(3,\)"):
+        op(r, k, margin=torch.tensor(0.5, device=device))
+    with pytest.raises(ValueError, match="margin must have shape"):
+        op(r, k, margin=torch.zeros(4, device=device))
+    with pytest.raises(TypeError, match="margin must have dtype"):
+        op(r, k, margin=torch.zeros(3, dtype=torch.int64, device=device))
+    with pytest.raises(ValueError, match="margin is on meta"):
+        op(r, k, margin=torch.zeros(3, device="meta"))
+    with pytest.raises(TypeError, match="margin must be a Python float or a float tensor"):
+        op(r, k, margin="0.5")
     with pytest.raises(TypeError, match="margin"):
-        op(r, k, margin=torch.tensor(0.5))
+        op(r, k, margin=True)
     with pytest.raises(ValueError, match="margin"):
         op(r, k, margin=float("inf"))
+    if device == "cpu":  # value checks run eagerly for CPU tensors
+        for bad in (float("nan"), float("-inf")):
+            m = torch.zeros(3, device=device)
+            m[1] = bad
+            with pytest.raises(ValueError, match="margin must be finite"):
+                op(r, k, margin=m)
 
 
 def test_unavailable_backend_is_an_error():
