@@ -53,6 +53,31 @@ timeout -s INT -k 30 "$TESTS_S" $PY -m pytest -q -p no:cacheprovider tests -o ad
   --junitxml="$LOGS/junit.xml" >"$LOGS/tests.log" 2>&1
 echo "tests rc=$? in $(( $(date +%s) - t0 )) s"; tail -15 "$LOGS/tests.log"
 
+# ---- the training loop on CUDA (rlhf_ops/train; owner: train) ----
+# `python -m rlhf_ops.train all --preset tiny --device cuda` once per backend that
+# rlhf_ops.available_backends() lists (reference, triton, and cuda when the extension loaded):
+# all four stages, generation with the KV cache (dense and varlen decode), checkpoints and the
+# report, on a GPU. Each run gets at most TRAIN_S seconds (default 45; a first triton run
+# compiles its kernels) and never more than leaves 90 s for the memory table and the report.
+# CPU dry run of the same command: about 10 s of CPU time per backend.
+part "training loop on CUDA: tiny preset, every available backend (${TRAIN_S:-45} s each at most)"
+for be in $($PY -c "import rlhf_ops; print(' '.join(rlhf_ops.available_backends()))" 2>/dev/null); do
+  left=$(( TOTAL_S - $(elapsed) - 90 ))
+  lim=$(( left < ${TRAIN_S:-45} ? left : ${TRAIN_S:-45} ))
+  if [ "$lim" -lt 15 ]; then echo "train tiny, backend $be: NOT run (no time left in the budget)"; continue; fi
+  t0=$(date +%s)
+  timeout -k 5 "$lim" $PY -m rlhf_ops.train all --preset tiny --device cuda --backend "$be" \
+    --out "$LOGS/train_tiny_$be" --set run.progress=false >"$LOGS/train_tiny_$be.log" 2>&1
+  rc=$?
+  echo "train tiny on cuda, backend $be: rc=$rc in $(( $(date +%s) - t0 )) s (limit $lim s)"
+  if [ $rc -eq 0 ]; then
+    $PY -c "import json, sys; s = json.load(open(sys.argv[1])); print({k: round(s[k], 4) for k in ('pretrain.final_loss', 'sft.judge_score', 'rm.heldout_pair_accuracy', 'ppo.judge_score', 'ppo.kl_mean', 'ppo_ptx.pretrain_loss')})" "$LOGS/train_tiny_$be/summary.json"
+  else
+    tail -5 "$LOGS/train_tiny_$be.log"
+  fi
+done
+# ---- end of the training-loop block ----
+
 part "memory accounting (meta device)"
 $PY -m bench.memory >"$LOGS/memory.log" 2>&1 || tail -5 "$LOGS/memory.log"
 
