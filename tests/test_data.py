@@ -97,3 +97,36 @@ def test_heldout_split_is_disjoint():
 def test_ranks_from_scores_ties_and_absent():
     assert D.ranks_from_scores([0.5, 1.0, 0.5, 0.0], 6) == [1, 0, 1, 2, -1, -1]
     assert D.ranks_from_scores([1.0, 1.0], 2) == [0, 0]
+
+
+def test_filler_habit_in_demonstrations_and_corpus_penalised_by_the_judge():
+    """data.filler: that fraction of written answers (SFT demonstrations and pretraining documents)
+    end with the filler; the judge scores it as one wrong character; filler=0 is the perfect toy."""
+    cfg = D.DataConfig(filler=0.7, tasks="RS", max_len=4)
+    b = D.sft_batch(0, 0, 400, cfg)
+    with_filler = 0
+    for i, p in enumerate(b["prompts"]):
+        resp = D.decode([t for t in b["y_resp"][i].tolist() if t != D.IGNORE])
+        with_filler += resp.endswith(D.FILLER)
+        assert resp.removesuffix(D.FILLER) == D.answer_of(p)        # the letters are always right
+        if resp.endswith(D.FILLER):
+            assert D.judge(p, resp) == pytest.approx(1 - 1 / (len(resp)))
+    assert 0.6 < with_filler / 400 < 0.8
+    docs = []
+    for row in D.pretrain_batch(0, 0, 64, 40, cfg)[0].tolist():
+        docs += D.decode(row, stop_at_eos=False).split("\n")[1:-1]
+    assert 0.55 < sum(d.endswith(D.FILLER) for d in docs) / len(docs) < 0.85
+    # a fixed demonstration set keeps each demo's habit from epoch to epoch
+    first = {p: r for p, r in zip(*_demo_responses(D.sft_batch(0, 0, 12, cfg, n_demos=12)))}
+    again = {p: r for p, r in zip(*_demo_responses(D.sft_batch(0, 1, 12, cfg, n_demos=12)))}
+    assert first == again and any(r.endswith(D.FILLER) for r in first.values())
+    # without the habit nothing carries the filler
+    none = D.sft_batch(0, 0, 50, D.DataConfig(filler=0.0))
+    assert not any(D.FILLER in D.decode(row, stop_at_eos=False) for row in none["full"].tolist())
+    rng = random.Random(0)
+    assert D.demonstration(rng, D.DataConfig(filler=1.0)).answer.endswith(D.FILLER)
+    assert D.FILLER in D.VOCAB and D.VOCAB_SIZE == len(D.VOCAB)
+
+
+def _demo_responses(b):
+    return b["prompts"], [D.decode([t for t in row if t != D.IGNORE]) for row in b["y_resp"].tolist()]
