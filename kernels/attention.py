@@ -1,32 +1,47 @@
 """Triton attention, FlashAttention-2 style: tiled forward and backward, no T×S matrix in memory.
 
-Notation: q [B, Hq, T, D], k/v [B, Hkv, S, D], G = Hq / Hkv query heads share one k/v head
-(GQA; MQA at Hkv = 1), kv head of query head h is h // G: k/v are indexed, never repeated.
-Scores s_ij = scale · q_i·k_j. Causal is bottom-right aligned: row i sees key j iff j ≤ i + S − T.
+One kernel family serves dense and packed (varlen) batches. Notation: a *sequence* is one batch
+element (dense: q [B, Hq, T, D], k/v [B, Hkv, S, D]) or one packed sequence (varlen: q [Nq, Hq, D],
+k/v [Nk, Hkv, D], sequence b = rows cu_q[b]:cu_q[b+1] of q and cu_k[b]:cu_k[b+1] of k/v). With
+``IS_VARLEN`` a program reads its sequence's start and lengths (T, S) from cu_seqlens; dense
+sequences start at b·stride with the T, S passed in. Everything after that is shared.
+G = Hq / Hkv query heads share one k/v head (GQA; MQA at Hkv = 1): kv head of query head h is
+h // G, k/v are indexed, never repeated.
 
-Forward, grid (T / BLOCK_M, Hq, B), one program per query block; it streams key blocks and keeps the
-online-softmax state per row in fp32 (fp64 for fp64 inputs), in base 2 (u = s·log2 e):
+Scores s_ij = scale · q_i·k_j, optionally soft-capped s → c·tanh(s / c). Visibility, bottom-right
+aligned per sequence, with the window (left WL, right WR; causal is WR = 0):
+    query i sees key j  iff  −WL ≤ j − i − (S − T) ≤ WR      (HAS_LEFT / HAS_RIGHT: that bound exists)
+
+Forward, grid (⌈T/BLOCK_M⌉, Hq, sequences), one program per query block; it streams key blocks and
+keeps the online-softmax state per row in fp32 (fp64 for fp64 inputs), in base 2 (u = s·log2 e):
     m' = max(m, max_j u_ij)           running max
     l' = l·2^(m − m') + Σ_j 2^(u_ij − m')    running sum
     acc' = acc·2^(m − m') + 2^(u − m') · v   rescaled accumulator
     out = acc / l,  and for backward the pair (m, log2 l): lse·log2 e = m + log2 l, kept apart
     because m + log2 l rounded to fp32 costs ulp(m)/2 in every exp2(u − lse) of the backward
     (≈ 0.2 % at scores ~1e4), while u − m is exact for the scores that carry the probability
-Key blocks wholly to the right of the diagonal are never visited (loop bound); key blocks wholly
-visible run without any mask; only blocks on the diagonal or at the end of S are masked.
-A row that sees no key (T > S) gets out = 0 and (m, log2 l) = (+inf, 0): backward's p is 0.
+Key blocks that no row of the block sees are never visited (loop bounds, ``_key_range``); key blocks
+that every row sees run without any mask; only the blocks on the window's edges (the causal
+diagonal, the left edge of a sliding window) and the block that runs past S are masked.
+A row that sees no key gets out = 0 and (m, log2 l) = (+inf, 0): backward's p is 0.
+lse layout: dense [2, B, Hq, T], varlen [2, Hq, Nq]; row (b, h, t) sits at b·slb + h·slh + start + t.
 
 Backward with P recomputed from q, k and (m, log2 l) (p_ij = 2^((u_ij − m_i) − log2 l_i)):
     delta_i = Σ_d dO_id · O_id                       (``_attn_bwd_delta``)
     dV_j = Σ_i p_ij dO_i,   dP_ij = dO_i·v_j,   dS_ij = p_ij (dP_ij − delta_i)
+    softcap: dS_ij ← dS_ij · (1 − tanh²(s_ij / c))     (d(c·tanh(s/c))/ds)
     dK_j = scale · Σ_i dS_ij q_i,   dQ_i = scale · Σ_j dS_ij k_j
-``_attn_bwd_dkdv``: one program per (key block, kv head) loops over the G query heads of its group
-and over their query blocks, so it owns its dK/dV rows alone. ``_attn_bwd_dq``: one program per
-(query block, query head) loops over key blocks. Neither uses atomics, and each output element is
-summed in a fixed order: the backward is deterministic (bitwise reproducible for a given config).
+``_attn_bwd_dkdv``: one program per (key block, kv head, sequence) loops over the G query heads of
+its group and over the query blocks that see its keys (``_query_range``), so it owns its dK/dV rows
+alone. ``_attn_bwd_dq``: one program per (query block, query head, sequence) loops over key blocks.
+Neither uses atomics, and each output element is summed in a fixed order: the backward is
+deterministic (bitwise reproducible for a given config).
 
-Block sizes: one fixed small config under TRITON_INTERPRET=1; on a GPU ``triton.autotune`` over a
-short list keyed on (head dim, T, S, causal, precision) and the dtypes.
+Block sizes: one fixed small config under TRITON_INTERPRET=1 (tests may run any other through
+``launch_config``); on a GPU ``triton.autotune`` over a short list keyed on (head dim, T and S
+rounded up to a power of two ≥ 64 — varlen: of max_seqlen —, window/softcap flags, precision) and
+the dtypes, pruned by the shared memory a config needs (``smem_bytes``, stages included) and by the
+register spills measured offline (``_spills``).
 """
 import os
 import struct
@@ -65,95 +80,194 @@ def _log2(x, FP64: tl.constexpr):
 
 
 @triton.jit
-def _scale(scale_hi, scale_lo, FP64: tl.constexpr):
-    """Float kernel arguments arrive as fp32; fp64 runs get scale back as hi + lo (~48 bits)."""
+def _split_arg(hi, lo, FP64: tl.constexpr):
+    """Float kernel arguments arrive as fp32; fp64 runs get them back as hi + lo (~48 bits)."""
     if FP64:
-        scale = tl.cast(scale_hi, tl.float64) + tl.cast(scale_lo, tl.float64)
+        x = tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
     else:
-        scale = scale_hi
-    return scale
+        x = hi
+    return x
 
 
 @triton.jit
-def _load_tile(base, rows, n_rows, stride_row, cols, n_cols):
-    """[len(rows), len(cols)] tile of a row-major matrix (unit column stride), zero outside."""
-    ptrs = base + rows[:, None].to(tl.int64) * stride_row + cols[None, :]
-    return tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+def _tanh(x):
+    """(tanh x, 1 − tanh² x) without cancellation. With a = |x|, t = e^(−2a):
+    tanh a = (1 − t)/(1 + t) = −e/(2 + e), e = expm1(−2a) = (t − 1)·(−2a)/log t (Kahan: exact up to a
+    few ulps for any rounding of t, since the same t enters both), and 1 − tanh² a = 4t/(1 + t)²."""
+    y = -2.0 * tl.abs(x)
+    t = tl.exp(y)
+    inside = (t > 0.0) & (t < 1.0)           # else t = 1 (tiny |x|: e = y) or t = 0 (e = −1)
+    em1 = tl.where(inside, (t - 1.0) * y / tl.log(tl.where(inside, t, 0.5)), tl.where(t == 0.0, -1.0, y))
+    th = -em1 / (2.0 + em1)
+    th = tl.where(x < 0, -th, th)
+    one_t = 1.0 + t
+    return th, 4.0 * t / (one_t * one_t)
 
 
 @triton.jit
-def _load_tile_t(base, rows, n_rows, stride_row, cols, n_cols):
-    """Transposed tile: [len(cols), len(rows)]."""
-    ptrs = base + rows[None, :].to(tl.int64) * stride_row + cols[:, None]
-    return tl.load(ptrs, mask=(rows[None, :] < n_rows) & (cols[:, None] < n_cols), other=0.0)
+def _scores(dot, qk_scale, x_scale, cap_log2e, SOFTCAP: tl.constexpr):
+    """u = s·log2 e for s = scale·dot, soft-capped (u = c·log2 e·tanh(scale·dot / c)) with SOFTCAP,
+    and the tanh derivative 1 − tanh² (1 without SOFTCAP) for the backward."""
+    if SOFTCAP:
+        th, dth = _tanh(dot * x_scale)
+        u = th * cap_log2e
+    else:
+        u = dot * qk_scale
+        dth = u
+    return u, dth
+
+
+@triton.jit
+def _visible(r, c, T, S, WL, WR, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Query row r sees key c (broadcast shapes): c < S and −WL ≤ c − r − (S − T) ≤ WR."""
+    ok = c < S
+    d = c - r - (S - T)                     # key offset from the query's diagonal
+    if HAS_RIGHT:
+        ok = ok & (d <= WR)
+    if HAS_LEFT:
+        ok = ok & (d >= -WL)
+    return ok
+
+
+@triton.jit
+def _load_tile(base, start, BLOCK: tl.constexpr, n_rows, stride_row, cols, n_cols):
+    """[BLOCK, len(cols)] tile of rows start … start + BLOCK − 1 of a row-major matrix (unit column
+    stride), zero outside. The row offset is one 64-bit scalar; per element offsets are 32-bit
+    (the launchers check BLOCK·stride < 2^31), which saves a register pair per element."""
+    rows = tl.arange(0, BLOCK)
+    ptrs = base + tl.cast(start, tl.int64) * stride_row + (rows[:, None] * stride_row + cols[None, :])
+    return tl.load(ptrs, mask=(start + rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+
+
+@triton.jit
+def _sequence(CU_Q, CU_K, b, T, S, IS_VARLEN: tl.constexpr):
+    """(first q row, first k row, T, S) of sequence b: from cu_seqlens (varlen) or (0, 0, T, S)."""
+    if IS_VARLEN:
+        q0 = tl.load(CU_Q + b)
+        k0 = tl.load(CU_K + b)
+        T = tl.load(CU_Q + b + 1) - q0
+        S = tl.load(CU_K + b + 1) - k0
+    else:
+        q0 = b * 0
+        k0 = b * 0
+    return q0, k0, T, S
+
+
+@triton.jit
+def _key_range(r0, T, S, WL, WR, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key ranges of the query block with rows r0 … r1 = r0 + BLOCK_M − 1: [lo, a) masked, [a, b)
+    unmasked, [b, hi) masked, lo ≤ a ≤ b ≤ hi; keys outside [lo, hi) are skipped.
+
+    Row i sees keys i + S − T − WL ≤ j ≤ i + S − T + WR: the block sees any key in
+    [r0 + S − T − WL, r1 + S − T + WR] and every row sees all of [r1 + S − T − WL, r0 + S − T + WR].
+    Whole key blocks inside the latter (and inside [0, S)) run unmasked.
+    """
+    off = S - T
+    r1 = r0 + BLOCK_M - 1
+    if HAS_RIGHT:
+        hi = tl.maximum(tl.minimum(S, r1 + off + WR + 1), 0)
+        b = tl.maximum(tl.minimum(S, r0 + off + WR + 1), 0) // BLOCK_N * BLOCK_N
+    else:
+        hi = S
+        b = S // BLOCK_N * BLOCK_N
+    if HAS_LEFT:
+        lo = tl.maximum(r0 + off - WL, 0) // BLOCK_N * BLOCK_N
+        a = tl.minimum(tl.cdiv(tl.maximum(r1 + off - WL, 0), BLOCK_N) * BLOCK_N, hi)
+    else:
+        lo = hi * 0
+        a = lo
+    b = tl.maximum(b, a)
+    return lo, a, b, hi
+
+
+@triton.jit
+def _query_range(c0, T, S, WL, WR, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query ranges of the key block with keys c0 … c1 = c0 + BLOCK_N − 1 (the mirror of
+    ``_key_range``): [lo, a) masked, [a, b) unmasked, [b, hi) masked.
+
+    Key j is seen by rows j − (S − T) − WR ≤ i ≤ j − (S − T) + WL: some key of the block by rows in
+    [c0 − off − WR, c1 − off + WL], every key by rows in [c1 − off − WR, c0 − off + WL]. Rows past T
+    load q = dO = 0 and m = +inf (p = 0), so the unmasked range may run past T. The key block that
+    runs past S is masked for every row (its padded keys load as 0, and 2^(0 − lse) is no
+    probability).
+    """
+    off = S - T
+    c1 = c0 + BLOCK_N - 1
+    if HAS_LEFT:
+        hi = tl.maximum(tl.minimum(T, c1 - off + WL + 1), 0)
+        b = tl.maximum(tl.minimum(T, c0 - off + WL + 1), 0) // BLOCK_M * BLOCK_M
+    else:
+        hi = T
+        b = T
+    if HAS_RIGHT:
+        lo = tl.maximum(c0 - off - WR, 0) // BLOCK_M * BLOCK_M
+        a = tl.cdiv(tl.maximum(c1 - off - WR, 0), BLOCK_M) * BLOCK_M
+    else:
+        lo = T * 0
+        a = lo
+    a = tl.minimum(a, hi)
+    b = tl.minimum(tl.maximum(b, a), hi)
+    past = c1 >= S                         # all of [lo, hi) masked
+    return lo, tl.where(past, lo, a), tl.where(past, lo, b), hi
 
 
 # ---------------------------------------------------------------------------------- forward ---
 
 @triton.jit
-def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, rows, lo, hi, T, S, qk_scale,
+def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, rows, lo, hi, T, S, WL, WR,
+               qk_scale, x_scale, cap_log2e,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-               MASK: tl.constexpr, CAUSAL: tl.constexpr, FP64: tl.constexpr,
-               PREC: tl.constexpr):
+               MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+               SOFTCAP: tl.constexpr, FP64: tl.constexpr, PREC: tl.constexpr):
     dims = tl.arange(0, BLOCK_D)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        kt = _load_tile_t(k_base, cols, S, stride_ks, dims, HEAD_DIM)            # [D, BN]
-        u = tl.dot(q, kt, input_precision=PREC) * qk_scale                      # s·log2 e
+        k = _load_tile(k_base, start_n, BLOCK_N, S, stride_ks, dims, HEAD_DIM)     # [BN, D]
+        u, _ = _scores(tl.dot(q, tl.trans(k), input_precision=PREC), qk_scale, x_scale, cap_log2e,
+                       SOFTCAP)
         if MASK:
-            ok = cols[None, :] < S
-            if CAUSAL:
-                ok = ok & (cols[None, :] <= rows[:, None] + (S - T))
+            ok = _visible(rows[:, None], cols[None, :], T, S, WL, WR, HAS_LEFT, HAS_RIGHT)
             u = tl.where(ok, u, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(u, 1))
-        if MASK:
+            m_new = tl.maximum(m_i, tl.max(u, 1))
             # While a row has seen no key, shift by 0 so that (−inf) − (−inf) never makes a NaN.
             shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:  # every key of the block is visible: m_new is finite
+            m_new = tl.maximum(m_i, tl.max(u, 1))
             shift = m_new
         p = _exp2(u - shift[:, None], FP64)
         alpha = _exp2(m_i - shift, FP64)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(v_base, cols, S, stride_vs, dims, HEAD_DIM)               # [BN, D]
+        v = _load_tile(v_base, start_n, BLOCK_N, S, stride_vs, dims, HEAD_DIM)     # [BN, D]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     return acc, m_i, l_i
 
 
 @triton.jit
-def _key_range(start_m, T, S, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key blocks of query block start_m: [0, full) need no mask, [full, hi) do, the rest is skipped.
-
-    Causal (bottom-right): the block sees keys j < (last row) + S − T + 1 at all, and every one of
-    its rows sees keys j ≤ (first row) + S − T; whole key blocks inside the latter run unmasked.
-    """
-    if CAUSAL:
-        hi = tl.maximum(tl.minimum(S, (start_m + 1) * BLOCK_M + S - T), 0)
-        full = tl.maximum(tl.minimum(S, start_m * BLOCK_M + S - T + 1), 0) // BLOCK_N * BLOCK_N
-    else:
-        hi = S
-        full = S // BLOCK_N * BLOCK_N
-    return full, hi
-
-
-@triton.jit
-def _attn_fwd(Q, K, V, O, M2, L2,
-              sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sob, soh, sot,
-              H, G, T, S, scale_hi, scale_lo,
-              HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+def _attn_fwd(Q, K, V, O, M2, L2, CU_Q, CU_K,
+              sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sob, soh, sot, slb, slh,
+              G, T, S, TB, SB, WL, WR, scale_hi, scale_lo, cap_hi, cap_lo,
+              HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr,
+              HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
               FP64: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    # TB, SB: T and S rounded up to a power of two, the autotuning key (unused here).
     # Heaviest causal query blocks (the last ones) start first.
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
-    bh = b * H + h                       # row of lse / delta: [B, Hq, T] contiguous
+    q0, k0, T, S = _sequence(CU_Q, CU_K, b, T, S, IS_VARLEN)
+    if start_m * BLOCK_M >= T:           # varlen: a sequence shorter than max_seqlen_q
+        return
     hk = h // G
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    q = _load_tile(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh, rows, T, sqt, dims, HEAD_DIM)
-    k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
-    v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+    q = _load_tile(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + q0.to(tl.int64) * sqt,
+                   start_m * BLOCK_M, BLOCK_M, T, sqt, dims, HEAD_DIM)
+    k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + k0.to(tl.int64) * sks
+    v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh + k0.to(tl.int64) * svs
     if FP64:
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float64)
         l_i = tl.zeros([BLOCK_M], tl.float64)
@@ -161,21 +275,32 @@ def _attn_fwd(Q, K, V, O, M2, L2,
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
     m_i = l_i + float("-inf")
-    scale = _scale(scale_hi, scale_lo, FP64)
+    scale = _split_arg(scale_hi, scale_lo, FP64)
+    cap = _split_arg(cap_hi, cap_lo, FP64)
     qk_scale = scale * LOG2E
-    full, hi = _key_range(start_m, T, S, CAUSAL, BLOCK_M, BLOCK_N)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, sks, svs, rows, 0, full, T, S,
-                               qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, False, CAUSAL, FP64, PREC)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, sks, svs, rows, full, hi, T, S,
-                               qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, True, CAUSAL, FP64, PREC)
+    x_scale = scale / cap
+    cap_log2e = cap * LOG2E
+    lo, a, bb, hi = _key_range(start_m * BLOCK_M, T, S, WL, WR, HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
+    if HAS_LEFT:
+        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, sks, svs, rows, lo, a, T, S, WL,
+                                   WR, qk_scale, x_scale, cap_log2e, HEAD_DIM, BLOCK_N, BLOCK_D, True,
+                                   HAS_LEFT, HAS_RIGHT, SOFTCAP, FP64, PREC)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, sks, svs, rows, a, bb, T, S, WL, WR,
+                               qk_scale, x_scale, cap_log2e, HEAD_DIM, BLOCK_N, BLOCK_D, False,
+                               HAS_LEFT, HAS_RIGHT, SOFTCAP, FP64, PREC)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, sks, svs, rows, bb, hi, T, S, WL, WR,
+                               qk_scale, x_scale, cap_log2e, HEAD_DIM, BLOCK_N, BLOCK_D, True,
+                               HAS_LEFT, HAS_RIGHT, SOFTCAP, FP64, PREC)
     empty = l_i == 0.0                       # rows that see no key
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     m_out = tl.where(empty, float("inf"), m_i)
     l_out = tl.where(empty, 0.0, _log2(tl.where(empty, 1.0, l_i), FP64))
-    o_ptrs = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + rows[:, None].to(tl.int64) * sot + dims[None, :]
+    o_ptrs = (O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + q0.to(tl.int64) * sot
+              + rows[:, None].to(tl.int64) * sot + dims[None, :])
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(rows[:, None] < T) & (dims[None, :] < HEAD_DIM))
-    tl.store(M2 + bh.to(tl.int64) * T + rows, m_out, mask=rows < T)
-    tl.store(L2 + bh.to(tl.int64) * T + rows, l_out, mask=rows < T)
+    row0 = b.to(tl.int64) * slb + h.to(tl.int64) * slh + q0
+    tl.store(M2 + row0 + rows, m_out, mask=rows < T)
+    tl.store(L2 + row0 + rows, l_out, mask=rows < T)
 
 
 # --------------------------------------------------------------------------------- backward ---
@@ -184,13 +309,15 @@ def _attn_fwd(Q, K, V, O, M2, L2,
 def _attn_bwd_delta(O, DO, DELTA, sob, soh, sot, sdb, sdh, sdt, H, T,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                     FP64: tl.constexpr):
+    """delta [B, H, T] (varlen: B = 1, T = Nq, the [Hq, Nq] layout of its lse rows)."""
     h = tl.program_id(1)
     b = tl.program_id(2)
-    bh = b * H + h                       # row of lse / delta: [B, Hq, T] contiguous
+    bh = b * H + h
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    o = _load_tile(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh, rows, T, sot, dims, HEAD_DIM)
-    do = _load_tile(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh, rows, T, sdt, dims, HEAD_DIM)
+    r0 = tl.program_id(0) * BLOCK_M
+    o = _load_tile(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh, r0, BLOCK_M, T, sot, dims, HEAD_DIM)
+    do = _load_tile(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh, r0, BLOCK_M, T, sdt, dims, HEAD_DIM)
     if FP64:
         delta = tl.sum(o.to(tl.float64) * do.to(tl.float64), 1)
     else:
@@ -200,14 +327,16 @@ def _attn_bwd_delta(O, DO, DELTA, sob, soh, sot, sdb, sdh, sdt, H, T,
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, q_base, do_base, m_base, l_base, delta_base, sqt, sdt, cols, lo, hi,
-                T, S, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                MASK: tl.constexpr, CAUSAL: tl.constexpr, FP64: tl.constexpr, PREC: tl.constexpr,
+                T, S, WL, WR, qk_scale, x_scale, cap_log2e,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                SOFTCAP: tl.constexpr, FP64: tl.constexpr, PREC: tl.constexpr,
                 FWD_ORIENT: tl.constexpr):
     dims = tl.arange(0, BLOCK_D)
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
-        q = _load_tile(q_base, rows, T, sqt, dims, HEAD_DIM)                   # [BM, D]
-        do = _load_tile(do_base, rows, T, sdt, dims, HEAD_DIM)                 # [BM, D]
+        q = _load_tile(q_base, start_m, BLOCK_M, T, sqt, dims, HEAD_DIM)       # [BM, D]
+        do = _load_tile(do_base, start_m, BLOCK_M, T, sdt, dims, HEAD_DIM)     # [BM, D]
         # Rows past T load q = dO = 0, m = +inf (p = 0) and delta = 0, so they add nothing.
         m2 = tl.load(m_base + rows, mask=rows < T, other=float("inf"))
         l2 = tl.load(l_base + rows, mask=rows < T, other=0.0)
@@ -216,131 +345,156 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, m_base, l_base, delta_base, sqt, 
         # rounds k·qᵀ and q·kᵀ differently (by an ulp of u, 0.3 % of p at scores ~1e4): there the
         # scores are computed as the forward does.
         if FWD_ORIENT:
-            ut = tl.trans(tl.dot(q, tl.trans(k), input_precision=PREC)) * qk_scale
+            dot = tl.trans(tl.dot(q, tl.trans(k), input_precision=PREC))
         else:
-            ut = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
+            dot = tl.dot(k, tl.trans(q), input_precision=PREC)
+        ut, dtht = _scores(dot, qk_scale, x_scale, cap_log2e, SOFTCAP)
         pt = _exp2((ut - m2[None, :]) - l2[None, :], FP64)
-        if MASK:  # keys past S (loaded as 0) and, when causal, key j visible to row i iff j ≤ i + S − T
-            ok = cols[:, None] < S
-            if CAUSAL:
-                ok = ok & (cols[:, None] <= rows[None, :] + (S - T))
-            pt = tl.where(ok, pt, 0.0)
+        if MASK:
+            pt = tl.where(_visible(rows[None, :], cols[:, None], T, S, WL, WR, HAS_LEFT, HAS_RIGHT), pt, 0.0)
         dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
         dpt = tl.dot(v, tl.trans(do), input_precision=PREC)                    # dPᵀ = v·dOᵀ
         dst = pt * (dpt - delta[None, :])                                      # dSᵀ
+        if SOFTCAP:
+            dst = dst * dtht
         dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
     return dk, dv
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, M2, L2, DELTA, DK, DV,
+def _attn_bwd_dkdv(Q, K, V, DO, M2, L2, DELTA, DK, DV, CU_Q, CU_K,
                    sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sdb, sdh, sdt,
-                   sdkb, sdkh, sdks, sdvb, sdvh, sdvs,
-                   HQ, G, T, S, scale_hi, scale_lo,
-                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+                   sdkb, sdkh, sdks, sdvb, sdvh, sdvs, slb, slh,
+                   G, T, S, TB, SB, WL, WR, scale_hi, scale_lo, cap_hi, cap_lo,
+                   HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr,
+                   HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
                    FP64: tl.constexpr, FWD_ORIENT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     hk = tl.program_id(1)
     b = tl.program_id(2)
+    q0, k0, T, S = _sequence(CU_Q, CU_K, b, T, S, IS_VARLEN)
+    if start_n >= S:                     # varlen: a sequence shorter than max_seqlen_k
+        return
     cols = start_n + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    k = _load_tile(K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh, cols, S, sks, dims, HEAD_DIM)
-    v = _load_tile(V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh, cols, S, svs, dims, HEAD_DIM)
+    k_off = b.to(tl.int64) * skb + hk.to(tl.int64) * skh + k0.to(tl.int64) * sks
+    v_off = b.to(tl.int64) * svb + hk.to(tl.int64) * svh + k0.to(tl.int64) * svs
+    k = _load_tile(K + k_off, start_n, BLOCK_N, S, sks, dims, HEAD_DIM)
+    v = _load_tile(V + v_off, start_n, BLOCK_N, S, svs, dims, HEAD_DIM)
     if FP64:
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float64)
     else:
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = dk
-    scale = _scale(scale_hi, scale_lo, FP64)
+    scale = _split_arg(scale_hi, scale_lo, FP64)
+    cap = _split_arg(cap_hi, cap_lo, FP64)
     qk_scale = scale * LOG2E
-    if CAUSAL:
-        # First row that sees key start_n: i ≥ start_n − (S − T); rows from the first query block
-        # at or after start_n + BLOCK_N − 1 − (S − T) see every key of this block.
-        lo = tl.maximum(start_n - (S - T), 0) // BLOCK_M * BLOCK_M
-        full = tl.maximum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - (S - T), 0), BLOCK_M) * BLOCK_M, lo)
-    else:
-        lo = 0
-        full = 0
-    # The key block that runs past S masks every query block: its padded keys load as 0, and
-    # exp(0 − lse) is no probability.
-    full = tl.where(start_n + BLOCK_N > S, T, full)
-    mid = tl.minimum(full, T)
+    x_scale = scale / cap
+    cap_log2e = cap * LOG2E
+    lo, a, bb, hi = _query_range(start_n, T, S, WL, WR, HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
     for g in range(G):
         h = hk * G + g
-        q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
-        do_base = DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
-        row0 = (b.to(tl.int64) * HQ + h) * T
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, M2 + row0, L2 + row0, DELTA + row0, sqt, sdt,
-                             cols, lo, mid, T, S, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_D, True, CAUSAL,
+        q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + q0.to(tl.int64) * sqt
+        do_base = DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + q0.to(tl.int64) * sdt
+        row0 = b.to(tl.int64) * slb + h.to(tl.int64) * slh + q0
+        if HAS_RIGHT:
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, M2 + row0, L2 + row0, DELTA + row0,
+                                 sqt, sdt, cols, lo, a, T, S, WL, WR, qk_scale, x_scale, cap_log2e,
+                                 HEAD_DIM, BLOCK_M, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, SOFTCAP,
+                                 FP64, PREC, FWD_ORIENT)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, M2 + row0, L2 + row0, DELTA + row0,
+                             sqt, sdt, cols, a, bb, T, S, WL, WR, qk_scale, x_scale, cap_log2e,
+                             HEAD_DIM, BLOCK_M, BLOCK_D, False, HAS_LEFT, HAS_RIGHT, SOFTCAP,
                              FP64, PREC, FWD_ORIENT)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, M2 + row0, L2 + row0, DELTA + row0, sqt, sdt,
-                             cols, full, T, T, S, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_D, False, CAUSAL,
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, M2 + row0, L2 + row0, DELTA + row0,
+                             sqt, sdt, cols, bb, hi, T, S, WL, WR, qk_scale, x_scale, cap_log2e,
+                             HEAD_DIM, BLOCK_M, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, SOFTCAP,
                              FP64, PREC, FWD_ORIENT)
     dk = dk * scale
     smask = (cols[:, None] < S) & (dims[None, :] < HEAD_DIM)
-    dk_ptrs = DK + b.to(tl.int64) * sdkb + hk.to(tl.int64) * sdkh + cols[:, None].to(tl.int64) * sdks + dims[None, :]
-    dv_ptrs = DV + b.to(tl.int64) * sdvb + hk.to(tl.int64) * sdvh + cols[:, None].to(tl.int64) * sdvs + dims[None, :]
-    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=smask)
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=smask)
+    dk_off = b.to(tl.int64) * sdkb + hk.to(tl.int64) * sdkh + k0.to(tl.int64) * sdks
+    dv_off = b.to(tl.int64) * sdvb + hk.to(tl.int64) * sdvh + k0.to(tl.int64) * sdvs
+    tl.store(DK + dk_off + cols[:, None].to(tl.int64) * sdks + dims[None, :], dk.to(DK.dtype.element_ty),
+             mask=smask)
+    tl.store(DV + dv_off + cols[:, None].to(tl.int64) * sdvs + dims[None, :], dv.to(DV.dtype.element_ty),
+             mask=smask)
 
 
 @triton.jit
-def _dq_inner(dq, q, do, m2, l2, delta, k_base, v_base, sks, svs, rows, lo, hi, T, S, qk_scale,
+def _dq_inner(dq, q, do, m2, l2, delta, k_base, v_base, sks, svs, rows, lo, hi, T, S, WL, WR,
+              qk_scale, x_scale, cap_log2e,
               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-              MASK: tl.constexpr, CAUSAL: tl.constexpr, FP64: tl.constexpr, PREC: tl.constexpr):
+              MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+              SOFTCAP: tl.constexpr, FP64: tl.constexpr, PREC: tl.constexpr):
     dims = tl.arange(0, BLOCK_D)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        kt = _load_tile_t(k_base, cols, S, sks, dims, HEAD_DIM)                # [D, BN]
-        vt = _load_tile_t(v_base, cols, S, svs, dims, HEAD_DIM)                # [D, BN]
-        u = tl.dot(q, kt, input_precision=PREC) * qk_scale
+        k = _load_tile(k_base, start_n, BLOCK_N, S, sks, dims, HEAD_DIM)       # [BN, D]
+        v = _load_tile(v_base, start_n, BLOCK_N, S, svs, dims, HEAD_DIM)       # [BN, D]
+        u, dth = _scores(tl.dot(q, tl.trans(k), input_precision=PREC), qk_scale, x_scale, cap_log2e,
+                         SOFTCAP)
         p = _exp2((u - m2[:, None]) - l2[:, None], FP64)
-        if MASK:  # keys past S (loaded as 0) and, when causal, right of the diagonal
-            ok = cols[None, :] < S
-            if CAUSAL:
-                ok = ok & (cols[None, :] <= rows[:, None] + (S - T))
-            p = tl.where(ok, p, 0.0)
-        dp = tl.dot(do, vt, input_precision=PREC)
+        if MASK:
+            p = tl.where(_visible(rows[:, None], cols[None, :], T, S, WL, WR, HAS_LEFT, HAS_RIGHT), p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
+        if SOFTCAP:
+            ds = ds * dth
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
     return dq
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, M2, L2, DELTA, DQ,
+def _attn_bwd_dq(Q, K, V, DO, M2, L2, DELTA, DQ, CU_Q, CU_K,
                  sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sdb, sdh, sdt, sdqb, sdqh, sdqt,
-                 H, G, T, S, scale_hi, scale_lo,
-                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+                 slb, slh, G, T, S, TB, SB, WL, WR, scale_hi, scale_lo, cap_hi, cap_lo,
+                 HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr,
+                 HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
                  FP64: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
-    bh = b * H + h                       # row of lse / delta: [B, Hq, T] contiguous
+    q0, k0, T, S = _sequence(CU_Q, CU_K, b, T, S, IS_VARLEN)
+    if start_m * BLOCK_M >= T:
+        return
     hk = h // G
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    q = _load_tile(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh, rows, T, sqt, dims, HEAD_DIM)
-    do = _load_tile(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh, rows, T, sdt, dims, HEAD_DIM)
-    m2 = tl.load(M2 + bh.to(tl.int64) * T + rows, mask=rows < T, other=float("inf"))
-    l2 = tl.load(L2 + bh.to(tl.int64) * T + rows, mask=rows < T, other=0.0)
-    delta = tl.load(DELTA + bh.to(tl.int64) * T + rows, mask=rows < T, other=0.0)
-    k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
-    v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+    q = _load_tile(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + q0.to(tl.int64) * sqt,
+                   start_m * BLOCK_M, BLOCK_M, T, sqt, dims, HEAD_DIM)
+    do = _load_tile(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + q0.to(tl.int64) * sdt,
+                    start_m * BLOCK_M, BLOCK_M, T, sdt, dims, HEAD_DIM)
+    row0 = b.to(tl.int64) * slb + h.to(tl.int64) * slh + q0
+    m2 = tl.load(M2 + row0 + rows, mask=rows < T, other=float("inf"))
+    l2 = tl.load(L2 + row0 + rows, mask=rows < T, other=0.0)
+    delta = tl.load(DELTA + row0 + rows, mask=rows < T, other=0.0)
+    k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + k0.to(tl.int64) * sks
+    v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh + k0.to(tl.int64) * svs
     if FP64:
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float64)
     else:
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    scale = _scale(scale_hi, scale_lo, FP64)
+    scale = _split_arg(scale_hi, scale_lo, FP64)
+    cap = _split_arg(cap_hi, cap_lo, FP64)
     qk_scale = scale * LOG2E
-    full, hi = _key_range(start_m, T, S, CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _dq_inner(dq, q, do, m2, l2, delta, k_base, v_base, sks, svs, rows, 0, full, T, S, qk_scale,
-                   HEAD_DIM, BLOCK_N, BLOCK_D, False, CAUSAL, FP64, PREC)
-    dq = _dq_inner(dq, q, do, m2, l2, delta, k_base, v_base, sks, svs, rows, full, hi, T, S, qk_scale,
-                   HEAD_DIM, BLOCK_N, BLOCK_D, True, CAUSAL, FP64, PREC)
+    x_scale = scale / cap
+    cap_log2e = cap * LOG2E
+    lo, a, bb, hi = _key_range(start_m * BLOCK_M, T, S, WL, WR, HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
+    if HAS_LEFT:
+        dq = _dq_inner(dq, q, do, m2, l2, delta, k_base, v_base, sks, svs, rows, lo, a, T, S, WL, WR,
+                       qk_scale, x_scale, cap_log2e, HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT,
+                       HAS_RIGHT, SOFTCAP, FP64, PREC)
+    dq = _dq_inner(dq, q, do, m2, l2, delta, k_base, v_base, sks, svs, rows, a, bb, T, S, WL, WR,
+                   qk_scale, x_scale, cap_log2e, HEAD_DIM, BLOCK_N, BLOCK_D, False, HAS_LEFT,
+                   HAS_RIGHT, SOFTCAP, FP64, PREC)
+    dq = _dq_inner(dq, q, do, m2, l2, delta, k_base, v_base, sks, svs, rows, bb, hi, T, S, WL, WR,
+                   qk_scale, x_scale, cap_log2e, HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT,
+                   HAS_RIGHT, SOFTCAP, FP64, PREC)
     dq = dq * scale
-    ptrs = DQ + b.to(tl.int64) * sdqb + h.to(tl.int64) * sdqh + rows[:, None].to(tl.int64) * sdqt + dims[None, :]
+    ptrs = (DQ + b.to(tl.int64) * sdqb + h.to(tl.int64) * sdqh + q0.to(tl.int64) * sdqt
+            + rows[:, None].to(tl.int64) * sdqt + dims[None, :])
     tl.store(ptrs, dq.to(DQ.dtype.element_ty), mask=(rows[:, None] < T) & (dims[None, :] < HEAD_DIM))
 
 
@@ -352,50 +506,98 @@ def _cfg(bm, bn, warps, stages):
 
 # (BLOCK_M, BLOCK_N, warps, stages). Large tiles with 8 warps and 3 stages suit Hopper (H100/H200);
 # the smaller ones suit Ampere, head dim 256 and short sequences; the last one of each list is
-# the fallback for fp32/fp64 rows of 256 (dots without tensor cores keep operands in shared memory).
-_FWD_CONFIGS = [_cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(128, 32, 4, 3),
-                _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 2), _cfg(64, 64, 4, 4), _cfg(32, 16, 4, 1)]
+# the fallback that always fits (fp64 rows of 256 included).
+FWD_CONFIGS = [_cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(128, 32, 4, 3),
+               _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 2), _cfg(64, 64, 4, 4), _cfg(32, 16, 4, 1)]
 # Backward dK/dV: BLOCK_M is the query block looped over, BLOCK_N the key block a program owns.
-_DKDV_CONFIGS = [_cfg(32, 128, 8, 3), _cfg(64, 128, 8, 3), _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 3),
-                 _cfg(32, 32, 4, 2), _cfg(16, 64, 4, 2), _cfg(16, 32, 4, 1)]
-_DQ_CONFIGS = [_cfg(128, 32, 8, 3), _cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 2),
-               _cfg(32, 64, 4, 2), _cfg(32, 16, 4, 1)]
-_KEY = ["HEAD_DIM", "T", "S", "CAUSAL", "PREC"]
+DKDV_CONFIGS = [_cfg(32, 128, 8, 3), _cfg(64, 128, 8, 3), _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 3),
+                _cfg(32, 32, 4, 2), _cfg(16, 64, 4, 2), _cfg(16, 32, 4, 1)]
+DQ_CONFIGS = [_cfg(128, 32, 8, 3), _cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 2),
+              _cfg(32, 64, 4, 2), _cfg(32, 16, 4, 1)]
+_KEY = ["HEAD_DIM", "TB", "SB", "IS_VARLEN", "HAS_LEFT", "HAS_RIGHT", "SOFTCAP", "PREC"]
 
 
-def _prune(configs, named_args, **kwargs):
-    """Drop tiles that cannot fit in shared memory for wide heads / wide dtypes, and large tiles
-    for fp32/fp64 dots without tensor cores (PREC "ieee"), which compile slowly and spill."""
-    args = {**named_args, **kwargs}
-    width = args["Q"].element_size() * args["BLOCK_D"]
-    fma = args["PREC"] == "ieee" and args["Q"].element_size() >= 4
-    keep = []
-    for c in configs:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if fma and (bm > 64 or bn > 64):
-            continue
-        if (bm + 2 * bn) * width <= 96 * 1024 or (bm <= 64 and bn <= 32):
-            keep.append(c)
-    return keep or [c for c in configs if c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 32][-1:]
+def length_bucket(n: int) -> int:
+    """Autotuning key for a length: the next power of two, at least 64 (RLHF rollouts change
+    length every step; the best config does not)."""
+    return max(64, triton.next_power_of_2(max(int(n), 1)))
 
 
-def _tuned(fn, configs):
+def smem_bytes(kernel: str, bm: int, bn: int, stages: int, block_d: int, elem: int) -> int:
+    """Shared memory a config needs, as Triton lays it out: the tiles a dot reads from shared
+    memory, multi-buffered ``stages`` times where they are loaded inside the pipelined loop.
+    fwd: q [BM, D] once, k and v [BN, D] per stage. dkdv: k, v [BN, D] once, q and dO [BM, D] per
+    stage. dq: q, dO [BM, D] once, k and v [BN, D] per stage."""
+    if kernel == "fwd":
+        once, per_stage = bm, 2 * bn
+    elif kernel == "dkdv":
+        once, per_stage = 2 * bn, 2 * bm
+    else:
+        once, per_stage = 2 * bm, 2 * bn
+    return (once + max(stages, 1) * per_stage) * block_d * elem
+
+
+SMEM_LIMIT = 99 * 1024   # the per-block limit of the smallest GPU the configs target (sm_86/89)
+
+
+def _prune(kernel: str):
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        block_d, elem = args["BLOCK_D"], args["Q"].element_size()
+        fma = args["PREC"] == "ieee" and elem >= 4          # dots without tensor cores
+        limit = _smem_limit(args["Q"].device)
+        keep = [c for c in configs
+                if smem_bytes(kernel, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, block_d, elem)
+                <= limit and not _spills(kernel, c, block_d, elem, fma)]
+        return keep or configs[-1:]
+    return prune
+
+
+def _smem_limit(device) -> int:
+    try:
+        props = torch.cuda.get_device_properties(device)
+        return int(getattr(props, "shared_memory_per_block_optin", SMEM_LIMIT))
+    except Exception:  # noqa: BLE001 - no device (offline audit): the smallest target
+        return SMEM_LIMIT
+
+
+def _spills(kernel: str, c, block_d: int, elem: int, fma: bool) -> bool:
+    """Configs measured offline (tests/test_triton_gpu_compile.py) to spill registers: too many
+    fp32 accumulators per thread for its warps."""
+    bm, bn, w = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps
+    if fma and (bm > 64 or bn > 64):
+        return True
+    # fp32 accumulator tiles per thread: fwd acc [BM, D] + scores [BM, BN]; dkdv dk, dv [BN, D]
+    # + pᵀ, dSᵀ [BN, BM]; dq dq [BM, D] + p, ds [BM, BN]
+    if kernel == "fwd":
+        acc = bm * block_d + bm * bn
+    elif kernel == "dkdv":
+        acc = 2 * bn * block_d + 2 * bn * bm
+    else:
+        acc = bm * block_d + 2 * bm * bn
+    return acc * (elem if elem > 4 else 4) // (32 * w) > 128 * 4   # > 128 fp32 registers' worth
+
+
+def _tuned(fn, configs, kernel):
     return triton.autotune(configs=configs, key=_KEY,
-                           prune_configs_by={"early_config_prune": _prune})(fn)
+                           prune_configs_by={"early_config_prune": _prune(kernel)})(fn)
 
 
 if not INTERPRET:
-    _attn_fwd_tuned = _tuned(_attn_fwd, _FWD_CONFIGS)
-    _attn_bwd_dkdv_tuned = _tuned(_attn_bwd_dkdv, _DKDV_CONFIGS)
-    _attn_bwd_dq_tuned = _tuned(_attn_bwd_dq, _DQ_CONFIGS)
+    _attn_fwd_tuned = _tuned(_attn_fwd, FWD_CONFIGS, "fwd")
+    _attn_bwd_dkdv_tuned = _tuned(_attn_bwd_dkdv, DKDV_CONFIGS, "dkdv")
+    _attn_bwd_dq_tuned = _tuned(_attn_bwd_dq, DQ_CONFIGS, "dq")
 
-# The interpreter runs each program in Python: one small fixed config, no autotuning.
+# The interpreter runs each program in Python: one small fixed config, no autotuning. Tests set
+# ``launch_config`` to run a GPU config's block shape under the interpreter.
 _FIXED = {"BLOCK_M": 16, "BLOCK_N": 16}
+launch_config = None   # None, or {"fwd": (BM, BN), "dkdv": (BM, BN), "dq": (BM, BN)}
 
 
-def _launch(kernel, tuned, grid_fn, *args, **meta):
-    if INTERPRET:
-        kernel[grid_fn(_FIXED)](*args, **meta, **_FIXED)
+def _launch(kernel, tuned, name, grid_fn, *args, **meta):
+    if INTERPRET or launch_config is not None:
+        cfg = dict(_FIXED) if launch_config is None else dict(zip(("BLOCK_M", "BLOCK_N"), launch_config[name]))
+        kernel[grid_fn(cfg)](*args, **meta, **cfg)
     else:
         tuned[grid_fn](*args, **meta)
 
@@ -406,10 +608,22 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def _meta(q: torch.Tensor, causal: bool):
+def _split(x: float):
+    """x as two fp32 kernel arguments hi + lo (see ``_split_arg``)."""
+    hi = struct.unpack("f", struct.pack("f", x))[0]
+    return hi, float(x) - hi
+
+
+def _meta(q: torch.Tensor, left: int, right: int, softcap: float, varlen: bool):
     D = q.shape[-1]
-    return dict(HEAD_DIM=D, CAUSAL=bool(causal), PREC=_precision(q.dtype),
-                FP64=q.dtype == torch.float64, BLOCK_D=max(16, triton.next_power_of_2(D)))
+    return dict(HEAD_DIM=D, IS_VARLEN=varlen, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
+                SOFTCAP=softcap > 0, PREC=_precision(q.dtype), FP64=q.dtype == torch.float64,
+                BLOCK_D=max(16, triton.next_power_of_2(D)))
+
+
+def _scalars(scale: float, left: int, right: int, softcap: float):
+    """WL, WR, scale (hi, lo), cap (hi, lo); cap 1 when off (never read)."""
+    return (left, right, *_split(scale), *_split(softcap if softcap > 0 else 1.0))
 
 
 def _empty(shape, dtype, device):
@@ -417,62 +631,102 @@ def _empty(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _split(scale: float):
-    """scale as two fp32 kernel arguments hi + lo (see ``_scale``)."""
-    hi = struct.unpack("f", struct.pack("f", scale))[0]
-    return hi, float(scale) - hi
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _strides3(t: torch.Tensor):
+def _s4(t: torch.Tensor):
+    """(batch, head, row) strides of a dense [B, H, T, D] tensor."""
     return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _s3(t: torch.Tensor):
+    """(batch, head, row) strides of a packed [N, H, D] tensor: no batch stride."""
+    return 0, t.stride(1), t.stride(0)
 
 
 # -------------------------------------------------------------------------------- launchers ---
 
-def _causal_only(left, right, softcap):  # TEMPORARY until the window/softcap kernels land
-    if left >= 0 or right > 0 or softcap > 0:
-        raise NotImplementedError("rlhf_ops.attention: window and softcap on the triton backend are not "
-                                  "implemented yet; use backend='reference'")
-    return right == 0
+_MAX_ROW_STRIDE = 2**31 // 256 - 256    # _load_tile's 32-bit offsets: 256 rows × stride + D
 
 
-def varlen_forward(*args):
-    raise NotImplementedError("rlhf_ops.attention_varlen: the triton backend is not implemented yet; "
-                              "use backend='reference'")
+def _check_strides(**tensors):
+    for name, t in tensors.items():
+        row_stride = t.stride(2) if t.dim() == 4 else t.stride(0)     # [B, H, T, D] or [N, H, D]
+        if row_stride > _MAX_ROW_STRIDE and t.numel() > 0:
+            raise ValueError(f"rlhf_ops.attention: the triton backend needs {name}'s stride between "
+                             f"rows below {_MAX_ROW_STRIDE} elements, got {row_stride} (strides "
+                             f"{t.stride()})")
 
 
-varlen_backward = varlen_forward
+def _fwd(q, k, v, out, lse, cu_q, cu_k, n, T, S, strides, lse_strides, scale, left, right, softcap):
+    _check_strides(q=q, k=k, v=v)
+    Hq, Hkv = q.shape[1], k.shape[1]       # [B, H, T, D] or [N, H, D]
+    _launch(_attn_fwd, None if INTERPRET else _attn_fwd_tuned, "fwd",
+            lambda m: (triton.cdiv(T, m["BLOCK_M"]), Hq, n),
+            q, k, v, out, lse[0], lse[1], cu_q, cu_k, *strides(q), *strides(k), *strides(v),
+            *strides(out), *lse_strides, Hq // Hkv, T, S, length_bucket(T), length_bucket(S),
+            *_scalars(scale, left, right, softcap), **_meta(q, left, right, softcap, cu_q is not None))
 
 
-def forward(q, k, v, scale, left, right, softcap):
-    return _forward(q, k, v, _causal_only(left, right, softcap), scale)
-
-
-def backward(dout, q, k, v, out, lse, scale, left, right, softcap):
-    return _backward(dout, q, k, v, out, lse, _causal_only(left, right, softcap), scale)
-
-
-def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float):
+def forward(q, k, v, scale: float, left: int, right: int, softcap: float):
     """q [B, Hq, T, D], k/v [B, Hkv, S, D], unit stride over D → (out like q, lse [2, B, Hq, T]).
 
     lse holds (m, log2 l) per row in base 2 (natural lse = (m + log2 l)·ln 2), fp32 (fp64 for
-    fp64 inputs); (+inf, 0) for rows that see no key."""
+    fp64 inputs); (+inf, 0) for rows that see no key. ``left``/``right``: the window, −1 =
+    unbounded (causal is right = 0); ``softcap`` 0 = off."""
     B, Hq, T, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    S = k.shape[2]
     out = _empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
-    lse = _empty((2, B, Hq, T), dtype=acc, device=q.device)
+    lse = _empty((2, B, Hq, T), dtype=_acc(q.dtype), device=q.device)
     if B * Hq * T == 0:
         return out, lse
-    _launch(_attn_fwd, None if INTERPRET else _attn_fwd_tuned,
-            lambda m: (triton.cdiv(T, m["BLOCK_M"]), Hq, B),
-            q, k, v, out, lse[0], lse[1], *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
-            Hq, Hq // Hkv, T, S, *_split(scale), **_meta(q, causal))
+    _fwd(q, k, v, out, lse, None, None, B, T, S, _s4, (Hq * T, T), scale, left, right, softcap)
     return out, lse
 
 
-def _backward(dout, q, k, v, out, lse, causal: bool, scale: float):
-    """Gradients (dq like q, dk/dv like k/v) of attention; all inputs unit stride over D."""
+def varlen_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float, left: int, right: int,
+                   softcap: float):
+    """q [Nq, Hq, D], k/v [Nk, Hkv, D], cu_q/cu_k int32 [n + 1] → (out like q, lse [2, Hq, Nq])."""
+    Nq, Hq, D = q.shape
+    n = cu_q.shape[0] - 1
+    out = _empty((Nq, Hq, D), dtype=q.dtype, device=q.device)
+    lse = _empty((2, Hq, Nq), dtype=_acc(q.dtype), device=q.device)
+    if Nq * Hq * n * max_q == 0:
+        return out, lse
+    _fwd(q, k, v, out, lse, cu_q, cu_k, n, max_q, max_k, _s3, (0, Nq), scale, left, right, softcap)
+    return out, lse
+
+
+def _bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, n, T, S, strides, lse_strides, scale,
+         left, right, softcap):
+    varlen = cu_q is not None
+    _check_strides(q=q, k=k, v=v, out=out, dout=dout)
+    Hq, Hkv = q.shape[1], k.shape[1]
+    D = q.shape[-1]
+    meta = _meta(q, left, right, softcap, varlen)
+    delta = _empty(lse.shape[1:], dtype=lse.dtype, device=lse.device)
+    # delta per row, in lse's row layout: dense [B, Hq, T]; varlen [Hq, Nq] (one "batch" of Nq rows)
+    B1, T1 = (1, q.shape[0]) if varlen else (q.shape[0], T)
+    bm = 16 if INTERPRET else 64
+    _attn_bwd_delta[(triton.cdiv(T1, bm), Hq, B1)](
+        out, dout, delta, *strides(out), *strides(dout), Hq, T1,
+        HEAD_DIM=D, BLOCK_M=bm, BLOCK_D=meta["BLOCK_D"], FP64=meta["FP64"])
+    common = (Hq // Hkv, T, S, length_bucket(T), length_bucket(S), *_scalars(scale, left, right, softcap))
+    _launch(_attn_bwd_dkdv, None if INTERPRET else _attn_bwd_dkdv_tuned, "dkdv",
+            lambda m: (triton.cdiv(S, m["BLOCK_N"]), Hkv, n),
+            q, k, v, dout, lse[0], lse[1], delta, dk, dv, cu_q, cu_k,
+            *strides(q), *strides(k), *strides(v), *strides(dout), *strides(dk), *strides(dv),
+            *lse_strides, *common, FWD_ORIENT=INTERPRET, **meta)
+    _launch(_attn_bwd_dq, None if INTERPRET else _attn_bwd_dq_tuned, "dq",
+            lambda m: (triton.cdiv(T, m["BLOCK_M"]), Hq, n),
+            q, k, v, dout, lse[0], lse[1], delta, dq, cu_q, cu_k,
+            *strides(q), *strides(k), *strides(v), *strides(dout), *strides(dq),
+            *lse_strides, *common, **meta)
+
+
+def backward(dout, q, k, v, out, lse, scale: float, left: int, right: int, softcap: float):
+    """Gradients (dq like q, dk/dv like k/v) of ``forward``; all inputs unit stride over D."""
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     dq = _empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
@@ -482,21 +736,24 @@ def _backward(dout, q, k, v, out, lse, causal: bool, scale: float):
         return dq.zero_(), dk, dv
     if T == 0:  # no query: no gradient flows into k or v
         return dq, dk.zero_(), dv.zero_()
-    meta = _meta(q, causal)
-    delta = _empty(lse.shape[1:], dtype=lse.dtype, device=lse.device)
-    bm = 16 if INTERPRET else 64
-    _attn_bwd_delta[(triton.cdiv(T, bm), Hq, B)](
-        out, dout, delta, *_strides3(out), *_strides3(dout), Hq, T,
-        HEAD_DIM=D, BLOCK_M=bm, BLOCK_D=meta["BLOCK_D"], FP64=meta["FP64"])
-    _launch(_attn_bwd_dkdv, None if INTERPRET else _attn_bwd_dkdv_tuned,
-            lambda m: (triton.cdiv(S, m["BLOCK_N"]), Hkv, B),
-            q, k, v, dout, lse[0], lse[1], delta, dk, dv,
-            *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout),
-            *_strides3(dk), *_strides3(dv), Hq, Hq // Hkv, T, S, *_split(scale), FWD_ORIENT=INTERPRET,
-            **meta)
-    _launch(_attn_bwd_dq, None if INTERPRET else _attn_bwd_dq_tuned,
-            lambda m: (triton.cdiv(T, m["BLOCK_M"]), Hq, B),
-            q, k, v, dout, lse[0], lse[1], delta, dq,
-            *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *_strides3(dq),
-            Hq, Hq // Hkv, T, S, *_split(scale), **meta)
+    _bwd(dout, q, k, v, out, lse, dq, dk, dv, None, None, B, T, S, _s4, (Hq * T, T), scale, left, right,
+         softcap)
+    return dq, dk, dv
+
+
+def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int, scale: float,
+                    left: int, right: int, softcap: float):
+    """Gradients of ``varlen_forward``."""
+    Nq, Hq, D = q.shape
+    Nk, Hkv = k.shape[0], k.shape[1]
+    n = cu_q.shape[0] - 1
+    dq = _empty((Nq, Hq, D), dtype=q.dtype, device=q.device)
+    dk = _empty((Nk, Hkv, D), dtype=k.dtype, device=k.device)
+    dv = _empty((Nk, Hkv, D), dtype=v.dtype, device=v.device)
+    if Nq * max_q == 0:  # no query: no gradient flows into k or v
+        return dq, dk.zero_(), dv.zero_()
+    if Nk * max_k == 0:  # no key: every row output 0
+        return dq.zero_(), dk, dv
+    _bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, n, max_q, max_k, _s3, (0, Nq), scale, left,
+         right, softcap)
     return dq, dk, dv
