@@ -53,6 +53,74 @@ timeout -s INT -k 30 "$TESTS_S" $PY -m pytest -q -p no:cacheprovider tests -o ad
   --junitxml="$LOGS/junit.xml" >"$LOGS/tests.log" 2>&1
 echo "tests rc=$? in $(( $(date +%s) - t0 )) s"; tail -15 "$LOGS/tests.log"
 
+# ---- CUDA attention under compute-sanitizer (csrc/attention.cu; owner: attention CUDA kernels) ----
+# memcheck / racecheck / synccheck / initcheck over a small driver that calls the four
+# rlhf_ops_cuda attention ops directly (dense fwd/bwd fp16+bf16, D 64+128, GQA, T != S both ways;
+# varlen fwd/bwd with ragged/empty sequences, a too-small max_seqlen and cu_seqlens that do not
+# end at N: the NaN-row paths). Only the attn_* kernels are instrumented; the caching allocator
+# is off so that memcheck sees each tensor's own bounds. The four tools run side by side, each
+# cut at ATTN_SANITIZE_S seconds (default 45). Skipped, saying so, without compute-sanitizer or
+# the extension.
+part "CUDA attention: compute-sanitizer (4 tools in parallel, ${ATTN_SANITIZE_S:-45} s)"
+SANITIZER=$(command -v compute-sanitizer || ls ${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer \
+            /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+if [ -z "$SANITIZER" ]; then
+  echo "compute-sanitizer not found: attention sanitizer checks NOT run"
+elif ! $PY -c "import rlhf_ops._C, torch; torch.ops.rlhf_ops_cuda.attention_varlen_fwd" 2>/dev/null; then
+  echo "the extension (with attention_varlen_fwd) did not load: attention sanitizer checks NOT run"
+else
+  cat >"$LOGS/attn_sanitize.py" <<'PYEOF'
+import itertools, torch, rlhf_ops._C  # noqa: F401
+ops = torch.ops.rlhf_ops_cuda
+g = torch.Generator(device="cuda").manual_seed(0)
+def rnd(*shape, dtype): return torch.randn(*shape, device="cuda", dtype=dtype, generator=g)
+for dtype, D, (B, Hq, Hkv, T, S), causal in [
+        (torch.float16, 64, (2, 4, 2, 17, 33), True), (torch.bfloat16, 128, (1, 3, 1, 70, 9), True),
+        (torch.float16, 128, (1, 2, 2, 65, 65), False), (torch.bfloat16, 64, (1, 2, 1, 5, 0), True)]:
+    q, dout = rnd(B, Hq, T, D, dtype=dtype), rnd(B, Hq, T, D, dtype=dtype)
+    k, v = rnd(B, Hkv, S, D, dtype=dtype), rnd(B, Hkv, S, D, dtype=dtype)
+    out, lse = ops.attention_fwd(q, k, v, causal, 0.125)
+    ops.attention_bwd(dout, q, k, v, out, lse, causal, 0.125)
+def cu(lens): return torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device="cuda")
+for dtype, D, lq, lk, mq, mk, Nq_extra in [
+        (torch.float16, 64, [1, 0, 17, 70], [3, 5, 0, 66], 70, 66, 0),
+        (torch.bfloat16, 128, [9, 130], [130, 2], 130, 130, 0),
+        (torch.float16, 64, [10, 150], [140, 150], 60, 60, 0),    # max_seqlen too small: NaN rows
+        (torch.float16, 64, [4, 6], [5, 5], 6, 5, 3)]:            # 3 tokens after the last sequence
+    Nq, Nk = sum(lq) + Nq_extra, sum(lk)
+    q, dout = rnd(Nq, 4, D, dtype=dtype), rnd(Nq, 4, D, dtype=dtype)
+    k, v = rnd(Nk, 2, D, dtype=dtype), rnd(Nk, 2, D, dtype=dtype)
+    out, lse = ops.attention_varlen_fwd(q, k, v, cu(lq), cu(lk), mq, mk, True, 0.125)
+    ops.attention_varlen_bwd(dout, q, k, v, out, lse, cu(lq), cu(lk), mq, mk, True, 0.125)
+torch.cuda.synchronize()
+print("attention sanitizer driver done")
+PYEOF
+  FILTER=()  # instrument only the attention kernels where this compute-sanitizer can filter
+  "$SANITIZER" --help 2>/dev/null | grep -q -- "--kernel-name" && FILTER=(--kernel-name kns=attn_)
+  t0=$(date +%s)
+  for tool in memcheck racecheck synccheck initcheck; do  # the four in parallel: one GPU, tiny kernels
+    ( PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 5 "${ATTN_SANITIZE_S:-45}" "$SANITIZER" \
+        --tool "$tool" ${FILTER[@]+"${FILTER[@]}"} --error-exitcode 7 $PY "$LOGS/attn_sanitize.py" \
+        >"$LOGS/attn_sanitize_$tool.log" 2>&1
+      echo $? >"$LOGS/attn_sanitize_$tool.rc" ) &
+  done
+  wait
+  for tool in memcheck racecheck synccheck initcheck; do
+    rc=$(cat "$LOGS/attn_sanitize_$tool.rc" 2>/dev/null || echo "?")
+    case $rc in
+      0) verdict="clean" ;;
+      7) verdict="ERRORS FOUND (see $LOGS/attn_sanitize_$tool.log)" ;;
+      124|137) verdict="timed out: NOT checked to the end" ;;
+      *) verdict="failed to run (rc=$rc, see $LOGS/attn_sanitize_$tool.log)" ;;
+    esac
+    echo "attention $tool: $verdict"
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Invalid|Race|Uninitialized|driver done" \
+      "$LOGS/attn_sanitize_$tool.log" | head -5
+  done
+  echo "attention sanitizer checks took $(( $(date +%s) - t0 )) s"
+fi
+# ---- end of CUDA attention sanitizer block ----
+
 # ---- the training loop on CUDA (rlhf_ops/train; owner: train) ----
 # `python -m rlhf_ops.train all --preset tiny --device cuda` once per backend that
 # rlhf_ops.available_backends() lists (reference, triton, and cuda when the extension loaded):
