@@ -213,15 +213,15 @@ def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100,
     Per row, k numbers per rank cross the network, never a V-sized tensor (``rlhf_ops.distributed``).
     """
     logits, process_group, mesh = distributed.unwrap(OP, "logits", logits, process_group, -1)
-    target = distributed.replicated_local(OP, "target", target)
-    _flatten(OP, logits, target, ignore_index, reduction, label_smoothing)
-    be = _backend.resolve(OP, backend, logits.device)
+    with distributed.rejects_together(OP, process_group, getattr(logits, "device", None)):
+        target = distributed.replicated_local(OP, "target", target)
+        _flatten(OP, logits, target, ignore_index, reduction, label_smoothing)
+        distributed.check_vocab_offset(OP, vocab_offset, process_group)
+        be = _backend.resolve(OP, backend, logits.device)
     if process_group is not None:
         out = _cross_entropy_vp(logits, target, ignore_index, reduction, float(label_smoothing), be,
                                 bool(inplace_backward), process_group, vocab_offset)
         return distributed.wrap(out, mesh)
-    if vocab_offset is not None:
-        raise ValueError(f"rlhf_ops.{OP}: vocab_offset needs a process_group (or a DTensor logits)")
     if be == "reference":
         _reference_range_check(OP, target, logits.shape[-1], ignore_index)
         return reference.cross_entropy(logits, target, ignore_index, reduction, label_smoothing)
@@ -413,6 +413,29 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, *, bias
     weight, process_group, mesh = distributed.unwrap(op, "weight", weight, process_group, 0)
     if mesh is not None and bias is not None:
         bias, _, _ = distributed.unwrap(op, "bias", bias, None, 0)
+    with distributed.rejects_together(op, process_group, getattr(weight, "device", None)):
+        be = _check_linear(op, hidden, weight, target, bias, ignore_index, reduction,
+                           label_smoothing, backend, process_group, vocab_offset)
+    hidden = distributed.replicated_local(op, "hidden", hidden)
+    target = distributed.replicated_local(op, "target", target)
+    if process_group is not None:
+        out = _linear_cross_entropy_vp(hidden, weight, target, bias, ignore_index, reduction,
+                                       float(label_smoothing), be, process_group, vocab_offset)
+        return distributed.wrap(out, mesh)
+    if be == "reference":
+        _reference_range_check(op, target, weight.shape[0], ignore_index)
+        return reference.linear_cross_entropy(hidden, weight, target, bias, ignore_index,
+                                              reduction, label_smoothing)
+    h = hidden.reshape(-1, hidden.shape[-1])
+    t = target.reshape(-1).contiguous()
+    loss, _ = torch.ops.rlhf_ops.linear_cross_entropy_fwd(h, weight, bias, t, ignore_index,
+                                                          float(label_smoothing), be)
+    return _reduce(loss, t, ignore_index, reduction, target.shape)
+
+
+def _check_linear(op, hidden, weight, target, bias, ignore_index, reduction, label_smoothing,
+                  backend, process_group, vocab_offset) -> str:
+    """Validate linear_cross_entropy's inputs; the backend that runs it."""
     hidden = distributed.replicated_local(op, "hidden", hidden)
     target = distributed.replicated_local(op, "target", target)
     _checks.floating(op, "hidden", hidden, min_ndim=1)
@@ -433,22 +456,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, *, bias
         raise ValueError(f"rlhf_ops.{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
     if not isinstance(ignore_index, int):
         raise TypeError(f"rlhf_ops.{op}: ignore_index must be an int, got {type(ignore_index).__name__}")
-    be = _backend.resolve(op, backend, hidden.device)
-    if process_group is not None:
-        out = _linear_cross_entropy_vp(hidden, weight, target, bias, ignore_index, reduction,
-                                       float(label_smoothing), be, process_group, vocab_offset)
-        return distributed.wrap(out, mesh)
-    if vocab_offset is not None:
-        raise ValueError(f"rlhf_ops.{op}: vocab_offset needs a process_group (or a DTensor weight)")
-    if be == "reference":
-        _reference_range_check(op, target, weight.shape[0], ignore_index)
-        return reference.linear_cross_entropy(hidden, weight, target, bias, ignore_index,
-                                              reduction, label_smoothing)
-    h = hidden.reshape(-1, hidden.shape[-1])
-    t = target.reshape(-1).contiguous()
-    loss, _ = torch.ops.rlhf_ops.linear_cross_entropy_fwd(h, weight, bias, t, ignore_index,
-                                                          float(label_smoothing), be)
-    return _reduce(loss, t, ignore_index, reduction, target.shape)
+    distributed.check_vocab_offset(op, vocab_offset, process_group)
+    return _backend.resolve(op, backend, hidden.device)
 
 
 def _linear_cross_entropy_vp(hidden, weight, target, bias, ignore_index, reduction,

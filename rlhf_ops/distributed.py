@@ -49,6 +49,7 @@ where no check runs.
 """
 from __future__ import annotations
 
+import contextlib
 import zlib
 
 import torch
@@ -81,22 +82,33 @@ def resolve_group(name: str):
     return _resolve_process_group(name)
 
 
+def _comm_device(group, device: torch.device) -> torch.device:
+    """Where the group's collectives take tensors: the CPU for gloo, else ``device``."""
+    return torch.device("cpu") if _dist().get_backend(group) == "gloo" else device
+
+
 def _all_gather(x: Tensor, group) -> Tensor:
     """[R, *x.shape]: every rank's ``x`` (same shape on every rank), in rank order."""
     dist = _dist()
     R = dist.get_world_size(group)
-    out = x.new_empty((R * x.numel(),))  # the concatenated form (gloo takes no other)
+    dev = _comm_device(group, x.device)
+    out = torch.empty((R * x.numel(),), dtype=x.dtype, device=dev)  # the concatenated form
     # all_gather_single is the name from torch 2.12 on (all_gather_into_tensor warns there)
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out, x.reshape(-1).contiguous(), group=group)
-    return out.view((R,) + tuple(x.shape))
+    gather(out, x.reshape(-1).contiguous().to(dev), group=group)
+    return out.view((R,) + tuple(x.shape)).to(x.device)
 
 
 def all_reduce_(x: Tensor, group_or_name) -> Tensor:
     """Sum ``x`` over the group, in place (the backward of a replicated input)."""
     group = resolve_group(group_or_name) if isinstance(group_or_name, str) else group_or_name
-    _dist().all_reduce(x, group=group)
-    return x
+    dev = _comm_device(group, x.device)
+    if dev == x.device:
+        _dist().all_reduce(x, group=group)
+        return x
+    y = x.to(dev)
+    _dist().all_reduce(y, group=group)
+    return x.copy_(y)
 
 
 # ------------------------------------------------------------------------------- DTensor ---
@@ -155,11 +167,13 @@ def wrap(out: Tensor, mesh) -> Tensor:
 
 
 # ----------------------------------------------------------------- 1. locate the slice ---
-# meta row per rank: [V_r, crc32(config), rows, min target, max target, target checksum]
+# meta row per rank: [V_r, crc32(config), rows, min target, max target, target checksum,
+#                     vocab_offset passed (−1: none), inputs rejected by this rank's checks]
 _BIG = 2 ** 62
 
 
-def _meta(target: Tensor, local_vocab: int, ignore_index: int | None, config: str) -> Tensor:
+def _meta(target: Tensor, local_vocab: int, ignore_index: int | None, config: str,
+          vocab_offset: int) -> Tensor:
     t = target.reshape(-1)
     valid = t != ignore_index if ignore_index is not None else torch.ones_like(t, dtype=torch.bool)
     tmin = torch.where(valid, t, _BIG).amin() if t.numel() else torch.tensor(_BIG, device=t.device)
@@ -168,14 +182,20 @@ def _meta(target: Tensor, local_vocab: int, ignore_index: int | None, config: st
     pos = torch.arange(1, t.numel() + 1, device=t.device, dtype=torch.int64)
     tsum = (t * pos).sum() + t.numel()
     head = torch.tensor([local_vocab, zlib.crc32(config.encode()), t.numel()], dtype=torch.int64)
-    return torch.cat([head.to(t.device), torch.stack([tmin, tmax, tsum]).to(torch.int64)])
+    tail = torch.tensor([vocab_offset, 0], dtype=torch.int64)
+    return torch.cat([head.to(t.device), torch.stack([tmin, tmax, tsum]).to(torch.int64),
+                      tail.to(t.device)])
 
 
-def _check_meta(op, name, group, meta, target, ignore_index, vocab_offset, config, rank):
+def _check_meta(op, name, group, meta, target, ignore_index, config, rank):
     """Raise the same error on every rank when the ranks disagree or a target is out of range.
     Every rank holds the same gathered ``meta``, so every rank reaches the same decision."""
     m = meta.cpu().tolist()
     R = len(m)
+    failed = [r for r in range(R) if m[r][7]]
+    if failed:
+        raise ValueError(f"rlhf_ops.{op}: rank {failed[0]} of process_group rejected its inputs "
+                         f"(its own error says why), so every rank stops here")
     if any(row[1] != m[0][1] for row in m):
         # the error path: one more collective (every rank is here) to name what differs
         configs = [None] * R
@@ -186,10 +206,10 @@ def _check_meta(op, name, group, meta, target, ignore_index, vocab_offset, confi
                          f"options, with its own vocabulary slice): {lines}")
     sizes = [row[0] for row in m]
     V = sum(sizes)
-    offset = sum(sizes[:rank])
-    if vocab_offset is not None and vocab_offset != offset:
-        raise ValueError(f"rlhf_ops.{op}: vocab_offset={vocab_offset}, but the slice sizes of the "
-                         f"ranks {sizes} place rank {rank}'s slice at {offset}")
+    for r, row in enumerate(m):  # a vocab_offset passed by any rank must be where its slice is
+        if row[6] >= 0 and row[6] != sum(sizes[:r]):
+            raise ValueError(f"rlhf_ops.{op}: vocab_offset={row[6]} on rank {r}, but the slice "
+                             f"sizes of the ranks {sizes} place its slice at {sum(sizes[:r])}")
     bad_ranks = [r for r, row in enumerate(m) if row[3] < 0 or row[4] >= V]
     if bad_ranks:
         if rank in bad_ranks:  # this rank's own targets: the unsharded op's message
@@ -220,10 +240,9 @@ def shard_offset(target: Tensor, local_vocab: int, ignore_index: int | None, voc
         return torch.full((1,), vocab_offset, dtype=torch.int64, device=target.device)
     pg = resolve_group(group)
     rank = _dist().get_rank(pg)
-    meta = _all_gather(_meta(target, local_vocab, ignore_index, config), pg)
+    meta = _all_gather(_meta(target, local_vocab, ignore_index, config, vocab_offset), pg)
     if check:
-        _check_meta(op, name, pg, meta, target, ignore_index,
-                    vocab_offset if vocab_offset >= 0 else None, config, rank)
+        _check_meta(op, name, pg, meta, target, ignore_index, config, rank)
     if vocab_offset >= 0:
         return torch.full((1,), vocab_offset, dtype=torch.int64, device=target.device)
     return meta[:rank, 0].sum().reshape(1)
@@ -234,14 +253,41 @@ def _(target, local_vocab, ignore_index, vocab_offset, op, name, config, group):
     return target.new_empty((1,), dtype=torch.int64)
 
 
+@contextlib.contextmanager
+def rejects_together(op: str, group, device):
+    """Wrap a vocabulary-parallel call's own input checks. When they reject this rank's inputs,
+    this rank still takes part in ``shard_offset``'s all_gather (flagging the failure) before
+    it raises, so the other ranks raise too instead of waiting for it (where checks run: CPU
+    tensors, or RLHF_OPS_DEBUG=1)."""
+    if group is None:
+        yield
+        return
+    gname = group_name(op, group)   # a bad group raises here, before anything is gathered
+    try:
+        yield
+    except (TypeError, ValueError, RuntimeError):
+        device = device if isinstance(device, torch.device) else torch.device("cpu")
+        if device.type != "meta" and _backend.debug_checks(device):
+            pg = resolve_group(gname)
+            row = torch.tensor([0, 0, 0, _BIG, -_BIG, 0, -1, 1], dtype=torch.int64, device=device)
+            _all_gather(row, pg)
+        raise
+
+
+def check_vocab_offset(op: str, vocab_offset, group) -> None:
+    if vocab_offset is None:
+        return
+    if isinstance(vocab_offset, bool) or not isinstance(vocab_offset, int) or vocab_offset < 0:
+        raise TypeError(f"rlhf_ops.{op}: vocab_offset must be None or an int >= 0 (the global "
+                        f"id of this rank's first vocabulary entry), got {vocab_offset!r}")
+    if group is None:
+        raise ValueError(f"rlhf_ops.{op}: vocab_offset needs a process_group (or a DTensor input)")
+
+
 def locate(op: str, name: str, group, target: Tensor, local_vocab: int, *, ignore_index=None,
            vocab_offset=None, config: str = "") -> tuple[str, Tensor]:
     """(group name, offset int64 [1]) for this rank's slice; checks as ``shard_offset``."""
     gname = group_name(op, group)
-    if vocab_offset is not None:
-        if isinstance(vocab_offset, bool) or not isinstance(vocab_offset, int) or vocab_offset < 0:
-            raise TypeError(f"rlhf_ops.{op}: vocab_offset must be None or an int >= 0 (the global "
-                            f"id of this rank's first vocabulary entry), got {vocab_offset!r}")
     if target.device.type == "meta":
         return gname, target.new_zeros((1,), dtype=torch.int64)
     off = torch.ops.rlhf_ops.vocab_shard_offset(target, int(local_vocab), ignore_index,
@@ -269,7 +315,7 @@ class _GatherStats(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         sizes = out[:, -1]
         ctx.mark_non_differentiable(sizes)
-        return out[:, :-1].reshape(-1, k, n), sizes
+        return out[:, :-1].reshape(out.shape[0], k, n), sizes
 
     @staticmethod
     def backward(ctx, grad, _):

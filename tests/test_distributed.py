@@ -1,0 +1,455 @@
+"""Vocabulary parallelism on torch.distributed (gloo, CPU): real multi-process runs.
+
+One spawn of 3 processes runs every case: the 3-rank cases on the whole world, the 2-rank cases on
+the subgroup of global ranks [1, 2] (so a group rank differs from the global rank). Each case
+draws the same full-vocabulary inputs on every rank (V = 70,001, uneven slices; the 3-rank split
+has a slice of width 1), runs the sharded op on this rank's slice and checks, in float64, the
+result and every gradient against the single-process op on the full inputs, and that the result
+is bitwise the same on every rank. Spawning once keeps the suite's cost to one start-up (imports
+and the Triton interpreter's first launch, ~15 s per process on a 2-core machine).
+
+The group has a timeout (``GROUP_TIMEOUT_S``), and the whole spawn a deadline, so a case that
+would hang fails instead.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+V = 70001
+SIZES = {2: [40000, 30001], 3: [23000, 1, 47000]}
+GROUP_TIMEOUT_S = 60
+# a guard against a hang, not the time budget: on the idle 2-core CI machine the spawn takes
+# ~1 min (RLHF_DIST_DEADLINE_S overrides it on a loaded one)
+DEADLINE_S = float(os.environ.get("RLHF_DIST_DEADLINE_S", 400))
+CASES: list = []   # (name, worlds, fn)
+
+
+def case(*worlds):
+    def deco(fn):
+        CASES.append((fn.__name__, worlds, fn))
+        return fn
+    return deco
+
+
+# --------------------------------------------------------------------------- the worker side ---
+
+class Ctx:
+    """One case on one rank: the group, this rank's place in it and its vocabulary slice."""
+
+    def __init__(self, group, world: int):
+        import torch.distributed as dist
+        self.group, self.world = group, world
+        self.rank = dist.get_rank(group)
+        self.sizes = SIZES[world]
+        self.off = sum(self.sizes[:self.rank])
+        self.V_r = self.sizes[self.rank]
+
+    def shard(self, full: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        return full.narrow(dim, self.off, self.V_r)
+
+    def gather(self, t: torch.Tensor) -> list:
+        import torch.distributed as dist
+        out = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(out, t.contiguous(), group=self.group)
+        return out
+
+    def same_on_every_rank(self, t: torch.Tensor, what: str):
+        t = t.detach()
+        for r, o in enumerate(self.gather(t)):
+            same = torch.equal(o.isnan(), t.isnan()) and torch.equal(o.nan_to_num(), t.nan_to_num())
+            assert same, f"{what}: rank {r} differs from rank {self.rank}"
+
+
+def _close(ours, ref, what, tol=1e-10):
+    from _util import rel_err
+    ours = ours.full_tensor() if hasattr(ours, "full_tensor") else ours
+    err = rel_err(ours, ref)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+
+
+def _grads(out, inputs, g):
+    return torch.autograd.grad(out, inputs, g, allow_unused=True)
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str, only: str | None):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
+    groups = {3: dist.group.WORLD, 2: dist.new_group([1, 2])}
+    results = {}
+    for name, worlds, fn in CASES:
+        for w in worlds:
+            key = f"{name}[{w}]"
+            if (only and only not in key) or (w == 2 and rank == 0):
+                continue
+            ctx = Ctx(groups[w], w)
+            torch.manual_seed(zlib.crc32(key.encode()))   # the same inputs on every rank
+            t0 = time.time()
+            try:
+                fn(ctx)
+                res = "ok"
+            except Exception:
+                res = traceback.format_exc()
+            # every rank of the group reaches this point before the next case starts
+            flag = torch.tensor([0 if res == "ok" else 1])
+            dist.all_reduce(flag, group=ctx.group)
+            results[key] = {"result": res, "others_failed": int(flag) - (res != "ok"),
+                            "seconds": round(time.time() - t0, 2)}
+            print(f"rank {rank}: {key} {res.splitlines()[-1][:200]} in {time.time() - t0:.1f} s", flush=True)
+            Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+    import resource
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    results["_cpu_seconds"] = ru.ru_utime + ru.ru_stime
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- the pytest side ---
+
+def _spawn(tmp: Path, only: str | None = None) -> dict:
+    """Run ``_worker`` on 3 processes; {case key: [per-rank result dicts]}."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    here = str(Path(__file__).parent)
+    code = ("import sys; sys.path.insert(0, {here!r}); import test_distributed as m; "
+            "m._worker({rank}, 3, {init!r}, {out!r}, {only!r})")
+    procs = [subprocess.Popen([sys.executable, "-c", code.format(here=here, rank=r, init=str(tmp / "store"),
+                                                                  out=str(tmp), only=only)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(3)]
+    deadline = time.time() + DEADLINE_S
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=max(1.0, deadline - time.time()))[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            tails = "\n".join(f"--- rank {r}:\n" + q.communicate()[0][-3000:] for r, q in enumerate(procs))
+            pytest.fail(f"the distributed cases did not finish within {DEADLINE_S} s\n{tails}")
+    per_rank = []
+    for r, (p, log) in enumerate(zip(procs, logs)):
+        f = tmp / f"rank{r}.json"
+        if p.returncode != 0 or not f.exists():
+            pytest.fail(f"rank {r} exited with {p.returncode}:\n{log[-4000:]}")
+        per_rank.append(json.loads(f.read_text()))
+    merged: dict = {}
+    for res in per_rank:
+        for k, v in res.items():
+            merged.setdefault(k, []).append(v)
+    cpu = merged.pop("_cpu_seconds")
+    print(f"\nworker CPU seconds: {[round(c, 1) for c in cpu]} (sum {sum(cpu):.1f})")
+    return merged
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    t0 = time.time()
+    out = _spawn(tmp_path_factory.mktemp("dist"), os.environ.get("RLHF_DIST_ONLY"))
+    print(f"\ndistributed cases: {time.time() - t0:.1f} s for one 3-process spawn")
+    return out
+
+
+def _keys():
+    return [f"{name}[{w}]" for name, worlds, _ in CASES for w in worlds]
+
+
+# --------------------------------------------------------------------------------- the cases ---
+# Each runs on every rank of its group with the same random inputs.
+
+def _ce_inputs(ctx, rows=8, dtype=torch.float64):
+    """Full logits [2, rows/2, V] with the edge cases in its rows, and targets: ignored rows, ids
+    at the slice borders (the 1-wide slice of the 3-rank split included), V − 1 and 0."""
+    x = torch.randn(rows, V, dtype=torch.float64) * 3
+    x[0] = 1e4 + 2 * torch.randn(V, dtype=torch.float64)     # logits near 1e4
+    x[1, : V // 2] = -1e4                                    # far-apart values
+    x[2] = float("-inf")                                     # mass only in the last slice
+    x[2, -5:] = torch.randn(5, dtype=torch.float64)
+    x[3] = float("-inf")                                     # ignored row of −inf
+    t = torch.randint(0, V, (rows,))
+    t[2:8] = torch.tensor([V - 3, -100, ctx.sizes[0] - 1, ctx.sizes[0], V - 1, 0])[:rows - 2]
+    return x.to(dtype).reshape(2, rows // 2, V), t.reshape(2, rows // 2)
+
+
+def _ce_against_full(ctx, backend, **kw):
+    import rlhf_ops as ro
+    full, t = _ce_inputs(ctx)
+    if kw.get("ignore_index", -100) != -100:
+        t = torch.where(t == -100, kw["ignore_index"], t)
+    x = ctx.shard(full).clone().requires_grad_()
+    xf = full.clone().requires_grad_()
+    out = ro.cross_entropy(x, t, backend=backend, process_group=ctx.group, **kw)
+    ref = ro.cross_entropy(xf, t, backend="reference", **kw)
+    g = torch.rand(ref.shape, dtype=torch.float64) + 0.5
+    (gx,), (gf,) = _grads(out, [x], g), _grads(ref, [xf], g)
+    _close(out, ref, f"loss {kw}")
+    _close(gx, ctx.shard(gf), f"grad {kw}")
+    ctx.same_on_every_rank(out, "loss")
+
+
+@case(2, 3)
+def ce_reference(ctx):
+    _ce_against_full(ctx, "reference", reduction="none")
+    _ce_against_full(ctx, "reference", reduction="mean", label_smoothing=0.125, ignore_index=-1)
+    _ce_against_full(ctx, "reference", reduction="sum", label_smoothing=0.3)
+
+
+@case(2, 3)
+def ce_triton(ctx):
+    _ce_against_full(ctx, "triton", reduction="none")
+    _ce_against_full(ctx, "triton", reduction="mean", label_smoothing=0.125, ignore_index=-1)
+
+
+@case(2)
+def ce_triton_inplace_backward(ctx):
+    import rlhf_ops as ro
+    full, t = _ce_inputs(ctx)
+    leaf = ctx.shard(full).clone().requires_grad_()
+    y = leaf * 1.0
+    loss = ro.cross_entropy(y, t, backend="triton", process_group=ctx.group, inplace_backward=True)
+    buf = y.detach()
+    loss.backward()
+    xf = full.clone().requires_grad_()
+    ro.cross_entropy(xf, t, backend="reference").backward()
+    _close(leaf.grad, ctx.shard(xf.grad), "in-place grad")
+    assert torch.equal(buf, leaf.grad)
+
+
+@case(2, 3)
+def ce_fp32_near_1e4_no_worse_than_unsharded(ctx):
+    """fp32: the sharded op's error against fp64 stays within the unsharded eager one's (×1.05)."""
+    import rlhf_ops as ro
+    from _util import rel_err
+    full = (1e4 + 2 * torch.randn(6, V, dtype=torch.float64))
+    full[:, ::7] = -1e4
+    t = torch.randint(0, V, (6,))
+    x32 = full.float()
+    ref = F.cross_entropy(full, t, reduction="none", label_smoothing=0.1)
+    eager = F.cross_entropy(x32, t, reduction="none", label_smoothing=0.1)
+    for be in ("reference", "triton"):
+        out = ro.cross_entropy(ctx.shard(x32), t, reduction="none", label_smoothing=0.1, backend=be,
+                               process_group=ctx.group)
+        assert rel_err(out, ref) <= rel_err(eager, ref) * 1.05 + 1e-6, (be, rel_err(out, ref),
+                                                                        rel_err(eager, ref))
+
+
+@case(2, 3)
+def ce_edge_cases(ctx):
+    """Empty batch, a single row, every target ignored (mean 0, zero gradient), a NaN logit."""
+    import rlhf_ops as ro
+    for be in ("reference", "triton"):
+        e = torch.zeros(0, ctx.V_r, dtype=torch.float64, requires_grad=True)
+        out = ro.cross_entropy(e, torch.zeros(0, dtype=torch.long), backend=be, process_group=ctx.group)
+        assert out.item() == 0.0
+        out.backward()
+        full = torch.randn(1, V, dtype=torch.float64)
+        t = torch.tensor([V - 1])
+        x = ctx.shard(full).clone().requires_grad_()
+        out = ro.cross_entropy(x, t, backend=be, process_group=ctx.group)
+        _close(out, F.cross_entropy(full, t), "single row")
+        x = ctx.shard(torch.randn(3, V, dtype=torch.float64)).clone().requires_grad_()
+        out = ro.cross_entropy(x, torch.full((3,), -100), backend=be, process_group=ctx.group)
+        out.backward()
+        assert out.item() == 0.0 and torch.equal(x.grad, torch.zeros_like(x))
+        full = torch.randn(2, V, dtype=torch.float64)
+        full[0, V - 2] = float("nan")                       # in the last slice only
+        out = ro.cross_entropy(ctx.shard(full), torch.tensor([3, 4]), reduction="none", backend=be,
+                               process_group=ctx.group)
+        assert out[0].isnan() and out[1].isfinite(), out
+
+
+@case(2, 3)
+def linear_ce(ctx):
+    """hidden replicated, weight/bias rows sliced: loss, d hidden (summed over ranks), d W, d b
+    against the full head; the fused path in several row chunks."""
+    import rlhf_ops as ro
+    import importlib
+    ce_mod = importlib.import_module("rlhf_ops.cross_entropy")
+    N, d = 9, 16
+    h = torch.randn(N, d, dtype=torch.float64)
+    w = torch.randn(V, d, dtype=torch.float64) * 0.5
+    b = torch.randn(V, dtype=torch.float64)
+    t = torch.randint(0, V, (N,))
+    t[::4] = -100
+    t[1], t[2] = ctx.sizes[0] - 1, ctx.sizes[0]
+    chunk_rows = ce_mod._chunk_rows
+    ce_mod._chunk_rows = lambda n, v, budget_bytes=0: 4
+    try:
+        for be, ls in (("reference", 0.125), ("triton", 0.125), ("triton", 0.0)):
+            args = [h.clone().requires_grad_(), ctx.shard(w, 0).clone().requires_grad_(),
+                    ctx.shard(b, 0).clone().requires_grad_()]
+            out = ro.linear_cross_entropy(args[0], args[1], t, bias=args[2], label_smoothing=ls,
+                                          backend=be, process_group=ctx.group)
+            ref_args = [a.clone().requires_grad_() for a in (h, w, b)]
+            ref = F.cross_entropy(ref_args[0] @ ref_args[1].T + ref_args[2], t, label_smoothing=ls)
+            _close(out, ref, f"{be} loss")
+            g, gr = _grads(out, args, None), _grads(ref, ref_args, None)
+            _close(g[0], gr[0], f"{be} d hidden")
+            _close(g[1], ctx.shard(gr[1], 0), f"{be} d weight")
+            _close(g[2], ctx.shard(gr[2], 0), f"{be} d bias")
+            ctx.same_on_every_rank(out, "loss")
+            ctx.same_on_every_rank(g[0], "d hidden")
+    finally:
+        ce_mod._chunk_rows = chunk_rows
+
+
+@case(2, 3)
+def vocab_offset_given(ctx):
+    """vocab_offset= gives the same result; a wrong one is an error on every rank (CPU checks)."""
+    import rlhf_ops as ro
+    full, t = _ce_inputs(ctx, rows=4)
+    x = ctx.shard(full)
+    a = ro.cross_entropy(x, t, backend="triton", process_group=ctx.group)
+    b = ro.cross_entropy(x, t, backend="triton", process_group=ctx.group, vocab_offset=ctx.off)
+    assert torch.equal(a, b)
+    wrong = ctx.off + 1 if ctx.rank == 0 else ctx.off
+    with pytest.raises(ValueError, match="vocab_offset=1 on rank 0, but the slice sizes"):
+        ro.cross_entropy(x, t, process_group=ctx.group, vocab_offset=wrong)
+
+
+@case(2, 3)
+def out_of_range_target_is_the_unsharded_error(ctx):
+    """A target outside every slice: the unsharded op's ValueError, on every rank, both backends;
+    a bad target on one rank only: an error on every rank too (no rank left waiting)."""
+    import rlhf_ops as ro
+    full = torch.randn(3, V, dtype=torch.float64)
+    for bad in (V, -5):
+        t = torch.tensor([1, bad, 2])
+        with pytest.raises(ValueError) as unsharded:
+            ro.cross_entropy(full, t)
+        assert f"target holds {bad}, out of range [0, {V}) or -100" in str(unsharded.value)
+        for be in ("reference", "triton"):
+            with pytest.raises(ValueError) as sharded:
+                ro.cross_entropy(ctx.shard(full), t, backend=be, process_group=ctx.group)
+            assert str(sharded.value) == str(unsharded.value)
+            with pytest.raises(ValueError, match=f"linear_cross_entropy: target holds {bad}"):
+                ro.linear_cross_entropy(full[:, :4], ctx.shard(torch.randn(V, 4, dtype=torch.float64), 0),
+                                        t, backend=be, process_group=ctx.group)
+    t = torch.tensor([1, V + 7 if ctx.rank == 1 else 3, 2])
+    with pytest.raises(ValueError, match=rf"target holds {V + 7}( \(on rank 1\))?, out of range"):
+        ro.cross_entropy(ctx.shard(full), t, process_group=ctx.group)
+
+
+@case(2, 3)
+def mismatched_inputs_are_errors(ctx):
+    """One rank passes another shape, option or targets: a ValueError on every rank (not a hang;
+    the group's timeout would turn a hang into a failure)."""
+    import rlhf_ops as ro
+    full = torch.randn(4, V, dtype=torch.float64)
+    t = torch.randint(0, V, (4,))
+    last = ctx.rank == ctx.world - 1
+    x = ctx.shard(full)
+    with pytest.raises(ValueError, match=r"different shapes or settings .*rank 0: cross_entropy\(leading "
+                                         r"shape \(4,\).*rank \d: cross_entropy\(leading shape \(3,\)"):
+        ro.cross_entropy(x[:3] if last else x, t[:3] if last else t, process_group=ctx.group)
+    with pytest.raises(ValueError, match="label_smoothing=0.1"):
+        ro.cross_entropy(x, t, process_group=ctx.group, label_smoothing=0.1 if last else 0.0,
+                         backend="triton")
+    t2 = t.clone()
+    t2[0] = (t2[0] + 1) % V if last else t2[0]
+    with pytest.raises(ValueError, match="target differs between the ranks"):
+        ro.cross_entropy(x, t2, process_group=ctx.group)
+    # one rank's own inputs are inconsistent (target [3] for logits [4, V_r]): it raises its
+    # error, the others one that points at it
+    msg = "target must have shape" if last else f"rank {ctx.world - 1} of process_group rejected its inputs"
+    for be in ("reference", "triton"):
+        with pytest.raises(ValueError, match=msg):
+            ro.cross_entropy(x, t[:3] if last else t, process_group=ctx.group, backend=be)
+        with pytest.raises((ValueError, TypeError), match=msg if not last else "target"):
+            ro.linear_cross_entropy(full[:, :4], ctx.shard(torch.randn(V, 4, dtype=torch.float64), 0),
+                                    t.int() if last else t, process_group=ctx.group, backend=be)
+
+
+@case(2)
+def bad_arguments(ctx):
+    import rlhf_ops as ro
+    x, t = torch.randn(2, ctx.V_r), torch.tensor([0, 1])
+    with pytest.raises(TypeError, match="process_group must be a torch.distributed.ProcessGroup"):
+        ro.cross_entropy(x, t, process_group="world")
+    with pytest.raises(TypeError, match="vocab_offset must be None or an int >= 0"):
+        ro.cross_entropy(x, t, process_group=ctx.group, vocab_offset=-1)
+    with pytest.raises(ValueError, match="vocab_offset needs a process_group"):
+        ro.cross_entropy(x, t, vocab_offset=0)
+
+
+@case(3)
+def dtensor_matches_loss_parallel(ctx):
+    """A DTensor sharded Shard(-1) on a 1-D mesh in place of process_group: the same loss and
+    gradient as loss_parallel() with F.cross_entropy, and a replicated DTensor back."""
+    import rlhf_ops as ro
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import loss_parallel
+    mesh = init_device_mesh("cpu", (ctx.world,))
+    full = torch.randn(5, V, dtype=torch.float64) * 2
+    t = torch.randint(0, V, (5,))
+    t[3] = -100
+    for be in ("reference", "triton"):
+        for red in ("mean", "none"):
+            ours_x = distribute_tensor(full, mesh, [Shard(-1)]).requires_grad_()
+            theirs_x = distribute_tensor(full, mesh, [Shard(-1)]).requires_grad_()
+            ours = ro.cross_entropy(ours_x, t, reduction=red, backend=be)
+            assert ours.placements == (Replicate(),), ours.placements
+            with loss_parallel():
+                theirs = F.cross_entropy(theirs_x, t, reduction=red)
+                theirs.backward(torch.ones_like(theirs))
+            ours.backward(torch.ones_like(ours))
+            _close(ours.full_tensor(), theirs.full_tensor(), f"{be} {red} loss")
+            assert ours_x.grad.placements == (Shard(1),)
+            _close(ours_x.grad.full_tensor(), theirs_x.grad.full_tensor(), f"{be} {red} grad")
+    # linear: a Shard(0) weight
+    h = torch.randn(5, 8, dtype=torch.float64)
+    w = torch.randn(V, 8, dtype=torch.float64)
+    wd = distribute_tensor(w, mesh, [Shard(0)]).requires_grad_()
+    out = ro.linear_cross_entropy(h, wd, t, backend="triton")
+    wf = w.clone().requires_grad_()
+    ref = F.cross_entropy(h @ wf.T, t)
+    _close(out.full_tensor(), ref, "linear loss")
+    out.backward()
+    ref.backward()
+    _close(wd.grad.full_tensor(), wf.grad, "linear d weight")
+
+
+@case(2)
+def torch_compile_fullgraph(ctx):
+    """The sharded fused path is opaque custom ops: torch.compile(fullgraph=True) traces it."""
+    import rlhf_ops as ro
+    full, t = _ce_inputs(ctx, rows=4)
+    x = ctx.shard(full)
+
+    def step(z):
+        return ro.cross_entropy(z * 1.0, t, label_smoothing=0.125, backend="triton",
+                                process_group=ctx.group)
+
+    xc = x.clone().requires_grad_()
+    out = torch.compile(step, fullgraph=True, backend="aot_eager")(xc)
+    out.backward()
+    xf = full.clone().requires_grad_()
+    ref = ro.cross_entropy(xf, t, label_smoothing=0.125)
+    ref.backward()
+    _close(out, ref, "compiled loss")
+    _close(xc.grad, ctx.shard(xf.grad), "compiled grad")
+
+
+# ------------------------------------------------------------------------------ the tests ---
+
+@pytest.mark.parametrize("key", _keys())
+def test_vocab_parallel(results, key):
+    if key not in results:
+        pytest.skip(f"{key} not run (RLHF_DIST_ONLY={os.environ.get('RLHF_DIST_ONLY')})")
+    per_rank = results[key]
+    world = int(key[-2])
+    assert len(per_rank) == world, per_rank
+    failed = [r["result"] for r in per_rank if r["result"] != "ok"]
+    assert not failed, f"{len(failed)} of {world} ranks failed:\n" + "\n".join(failed)
