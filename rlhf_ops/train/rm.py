@@ -138,9 +138,11 @@ def collect_comparisons(run: Run, sft: GPT) -> dict:
         if c["rm.informative_only"]:
             train = informative_comparisons(
                 run, sft, n, lambda r: D.prompts(run.seed, "rm", r, n, run.data_cfg), "rm_train", bar=bar)
-            # the held-out split is small: rank SFT samples of all its prompts, keep n_held
+            # the held-out split is small: up to 10·n_held distinct held-out prompts, sampled in
+            # rounds of 2·n_held until n_held informative ones are kept
             held_p = D.eval_prompts(run.seed + 1, 10 * n_held, run.data_cfg)
-            heldout = informative_comparisons(run, sft, n_held, lambda r: held_p if r == 0 else [],
+            heldout = informative_comparisons(run, sft, n_held,
+                                              lambda r: held_p[2 * n_held * r:2 * n_held * (r + 1)],
                                               "rm_heldout", bar=bar)
         else:
             train = make_comparisons(run, sft, D.prompts(run.seed, "rm", 0, n, run.data_cfg), "rm_train",
