@@ -121,6 +121,85 @@ PYEOF
 fi
 # ---- end of CUDA attention sanitizer block ----
 
+# ---- log-probs / entropy / linear_token_logprobs / reward margins (issue 14; owner: logprobs) ----
+# (1) compute-sanitizer memcheck + initcheck (side by side, LOGPROBS_SANITIZE_S s each, default 30)
+# over the kl_* and pairwise kernels: tokens [N, K] with repeats, the entropy gradient, a column
+# slice (col0 > 0), K = 0, an out-of-range token, per-prompt margins. (2) the bench table at the
+# goal shape (8 × 1,024 tokens, V = 128,256, d = 4,096, bf16): fwd and fwd+bwd, time and peak
+# memory of eager / compile / trl / liger / triton / cuda, at most LOGPROBS_BENCH_S s (default
+# 90), rows in $LOGS/linear_logprobs.json. The correctness tests themselves (tests/test_kl.py,
+# tests/test_linear_logprobs.py, tests/test_reward.py) ran in the suite above on CUDA tensors.
+part "log-probs/KL/reward CUDA kernels: sanitizer, then the linear_token_logprobs bench"
+if ! $PY -c "import rlhf_ops._C, torch; torch.ops.rlhf_ops_cuda.kl_bwd" 2>/dev/null; then
+  echo "the extension did not load: log-probs sanitizer checks NOT run"
+elif SANITIZER=${SANITIZER:-$(command -v compute-sanitizer || ls ${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer \
+            /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)}; [ -z "$SANITIZER" ]; then
+  echo "compute-sanitizer not found: log-probs sanitizer checks NOT run"
+else
+  cat >"$LOGS/logprobs_sanitize.py" <<'PYEOF'
+import torch, rlhf_ops._C  # noqa: F401
+ops = torch.ops.rlhf_ops_cuda
+g = torch.Generator(device="cuda").manual_seed(0)
+for dtype, N, V, K in [(torch.bfloat16, 5, 70001, 3), (torch.float16, 3, 37, 1), (torch.float32, 4, 130, 0),
+                       (torch.float64, 2, 33, 2)]:
+    x = torch.randn(N, V, device="cuda", dtype=dtype, generator=g)
+    t = torch.randint(0, V, (N, K), device="cuda", generator=g)
+    if K > 1:
+        t[:, -1] = t[:, 0]                               # repeated tokens
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    lp, ent, lse = ops.kl_fwd(x, None, t, None, 0.7, 0.0, 1)
+    gl = torch.randn(N, K, device="cuda", dtype=acc, generator=g)
+    ge = torch.randn(N, device="cuda", dtype=acc, generator=g)
+    ops.kl_bwd(gl, ge, x, t, lse, ent, 0.7, 0, -1)
+    c0 = V // 3                                          # a column slice, as linear_token_logprobs
+    ops.kl_bwd(gl, ge, x[:, c0:c0 + V // 2].contiguous(), t, lse, ent, 0.7, c0, V)
+    ops.kl_bwd(gl[:, :1].expand(N, K), None, x, t, lse, None, 0.7, 0, -1)  # stride-0 grad
+    r = torch.randn_like(x)
+    ops.kl_fwd(x, r, t[:, 0].contiguous() if K else torch.zeros(N, dtype=torch.long, device="cuda"),
+               torch.ones(N, device="cuda", dtype=acc), 1.0, 0.1, 3)
+bad = torch.tensor([[0, 40]], device="cuda")                # out of range: NaN, never read
+x = torch.randn(1, 37, device="cuda")
+lp, ent, lse = ops.kl_fwd(x, None, bad, None, 1.0, 0.0, 1)
+ops.kl_bwd(torch.ones(1, 2, device="cuda"), None, x, bad, lse, None, 1.0, 0, -1)
+for K in (4, 70):
+    rw = torch.randn(9, K, device="cuda", generator=g)
+    rk = torch.argsort(torch.rand(9, K, device="cuda", generator=g), 1)
+    ops.pairwise_reward_fwd(rw, rk, 0.0, torch.randn(9, device="cuda", generator=g))
+torch.cuda.synchronize()
+print("log-probs sanitizer driver done")
+PYEOF
+  FILTER=()
+  "$SANITIZER" --help 2>/dev/null | grep -q -- "--kernel-name" && FILTER=(--kernel-name kns=kl_ --kernel-name kns=pairwise)
+  for tool in memcheck initcheck; do
+    ( PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 5 "${LOGPROBS_SANITIZE_S:-30}" "$SANITIZER" \
+        --tool "$tool" ${FILTER[@]+"${FILTER[@]}"} --error-exitcode 7 $PY "$LOGS/logprobs_sanitize.py" \
+        >"$LOGS/logprobs_sanitize_$tool.log" 2>&1
+      echo $? >"$LOGS/logprobs_sanitize_$tool.rc" ) &
+  done
+  wait
+  for tool in memcheck initcheck; do
+    rc=$(cat "$LOGS/logprobs_sanitize_$tool.rc" 2>/dev/null || echo "?")
+    case $rc in
+      0) verdict="clean" ;;
+      7) verdict="ERRORS FOUND (see $LOGS/logprobs_sanitize_$tool.log)" ;;
+      124|137) verdict="timed out: NOT checked to the end" ;;
+      *) verdict="failed to run (rc=$rc, see $LOGS/logprobs_sanitize_$tool.log)" ;;
+    esac
+    echo "log-probs $tool: $verdict"
+    grep -E "ERROR SUMMARY|Invalid|Uninitialized|driver done" "$LOGS/logprobs_sanitize_$tool.log" | head -5
+  done
+fi
+left=$(( TOTAL_S - $(elapsed) - 150 ))
+lim=$(( left < ${LOGPROBS_BENCH_S:-90} ? left : ${LOGPROBS_BENCH_S:-90} ))
+if [ "$lim" -lt 20 ]; then
+  echo "linear_token_logprobs bench: NOT run (no time left in the budget)"
+else
+  timeout -k 5 "$lim" $PY -m bench.bench_linear_logprobs --size quick --modes fwd,fwd+bwd \
+    --out "$LOGS/linear_logprobs.json" >"$LOGS/linear_logprobs.log" 2>&1
+  echo "linear_token_logprobs bench rc=$? (limit $lim s)"; cat "$LOGS/linear_logprobs.log" | tail -20
+fi
+# ---- end of the log-probs block ----
+
 # ---- the training loop on CUDA (rlhf_ops/train; owner: train) ----
 # `python -m rlhf_ops.train all --preset tiny --device cuda` once per backend that
 # rlhf_ops.available_backends() lists (reference, triton, and cuda when the extension loaded):
