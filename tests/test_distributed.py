@@ -8,6 +8,12 @@ result and every gradient against the single-process op on the full inputs, and 
 is bitwise the same on every rank. Spawning once keeps the suite's cost to one start-up (imports
 and the Triton interpreter's first launch, ~15 s per process on a 2-core machine).
 
+On a CPU machine the cases run on CPU tensors with the reference and Triton (interpreter)
+backends. With a GPU they run on CUDA tensors (all three processes share the GPU; the gloo
+collectives take CPU copies) with the reference, Triton and CUDA backends: the sharded CUDA and
+Triton kernels (slice statistics, the backward with an offset) run there; the error cases then
+set RLHF_OPS_DEBUG=1, the checks' switch for CUDA tensors.
+
 The group has a timeout (``GROUP_TIMEOUT_S``), and the whole spawn a deadline, so a case that
 would hang fails instead.
 """
@@ -48,9 +54,11 @@ def case(*worlds):
 class Ctx:
     """One case on one rank: the group, this rank's place in it and its vocabulary slice."""
 
-    def __init__(self, group, world: int):
+    def __init__(self, group, world: int, fused: list):
         import torch.distributed as dist
         self.group, self.world = group, world
+        self.fused = fused                      # the fused backends that run here
+        self.backends = ["reference"] + fused
         self.rank = dist.get_rank(group)
         self.sizes = SIZES[world]
         self.off = sum(self.sizes[:self.rank])
@@ -61,12 +69,12 @@ class Ctx:
 
     def gather(self, t: torch.Tensor) -> list:
         import torch.distributed as dist
-        out = [torch.empty_like(t) for _ in range(self.world)]
-        dist.all_gather(out, t.contiguous(), group=self.group)
+        out = [torch.empty_like(t, device="cpu") for _ in range(self.world)]
+        dist.all_gather(out, t.detach().contiguous().cpu(), group=self.group)
         return out
 
     def same_on_every_rank(self, t: torch.Tensor, what: str):
-        t = t.detach()
+        t = t.detach().cpu()
         for r, o in enumerate(self.gather(t)):
             same = torch.equal(o.isnan(), t.isnan()) and torch.equal(o.nan_to_num(), t.nan_to_num())
             assert same, f"{what}: rank {r} differs from rank {self.rank}"
@@ -88,13 +96,19 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, only: str | Non
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
     groups = {3: dist.group.WORLD, 2: dist.new_group([1, 2])}
+    import rlhf_ops as ro
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        torch.set_default_device("cuda")
+        fused = ["triton"] + (["cuda"] if "cuda" in ro.available_backends() else [])
+    else:
+        fused = ["triton"]
     results = {}
     for name, worlds, fn in CASES:
         for w in worlds:
             key = f"{name}[{w}]"
             if (only and only not in key) or (w == 2 and rank == 0):
                 continue
-            ctx = Ctx(groups[w], w)
+            ctx = Ctx(groups[w], w, fused)
             torch.manual_seed(zlib.crc32(key.encode()))   # the same inputs on every rank
             t0 = time.time()
             try:
@@ -103,7 +117,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, only: str | Non
             except Exception:
                 res = traceback.format_exc()
             # every rank of the group reaches this point before the next case starts
-            flag = torch.tensor([0 if res == "ok" else 1])
+            flag = torch.tensor([0 if res == "ok" else 1], device="cpu")
             dist.all_reduce(flag, group=ctx.group)
             results[key] = {"result": res, "others_failed": int(flag) - (res != "ok"),
                             "seconds": round(time.time() - t0, 2)}
@@ -120,7 +134,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, only: str | Non
 
 def _spawn(tmp: Path, only: str | None = None) -> dict:
     """Run ``_worker`` on 3 processes; {case key: [per-rank result dicts]}."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
     here = str(Path(__file__).parent)
     code = ("import sys; sys.path.insert(0, {here!r}); import test_distributed as m; "
             "m._worker({rank}, 3, {init!r}, {out!r}, {only!r})")
@@ -206,24 +222,26 @@ def ce_reference(ctx):
 
 
 @case(2, 3)
-def ce_triton(ctx):
-    _ce_against_full(ctx, "triton", reduction="none")
-    _ce_against_full(ctx, "triton", reduction="mean", label_smoothing=0.125, ignore_index=-1)
+def ce_fused(ctx):
+    for be in ctx.fused:
+        _ce_against_full(ctx, be, reduction="none")
+        _ce_against_full(ctx, be, reduction="mean", label_smoothing=0.125, ignore_index=-1)
 
 
 @case(2)
-def ce_triton_inplace_backward(ctx):
+def ce_fused_inplace_backward(ctx):
     import rlhf_ops as ro
     full, t = _ce_inputs(ctx)
-    leaf = ctx.shard(full).clone().requires_grad_()
-    y = leaf * 1.0
-    loss = ro.cross_entropy(y, t, backend="triton", process_group=ctx.group, inplace_backward=True)
-    buf = y.detach()
-    loss.backward()
-    xf = full.clone().requires_grad_()
-    ro.cross_entropy(xf, t, backend="reference").backward()
-    _close(leaf.grad, ctx.shard(xf.grad), "in-place grad")
-    assert torch.equal(buf, leaf.grad)
+    for be in ctx.fused:
+        leaf = ctx.shard(full).clone().requires_grad_()
+        y = leaf * 1.0
+        loss = ro.cross_entropy(y, t, backend=be, process_group=ctx.group, inplace_backward=True)
+        buf = y.detach()
+        loss.backward()
+        xf = full.clone().requires_grad_()
+        ro.cross_entropy(xf, t, backend="reference").backward()
+        _close(leaf.grad, ctx.shard(xf.grad), "in-place grad")
+        assert torch.equal(buf, leaf.grad)
 
 
 @case(2, 3)
@@ -237,7 +255,7 @@ def ce_fp32_near_1e4_no_worse_than_unsharded(ctx):
     x32 = full.float()
     ref = F.cross_entropy(full, t, reduction="none", label_smoothing=0.1)
     eager = F.cross_entropy(x32, t, reduction="none", label_smoothing=0.1)
-    for be in ("reference", "triton"):
+    for be in ctx.backends:
         out = ro.cross_entropy(ctx.shard(x32), t, reduction="none", label_smoothing=0.1, backend=be,
                                process_group=ctx.group)
         assert rel_err(out, ref) <= rel_err(eager, ref) * 1.05 + 1e-6, (be, rel_err(out, ref),
@@ -248,7 +266,7 @@ def ce_fp32_near_1e4_no_worse_than_unsharded(ctx):
 def ce_edge_cases(ctx):
     """Empty batch, a single row, every target ignored (mean 0, zero gradient), a NaN logit."""
     import rlhf_ops as ro
-    for be in ("reference", "triton"):
+    for be in ctx.backends:
         e = torch.zeros(0, ctx.V_r, dtype=torch.float64, requires_grad=True)
         out = ro.cross_entropy(e, torch.zeros(0, dtype=torch.long), backend=be, process_group=ctx.group)
         assert out.item() == 0.0
@@ -286,7 +304,7 @@ def linear_ce(ctx):
     chunk_rows = ce_mod._chunk_rows
     ce_mod._chunk_rows = lambda n, v, budget_bytes=0: 4
     try:
-        for be, ls in (("reference", 0.125), ("triton", 0.125), ("triton", 0.0)):
+        for be, ls in [("reference", 0.125)] + [(be, ls) for be in ctx.fused for ls in (0.125, 0.0)]:
             args = [h.clone().requires_grad_(), ctx.shard(w, 0).clone().requires_grad_(),
                     ctx.shard(b, 0).clone().requires_grad_()]
             out = ro.linear_cross_entropy(args[0], args[1], t, bias=args[2], label_smoothing=ls,
@@ -310,26 +328,52 @@ def vocab_offset_given(ctx):
     import rlhf_ops as ro
     full, t = _ce_inputs(ctx, rows=4)
     x = ctx.shard(full)
-    a = ro.cross_entropy(x, t, backend="triton", process_group=ctx.group)
-    b = ro.cross_entropy(x, t, backend="triton", process_group=ctx.group, vocab_offset=ctx.off)
+    a = ro.cross_entropy(x, t, backend=ctx.fused[0], process_group=ctx.group)
+    b = ro.cross_entropy(x, t, backend=ctx.fused[0], process_group=ctx.group, vocab_offset=ctx.off)
     assert torch.equal(a, b)
     wrong = ctx.off + 1 if ctx.rank == 0 else ctx.off
-    with pytest.raises(ValueError, match="vocab_offset=1 on rank 0, but the slice sizes"):
+    with _debug_checks(), pytest.raises(ValueError, match="vocab_offset=1 on rank 0, but the slice sizes"):
         ro.cross_entropy(x, t, process_group=ctx.group, vocab_offset=wrong)
+
+
+class _debug_checks:
+    """RLHF_OPS_DEBUG=1 inside the block: the value checks' switch for CUDA tensors (a no-op on
+    CPU tensors, which are always checked)."""
+
+    def __enter__(self):
+        self.old = os.environ.get("RLHF_OPS_DEBUG")
+        os.environ["RLHF_OPS_DEBUG"] = "1"
+
+    def __exit__(self, *exc):
+        if self.old is None:
+            os.environ.pop("RLHF_OPS_DEBUG")
+        else:
+            os.environ["RLHF_OPS_DEBUG"] = self.old
 
 
 @case(2, 3)
 def out_of_range_target_is_the_unsharded_error(ctx):
     """A target outside every slice: the unsharded op's ValueError, on every rank, both backends;
-    a bad target on one rank only: an error on every rank too (no rank left waiting)."""
+    a bad target on one rank only: an error on every rank too (no rank left waiting). On CUDA
+    tensors without the debug checks: a NaN row instead."""
     import rlhf_ops as ro
     full = torch.randn(3, V, dtype=torch.float64)
+    if full.is_cuda:
+        for be in ctx.backends:
+            out = ro.cross_entropy(ctx.shard(full), torch.tensor([1, V, 2]), reduction="none",
+                                   backend=be, process_group=ctx.group)
+            assert out[1].isnan() and out[[0, 2]].isfinite().all(), (be, out)
+    with _debug_checks():
+        _out_of_range_errors(ctx, ro, full)
+
+
+def _out_of_range_errors(ctx, ro, full):
     for bad in (V, -5):
         t = torch.tensor([1, bad, 2])
         with pytest.raises(ValueError) as unsharded:
             ro.cross_entropy(full, t)
         assert f"target holds {bad}, out of range [0, {V}) or -100" in str(unsharded.value)
-        for be in ("reference", "triton"):
+        for be in ctx.backends:
             with pytest.raises(ValueError) as sharded:
                 ro.cross_entropy(ctx.shard(full), t, backend=be, process_group=ctx.group)
             assert str(sharded.value) == str(unsharded.value)
@@ -346,6 +390,11 @@ def mismatched_inputs_are_errors(ctx):
     """One rank passes another shape, option or targets: a ValueError on every rank (not a hang;
     the group's timeout would turn a hang into a failure)."""
     import rlhf_ops as ro
+    with _debug_checks():
+        _mismatched(ctx, ro)
+
+
+def _mismatched(ctx, ro):
     full = torch.randn(4, V, dtype=torch.float64)
     t = torch.randint(0, V, (4,))
     last = ctx.rank == ctx.world - 1
@@ -355,7 +404,7 @@ def mismatched_inputs_are_errors(ctx):
         ro.cross_entropy(x[:3] if last else x, t[:3] if last else t, process_group=ctx.group)
     with pytest.raises(ValueError, match="label_smoothing=0.1"):
         ro.cross_entropy(x, t, process_group=ctx.group, label_smoothing=0.1 if last else 0.0,
-                         backend="triton")
+                         backend=ctx.fused[0])
     t2 = t.clone()
     t2[0] = (t2[0] + 1) % V if last else t2[0]
     with pytest.raises(ValueError, match="target differs between the ranks"):
@@ -363,7 +412,7 @@ def mismatched_inputs_are_errors(ctx):
     # one rank's own inputs are inconsistent (target [3] for logits [4, V_r]): it raises its
     # error, the others one that points at it
     msg = "target must have shape" if last else f"rank {ctx.world - 1} of process_group rejected its inputs"
-    for be in ("reference", "triton"):
+    for be in ctx.backends:
         with pytest.raises(ValueError, match=msg):
             ro.cross_entropy(x, t[:3] if last else t, process_group=ctx.group, backend=be)
         with pytest.raises((ValueError, TypeError), match=msg if not last else "target"):
@@ -386,7 +435,12 @@ def bad_arguments(ctx):
 @case(3)
 def dtensor_matches_loss_parallel(ctx):
     """A DTensor sharded Shard(-1) on a 1-D mesh in place of process_group: the same loss and
-    gradient as loss_parallel() with F.cross_entropy, and a replicated DTensor back."""
+    gradient as loss_parallel() with F.cross_entropy, and a replicated DTensor back. CPU tensors (a CPU mesh) also on a GPU machine."""
+    with torch.device("cpu"):
+        _dtensor(ctx, ["reference"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else []))
+
+
+def _dtensor(ctx, backends):
     import rlhf_ops as ro
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
@@ -395,7 +449,7 @@ def dtensor_matches_loss_parallel(ctx):
     full = torch.randn(5, V, dtype=torch.float64) * 2
     t = torch.randint(0, V, (5,))
     t[3] = -100
-    for be in ("reference", "triton"):
+    for be in backends:
         for red in ("mean", "none"):
             ours_x = distribute_tensor(full, mesh, [Shard(-1)]).requires_grad_()
             theirs_x = distribute_tensor(full, mesh, [Shard(-1)]).requires_grad_()
@@ -412,7 +466,7 @@ def dtensor_matches_loss_parallel(ctx):
     h = torch.randn(5, 8, dtype=torch.float64)
     w = torch.randn(V, 8, dtype=torch.float64)
     wd = distribute_tensor(w, mesh, [Shard(0)]).requires_grad_()
-    out = ro.linear_cross_entropy(h, wd, t, backend="triton")
+    out = ro.linear_cross_entropy(h, wd, t, backend=backends[-1])
     wf = w.clone().requires_grad_()
     ref = F.cross_entropy(h @ wf.T, t)
     _close(out.full_tensor(), ref, "linear loss")
@@ -429,7 +483,7 @@ def torch_compile_fullgraph(ctx):
     x = ctx.shard(full)
 
     def step(z):
-        return ro.cross_entropy(z * 1.0, t, label_smoothing=0.125, backend="triton",
+        return ro.cross_entropy(z * 1.0, t, label_smoothing=0.125, backend=ctx.fused[0],
                                 process_group=ctx.group)
 
     xc = x.clone().requires_grad_()
