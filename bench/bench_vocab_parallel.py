@@ -16,7 +16,7 @@ per rank and row ((R−1)·payload for all_gather, 2(R−1)/R·payload for all_r
 
 Run (from the repository root):
   CPU smoke (gloo, spawns the ranks itself):
-      python -m bench.bench_vocab_parallel --world 2 [--N 256 --V 32000 --backend reference]
+      python -m bench.bench_vocab_parallel --world 2 [--rows 256 --vocab 32000 --backend reference]
   GPUs (NCCL, one process per GPU):
       torchrun --nproc_per_node=2 -m bench.bench_vocab_parallel --backend triton --dtype bf16
 Writes a JSON list of results with ``--out FILE`` (rank 0) and prints a table.
@@ -145,7 +145,8 @@ def run(args) -> list:
             x = (torch.randn(V, args.d, generator=g) * 0.05).to(device, dtype)[r * V_r:(r + 1) * V_r]
             x = x.contiguous().requires_grad_()
             h = torch.randn(args.N, args.d, generator=g).to(device, dtype).requires_grad_()
-        for name, fn in _impls(op, group, args.backend).items():
+        for backend, (name, fn) in [(be, item) for be in args.backend.split(",")
+                                    for item in _impls(op, group, be).items()]:
             def step():
                 loss = fn(x, t, h)
                 loss.backward()
@@ -157,23 +158,24 @@ def run(args) -> list:
                 _COUNT["payload"], _COUNT["wire"] = 0, 0.0
                 step()
                 payload, wire = _COUNT["payload"], _COUNT["wire"]
-                res = {"op": op, "impl": name, "world": R, "backend": args.backend, "dtype": args.dtype,
+                res = {"op": op, "impl": name, "world": R, "backend": backend, "dtype": args.dtype,
                        "shape": {"N": args.N, "V": V, "V_per_rank": V_r, **({"d": args.d} if h is not None else {})},
                        "median_ms": round(ms, 4), "payload_bytes_per_row": round(payload / args.N, 2),
                        "wire_bytes_per_row": round(wire / args.N, 2), "status": "ok"}
             except Exception as e:  # recorded, not hidden
-                res = {"op": op, "impl": name, "world": R, "status": "failed", "reason": repr(e)[:300]}
+                res = {"op": op, "impl": name, "world": R, "backend": backend, "status": "failed",
+                       "reason": repr(e)[:300]}
             out.append(res)
     return out
 
 
 def _print(results):
-    print(f"{'op':<22}{'impl':<16}{'R':>3}{'ms':>10}{'payload B/row':>15}{'wire B/row':>13}")
+    print(f"{'op':<22}{'backend':<10}{'impl':<16}{'R':>3}{'ms':>10}{'payload B/row':>15}{'wire B/row':>13}")
     for r in results:
         if r["status"] != "ok":
-            print(f"{r['op']:<22}{r['impl']:<16}{r['world']:>3}  failed: {r['reason']}")
+            print(f"{r['op']:<22}{r['backend']:<10}{r['impl']:<16}{r['world']:>3}  failed: {r['reason']}")
             continue
-        print(f"{r['op']:<22}{r['impl']:<16}{r['world']:>3}{r['median_ms']:>10.3f}"
+        print(f"{r['op']:<22}{r['backend']:<10}{r['impl']:<16}{r['world']:>3}{r['median_ms']:>10.3f}"
               f"{r['payload_bytes_per_row']:>15.1f}{r['wire_bytes_per_row']:>13.1f}")
 
 
@@ -198,11 +200,11 @@ def _main_in_group(args):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--world", type=int, default=2, help="ranks to spawn (CPU/gloo; torchrun sets it)")
-    p.add_argument("--N", type=int, default=256)
-    p.add_argument("--V", type=int, default=32000)
-    p.add_argument("--d", type=int, default=256)
+    p.add_argument("--rows", dest="N", type=int, default=256, help="N, rows (tokens)")
+    p.add_argument("--vocab", dest="V", type=int, default=32000, help="V, the whole vocabulary")
+    p.add_argument("--hidden", dest="d", type=int, default=256, help="d, for linear_cross_entropy")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    p.add_argument("--backend", default=None)
+    p.add_argument("--backend", default=None, help="one or several, comma-separated")
     p.add_argument("--ops", default="cross_entropy,linear_cross_entropy")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)

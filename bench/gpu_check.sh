@@ -225,6 +225,39 @@ for be in $($PY -c "import rlhf_ops; print(' '.join(rlhf_ops.available_backends(
 done
 # ---- end of the training-loop block ----
 
+# ---- vocabulary parallel (rlhf_ops/distributed.py, issue 16; owner: dist) ----
+# 1. tests/test_distributed.py on CUDA tensors: its three processes share the GPU over gloo (the
+#    collectives take CPU copies), so the sharded CUDA and Triton kernels (slice statistics, the
+#    backward with a vocabulary offset) and the reference run against the full op in fp64, with
+#    the error cases under RLHF_OPS_DEBUG=1 and the NaN rule without it. The suite above runs it
+#    too when it gets that far; this runs it alone (VP_TEST_S, default 100 s).
+# 2. with >= 2 GPUs: bench/bench_vocab_parallel.py under torchrun with NCCL at TP = 2 (and 8 on
+#    an 8-GPU machine): N = 8192, V = 128256, d = 4096, bf16, triton and cuda; time and bytes per
+#    row of vocab_parallel vs gathering the logits vs the op on one slice (VP_BENCH_S each,
+#    default 120 s). One GPU: NCCL cannot put two ranks on it, so the bench says NOT run.
+part "vocabulary parallel: distributed tests on CUDA tensors; NCCL bench with >= 2 GPUs"
+left=$(( TOTAL_S - $(elapsed) - 90 ))
+lim=$(( left < ${VP_TEST_S:-100} ? left : ${VP_TEST_S:-100} ))
+if [ "$lim" -lt 30 ]; then
+  echo "vocab-parallel tests: NOT run (no time left in the budget)"
+else
+  RLHF_DIST_DEADLINE_S=$(( lim - 10 )) timeout -k 5 "$lim" $PY -m pytest -q -p no:cacheprovider \
+    tests/test_distributed.py -o addopts="$ADDOPTS" >"$LOGS/vocab_parallel_tests.log" 2>&1
+  echo "vocab-parallel tests on CUDA tensors rc=$? (limit $lim s)"; tail -4 "$LOGS/vocab_parallel_tests.log"
+fi
+NGPU=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU" || true)
+for tp in 2 8; do
+  left=$(( TOTAL_S - $(elapsed) - 90 ))
+  lim=$(( left < ${VP_BENCH_S:-120} ? left : ${VP_BENCH_S:-120} ))
+  if [ "${NGPU:-0}" -lt "$tp" ]; then echo "vocab-parallel bench TP=$tp: NOT run (${NGPU:-0} GPU(s))"; continue; fi
+  if [ "$lim" -lt 40 ]; then echo "vocab-parallel bench TP=$tp: NOT run (no time left in the budget)"; continue; fi
+  timeout -k 10 "$lim" $PY -m torch.distributed.run --standalone --nproc_per_node="$tp" \
+    -m bench.bench_vocab_parallel --rows 8192 --vocab 128256 --hidden 4096 --dtype bf16 --backend triton,cuda \
+    --out "$LOGS/vocab_parallel_tp$tp.json" >"$LOGS/vocab_parallel_tp$tp.log" 2>&1
+  echo "vocab-parallel bench TP=$tp rc=$? (limit $lim s)"; grep -E "^(cross|linear|op )" "$LOGS/vocab_parallel_tp$tp.log" | head -20
+done
+# ---- end of the vocabulary-parallel block ----
+
 part "memory accounting (meta device)"
 $PY -m bench.memory >"$LOGS/memory.log" 2>&1 || tail -5 "$LOGS/memory.log"
 
