@@ -171,6 +171,30 @@ def test_informative_comparisons_keep_only_prompts_with_a_pair(tmp_path):
     assert has_pair(torch.tensor([[0, 1, -1]])).all()
 
 
+def test_filler_only_pairs_and_accuracy_by_pair_type():
+    from rlhf_ops.train.rm import filler_only_pairs, pair_accuracy
+    p = "R abc>"
+    resp = ["cba", "cba.", "cbb", "cbb."]                    # judge: 1, .75, .67, .5
+    toks = torch.full((1, 4, 12), D.PAD)
+    for i, r in enumerate(resp):
+        ids = D.encode(p + r + "\n")
+        toks[0, i, :len(ids)] = torch.tensor(ids)
+    comp = {"tokens": toks, "last": (toks != D.PAD).sum(-1) - 1, "prompts": [p],
+            "ranks": torch.tensor([D.ranks_from_scores([D.judge(p, r) for r in resp], 4)])}
+    fo = filler_only_pairs(comp)
+    assert fo[0].nonzero().tolist() == [[0, 1], [1, 0], [2, 3], [3, 2]]
+
+    class Fixed(torch.nn.Module):                          # scores: filler −1, letters ignored
+        def forward(self, tokens, last):
+            return -(tokens.gather(1, (last - 1)[:, None]).squeeze(1) == D.STOI[D.FILLER]).float()
+
+    assert pair_accuracy(Fixed(), comp, "cpu", only=fo) == 1.0
+    # the other 4 pairs: (cba, cbb) and (cba., cbb.) tie under Fixed → missed; (cba, cbb.) and
+    # (cba., cbb) → right and wrong
+    assert pair_accuracy(Fixed(), comp, "cpu", only=~fo) == 0.25
+    assert pair_accuracy(Fixed(), comp, "cpu") == pytest.approx(3 / 6)
+
+
 # ------------------------------------------------------------------------------- PPO ---
 
 def ppo_batch(tmp_path, beta=0.02, **sets):
@@ -551,12 +575,10 @@ def test_ddp_two_processes_match_one(tmp_path):
     main(common + ["--out", str(tmp_path / "one")])
     a = _params(tmp_path / "ddp" / "ckpt" / "pretrain_final.pt", "lm")
     b = _params(tmp_path / "one" / "ckpt" / "pretrain_final.pt", "lm")
-    moved = _params(tmp_path / "one" / "ckpt" / "pretrain_final.pt", "lm")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
     s = json.loads((tmp_path / "ddp" / "summary.json").read_text())
-    assert s["args"]["world_size"] == 2
-    del moved
+    assert s["stages"]["pretrain"]["args"]["world_size"] == 2
 
 
 def test_fused_backend_matches_reference_in_a_training_step(fused_backend, device):

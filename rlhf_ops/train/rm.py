@@ -109,16 +109,32 @@ def rm_loss(model, tokens, last, ranks, n_global: int, world: int = 1, backend=N
 
 
 @torch.no_grad()
-def pair_accuracy(model, comp: dict, device, chunk: int = 64) -> float:
-    """Fraction of ordered pairs (rank_i < rank_j) where the model scores r_i > r_j."""
+def pair_accuracy(model, comp: dict, device, chunk: int = 64, only=None) -> float:
+    """Fraction of ordered pairs (rank_i < rank_j) where the model scores r_i > r_j; ``only``: a
+    [N, K, K] bool mask of the pairs to count (default: all)."""
     hit = tot = 0
     for i in range(0, comp["tokens"].shape[0], chunk):
         r = rewards_of(model, comp["tokens"][i:i + chunk].to(device), comp["last"][i:i + chunk].to(device))
         rk = comp["ranks"][i:i + chunk].to(device)
         pair = (rk[:, :, None] < rk[:, None, :]) & (rk[:, :, None] >= 0) & (rk[:, None, :] >= 0)
+        if only is not None:
+            pair = pair & only[i:i + chunk].to(device)
         hit += int(((r[:, :, None] > r[:, None, :]) & pair).sum())
         tot += int(pair.sum())
     return hit / max(tot, 1)
+
+
+def filler_only_pairs(comp: dict) -> torch.Tensor:
+    """[N, K, K] bool: responses i and j differ only by the filler habit (same answer otherwise)."""
+    N, K, _ = comp["tokens"].shape
+    out = torch.zeros(N, K, K, dtype=torch.bool)
+    for b, p in enumerate(comp["prompts"]):
+        resp = [D.decode(comp["tokens"][b, i, len(p):].tolist()) for i in range(K)]
+        bare = [r.removesuffix(D.FILLER) for r in resp]
+        for i in range(K):
+            for j in range(K):
+                out[b, i, j] = bare[i] == bare[j] and resp[i] != resp[j]
+    return out
 
 
 @torch.no_grad()
@@ -181,6 +197,13 @@ def run_rm(run: Run) -> dict:
               eval_fn=lambda: {"heldout_pair_accuracy": pair_accuracy(model, ho, run.device)},
               eval_every=c["rm.eval_every"])
     res["heldout_pair_accuracy"] = pair_accuracy(model, ho, run.device)
+    # what the RM learned: pairs that differ only by the writers' filler habit, and all the others
+    fo = filler_only_pairs(ho)
+    res["heldout_pair_accuracy_filler_only"] = pair_accuracy(model, ho, run.device, only=fo)
+    res["heldout_pair_accuracy_other"] = pair_accuracy(model, ho, run.device, only=~fo)
+    rk = ho["ranks"]
+    pairs = (rk[:, :, None] < rk[:, None, :]) & (rk[:, :, None] >= 0)
+    res["heldout_filler_only_pair_share"] = float((pairs & fo).sum()) / max(1, int(pairs.sum()))
     res["train_pair_accuracy"] = pair_accuracy(model, tr, run.device)
     # reward normalisation: SFT demonstrations score 0 on average
     before = demo_mean_reward(run, model)
