@@ -113,7 +113,7 @@ class GPT(nn.Module):
     def generate(self, prompts: torch.Tensor, lengths: torch.Tensor, max_new: int, *,
                  greedy: bool = False, temperature: float = 1.0, eos: int = 1, pad: int = 0,
                  generator: torch.Generator | None = None, padding_side: str = "right",
-                 use_cache: bool = True):
+                 use_cache: bool = True, decode: str = "auto"):
         """Continue a batch of prompts [B, P] (row b has lengths[b] real tokens) by up to
         ``max_new`` tokens each; a row stops after its EOS.
 
@@ -124,8 +124,15 @@ class GPT(nn.Module):
 
         ``use_cache=True`` (default) keeps each layer's keys and values (a KV cache, see
         ``_CachedDecoder``); ``use_cache=False`` recomputes the whole prefix for every new token
-        (the reference the cache is tested against).
+        (the reference the cache is tested against). ``decode`` picks how a step attends when the
+        rows have different lengths: ``"varlen"`` (one ``attention_varlen`` call, no host sync),
+        ``"grouped"`` (one dense call per group of rows of equal length) or ``"auto"``: varlen for
+        CUDA tensors, grouped otherwise: on a CPU the reference varlen op gathers every sequence
+        into a padded block per call (cpu-demo rollouts, tokens per CPU-second: no cache ≈ 12.5k,
+        varlen 13–27k, grouped 29–32k).
         """
+        if decode not in ("auto", "varlen", "grouped"):
+            raise ValueError(f"generate: decode must be 'auto', 'varlen' or 'grouped', got {decode!r}")
         if padding_side not in ("left", "right"):
             raise ValueError(f"generate: padding_side must be 'left' or 'right', got {padding_side!r}")
         B, P = prompts.shape
@@ -139,7 +146,9 @@ class GPT(nn.Module):
             x = prompts.gather(1, (cols[None, :] + (P - lengths)[:, None]) % max(P, 1))
         else:
             x = prompts
-        step = (_CachedDecoder(self, x, lengths, P + max_new) if use_cache
+        if decode == "auto":
+            decode = "varlen" if dev.type == "cuda" else "grouped"
+        step = (_CachedDecoder(self, x, lengths, P + max_new, decode) if use_cache
                 else _Recompute(self, x, lengths, P + max_new))
         resp = torch.full((B, max_new), pad, dtype=torch.long, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -209,9 +218,11 @@ class _CachedDecoder:
       2b+1 the gap up to the next row's start (no queries):
       cu_seqlens_k = [0, L_0+1, S, S+L_1+1, 2S, …, B·S], cu_seqlens_q = [0, 1, 1, 2, 2, …, B, B].
       A finished row stays where it is (its slot at L_b is rewritten each step, never read).
+      ``decode="grouped"`` instead runs each group of rows of one length as its own lockstep batch
+      (a host sync to form the groups; the choice on CPU tensors, see ``GPT.generate``).
     """
 
-    def __init__(self, model: GPT, x, lengths, width: int):
+    def __init__(self, model: GPT, x, lengths, width: int, decode: str = "varlen"):
         self.m = model
         blocks = model.trunk.blocks
         B, P = x.shape
@@ -230,6 +241,9 @@ class _CachedDecoder:
         lo, hi = (int(lengths.min()), int(lengths.max())) if B else (0, 0)
         self.lockstep = lo == hi
         self.pos0 = hi if self.lockstep else None         # lockstep: the position being written
+        self.groups = None                                # grouped: [(rows, position written)]
+        if not self.lockstep and decode == "grouped":
+            self.groups = [((lengths == L).nonzero().flatten(), L) for L in lengths.unique().tolist()]
         self.x = x
         self.P = P
 
@@ -284,7 +298,26 @@ class _CachedDecoder:
             h = self._run(tok[:, None], torch.tensor([pos], device=tok.device), attend)
             self.pos0 += 1
             return self._logits(h[:, 0])
+        if self.groups is not None:
+            return self._next_grouped(tok)
         return self._next_varlen(tok, live)
+
+    def _next_grouped(self, tok):
+        """Each group of rows of one length is a lockstep batch (dense op, one query per row).
+        Every row advances each step, finished ones too, so a group keeps one length."""
+        out = None
+        for g, p in self.groups:
+
+            def attend(l, attn, q, k, v, g=g, p=p):
+                self.k[l][g, p], self.v[l][g, p] = k[:, 0], v[:, 0]
+                return ro.attention(q.transpose(1, 2), self.k[l][g, :p + 1].transpose(1, 2),
+                                    self.v[l][g, :p + 1].transpose(1, 2), causal=True, backend=attn.backend)
+
+            lg = self._logits(self._run(tok[g, None], torch.tensor([p], device=tok.device), attend)[:, 0])
+            out = lg.new_empty(tok.shape[0], lg.shape[-1]) if out is None else out
+            out[g] = lg
+        self.groups = [(g, p + 1) for g, p in self.groups]
+        return out
 
     def _next_varlen(self, tok, live):
         B, S, L = tok.shape[0], self.S, self.len             # row b writes its new token at L_b

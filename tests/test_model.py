@@ -125,11 +125,12 @@ def test_generate_checks_block_size():
 
 # ----------------------------------------------------------------- generation with a KV cache ---
 
-def _teacher_forced(m, seq, lens, steps, use_cache):
+def _teacher_forced(m, seq, lens, steps, decode):
     """Logits [steps, B, V] of each decode step when the next token is forced to seq's."""
     from rlhf_ops.model import _CachedDecoder, _Recompute
     P = int(lens.max())
-    dec = (_CachedDecoder if use_cache else _Recompute)(m, seq[:, :P].clone(), lens, P + steps)
+    dec = (_CachedDecoder(m, seq[:, :P].clone(), lens, P + steps, decode) if decode
+           else _Recompute(m, seq[:, :P].clone(), lens, P + steps))
     out, L, rows = [dec.first_logits()], lens.clone(), torch.arange(seq.shape[0])
     for _ in range(steps - 1):
         out.append(dec.next_logits(seq[rows, L], torch.ones_like(L, dtype=torch.bool)))
@@ -137,8 +138,9 @@ def _teacher_forced(m, seq, lens, steps, use_cache):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("lens", [[5, 5, 5, 5], [5, 2, 4, 1]], ids=["equal", "mixed"])
-def test_kv_cache_decode_matches_full_recompute(lens):
+@pytest.mark.parametrize("lens,decode", [([5, 5, 5, 5], "varlen"), ([5, 2, 4, 1], "varlen"),
+                                         ([5, 2, 4, 2], "grouped")], ids=["equal", "mixed-varlen", "mixed-grouped"])
+def test_kv_cache_decode_matches_full_recompute(lens, decode):
     """Each cached decode step (one query against the cached keys) gives the logits of a forward
     over the whole prefix, and generation with the cache gives the same tokens bit for bit.
 
@@ -152,8 +154,8 @@ def test_kv_cache_decode_matches_full_recompute(lens):
         m.trunk.wte.weight.mul_(20)
     lens = torch.tensor(lens)
     seq = torch.randint(2, 13, (4, 12))
-    cached = _teacher_forced(m, seq, lens, 7, True)
-    full = _teacher_forced(m, seq, lens, 7, False)
+    cached = _teacher_forced(m, seq, lens, 7, decode)
+    full = _teacher_forced(m, seq, lens, 7, None)
     torch.testing.assert_close(cached, full, rtol=1e-12, atol=1e-12)
     # and against the plain forward of each row's prefix alone
     for t in range(7):
@@ -163,16 +165,17 @@ def test_kv_cache_decode_matches_full_recompute(lens):
     for dtype in (torch.float64, torch.float32):
         md = m.to(dtype)
         for greedy in (True, False):
-            a = md.generate(seq[:, :5], lens, 9, greedy=greedy, eos=1,
+            a = md.generate(seq[:, :5], lens, 9, greedy=greedy, eos=1, decode=decode,
                             generator=torch.Generator().manual_seed(1))
             b = md.generate(seq[:, :5], lens, 9, greedy=greedy, eos=1, use_cache=False,
                             generator=torch.Generator().manual_seed(1))
             assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), (dtype, greedy)
 
 
-def test_left_padded_generation_matches_unpadded_rows():
+@pytest.mark.parametrize("decode", ["varlen", "grouped"])
+def test_left_padded_generation_matches_unpadded_rows(decode):
     """Left-padded prompts of different lengths in one batch: each row's prompt + response equals
-    that row generated alone, unpadded (greedy, and sampled with the per-row draws)."""
+    that row generated alone, unpadded (greedy)."""
     torch.manual_seed(1)
     m = GPT(GPTConfig(vocab_size=13, block_size=20, n_layer=2, n_head=2, d_model=16,
                       backend="reference")).double()
@@ -180,7 +183,7 @@ def test_left_padded_generation_matches_unpadded_rows():
     P = max(map(len, rows))
     left = torch.tensor([[0] * (P - len(r)) + r for r in rows])
     n = torch.tensor([len(r) for r in rows])
-    seq, rl = m.generate(left, n, 7, greedy=True, eos=1, pad=0, padding_side="left")
+    seq, rl = m.generate(left, n, 7, greedy=True, eos=1, pad=0, padding_side="left", decode=decode)
     assert seq.shape == (4, P + 7) and torch.equal(seq[:, :P], left)
     for i, r in enumerate(rows):
         s1, r1 = m.generate(torch.tensor([r]), torch.tensor([len(r)]), 7, greedy=True, eos=1, pad=0)
@@ -189,9 +192,11 @@ def test_left_padded_generation_matches_unpadded_rows():
         assert (seq[i, P + int(rl[i]):] == 0).all()
     # the same rows right-padded give the same responses
     right = torch.tensor([r + [0] * (P - len(r)) for r in rows])
-    seq_r, rl_r = m.generate(right, n, 7, greedy=True, eos=1, pad=0)
+    seq_r, rl_r = m.generate(right, n, 7, greedy=True, eos=1, pad=0, decode=decode)
     assert torch.equal(rl_r, rl)
     for i, r in enumerate(rows):
         assert seq_r[i, len(r):len(r) + int(rl[i])].tolist() == seq[i, P:P + int(rl[i])].tolist()
     with pytest.raises(ValueError, match="padding_side"):
         m.generate(left, n, 3, padding_side="middle")
+    with pytest.raises(ValueError, match="decode"):
+        m.generate(left, n, 3, decode="fast")
