@@ -437,3 +437,42 @@ def cross_entropy_stats_reference(logits: Tensor, target: Tensor, offset: Tensor
     owned, tgt = target_stats_reference(x, shift, target, offset, ignore_index)
     ls = (shift[:, None] - x).sum(1) if smoothing else torch.zeros_like(shift)
     return torch.stack([shift, log_s, owned, tgt, ls])
+
+
+# --------------------------------------------------- a replicated weight, split by rows ---
+
+def balanced_split(V: int, world: int) -> list[int]:
+    """Slice sizes of V rows over ``world`` ranks: V // world each, one more for the first
+    V % world ranks."""
+    return [V // world + (1 if r < V % world else 0) for r in range(world)]
+
+
+class _SliceOfReplicated(torch.autograd.Function):
+    """Forward: this rank's rows [o_r, o_r + V_r) of a weight every rank holds whole (a tied
+    embedding). Backward: every rank's slice gradient, all-gathered into the whole [V, d], so the
+    replicated weight gets the same, full gradient on every rank (V·d numbers per step: the cost
+    of keeping a vocabulary-parallel head tied to a replicated embedding)."""
+
+    @staticmethod
+    def forward(ctx, weight, group):
+        R, r = _dist().get_world_size(group), _dist().get_rank(group)
+        sizes = balanced_split(weight.shape[0], R)
+        ctx.group, ctx.sizes = group, sizes
+        off = sum(sizes[:r])
+        return weight[off:off + sizes[r]].clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        m = max(ctx.sizes)
+        pad = grad.new_zeros((m,) + tuple(grad.shape[1:]))
+        pad[:grad.shape[0]] = grad
+        parts = _all_gather(pad, ctx.group)                # [R, m, d]
+        return torch.cat([parts[r, :n] for r, n in enumerate(ctx.sizes)]), None
+
+
+def split_replicated(weight: Tensor, group) -> tuple[Tensor, int]:
+    """(this rank's rows of ``weight``, their first global id) for a weight held whole on every
+    rank of ``group``, split as ``balanced_split``; the gradient reaches the whole weight on every
+    rank (see ``_SliceOfReplicated``). For a head whose weight is also the input embedding."""
+    R, r = _dist().get_world_size(group), _dist().get_rank(group)
+    return _SliceOfReplicated.apply(weight, group), sum(balanced_split(weight.shape[0], R)[:r])

@@ -14,10 +14,12 @@ import copy
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 import rlhf_ops as ro
+from rlhf_ops.distributed import split_replicated
 from rlhf_ops.nn import CausalSelfAttention
 
 
@@ -29,6 +31,7 @@ class GPTConfig:
     n_head: int = 4
     d_model: int = 64
     backend: str | None = None     # rlhf_ops backend for attention and the losses
+    vocab_parallel: bool = False   # LM loss with the vocabulary split over the ranks (GPT.forward)
 
 
 class MLP(nn.Module):
@@ -101,6 +104,13 @@ class GPT(nn.Module):
         W_e = self.trunk.wte.weight
         if targets is None:
             return F.linear(h, W_e)                   # logits = h·W_eᵀ (sampling, KL)
+        if self.cfg.vocab_parallel and dist.is_initialized() and dist.get_world_size() > 1:
+            # vocabulary-parallel LM head: each rank's loss reads its rows of the tied W_e (every
+            # rank holds the same batch); W_e's gradient is gathered whole on every rank
+            W_r, off = split_replicated(W_e, dist.group.WORLD)
+            return ro.linear_cross_entropy(h.reshape(-1, h.shape[-1]), W_r, targets.reshape(-1),
+                                           reduction=reduction, backend=self.cfg.backend,
+                                           process_group=dist.group.WORLD, vocab_offset=off)
         return ro.linear_cross_entropy(h.reshape(-1, h.shape[-1]), W_e, targets.reshape(-1),
                                        reduction=reduction, backend=self.cfg.backend)
 

@@ -155,8 +155,16 @@ class Run:
                  backend: str = "auto", resume: bool = False):
         self.cfg, self.out, self.seed, self.backend, self.resume = cfg, Path(out), seed, backend, resume
         self.device = torch.device(device)
-        self.world = dist.get_world_size() if dist.is_initialized() else 1
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.procs = dist.get_world_size() if dist.is_initialized() else 1
+        self.global_rank = dist.get_rank() if dist.is_initialized() else 0
+        # world/rank: data parallelism (DDP over the batch). model.vocab_parallel splits the LM
+        # head's vocabulary over the processes instead, which needs the same batch on every rank
+        # (the sharded loss combines per-row statistics of one row across ranks): then every
+        # process is data-parallel rank 0 of 1, holds the whole model and the whole batch, and the
+        # loss's collectives keep the replicas equal (GPT.forward).
+        vp = bool(cfg.get("model.vocab_parallel", False))
+        self.world = 1 if vp else self.procs
+        self.rank = 0 if vp else self.global_rank
         self.data_cfg = D.DataConfig(**section(cfg, "data"))
         self.stage_info: dict = {}          # config, args of the command running a stage
         self._saves = 0
@@ -189,10 +197,10 @@ class Run:
     # ------------------------------------------------------------------ distributed helpers
     @property
     def is_main(self) -> bool:
-        return self.rank == 0
+        return self.global_rank == 0
 
     def barrier(self):
-        if self.world > 1:
+        if self.procs > 1:
             dist.barrier()
 
     def wrap(self, model):
@@ -224,7 +232,8 @@ class Run:
         if ck is None:
             raise FileNotFoundError(f"stage {stage!r} has no final checkpoint in {self.out / 'ckpt'}; "
                                     f"run `python -m rlhf_ops.train {stage} --out {self.out}` first")
-        mcfg = GPTConfig(**{**ck["model_cfg"], "backend": self.backend})
+        mcfg = GPTConfig(**{**ck["model_cfg"], "backend": self.backend,     # how to run: this run's
+                             "vocab_parallel": self.cfg["model.vocab_parallel"]})
         m = cls(mcfg)
         m.load_state_dict(ck["models"][name])
         return m.to(self.device)

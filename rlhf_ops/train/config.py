@@ -11,6 +11,9 @@ import difflib
 DEFAULTS: dict = {
     # model
     "model.n_layer": 2, "model.n_head": 4, "model.d_model": 64, "model.block_size": 48,
+    # under torchrun: the ranks split the LM head's vocabulary (rlhf_ops vocabulary parallelism)
+    # instead of the batch; every rank trains on the whole global batch (no DDP; see train.common.Run)
+    "model.vocab_parallel": False,
     # data (see rlhf_ops.data.DataConfig)
     "data.min_len": 2, "data.max_len": 5, "data.max_digits": 2, "data.tasks": "RSA",
     "data.noise": 0.5, "data.heldout_mod": 10,
