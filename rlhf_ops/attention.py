@@ -244,9 +244,11 @@ def _window_arg(op: str, window, causal: bool) -> tuple[int, int]:
 
 
 def _softcap_arg(op: str, softcap) -> float:
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) \
-            or softcap < 0:
-        raise ValueError(f"rlhf_ops.{op}: softcap must be a finite number ≥ 0 (0 = off), got {softcap!r}")
+    msg = f"rlhf_ops.{op}: softcap must be a finite number ≥ 0 (0 = off), got {softcap!r}"
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(msg)
+    if not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(msg)
     return float(softcap)
 
 
