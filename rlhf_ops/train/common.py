@@ -49,12 +49,10 @@ def _fsync_dir(path: Path):
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, *, die_halfway: bool = False):
-    """path ← data via path.tmp + fsync + rename. ``die_halfway``: testing only, SIGKILL this
-    process after half the bytes of the temporary file are on disk."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+def _write_synced(path: Path, data: bytes, die_halfway: bool = False):
+    """Write data to path and fsync it. ``die_halfway``: testing only, SIGKILL this process once
+    half the bytes are on disk (what a kill during a checkpoint write leaves behind)."""
+    with open(path, "wb") as f:
         if die_halfway:
             f.write(data[:len(data) // 2])
             f.flush()
@@ -63,6 +61,13 @@ def write_atomic(path: Path, data: bytes, *, die_halfway: bool = False):
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def write_atomic(path: Path, data: bytes):
+    """path ← data via path.tmp + fsync + rename."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    _write_synced(tmp, data)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 
@@ -77,23 +82,10 @@ def save_checkpoint(path: Path, payload: dict, *, die_halfway: bool = False):
     buf = io.BytesIO()
     torch.save(payload, buf)
     data = buf.getvalue()
-    digest = hashlib.sha256(data).hexdigest()
     side = path.with_name(path.name + ".sha256")
-    side_tmp = side.with_name(side.name + ".tmp")
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        if die_halfway:
-            f.write(data[:len(data) // 2])
-            f.flush()
-            os.fsync(f.fileno())
-            os.kill(os.getpid(), signal.SIGKILL)
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    with open(side_tmp, "w") as f:
-        f.write(f"{digest}  {path.name}\n")
-        f.flush()
-        os.fsync(f.fileno())
+    tmp, side_tmp = path.with_name(path.name + ".tmp"), side.with_name(side.name + ".tmp")
+    _write_synced(tmp, data, die_halfway)
+    _write_synced(side_tmp, f"{hashlib.sha256(data).hexdigest()}  {path.name}\n".encode())
     os.replace(tmp, path)
     os.replace(side_tmp, side)
     _fsync_dir(path.parent)
