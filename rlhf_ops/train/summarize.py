@@ -72,11 +72,13 @@ def rows(s: dict) -> list[tuple[str, str, bool | None]]:
         out.append(("ppo_ptx − SFT, paired", f"{_f(d2, sign=True)} ± {_f(se2)}", None))
         sl, pl, xl = g("ppo.sft_pretrain_loss"), g("ppo.pretrain_loss"), g("ppo_ptx.pretrain_loss")
         if None not in (sl, pl, xl):
-            out.append(("pretraining loss: SFT / PPO / PPO-ptx",
-                        f"{sl:.4f} / {pl:.4f} ({pl - sl:+.4f}) / {xl:.4f} ({xl - sl:+.4f})",
-                        None))
+            out.append(("pretraining loss: pretrained / SFT / PPO / PPO-ptx",
+                        f"{_f(g('pretrain.pretrain_loss'), 3)} / {sl:.3f} / {pl:.3f} ({pl - sl:+.3f}) / "
+                        f"{xl:.3f} ({xl - sl:+.3f})", None))
+            closer = abs(xl - sl) < abs(pl - sl)
             out.append(("PPO-ptx keeps the pretraining loss closer to SFT's than PPO",
-                        "yes" if abs(xl - sl) < abs(pl - sl) else "no", None))
+                        "yes" if closer else ("no (overshoots: lower than SFT's)" if (xl - sl) * (pl - sl) < 0
+                                              else "no"), None))
     wall, cpu = g("wall_seconds"), cpu_seconds(s)
     out.append(("wall time, four stages (measured)", f"{wall:.0f} s" if wall is not None else "—",
                 None if wall is None else wall <= WALL_GOAL_S))
