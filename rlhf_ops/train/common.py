@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from rlhf_ops import data as D
-from rlhf_ops.model import GPT, GPTConfig, ScalarHeadGPT
+from rlhf_ops.model import GPT, GPTConfig
 
 from .config import section
 
