@@ -170,21 +170,25 @@ def test_matches_eager_triton(family, kind, monkeypatch):
     _compare(family, kind, "triton", 1, monkeypatch)      # one layer: the interpreter is slow
 
 
-def _generate(model, ids, mask, n):
+def _generate(model, ids, mask, n, cache="dynamic"):
     return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
-                          pad_token_id=0, eos_token_id=None)
+                          pad_token_id=0, eos_token_id=None, cache_implementation=cache)
 
 
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_generation_with_kv_cache_matches(family):
+def test_greedy_generation_with_kv_cache_matches(family, cache):
+    """Left-padded prompts (and unpadded ones, whose all-ones mask generate() drops), prompt +
+    new tokens longer than the sliding windows; a static cache is longer than what it holds."""
     torch.manual_seed(0)
     ref = tiny(family).eval()
     model = apply_rlhf_ops(copy.deepcopy(ref), backend="reference")
-    inp = batch("left")                                  # left-padded prompts, longer than windows
-    g_ref = _generate(ref, inp["input_ids"], inp["attention_mask"], 8)
-    g = _generate(model, inp["input_ids"], inp["attention_mask"], 8)
-    assert torch.equal(g, g_ref)
-    assert len(set(g_ref[:, -8:].flatten().tolist())) > 3   # not a degenerate repetition
+    inp = batch("left")
+    for mask in (inp["attention_mask"], torch.ones_like(inp["attention_mask"])):
+        g_ref = _generate(ref, inp["input_ids"], mask, 8, cache)
+        g = _generate(model, inp["input_ids"], mask, 8, cache)
+        assert torch.equal(g, g_ref)
+        assert len(set(g_ref[:, -8:].flatten().tolist())) > 3   # not a degenerate repetition
 
 
 def test_greedy_generation_triton():

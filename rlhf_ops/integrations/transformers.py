@@ -33,11 +33,13 @@ them — causal LM, sequence classification (reward models), the bare model):
 How, and what stays untouched. The model's config objects are replaced, on this model's modules
 only, by *views*: objects of a subclass of the config class that share the original's attribute
 dict (so reads and writes go to the original) but report ``_attn_implementation ==
-"rlhf_ops_flash"``. Two models built from one config object therefore stay independent. The LM
+"rlhf_ops"``. Two models built from one config object therefore stay independent. The LM
 loss is an instance-level ``forward``. The only process-wide effect is that the name
-"rlhf_ops_flash" is registered in transformers' ``AttentionInterface`` and
-``AttentionMaskInterface`` (the mask function returns the 2-D padding mask, as for
-FlashAttention-2); no existing entry, class or function is modified. ``remove_rlhf_ops`` restores
+"rlhf_ops" is registered in transformers' ``AttentionInterface`` and ``AttentionMaskInterface``
+(the mask function returns the 2-D padding mask, as for FlashAttention-2); no existing entry,
+class or function is modified. A model *created* with ``attn_implementation="rlhf_ops"`` (TRL
+does so for a reference model copied from a patched policy) runs its attention through rlhf_ops
+on the default backend, without the fused loss. ``remove_rlhf_ops`` restores
 the original config objects and forward. ``copy.deepcopy`` of a patched model gives a patched
 copy; pickling a patched model object is not supported (``save_pretrained`` is).
 
@@ -73,7 +75,9 @@ from .flash import flash_attn_func, flash_attn_varlen_func
 __all__ = ["apply_rlhf_ops", "remove_rlhf_ops", "rlhf_ops_status", "ATTN_IMPLEMENTATION",
            "SUPPORTED_FAMILIES"]
 
-ATTN_IMPLEMENTATION = "rlhf_ops_flash"   # contains "flash": generate() treats it as flash-attn
+# No "flash" in the name: transformers would try to load a flash-attn kernel for a model created
+# with it (TRL builds reference models with the policy's attn_implementation).
+ATTN_IMPLEMENTATION = "rlhf_ops"
 
 # model_type → the causal-LM class whose forward the fused loss replaces (and its output type).
 SUPPORTED_FAMILIES = {
@@ -155,11 +159,18 @@ def _config_view(config):
 
 def _padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
                   mask_function=None, attention_mask: Tensor | None = None, **kwargs):
-    """Mask function registered for ATTN_IMPLEMENTATION: the 2-D padding mask [B, kv_length] (bool,
-    True = real token) cut to the keys of this call, or None when nothing is padded — the same
-    contract as transformers' FlashAttention-2 mask. Causality and windows are the kernel's."""
+    """Mask function registered for ATTN_IMPLEMENTATION: the 2-D padding mask [B, ≤ kv_length]
+    (bool, True = real token) of this call's keys, or None when every key is real — the contract
+    of transformers' FlashAttention-2 mask. Causality and windows are the kernel's.
+
+    A static cache is longer than the tokens it holds: when no attention_mask is given (generate
+    drops an all-ones mask), the keys past the q_offset + q_length written so far are masked
+    (q_offset is a tensor there: one host sync)."""
     if attention_mask is None:
-        return None
+        n_valid = int(q_offset) + q_length
+        if n_valid >= kv_length:
+            return None
+        return torch.ones(batch_size, n_valid, dtype=torch.bool, device=kwargs.get("device"))
     mask = attention_mask[:, -kv_length:]
     if mask.shape[1] == kv_length and bool(mask.all()):
         return None
