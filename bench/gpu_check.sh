@@ -258,6 +258,27 @@ for tp in 2 8; do
 done
 # ---- end of the vocabulary-parallel block ----
 
+# ---- transformers / TRL integrations end to end (bench/bench_e2e_llama.py, issue 15; owner: integrations) ----
+# One training step (fwd+bwd of the LM loss) of a random-init Llama-3.2-1B-shaped model (1.24 B
+# parameters, 8 × 2048 tokens, bf16): transformers with SDPA vs apply_rlhf_ops (auto backend) vs
+# Liger-Kernel when installed; tokens/s, peak memory, and the issue's goals (≥ 1.3× tokens/s,
+# ≤ 0.6× peak memory of SDPA, below Liger). At most E2E_S seconds (default 120; the first rlhf_ops
+# step compiles and autotunes the Triton kernels), never more than leaves 90 s for the report.
+# The integration tests themselves (tests/test_integrations_*.py) ran in the suite above on CUDA.
+part "integrations: end-to-end Llama 1B training step, sdpa vs rlhf_ops vs liger (${E2E_S:-120} s at most)"
+left=$(( TOTAL_S - $(elapsed) - 90 ))
+lim=$(( left < ${E2E_S:-120} ? left : ${E2E_S:-120} ))
+if ! $PY -c "import transformers" 2>/dev/null; then
+  echo "e2e Llama bench: NOT run (transformers is not installed; pip install -e '.[integrations]')"
+elif [ "$lim" -lt 40 ]; then
+  echo "e2e Llama bench: NOT run (no time left in the budget)"
+else
+  HF_HUB_OFFLINE=1 timeout -k 5 "$lim" $PY -m bench.bench_e2e_llama --size 1b \
+    --variants "${E2E_VARIANTS:-sdpa,rlhf_ops,liger}" --out "$LOGS/e2e_llama.json" >"$LOGS/e2e_llama.log" 2>&1
+  echo "e2e Llama bench rc=$? (limit $lim s)"; tail -8 "$LOGS/e2e_llama.log"
+fi
+# ---- end of the integrations block ----
+
 part "memory accounting (meta device)"
 $PY -m bench.memory >"$LOGS/memory.log" 2>&1 || tail -5 "$LOGS/memory.log"
 

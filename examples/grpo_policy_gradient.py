@@ -11,7 +11,7 @@ and entropies come from ``model(..., labels=labels, fused_lm_head=True)`` — TR
 contract, here ``rlhf_ops.integrations.trl.add_fused_lm_head`` (``linear_token_logprobs``: no
 [tokens, vocab] logits, runs on the CPU too); the reference log-probs are computed once and the
 KL is ``per_token_kl`` (``kl_from_logprobs``, GRPO's k3). Nothing is downloaded. CPU, about a
-minute. The lines that matter:
+minute (a GPU is used when there is one). The lines that matter:
 
     apply_rlhf_ops(policy, loss=False)                          # attention (+ generation)
     add_fused_lm_head(policy, outputs=("log_probs", "entropy"))
@@ -65,7 +65,8 @@ def run(steps: int = 20, *, baseline: bool = False, backend: str | None = None, 
         clip: float = 0.2, lr: float = 1e-2, optim: str = "adam", seed: int = 0,
         log: bool = True) -> dict:
     """Run ``steps`` updates; return per-step losses, mean rewards, KLs and entropies."""
-    policy = make_policy(seed, layers)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    policy = make_policy(seed, layers).to(device)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     if baseline:                                   # eager attention, TRL's own fused head
         from trl.trainer.utils import add_fused_lm_head as trl_head
@@ -78,11 +79,12 @@ def run(steps: int = 20, *, baseline: bool = False, backend: str | None = None, 
         add_fused_lm_head(ref, backend=backend)
     opt = (torch.optim.Adam if optim == "adam" else torch.optim.SGD)(policy.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed + 1)
-    torch.manual_seed(seed + 2)                    # sampling in generate()
+    torch.manual_seed(seed + 2)                    # sampling in generate() (all devices)
     hist = {"loss": [], "reward": [], "kl": [], "entropy": []}
     for step in range(steps):
         p_ids, p_mask = prompts(n_prompts, gen)
-        p_ids, p_mask = p_ids.repeat_interleave(group, 0), p_mask.repeat_interleave(group, 0)
+        p_ids = p_ids.repeat_interleave(group, 0).to(device)
+        p_mask = p_mask.repeat_interleave(group, 0).to(device)
         with torch.no_grad():
             policy.eval()
             seqs = policy.generate(input_ids=p_ids, attention_mask=p_mask, do_sample=True,
@@ -90,7 +92,7 @@ def run(steps: int = 20, *, baseline: bool = False, backend: str | None = None, 
                                    eos_token_id=None)
             policy.train()
         completions = seqs[:, p_ids.shape[1]:]
-        r = reward(completions)
+        r = reward(completions.cpu()).to(device)
         groups = r.view(n_prompts, group)
         adv = ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-4)).view(-1)
 

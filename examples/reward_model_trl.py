@@ -7,7 +7,7 @@
 A tiny random-init Llama reward model (LlamaForSequenceClassification, num_labels = 1) learns a
 preference made up in the script: responses with more "good" tokens (even ids) are better. Nothing
 is downloaded: the tokenizer is a word-level one built here, the data are token ids. CPU, about a
-minute. The two lines that matter:
+minute (a GPU is used when there is one). The two lines that matter:
 
     model = apply_rlhf_ops(model)                       # attention through rlhf_ops
     trainer = RewardTrainer(model=model, ...)           # rlhf_ops.integrations.trl: fused loss
@@ -94,7 +94,8 @@ def run(steps: int = 40, *, ranked: int = 0, baseline: bool = False, backend: st
     args = trl.RewardConfig(output_dir=out_dir, per_device_train_batch_size=batch_size,
                             max_steps=steps,
                             learning_rate=0.05, optim="sgd", lr_scheduler_type="constant",
-                            logging_steps=1, report_to="none", save_strategy="no", use_cpu=True,
+                            logging_steps=1, report_to="none", save_strategy="no",
+                            use_cpu=not torch.cuda.is_available(),
                             bf16=False, seed=0, disable_tqdm=True, dataloader_num_workers=0)
     cls = trl.RewardTrainer if baseline else RewardTrainer
     kw = {} if baseline else {"rlhf_ops_backend": backend}
@@ -116,7 +117,7 @@ def accuracy(model, pairs: Dataset) -> float:
     model.eval()
     right = 0
     for ex in pairs:
-        r = [model(input_ids=torch.tensor([ids])).logits.item()
+        r = [model(input_ids=torch.tensor([ids], device=model.device)).logits.item()
              for ids in (ex["chosen_ids"], ex["rejected_ids"])]
         right += r[0] > r[1]
     model.train()

@@ -6,7 +6,7 @@
 
 A tiny random-init Llama learns to answer a prompt of digits with the same digits sorted
 (loss on the response tokens only). Nothing is downloaded: the data are token ids made here.
-CPU, about a minute. The line that matters:
+CPU, about a minute (a GPU is used when there is one). The line that matters:
 
     model = apply_rlhf_ops(model)   # attention (padding / packing by unpadding) and the LM loss
                                     # (linear_cross_entropy, no [tokens, vocab] logits) on rlhf_ops
@@ -75,7 +75,8 @@ def run(steps: int = 60, *, packed: bool = False, baseline: bool = False, backen
                              per_device_train_batch_size=16, gradient_accumulation_steps=grad_accum,
                              max_steps=steps, learning_rate=lr, optim=optim,
                              lr_scheduler_type="constant", logging_steps=1, report_to="none",
-                             save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True,
+                             save_strategy="no", use_cpu=not torch.cuda.is_available(), seed=0,
+                             disable_tqdm=True,
                              remove_unused_columns=False)
     collator = (DataCollatorWithFlattening(return_flash_attn_kwargs=True) if packed else pad_collator)
     trainer = Trainer(model=model, args=args, train_dataset=make_dataset(2048),
@@ -99,7 +100,7 @@ def exact_match(model, data: Dataset) -> float:
     hits = 0
     for ex in data:
         n_prompt = ex["labels"].count(-100)
-        prompt = torch.tensor([ex["input_ids"][:n_prompt]])
+        prompt = torch.tensor([ex["input_ids"][:n_prompt]], device=model.device)
         want = ex["input_ids"][n_prompt:]
         out = model.generate(prompt, max_new_tokens=len(want), do_sample=False, pad_token_id=PAD,
                              eos_token_id=None, use_cache=True)

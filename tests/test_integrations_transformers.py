@@ -337,3 +337,20 @@ def test_bf16_triton_under_interpreter_raises():
     model = apply_rlhf_ops(tiny("llama", 1).to(torch.bfloat16), attention=False, backend="triton")
     with pytest.raises(TypeError, match="bfloat16 on the Triton backend under the CPU interpreter"):
         model(**batch("mixed"))
+
+
+def test_e2e_bench_smoke():
+    """bench/bench_e2e_llama.py at its CPU smoke size: every variant runs (Liger may be missing),
+    and the sdpa and rlhf_ops steps compute the same loss from the same weights."""
+    import importlib
+    import pathlib
+    import sys
+    root = str(pathlib.Path(__file__).resolve().parent.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    bench = importlib.import_module("bench.bench_e2e_llama")
+    rows = {r["variant"]: r for r in bench.main(["--size", "smoke", "--variants",
+                                                 "sdpa,rlhf_ops:reference,liger", "--pad"])}
+    assert rows["sdpa"]["status"] == rows["rlhf_ops:reference"]["status"] == "ok", rows
+    assert rows["liger"]["status"] in ("ok", "missing")
+    assert abs(rows["rlhf_ops:reference"]["loss"] - rows["sdpa"]["loss"]) <= TOL * rows["sdpa"]["loss"]
