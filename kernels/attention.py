@@ -499,99 +499,89 @@ def _attn_bwd_dq(Q, K, V, DO, M2, L2, DELTA, DQ, CU_Q, CU_K,
 
 
 # ------------------------------------------------------------------------------- autotuning ---
-
-def _cfg(bm, bn, warps, stages):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
-
-
-# (BLOCK_M, BLOCK_N, warps, stages). Large tiles with 8 warps and 3 stages suit Hopper (H100/H200);
-# the smaller ones suit Ampere, head dim 256 and short sequences; the last one of each list is
-# the fallback that always fits (fp64 rows of 256 included).
-FWD_CONFIGS = [_cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(128, 32, 4, 3),
-               _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 2), _cfg(64, 64, 4, 4), _cfg(32, 16, 4, 1)]
-# Backward dK/dV: BLOCK_M is the query block looped over, BLOCK_N the key block a program owns.
-DKDV_CONFIGS = [_cfg(32, 128, 8, 3), _cfg(64, 128, 8, 3), _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 3),
-                _cfg(32, 32, 4, 2), _cfg(16, 64, 4, 2), _cfg(16, 32, 4, 1)]
-DQ_CONFIGS = [_cfg(128, 32, 8, 3), _cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 2),
-              _cfg(32, 64, 4, 2), _cfg(32, 16, 4, 1)]
+# One row per config: (BLOCK_M, BLOCK_N, warps, stages, largest BLOCK_D for 16-bit inputs, largest
+# BLOCK_D for fp32 inputs), 0 = never for that dtype. The largest BLOCK_D is the widest head at
+# which the config was compiled offline for sm_80 and sm_90 (tests/test_triton_gpu_compile.py) in
+# the heaviest variant (varlen, two-sided window, softcap) and spilled at most SPILL_BUDGET bytes
+# per thread; wider heads would spill (e.g. fwd 64×64 w4 at D=128 spills on sm_90, dK/dV tiles
+# above 32×64 at D=128 spill everywhere). Shared memory is checked per launch with the real
+# footprint (``smem_bytes``, stages included) against the device's limit. The last row of each
+# table fits every head dim and dtype; fp64 (a testing dtype) runs only that one.
+# dK/dV: BLOCK_M is the query block looped over, BLOCK_N the key block a program owns.
+FWD_TABLE = [(128, 64, 8, 3, 128, 0), (128, 32, 8, 2, 256, 0), (64, 32, 4, 2, 128, 64),
+             (32, 32, 4, 2, 256, 128), (32, 16, 4, 1, 256, 256)]
+DKDV_TABLE = [(64, 64, 8, 2, 64, 0), (32, 64, 8, 2, 128, 0), (32, 32, 4, 2, 128, 64),
+              (16, 32, 4, 1, 256, 256)]
+DQ_TABLE = [(128, 64, 8, 3, 128, 0), (128, 32, 8, 2, 128, 0), (64, 32, 4, 2, 128, 64),
+            (32, 32, 4, 2, 256, 128), (32, 16, 4, 1, 256, 256)]
+TABLES = {"fwd": FWD_TABLE, "dkdv": DKDV_TABLE, "dq": DQ_TABLE}
+SPILL_BUDGET = 64          # bytes of register spill per thread a selectable config may have
+SMEM_HEADROOM = 8 * 1024   # scratch Triton adds beyond the tiles (layout conversions, row vectors)
+SMEM_LIMIT = 99 * 1024     # per-block limit of the smallest GPU targeted (sm_86/89), if unknown
 _KEY = ["HEAD_DIM", "TB", "SB", "IS_VARLEN", "HAS_LEFT", "HAS_RIGHT", "SOFTCAP", "PREC"]
 
 
 def length_bucket(n: int) -> int:
     """Autotuning key for a length: the next power of two, at least 64 (RLHF rollouts change
-    length every step; the best config does not)."""
+    length every step; the best config for 1000 or 1024 tokens does not)."""
     return max(64, triton.next_power_of_2(max(int(n), 1)))
 
 
 def smem_bytes(kernel: str, bm: int, bn: int, stages: int, block_d: int, elem: int) -> int:
-    """Shared memory a config needs, as Triton lays it out: the tiles a dot reads from shared
-    memory, multi-buffered ``stages`` times where they are loaded inside the pipelined loop.
+    """Shared memory of a config's tiles as Triton lays them out (measured equal on sm_80/sm_90
+    up to the row vectors): tiles loaded inside the pipelined loop are buffered ``stages`` times.
     fwd: q [BM, D] once, k and v [BN, D] per stage. dkdv: k, v [BN, D] once, q and dO [BM, D] per
     stage. dq: q, dO [BM, D] once, k and v [BN, D] per stage."""
-    if kernel == "fwd":
-        once, per_stage = bm, 2 * bn
-    elif kernel == "dkdv":
-        once, per_stage = 2 * bn, 2 * bm
-    else:
-        once, per_stage = 2 * bm, 2 * bn
+    once, per_stage = {"fwd": (bm, 2 * bn), "dkdv": (2 * bn, 2 * bm), "dq": (2 * bm, 2 * bn)}[kernel]
     return (once + max(stages, 1) * per_stage) * block_d * elem
 
 
-SMEM_LIMIT = 99 * 1024   # the per-block limit of the smallest GPU the configs target (sm_86/89)
+def select(kernel: str, block_d: int, elem: int, smem_limit: int) -> list:
+    """Rows of TABLES[kernel] the autotuner may try for this head width and element size."""
+    rows = TABLES[kernel]
+    if elem > 4:
+        return rows[-1:]
+    col = 4 if elem == 2 else 5
+    keep = [r for r in rows if block_d <= r[col]
+            and smem_bytes(kernel, r[0], r[1], r[3], block_d, elem) + SMEM_HEADROOM <= smem_limit]
+    return keep or rows[-1:]
+
+
+def _smem_limit(device) -> int:
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "shared_memory_per_block_optin", SMEM_LIMIT))
 
 
 def _prune(kernel: str):
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        block_d, elem = args["BLOCK_D"], args["Q"].element_size()
-        fma = args["PREC"] == "ieee" and elem >= 4          # dots without tensor cores
-        limit = _smem_limit(args["Q"].device)
-        keep = [c for c in configs
-                if smem_bytes(kernel, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, block_d, elem)
-                <= limit and not _spills(kernel, c, block_d, elem, fma)]
-        return keep or configs[-1:]
+        rows = select(kernel, args["BLOCK_D"], args["Q"].element_size(), _smem_limit(args["Q"].device))
+        keys = {r[:4] for r in rows}
+        return [c for c in configs
+                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keys]
     return prune
 
 
-def _smem_limit(device) -> int:
-    try:
-        props = torch.cuda.get_device_properties(device)
-        return int(getattr(props, "shared_memory_per_block_optin", SMEM_LIMIT))
-    except Exception:  # noqa: BLE001 - no device (offline audit): the smallest target
-        return SMEM_LIMIT
-
-
-def _spills(kernel: str, c, block_d: int, elem: int, fma: bool) -> bool:
-    """Configs measured offline (tests/test_triton_gpu_compile.py) to spill registers: too many
-    fp32 accumulators per thread for its warps."""
-    bm, bn, w = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps
-    if fma and (bm > 64 or bn > 64):
-        return True
-    # fp32 accumulator tiles per thread: fwd acc [BM, D] + scores [BM, BN]; dkdv dk, dv [BN, D]
-    # + pᵀ, dSᵀ [BN, BM]; dq dq [BM, D] + p, ds [BM, BN]
-    if kernel == "fwd":
-        acc = bm * block_d + bm * bn
-    elif kernel == "dkdv":
-        acc = 2 * bn * block_d + 2 * bn * bm
-    else:
-        acc = bm * block_d + 2 * bm * bn
-    return acc * (elem if elem > 4 else 4) // (32 * w) > 128 * 4   # > 128 fp32 registers' worth
-
-
-def _tuned(fn, configs, kernel):
+def _tuned(fn, kernel):
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+               for bm, bn, w, st, _, _ in TABLES[kernel]]
     return triton.autotune(configs=configs, key=_KEY,
                            prune_configs_by={"early_config_prune": _prune(kernel)})(fn)
 
 
 if not INTERPRET:
-    _attn_fwd_tuned = _tuned(_attn_fwd, FWD_CONFIGS, "fwd")
-    _attn_bwd_dkdv_tuned = _tuned(_attn_bwd_dkdv, DKDV_CONFIGS, "dkdv")
-    _attn_bwd_dq_tuned = _tuned(_attn_bwd_dq, DQ_CONFIGS, "dq")
+    _attn_fwd_tuned = _tuned(_attn_fwd, "fwd")
+    _attn_bwd_dkdv_tuned = _tuned(_attn_bwd_dkdv, "dkdv")
+    _attn_bwd_dq_tuned = _tuned(_attn_bwd_dq, "dq")
 
 # The interpreter runs each program in Python: one small fixed config, no autotuning. Tests set
-# ``launch_config`` to run a GPU config's block shape under the interpreter.
+# ``launch_config`` to run the block shapes a GPU selects, and ``FWD_ORIENT = False`` to run the
+# GPU's orientation of the dK/dV scores.
 _FIXED = {"BLOCK_M": 16, "BLOCK_N": 16}
-launch_config = None   # None, or {"fwd": (BM, BN), "dkdv": (BM, BN), "dq": (BM, BN)}
+launch_config = None   # None, or {"fwd": (BM, BN), "dkdv": (BM, BN), "dq": (BM, BN), "delta": BM}
+# dK/dV scores computed as (q·kᵀ)ᵀ like the forward (the interpreter's matmul rounds k·qᵀ
+# differently, by an ulp of u), or as k·qᵀ (GPU: no transpose)
+FWD_ORIENT = INTERPRET
 
 
 def _launch(kernel, tuned, name, grid_fn, *args, **meta):
@@ -708,7 +698,7 @@ def _bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, n, T, S, strides, lse_
     delta = _empty(lse.shape[1:], dtype=lse.dtype, device=lse.device)
     # delta per row, in lse's row layout: dense [B, Hq, T]; varlen [Hq, Nq] (one "batch" of Nq rows)
     B1, T1 = (1, q.shape[0]) if varlen else (q.shape[0], T)
-    bm = 16 if INTERPRET else 64
+    bm = (launch_config or {}).get("delta", 16 if INTERPRET else 64)
     _attn_bwd_delta[(triton.cdiv(T1, bm), Hq, B1)](
         out, dout, delta, *strides(out), *strides(dout), Hq, T1,
         HEAD_DIM=D, BLOCK_M=bm, BLOCK_D=meta["BLOCK_D"], FP64=meta["FP64"])
@@ -717,7 +707,7 @@ def _bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, n, T, S, strides, lse_
             lambda m: (triton.cdiv(S, m["BLOCK_N"]), Hkv, n),
             q, k, v, dout, lse[0], lse[1], delta, dk, dv, cu_q, cu_k,
             *strides(q), *strides(k), *strides(v), *strides(dout), *strides(dk), *strides(dv),
-            *lse_strides, *common, FWD_ORIENT=INTERPRET, **meta)
+            *lse_strides, *common, FWD_ORIENT=FWD_ORIENT, **meta)
     _launch(_attn_bwd_dq, None if INTERPRET else _attn_bwd_dq_tuned, "dq",
             lambda m: (triton.cdiv(T, m["BLOCK_M"]), Hq, n),
             q, k, v, dout, lse[0], lse[1], delta, dq, cu_q, cu_k,
