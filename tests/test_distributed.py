@@ -496,6 +496,35 @@ def torch_compile_fullgraph(ctx):
     _close(xc.grad, ctx.shard(xf.grad), "compiled grad")
 
 
+@case(2)
+def opcheck_vocab_parallel_ops(ctx):
+    """torch.library.opcheck (schema, fake impl, autograd registration, AOT dispatch) on the
+    custom ops that take a process group, run in a real group (every rank makes the same calls)."""
+    from torch.library import opcheck
+    g = ctx.group.group_name
+    t = torch.tensor([1, -100, ctx.sizes[0]])
+    off = torch.full((1,), ctx.off)
+    V_r = ctx.V_r
+
+    def f(*shape, dtype=torch.float32):
+        return torch.randn(*shape, dtype=dtype).requires_grad_()
+
+    for be in ctx.fused:
+        samples = [
+            ("vocab_shard_offset", dict(target=t, local_vocab=V_r, ignore_index=-100, vocab_offset=-1,
+                                        op="cross_entropy", name="target", config="c", group=g)),
+            ("cross_entropy_vp_fwd", dict(logits=f(3, V_r), target=t, offset=off, ignore_index=-100,
+                                          label_smoothing=0.25, inplace_backward=False, backend=be, group=g)),
+            ("linear_cross_entropy_vp_fwd", dict(hidden=f(3, 8), weight=f(V_r, 8), bias=f(V_r), target=t,
+                                                 offset=off, ignore_index=-100, label_smoothing=0.1,
+                                                 backend=be, group=g)),
+        ]
+        for name, kw in samples:
+            op = getattr(torch.ops.rlhf_ops, name).default
+            res = opcheck(op, tuple(kw[a.name] for a in op._schema.arguments))
+            assert all(v == "SUCCESS" for v in res.values()), (name, be, res)
+
+
 @case(3)
 def gpt_vocab_parallel_lm_loss(ctx):
     """rlhf_ops.model.GPT with vocab_parallel=True under a 3-rank world: its LM loss reads this
