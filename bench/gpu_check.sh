@@ -279,6 +279,25 @@ else
 fi
 # ---- end of the integrations block ----
 
+# ---- attention varlen benchmark and autotuning on this GPU (owner: attention Triton, issue 13) ----
+# The varlen/window/softcap correctness tests ran in the suite above on CUDA tensors. Here:
+# python -m bench.bench_attention — the log-normal packed 16k-token row (varlen vs padded dense vs
+# SDPA with a mask vs flash-attn varlen; TFLOP/s on real tokens; goal varlen ≥ 0.9× dense,
+# ≥ 3× padded), then the first-call time at T = 1000 / 1024 (one length bucket: no re-tuning) /
+# 1500, and the configs the autotuner chose with the loaded kernels' registers and spills (the
+# offline audit's prediction, checked on this toolchain). At most ATTN_BENCH_S s (default 90).
+part "attention varlen benchmark + autotune probe (${ATTN_BENCH_S:-90} s)"
+LEFT_ATTN=$(( TOTAL_S - $(elapsed) - 120 ))
+if [ "$LEFT_ATTN" -gt 20 ]; then
+  ATTN_T=$(( ${ATTN_BENCH_S:-90} < LEFT_ATTN ? ${ATTN_BENCH_S:-90} : LEFT_ATTN ))
+  timeout -k 5 "$ATTN_T" $PY -m bench.bench_attention --out "$LOGS/attention_varlen.json" \
+    >"$LOGS/attention_varlen.log" 2>&1
+  echo "attention varlen bench rc=$? (limit ${ATTN_T} s)"; tail -25 "$LOGS/attention_varlen.log"
+else
+  echo "attention varlen benchmark NOT run: the budget is spent"
+fi
+# ---- end of the attention varlen block ----
+
 part "memory accounting (meta device)"
 $PY -m bench.memory >"$LOGS/memory.log" 2>&1 || tail -5 "$LOGS/memory.log"
 
