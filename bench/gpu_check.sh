@@ -8,6 +8,7 @@
 # Everything must fit in one 10-minute call: TOTAL_S (default 570) is split between the parts;
 # each part has its own timeout and the report gets what is left (goal shapes first).
 # Usage: bash bench/gpu_check.sh            (from the repository root)
+#        DRY_RUN=1 bash bench/gpu_check.sh  (CPU: the plan, the budgets and CPU-side timings; no GPU part)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 T0=$(date +%s)
@@ -20,6 +21,35 @@ elapsed() { echo $(( $(date +%s) - T0 )); }
 part() { echo "== [$(elapsed) s] $*"; }
 unset TRITON_INTERPRET RLHF_OPS_BACKEND
 PY=${PYTHON:-python}
+
+# ---- DRY_RUN=1: the plan and what can be timed on a CPU machine; no GPU part runs (owner: reliability) ----
+# Prints every time budget of this script in the order the parts run (NAME_S knobs, the
+# environment's value or the default) with the running worst-case sum against TOTAL_S (the later
+# blocks check what is left and say "NOT run" when the budget is spent), then times on the CPU:
+# the test collection (the list the tests part compares with what ran), the sanitizer driver's
+# plan, and the driver's Triton cases under the interpreter (that the driver runs; GPU times differ).
+if [ "${DRY_RUN:-0}" = 1 ]; then
+  echo "== DRY RUN on $(hostname): TOTAL_S=$TOTAL_S"
+  sum=0
+  for knob in $(grep -o '\${[A-Z0-9_]*_S:-[0-9]*}' "$0" | sed 's/[${}]//g; s/:-/=/' | awk -F= '!seen[$1]++ {print $1 "=" $2}'); do
+    name=${knob%%=*}; def=${knob##*=}
+    [ "$name" = TOTAL_S ] && continue
+    val=${!name:-$def}; sum=$(( sum + val ))
+    flag=""; [ "$sum" -gt "$TOTAL_S" ] && flag="  <- past TOTAL_S in the worst case"
+    printf "  %-22s %4s s   worst-case total %4s s%s\n" "$name" "$val" "$sum" "$flag"
+  done
+  echo "  (TRAIN_S runs once per available backend, VP_BENCH_S once per TP with enough GPUs)"
+  t0=$(date +%s)
+  n=$(TRITON_INTERPRET=1 $PY -m pytest --collect-only -q -p no:cacheprovider tests 2>/dev/null | grep -c "::")
+  echo "== test collection: $n tests in $(( $(date +%s) - t0 )) s (the tests part gets TESTS_S=$TESTS_S s on the GPU)"
+  echo "== sanitizer driver (bench/sanitize.py) cases, each under memcheck/racecheck/synccheck/initcheck:"
+  $PY bench/sanitize.py --plan | sed 's/^/  /'
+  t0=$(date +%s)
+  TRITON_INTERPRET=1 timeout 600 $PY bench/sanitize.py --device cpu 2>&1 | grep -v Warning | sed 's/^/  /'
+  echo "== sanitizer driver, triton cases on the CPU interpreter: $(( $(date +%s) - t0 )) s"
+  exit 0
+fi
+# ---- end of the DRY_RUN block ----
 
 part "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
@@ -49,9 +79,75 @@ $PY -c "import rlhf_ops, rlhf_ops._C; print('backends:', rlhf_ops.available_back
 
 part "tests on CUDA tensors, every backend (timeout ${TESTS_S} s)"
 t0=$(date +%s)
-timeout -s INT -k 30 "$TESTS_S" $PY -m pytest -q -p no:cacheprovider tests -o addopts="$ADDOPTS" \
+timeout -s INT -k 30 "$TESTS_S" $PY -m pytest -v -p no:cacheprovider tests -o addopts="$ADDOPTS" \
   --junitxml="$LOGS/junit.xml" >"$LOGS/tests.log" 2>&1
 echo "tests rc=$? in $(( $(date +%s) - t0 )) s"; tail -15 "$LOGS/tests.log"
+
+# ---- which tests did not run (owner: reliability) ----
+# The suite is cut at TESTS_S: compare `pytest --collect-only` with the tests that reported a
+# result in tests.log (-v prints one line per test, even when the run is killed before the junit
+# XML is written); the ones that never ran go to $LOGS/tests_not_run.txt, counted per file here.
+timeout 90 $PY -m pytest --collect-only -q -p no:cacheprovider tests -o addopts="" 2>/dev/null \
+  | grep "::" >"$LOGS/tests_collected.txt"
+$PY - "$LOGS/tests_collected.txt" "$LOGS/tests.log" "$LOGS/tests_not_run.txt" <<'PYEOF'
+import collections, re, sys
+collected = [l.strip() for l in open(sys.argv[1]) if l.strip()]
+ran = set(re.findall(r"^(tests/\S+::\S+) (?:PASSED|FAILED|SKIPPED|XFAIL|XPASS|ERROR)", open(sys.argv[2]).read(), re.M))
+missing = [t for t in collected if t not in ran]
+open(sys.argv[3], "w").write("".join(t + "\n" for t in missing))
+if not collected:
+    print("tests not run: the collection failed, no list to compare (see tests.log)")
+elif missing:
+    per_file = collections.Counter(t.split("::")[0] for t in missing)
+    print(f"tests NOT run (cut by the timeout): {len(missing)} of {len(collected)}; per file:",
+          ", ".join(f"{f} {n}" for f, n in per_file.most_common()), f"(list: {sys.argv[3]})")
+else:
+    print(f"every collected test ran ({len(collected)})")
+PYEOF
+# ---- end of the not-run report ----
+
+# ---- Triton kernels and the CE/KL/reward CUDA kernels under compute-sanitizer (owner: reliability) ----
+# bench/sanitize.py runs forward and backward of every Triton kernel (cross-entropy incl. the
+# split V > 65,536 path, log-probs with K tokens and entropy, KL k1/k2/k3 with masks, pairwise
+# single-tile and tiled, attention dense/GQA/T != S/window+softcap/varlen) and of the
+# cross_entropy/kl/pairwise CUDA kernels (an out-of-range target included: the NaN path) on small
+# shapes. One plain run first compiles the Triton kernels (autotuning cut to one config) and
+# proves the driver; then memcheck, racecheck, synccheck and initcheck run side by side, each
+# cut at SANITIZE_S (default 75) and never past what leaves 150 s of TOTAL_S for the rest.
+part "Triton + CE/KL/reward CUDA kernels: compute-sanitizer (4 tools in parallel, ${SANITIZE_S:-75} s)"
+SANITIZER=$(command -v compute-sanitizer || ls ${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer \
+            /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+left=$(( TOTAL_S - $(elapsed) - 150 ))
+lim=$(( left < ${SANITIZE_S:-75} ? left : ${SANITIZE_S:-75} ))
+if [ -z "$SANITIZER" ]; then
+  echo "compute-sanitizer not found: Triton/CE/KL/reward sanitizer checks NOT run"
+elif [ "$lim" -lt 20 ]; then
+  echo "Triton/CE/KL/reward sanitizer checks NOT run (no time left in the budget)"
+else
+  t0=$(date +%s)
+  timeout -k 5 "${SANITIZE_WARM_S:-60}" $PY bench/sanitize.py >"$LOGS/sanitize_plain.log" 2>&1
+  echo "plain run (compiles the kernels) rc=$? in $(( $(date +%s) - t0 )) s"; tail -12 "$LOGS/sanitize_plain.log"
+  for tool in memcheck racecheck synccheck initcheck; do
+    ( PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 5 "$lim" "$SANITIZER" --tool "$tool" --error-exitcode 7 \
+        $PY bench/sanitize.py >"$LOGS/sanitize_$tool.log" 2>&1
+      echo $? >"$LOGS/sanitize_$tool.rc" ) &
+  done
+  wait
+  for tool in memcheck racecheck synccheck initcheck; do
+    rc=$(cat "$LOGS/sanitize_$tool.rc" 2>/dev/null || echo "?")
+    case $rc in
+      0) verdict="clean" ;;
+      7) verdict="ERRORS FOUND (see $LOGS/sanitize_$tool.log)" ;;
+      124|137) verdict="timed out: NOT checked to the end (cases done: $(grep -c ': ok' "$LOGS/sanitize_$tool.log"))" ;;
+      *) verdict="failed to run (rc=$rc, see $LOGS/sanitize_$tool.log)" ;;
+    esac
+    echo "triton/CE/KL/reward $tool: $verdict"
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Invalid|Race|Uninitialized|FAILED|driver done" \
+      "$LOGS/sanitize_$tool.log" | head -5
+  done
+  echo "Triton/CE/KL/reward sanitizer checks took $(( $(date +%s) - t0 )) s"
+fi
+# ---- end of the Triton/CE/KL/reward sanitizer block ----
 
 # ---- CUDA attention under compute-sanitizer (csrc/attention.cu; owner: attention CUDA kernels) ----
 # memcheck / racecheck / synccheck / initcheck over a small driver that calls the four
