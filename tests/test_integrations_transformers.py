@@ -21,7 +21,7 @@ tf = pytest.importorskip("transformers")
 
 import rlhf_ops.integrations.transformers as rit  # noqa: E402
 from rlhf_ops.integrations.transformers import apply_rlhf_ops, remove_rlhf_ops, rlhf_ops_status  # noqa: E402
-from _util import rel_err  # noqa: E402
+from _util import assert_matches, rel_err  # noqa: E402
 from conftest import DEVICE, backend_problem  # noqa: E402
 
 V = 97
@@ -175,8 +175,8 @@ def _generate(model, ids, mask, n, cache="dynamic"):
                           pad_token_id=0, eos_token_id=None, cache_implementation=cache)
 
 
-@pytest.mark.parametrize("cache", ["dynamic", "static"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family,cache", [(f, "dynamic") for f in FAMILIES] +
+                         [(f, "static") for f in ("llama", "mistral", "gemma2")])
 def test_greedy_generation_with_kv_cache_matches(family, cache):
     """Left-padded prompts (and unpadded ones, whose all-ones mask generate() drops), prompt +
     new tokens longer than the sliding windows; a static cache is longer than what it holds."""
@@ -271,6 +271,28 @@ def test_loss_kwargs_follow_transformers(monkeypatch):
     assert only_loss.config._attn_implementation == "eager"
     out = only_loss(**inp, use_cache=False)
     assert out.logits is None and rel_err(out.loss, ref(**inp, use_cache=False).loss) <= TOL
+
+
+def test_gradient_checkpointing_and_autocast():
+    """Recomputed layers (gradient checkpointing) give the same gradients; under bf16 autocast
+    attention and the fused loss run in bf16, with an error vs fp32 no worse than eager's."""
+    torch.manual_seed(0)
+    ref = tiny("qwen2")
+    model = apply_rlhf_ops(copy.deepcopy(ref), backend="reference")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    inp = batch("mixed")
+    out_r, _, grads_r = _run(ref, inp)
+    out, _, grads = _run(model, inp)
+    assert rel_err(out.loss, out_r.loss) <= TOL
+    for name in grads_r:
+        assert rel_err(grads[name], grads_r[name]) <= TOL, name
+    model.gradient_checkpointing_disable()
+    dev = torch.device(DEVICE).type
+    with torch.autocast(dev, dtype=torch.bfloat16), torch.no_grad():
+        eager16 = ref(**inp, use_cache=False).loss
+        ours16 = model(**inp, use_cache=False).loss
+    assert ours16.dtype == torch.float32
+    assert_matches(ours16, out_r.loss.detach(), eager16, what="bf16 autocast loss")
 
 
 def test_all_ignored_labels_give_zero_loss():

@@ -232,6 +232,9 @@ def _attention_forward(module, query: Tensor, key: Tensor, value: Tensor,
     B, Hq, T, D = query.shape
     S = key.shape[2]
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)   # [B, L, H, D]
+    dt = _autocast_dtype(q.device)
+    if dt is not None:     # under autocast, attention runs in its dtype (as SDPA and flash-attn do)
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
     memo = state.cached if state is not None else (lambda t, key_, f: f())
 
     if attention_mask is not None:
