@@ -66,13 +66,14 @@ def pad_collator(features):
 
 def run(steps: int = 60, *, packed: bool = False, baseline: bool = False, backend: str | None = None,
         layers: int = 2, lr: float = 3e-3, optim: str = "adamw_torch", grad_accum: int = 1,
-        log: bool = True) -> dict:
+        batch_size: int = 16, eval_n: int = 50, log: bool = True) -> dict:
     """Train; return {"losses": per-step training losses, "exact": held-out exact-match rate}."""
     model = make_model(layers=layers)
     if not baseline:
         apply_rlhf_ops(model, backend=backend)
     args = TrainingArguments(output_dir=tempfile.mkdtemp(prefix="rlhf_ops_sft_"),
-                             per_device_train_batch_size=16, gradient_accumulation_steps=grad_accum,
+                             per_device_train_batch_size=batch_size,
+                             gradient_accumulation_steps=grad_accum,
                              max_steps=steps, learning_rate=lr, optim=optim,
                              lr_scheduler_type="constant", logging_steps=1, report_to="none",
                              save_strategy="no", use_cpu=not torch.cuda.is_available(), seed=0,
@@ -84,7 +85,7 @@ def run(steps: int = 60, *, packed: bool = False, baseline: bool = False, backen
     trainer.remove_callback(PrinterCallback)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    exact = exact_match(model, make_dataset(50, seed=1))
+    exact = exact_match(model, make_dataset(eval_n, seed=1)) if eval_n else float("nan")
     if log:
         what = "baseline (eager, no rlhf_ops)" if baseline else f"rlhf_ops (backend={backend or 'auto'})"
         print(f"{what}{', packed' if packed else ''}: loss {losses[0]:.3f} → "

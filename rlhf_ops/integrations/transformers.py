@@ -17,16 +17,20 @@ them — causal LM, sequence classification (reward models), the bare model):
   itself; a batch without padding runs the dense kernel. Sliding windows (Mistral, Gemma-2,
   Qwen2/3 ``layer_types``), Gemma-2's score softcap, GQA and the KV cache of ``generate`` (dynamic
   or static) are handled as flash-attn does them. The attention probabilities are never
-  materialised. Packing follows transformers' eager rule: a new sequence starts wherever the
-  position does not grow by exactly 1 (only when no ``attention_mask`` is given).
-* **loss** (``loss=True``, causal-LM heads only): when the forward gets ``labels``, the loss is ``rlhf_ops.linear_cross_entropy`` of the final hidden states and
-  the LM-head weight (tied or not) — the [tokens, vocab] logits are never formed — with
-  transformers' semantics: labels shifted by one (``shift_labels``, when given with them, are
-  used as they are),
-  ``ignore_index`` (default −100), ``num_items_in_batch`` (the loss is the sum divided by it, as
-  the Trainer's gradient accumulation expects), else the mean over non-ignored tokens — except that
-  a batch without any non-ignored token gives 0 (not NaN). **The output's ``logits`` is None then**
-  (as with Liger-Kernel); without labels the forward is the original one, so inference and
+  materialised; under autocast attention runs in the autocast dtype. Packing follows
+  transformers' eager rule — a new sequence starts wherever the position does not grow by exactly
+  1 — whenever no ``attention_mask`` is given (eager applies it only without a cache object, so
+  pass ``use_cache=False`` to an eager baseline). Padding query rows output zeros (flash-attn's
+  convention; eager fills them with something meaningless): a label scored from a padding position
+  — the first real token after left padding — differs from eager; mask it, as prompts are.
+* **loss** (``loss=True``, causal-LM heads only): when the forward gets ``labels``, the loss is
+  ``rlhf_ops.linear_cross_entropy`` of the final hidden states and the LM-head weight (tied or
+  not) — the [tokens, vocab] logits are never formed — with transformers' semantics: labels
+  shifted by one (``shift_labels``, when given with them, are used as they are), ``ignore_index``
+  (default −100), ``num_items_in_batch`` (the loss is the sum divided by it, as the Trainer's
+  gradient accumulation expects), else the mean over non-ignored tokens — except that a batch
+  without any non-ignored token gives 0 (not NaN). **The output's ``logits`` is None then** (as
+  with Liger-Kernel); without labels the forward is the original one, so inference and
   ``generate`` are unchanged. Other heads (sequence classification, the bare model) keep their
   own loss: ``loss=True`` does nothing for them (``rlhf_ops_status(model)`` says what is patched).
 
