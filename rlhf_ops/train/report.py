@@ -136,6 +136,21 @@ def _judge_bars(path: Path, summary: dict) -> bool:
     return True
 
 
+def ptx_verdict(sft: float, ppo: float, ptx: float, pretrained: float | None = None) -> str:
+    """Does PPO-ptx keep the pretraining loss closer to SFT's than PPO does (ptx's purpose)?"""
+    closer = abs(ptx - sft) < abs(ppo - sft)
+    s = (f"Pretraining loss (L1 on held-out corpus windows): SFT {sft:.4f}, PPO {ppo:.4f} ({ppo - sft:+.4f}), "
+         f"PPO-ptx {ptx:.4f} ({ptx - sft:+.4f})"
+         + (f", the pretrained model {pretrained:.4f}" if pretrained is not None else "") + ": PPO-ptx "
+         + ("keeps it closer to SFT's than PPO does." if closer else "does not keep it closer to SFT's than PPO does"))
+    if not closer and (ptx - sft) * (ppo - sft) < 0:
+        s += (" — it moves it further the other way, below SFT's, towards the pretrained model's: "
+              "the γ·L1 term re-fits the corpus.")
+    elif not closer:
+        s += "."
+    return s
+
+
 def verdict(d: float, se: float, name: str = "PPO") -> str:
     return (f"{name} beats SFT" if d > 2 * se else f"{name} is worse than SFT" if d < -2 * se
             else f"{name} and SFT are not told apart")
@@ -184,10 +199,7 @@ def write_report(out: Path, summary: dict) -> Path:
                           f"{verdict(d, se, name)} at two standard errors."]
     sl, pl, xl = (summary.get(k) for k in ("ppo.sft_pretrain_loss", "ppo.pretrain_loss", "ppo_ptx.pretrain_loss"))
     if None not in (sl, pl, xl):
-        closer = abs(xl - sl) < abs(pl - sl)
-        lines += ["", f"Pretraining loss (L1 on held-out corpus windows): SFT {sl:.4f}, PPO {pl:.4f} "
-                      f"({pl - sl:+.4f}), PPO-ptx {xl:.4f} ({xl - sl:+.4f}): PPO-ptx "
-                      f"{'keeps it closer to' if closer else 'does not keep it closer to'} SFT's than PPO."]
+        lines += ["", ptx_verdict(sl, pl, xl, summary.get("pretrain.pretrain_loss"))]
     lines += ["", "RM scores: `ppo.rm_score_start`/`rm_score_end` are the raw RM score of temperature-1 "
                   "samples of the held-out prompts from the SFT model and from the final policy; the "
                   "rollout figure shows the same raw score on each update's training prompts, and the "
