@@ -8,7 +8,6 @@ import shutil
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 
 import rlhf_ops as ro
 from rlhf_ops import data as D
-from rlhf_ops.model import GPT, GPTConfig, ScalarHeadGPT, frozen_copy
+from rlhf_ops.model import GPT, GPTConfig, ScalarHeadGPT
 from rlhf_ops.train import Run, SimulatedCrash, main, make_config
 from rlhf_ops.train.__main__ import resolve_device
 from rlhf_ops.train.common import CheckpointError, load_checkpoint, save_checkpoint
