@@ -188,7 +188,7 @@ class RewardTrainer(RewardLossMixin, trl.RewardTrainer):
             _backend.requested(rlhf_ops_backend)
         self.rlhf_ops_backend = rlhf_ops_backend
         if data_collator is None and _is_ranked(train_dataset):
-            pc = kw.get("processing_class")
+            pc = kw.get("processing_class", a[1] if len(a) > 1 else None)   # after eval_dataset
             pad = getattr(args, "pad_token", None) if args is not None else None
             pad_id = (pc.convert_tokens_to_ids(pad) if pad is not None and pc is not None else
                       (pc.pad_token_id if pc is not None and pc.pad_token_id is not None else
