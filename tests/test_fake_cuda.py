@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import rlhf_ops as ro
 from rlhf_ops import _backend
 from conftest import ON_GPU
-from test_opcheck import OPS, SAMPLES, positional
+from test_opcheck import NEEDS_GROUP, OPS, SAMPLES, positional
 
 NOT_OPS = {"available_backends", "use_backend", "KLPenalty"}
 PUBLIC = sorted(set(ro.__all__) - NOT_OPS)
@@ -53,7 +53,16 @@ class Recorder(TorchDispatchMode):
 
 @pytest.fixture
 def gpu_env(monkeypatch):
-    """The environment of a GPU machine: the triton backend may take CUDA tensors."""
+    """The environment of a GPU machine: the triton backend may take CUDA tensors.
+
+    The Triton kernel modules are imported first, under the session's setting: a kernel module
+    (and triton.jit) imported while TRITON_INTERPRET is unset would stay in compiled mode for the
+    rest of the session and break every later interpreter test."""
+    import importlib
+    import pkgutil
+    import rlhf_ops.kernels as K
+    for m in pkgutil.iter_modules(K.__path__):
+        importlib.import_module(f"rlhf_ops.kernels.{m.name}")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("RLHF_OPS_DEBUG", raising=False)
     monkeypatch.delenv("RLHF_OPS_BACKEND", raising=False)
@@ -168,6 +177,28 @@ def _case_kl_penalty():
         lambda o: [_is(f, (2, 5), F32) for f in o if f is not None]
 
 
+def _case_token_logprobs_k_entropy():
+    def build():
+        return _r(2, 5, 33, dtype=torch.bfloat16), _i(33, 2, 5, 3)
+    return build, lambda x, t, be: ro.token_logprobs(x, t, return_entropy=True, backend=be), \
+        lambda o: (_is(o[0], (2, 5, 3), F32), _is(o[1], (2, 5), F32))
+
+
+def _case_linear_token_logprobs():
+    def build():
+        return _r(2, 5, 16, dtype=torch.float16), _r(33, 16, dtype=torch.float16), _i(33, 2, 5), \
+            _r(33, dtype=torch.float16)
+    return build, lambda h, w, t, b, be: ro.linear_token_logprobs(h, w, t, bias=b, return_entropy=True, backend=be), \
+        lambda o: (_is(o[0], (2, 5), F32), _is(o[1], (2, 5), F32))
+
+
+def _case_kl_from_logprobs():
+    def build():
+        return _r(2, 5), _r(2, 5, grad=False), torch.ones(2, 5, dtype=torch.bool, device=CUDA)
+    return build, lambda a, b, m, be: ro.kl_from_logprobs(a, b, beta=0.1, estimator="k3", mask=m), \
+        lambda o: [_is(f, (2, 5), F32) for f in o if f is not None]
+
+
 def _case_ppo_rewards():
     def build():
         return _r(2, 5), _r(2), torch.ones(2, 5, dtype=torch.int64, device=CUDA)
@@ -185,14 +216,16 @@ CASES = {
     "token_logprobs": _case_token_logprobs,
     "kl_penalty": _case_kl_penalty,
     "ppo_rewards": _case_ppo_rewards,
+    "linear_token_logprobs": _case_linear_token_logprobs,
+    "kl_from_logprobs": _case_kl_from_logprobs,
 }
 # Ops without a backend choice (plain torch ops around no custom op).
-NO_BACKEND = {"pad", "reward_at_last_token", "ppo_rewards"}
+NO_BACKEND = {"pad", "reward_at_last_token", "ppo_rewards", "kl_from_logprobs"}
 # Documented host syncs: unpad reads the row lengths once (the packed size is data-dependent).
 SYNCS = {"unpad"}
 # What the cuda backend refuses by design (DESIGN: window/softcap are reference + Triton).
 CUDA_REFUSES = {"attention_window"}
-EXTRA = {"attention_window": _case_attention_window}
+EXTRA = {"attention_window": _case_attention_window, "token_logprobs_k_entropy": _case_token_logprobs_k_entropy}
 
 
 def test_every_public_op_has_a_case():
@@ -271,6 +304,9 @@ def test_custom_op(gpu_env, name, backend):
     opcheck samples: outputs on CUDA, no host sync."""
     if backend == "cuda" and not HAS_EXT:
         pytest.skip("the CUDA extension rlhf_ops._C is not built")
+    if name in NEEDS_GROUP:
+        pytest.skip(f"rlhf_ops::{name} needs a process group (tests/test_distributed.py runs it on CUDA in "
+                    "gpu_check.sh)")
     assert name in SAMPLES, f"no sample for rlhf_ops::{name} (tests/test_opcheck.py SAMPLES)"
     op = getattr(torch.ops.rlhf_ops, name).default
     with FakeTensorMode():

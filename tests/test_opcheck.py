@@ -155,21 +155,59 @@ def _varlen_bwd(be, dev):
     return out
 
 
+def _call(name, **named):
+    """Call rlhf_ops::<name> with named arguments (schema order, defaults filled)."""
+    op = getattr(torch.ops.rlhf_ops, name).default
+    return op(*positional(op, named))
+
+
 def _reward_fwd(be, dev):
     ranks = torch.tensor([[0, 1, -1, 2], [1, 1, 0, -1], [-1, -1, -1, -1]], device=dev)
-    return [dict(rewards=_f(3, 4, device=dev), ranks=ranks, margin=0.5, backend=be)]
+    out = [dict(rewards=_f(3, 4, device=dev), ranks=ranks, margin=0.5, backend=be)]
+    if "margins" in _arg_names("pairwise_reward_fwd"):        # per-prompt margins (a tensor)
+        out.append(dict(rewards=_f(3, 4, device=dev), ranks=ranks, margin=0.0, backend=be,
+                        margins=torch.tensor([0.5, -1.0, 2.0], device=dev)))
+    return out
+
+
+def _arg_names(name):
+    return {a.name for a in getattr(torch.ops.rlhf_ops, name).default._schema.arguments}
 
 
 def _tl_fwd(be, dev):
-    return [dict(logits=_f(4, 17, device=dev), tokens=torch.tensor([0, 16, 3, 9], device=dev),
-                 temperature=0.7, backend=be)]
+    t = torch.tensor([[0, 16], [3, 3], [9, 1], [5, 0]], device=dev)    # [N, K], a repeat
+    return [dict(logits=_f(4, 17, device=dev), tokens=t, temperature=0.7, with_entropy=e, backend=be)
+            for e in (False, True)]
 
 
 def _tl_bwd(be, dev):
-    x, t = torch.randn(4, 17, device=dev), torch.tensor([0, 16, 3, 9], device=dev)
-    _, lse = torch.ops.rlhf_ops.token_logprobs_fwd(x, t, 0.7, be)
-    return [dict(grad=torch.randn(4, device=dev), logits=x, tokens=t, lse=lse, temperature=0.7,
-                 backend=be)]
+    out = []
+    for e in (False, True):
+        x, t = torch.randn(4, 17, device=dev), torch.tensor([[0, 16], [3, 3], [9, 1], [5, 0]], device=dev)
+        _, ent, lse = _call("token_logprobs_fwd", logits=x, tokens=t, temperature=0.7, with_entropy=e, backend=be)
+        out.append(dict(grad=torch.randn(4, 2, device=dev), grad_entropy=torch.randn(4, device=dev) if e else None,
+                        logits=x, tokens=t, lse=lse, entropy=ent if e else None, temperature=0.7, backend=be))
+    return out
+
+
+def _ltl_fwd(be, dev):
+    t = torch.tensor([[0, 18], [5, 5], [7, 1]], device=dev)
+    return [dict(hidden=_f(3, 8, device=dev), weight=_f(19, 8, device=dev), bias=b, tokens=t, temperature=0.9,
+                 with_entropy=e, backend=be)
+            for b, e in ((None, False), (_f(19, device=dev), True))]
+
+
+def _ltl_bwd(be, dev):
+    out = []
+    for bias, e in ((None, False), (torch.randn(19, device=dev), True)):
+        h, w = torch.randn(3, 8, device=dev), torch.randn(19, 8, device=dev)
+        t = torch.tensor([[0, 18], [5, 5], [7, 1]], device=dev)
+        _, ent, lse = _call("linear_token_logprobs_fwd", hidden=h, weight=w, bias=bias, tokens=t, temperature=0.9,
+                            with_entropy=e, backend=be)
+        out.append(dict(grad=torch.randn(3, 2, device=dev), grad_entropy=torch.randn(3, device=dev) if e else None,
+                        hidden=h, weight=w, bias=bias, tokens=t, lse=lse, entropy=ent if e else None,
+                        temperature=0.9, backend=be))
+    return out
 
 
 def _kl_fwd(be, dev):
@@ -179,6 +217,12 @@ def _kl_fwd(be, dev):
             dict(logits=_f(4, 17, device=dev), ref_logits=_f(4, 17, device=dev, grad=False), tokens=t,
                  mask=torch.tensor([1.0, 0.0, 1.0, 1.0], device=dev), beta=0.1, estimator="k3",
                  temperature=0.9, backend=be)]
+
+
+# Ops that need an initialised process group: opcheck runs them in a real 2-rank gloo group in
+# tests/test_distributed.py (``opcheck_vocab_parallel_ops``); here they are only listed, and
+# test_every_op_has_samples checks that file still names each of them.
+NEEDS_GROUP = {"cross_entropy_vp_fwd", "linear_cross_entropy_vp_fwd", "vocab_shard_offset"}
 
 
 SAMPLES = {
@@ -194,6 +238,8 @@ SAMPLES = {
     "pairwise_reward_fwd": _reward_fwd,
     "token_logprobs_fwd": _tl_fwd,
     "token_logprobs_bwd": _tl_bwd,
+    "linear_token_logprobs_fwd": _ltl_fwd,
+    "linear_token_logprobs_bwd": _ltl_bwd,
     "kl_penalty_fwd": _kl_fwd,
 }
 
@@ -223,9 +269,13 @@ def test_namespace_is_found():
 
 
 def test_every_op_has_samples():
-    missing = [op for op in OPS if op not in SAMPLES]
+    missing = [op for op in OPS if op not in SAMPLES and op not in NEEDS_GROUP]
     assert not missing, (f"custom ops in the {NAMESPACE} namespace without an opcheck sample: "
                          f"{missing}; add them to SAMPLES in tests/test_opcheck.py")
+    import os
+    dist_tests = open(os.path.join(os.path.dirname(__file__), "test_distributed.py")).read()
+    unchecked = [op for op in NEEDS_GROUP & set(OPS) if f'"{op}"' not in dist_tests]
+    assert not unchecked, f"ops that need a process group and are not opcheck'ed in test_distributed: {unchecked}"
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -234,6 +284,8 @@ def test_opcheck(name, backend):
     why = backend_problem(backend)
     if why:
         pytest.skip(why)
+    if name in NEEDS_GROUP:
+        pytest.skip(f"rlhf_ops::{name} needs a process group: opcheck'ed in tests/test_distributed.py")
     assert name in SAMPLES, f"no opcheck sample for rlhf_ops::{name} (see test_every_op_has_samples)"
     op = getattr(torch.ops.rlhf_ops, name).default
     torch.manual_seed(0)
