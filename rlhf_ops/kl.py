@@ -85,18 +85,19 @@ def _grads(g_logp: Tensor | None, g_ent: Tensor | None, tokens: Tensor, lse: Ten
 # ------------------------------------------------------------------------------ custom ops ---
 
 @torch.library.custom_op("rlhf_ops::token_logprobs_fwd", mutates_args=())
-def token_logprobs_fwd(logits: Tensor, tokens: Tensor, temperature: float, with_entropy: bool,
-                       backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """logits [N, V] (unit stride over V), tokens [N, K] int64 → (logprobs [N, K], entropy [N],
-    lse [2, N]); lse is kept as the pair (shift, log Σ exp(y − shift)) so that it loses no
-    precision. ``with_entropy`` only says whether the entropy is differentiable."""
+def token_logprobs_fwd(logits: Tensor, tokens: Tensor, temperature: float, backend: str,
+                       with_entropy: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """logits [N, V] (unit stride over V), tokens [N, K] (or [N]) int64 → (logprobs (tokens'
+    shape), entropy [N], lse [2, N]); lse is kept as the pair (shift, log Σ exp(y − shift)) so
+    that it loses no precision. ``with_entropy`` only says whether the entropy is
+    differentiable."""
     if _backend.debug_checks(logits.device):
         _checks.in_range("token_logprobs", "tokens", tokens, 0, logits.shape[1])
     return tuple(_fwd_impl(backend, logits, None, tokens, None, temperature, 0.0, "k1"))
 
 
 @token_logprobs_fwd.register_fake
-def _(logits, tokens, temperature, with_entropy, backend):
+def _(logits, tokens, temperature, backend, with_entropy=False):
     acc = _checks.acc_dtype(logits.dtype)
     n = logits.shape[0]
     return (logits.new_empty(tokens.shape, dtype=acc), logits.new_empty((n,), dtype=acc),
@@ -104,21 +105,21 @@ def _(logits, tokens, temperature, with_entropy, backend):
 
 
 @torch.library.custom_op("rlhf_ops::token_logprobs_bwd", mutates_args=())
-def token_logprobs_bwd(grad: Tensor, grad_entropy: Tensor | None, logits: Tensor, tokens: Tensor,
-                       lse: Tensor, entropy: Tensor | None, temperature: float,
-                       backend: str) -> Tensor:
-    """grad [N, K] (G), grad_entropy [N] or None (G_H) → d logits as a new [N, V] tensor in the
-    logits dtype."""
+def token_logprobs_bwd(grad: Tensor, logits: Tensor, tokens: Tensor, lse: Tensor,
+                       temperature: float, backend: str, grad_entropy: Tensor | None = None,
+                       entropy: Tensor | None = None) -> Tensor:
+    """grad (tokens' shape: G), grad_entropy [N] or None (G_H, with the forward's entropy [N])
+    → d logits as a new [N, V] tensor in the logits dtype."""
     return _bwd_impl(backend, grad, grad_entropy, logits, tokens, lse, entropy, temperature)
 
 
 @token_logprobs_bwd.register_fake
-def _(grad, grad_entropy, logits, tokens, lse, entropy, temperature, backend):
+def _(grad, logits, tokens, lse, temperature, backend, grad_entropy=None, entropy=None):
     return torch.empty_like(logits)
 
 
 def _tl_setup(ctx, inputs, output):
-    logits, tokens, temperature, with_entropy, backend = inputs
+    logits, tokens, temperature, backend, with_entropy = inputs
     ctx.save_for_backward(logits, tokens, output[2], output[1] if with_entropy else None)
     ctx.args = (temperature, backend)
     ctx.with_entropy = with_entropy
@@ -131,8 +132,8 @@ def _tl_setup(ctx, inputs, output):
 def _tl_backward(ctx, g_logp, g_ent, g_lse):
     logits, tokens, lse, ent = ctx.saved_tensors
     g_logp, g_ent = _grads(g_logp, g_ent, tokens, lse, ctx.with_entropy)
-    grad = torch.ops.rlhf_ops.token_logprobs_bwd(g_logp, g_ent, logits, tokens, lse,
-                                                 ent if g_ent is not None else None, *ctx.args)
+    grad = torch.ops.rlhf_ops.token_logprobs_bwd(g_logp, logits, tokens, lse, *ctx.args, g_ent,
+                                                 ent if g_ent is not None else None)
     return grad, None, None, None, None
 
 
@@ -185,8 +186,8 @@ def _kl_backward(ctx, g_logp, g_ref, g_ratio, g_kl, g_pen, g_ent, g_lse):
             gk = torch.where(g_kl != 0, g_kl * dkl, torch.zeros_like(g_kl))
         G = gk if G is None else G + gk
     G, g_ent = _grads(G, g_ent, tokens, lse, True)
-    grad = torch.ops.rlhf_ops.token_logprobs_bwd(G, g_ent, logits, tokens, lse,
-                                                 ent if g_ent is not None else None, *ctx.args)
+    grad = torch.ops.rlhf_ops.token_logprobs_bwd(G, logits, tokens, lse, *ctx.args, g_ent,
+                                                 ent if g_ent is not None else None)
     return grad, None, None, None, None, None, None, None
 
 
@@ -387,8 +388,8 @@ def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
         return reference.token_logprobs(logits, tokens, temperature, return_entropy)
     x = _rows(logits)
     t = tokens.reshape(x.shape[0], tokens.shape[-1] if multi else 1).contiguous()
-    logp, ent, _ = torch.ops.rlhf_ops.token_logprobs_fwd(x, t, float(temperature),
-                                                         return_entropy, be)
+    logp, ent, _ = torch.ops.rlhf_ops.token_logprobs_fwd(x, t, float(temperature), be,
+                                                         return_entropy)
     logp = logp.reshape(tokens.shape)
     return (logp, ent.reshape(logits.shape[:-1])) if return_entropy else logp
 

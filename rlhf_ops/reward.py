@@ -34,8 +34,8 @@ def _impl_fwd(backend: str):
 # ------------------------------------------------------------------------------ custom op ---
 
 @torch.library.custom_op("rlhf_ops::pairwise_reward_fwd", mutates_args=())
-def pairwise_reward_fwd(rewards: Tensor, ranks: Tensor, margin: float, margins: Tensor | None,
-                        backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def pairwise_reward_fwd(rewards: Tensor, ranks: Tensor, margin: float, backend: str,
+                        margins: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """rewards [B, K] float, ranks [B, K] int64, margin a float or margins [B] (in the
     accumulation dtype; replaces margin when given) → (loss [B], npairs [B] int64, grad [B, K]),
     loss and grad in fp32 (fp64 for fp64 rewards); grad = ∂loss_b/∂rewards[b]."""
@@ -43,7 +43,7 @@ def pairwise_reward_fwd(rewards: Tensor, ranks: Tensor, margin: float, margins: 
 
 
 @pairwise_reward_fwd.register_fake
-def _(rewards, ranks, margin, margins, backend):
+def _(rewards, ranks, margin, backend, margins=None):
     acc = _checks.acc_dtype(rewards.dtype)
     B, K = rewards.shape
     return (rewards.new_empty((B,), dtype=acc), rewards.new_empty((B,), dtype=torch.int64),
@@ -115,7 +115,7 @@ def pairwise_reward_loss(rewards: Tensor, ranks: Tensor, *, reduction: str = "me
                                               margin.detach() if per_prompt else float(margin))
     margins = margin.detach().to(_checks.acc_dtype(rewards.dtype)).contiguous() if per_prompt else None
     loss, npairs, _ = torch.ops.rlhf_ops.pairwise_reward_fwd(
-        rewards, ranks, 0.0 if per_prompt else float(margin), margins, be)
+        rewards, ranks, 0.0 if per_prompt else float(margin), be, margins)
     if reduction == "none":
         return loss
     total = loss.sum()

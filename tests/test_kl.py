@@ -687,6 +687,40 @@ def test_kl_from_logprobs_k3_small_ratio_numerics(device):
     assert_matches(out64.kl, exact, tol=1e-9, what="fp64 k3")
 
 
+def _k3_series(d):
+    """k3 of float64 values d by its Taylor series in Python floats (|d| < ½), ~1e-16 relative."""
+    out = []
+    for x in d.tolist():
+        term, total, n = x * x / 2, 0.0, 2
+        while abs(term) > 1e-40:
+            total += term
+            n += 1
+            term *= -x / n
+        out.append(total)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_k3_small_log_ratio(backend, device):
+    """k3 at 1e-9 ≤ |d| < ½ in fp64 (kl_penalty) and fp32 (kl_from_logprobs): relative to the
+    exact k3 of the computed d, where e^{−d} − 1 + d alone keeps no digit at |d| = 1e-9."""
+    delta = torch.tensor([1e-9, -1e-7, 2e-5, -3e-3, 0.2, -0.45], dtype=torch.float64)
+    x = torch.randn(1, 6, 9, dtype=torch.float64, device=device)
+    t = torch.randint(0, 9, (1, 6), device=device)
+    r = x.clone()
+    r[0, torch.arange(6), t[0]] -= delta.to(device)
+    out = ro.kl_penalty(x, r, t, beta=1.0, estimator="k3", backend=backend)
+    exact = _k3_series(out.log_ratio.cpu().reshape(-1)).reshape(1, 6)
+    rel = ((out.kl.cpu() - exact).abs() / exact).max().item()
+    assert rel < 1e-12, rel
+    d = out.log_ratio.detach()
+    closed = torch.exp(-d) - 1 + d                       # what the bar rules out
+    assert ((closed.cpu() - exact).abs() / exact).max().item() > 1e-6
+    zero = torch.zeros(6, device=device)                 # d = delta exactly (in fp32)
+    o32 = ro.kl_from_logprobs(delta.float().to(device), zero, beta=1.0, estimator="k3")
+    exact32 = _k3_series(o32.log_ratio.double().cpu())
+    assert ((o32.kl.double().cpu() - exact32).abs() / exact32).max().item() < 1e-6
+
+
 def test_kl_from_logprobs_low_precision_compile_meta_empty(device):
     lp = (torch.randn(3, 4, device=device) - 3).half().requires_grad_()
     ref = (torch.randn(3, 4, device=device) - 3).half()
