@@ -152,8 +152,9 @@ def _case_pairwise_reward_loss():
         ranks = torch.tensor([[0, 1, 2, -1, 3, 3], [1, 0, -1, -1, -1, -1]], device=CUDA)
         return _r(2, 6, dtype=torch.bfloat16), ranks
     return build, lambda r, k, be: (ro.pairwise_reward_loss(r, k, backend=be),
-                                    ro.pairwise_reward_loss(r, k, reduction="none", margin=0.5, backend=be)), \
-        lambda o: (_is(o[0], (), F32), _is(o[1], (2,), F32))
+                                    ro.pairwise_reward_loss(r, k, reduction="none", margin=0.5, backend=be),
+                                    ro.pairwise_reward_loss(r, k, margin=torch.ones(2, device=CUDA), backend=be)), \
+        lambda o: (_is(o[0], (), F32), _is(o[1], (2,), F32), _is(o[2], (), F32))
 
 
 def _case_reward_at_last_token():
