@@ -99,11 +99,19 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.trunk = Trunk(cfg)
 
-    def forward(self, idx, targets=None, reduction: str = "mean"):
+    def forward(self, idx, targets=None, reduction: str = "mean", *, logprobs_of=None,
+                temperature: float = 1.0, entropy: bool = False):
+        """idx [B, T] → logits [B, T, V]; with ``targets``: the LM loss (linear_cross_entropy);
+        with ``logprobs_of`` (tokens [B, T]): log π(token) [B, T] (and the entropy [B, T] with
+        ``entropy=True``) of softmax(logits / temperature) straight from the hidden states
+        (linear_token_logprobs: the fused backends never hold the [B, T, V] logits)."""
         h = self.trunk(idx)
         W_e = self.trunk.wte.weight
+        if logprobs_of is not None:
+            return ro.linear_token_logprobs(h, W_e, logprobs_of, temperature=temperature,
+                                            return_entropy=entropy, backend=self.cfg.backend)
         if targets is None:
-            return F.linear(h, W_e)                   # logits = h·W_eᵀ (sampling, KL)
+            return F.linear(h, W_e)                   # logits = h·W_eᵀ (sampling)
         if self.cfg.vocab_parallel and dist.is_initialized() and dist.get_world_size() > 1:
             # vocabulary-parallel LM head: each rank's loss reads its rows of the tied W_e (every
             # rank holds the same batch); W_e's gradient is gathered whole on every rank
@@ -113,10 +121,6 @@ class GPT(nn.Module):
                                            process_group=dist.group.WORLD, vocab_offset=off)
         return ro.linear_cross_entropy(h.reshape(-1, h.shape[-1]), W_e, targets.reshape(-1),
                                        reduction=reduction, backend=self.cfg.backend)
-
-    def hidden(self, idx):
-        """h_n = LN(trunk(idx)) [B, T, d]: the states the tied unembedding W_e reads."""
-        return self.trunk(idx)
 
     # ------------------------------------------------------------------ generation ---
     @torch.no_grad()

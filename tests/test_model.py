@@ -211,3 +211,22 @@ def test_left_padded_generation_matches_unpadded_rows(decode):
     with pytest.raises(ValueError, match="decode"):
         m.generate(left, n, 3, decode="fast")
 
+
+def test_logprobs_from_hidden_states_equal_those_of_the_logits():
+    """forward(idx, logprobs_of=tokens): log π(token) and the entropy straight from the hidden
+    states (linear_token_logprobs) equal token_logprobs of the logits and −Σ p log p, in float64,
+    with their gradients."""
+    torch.manual_seed(0)
+    m = GPT(CFG).double()
+    x, tok = torch.randint(0, 13, (3, 9)), torch.randint(0, 13, (3, 9))
+    lp, ent = m(x, logprobs_of=tok, temperature=0.7, entropy=True)
+    logits = m(x) / 0.7
+    ref_lp = torch.log_softmax(logits, -1).gather(-1, tok[..., None]).squeeze(-1)
+    ref_ent = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1)
+    torch.testing.assert_close(lp, ref_lp, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ent, ref_ent, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(m(x, logprobs_of=tok, temperature=0.7), lp)
+    w = torch.randn(3, 9, dtype=torch.float64)
+    g = torch.autograd.grad((lp * w).sum() + ent.sum(), m.trunk.wte.weight)[0]
+    g_ref = torch.autograd.grad((ref_lp * w).sum() + ref_ent.sum(), m.trunk.wte.weight)[0]
+    torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)

@@ -332,7 +332,7 @@ def test_cli_all_end_to_end(tiny_all):
     for png in ("judge_by_stage.png", "loss_pretrain.png", "loss_sft.png", "rm_accuracy.png",
                 "ppo_rollout_reward.png", "ppo_kl.png", "ppo_judge.png"):
         assert png in report and (out / png).stat().st_size > 1000
-    assert "Pretraining loss" in report and "PPO-ptx" in report
+    assert "Pretraining loss" in report and "PPO-ptx" in report and "Log-probs from hidden states" in report
     # every checkpoint, and the RM comparisons, load with weights_only=True; no resume file is left
     assert sorted(p.name for p in (out / "ckpt").glob("*.pt")) == [f"{s}_final.pt" for s in
                                                                    ("ppo", "pretrain", "rm", "sft")]
@@ -354,6 +354,18 @@ def test_summarize_prints_the_results_table(tiny_all, capsys):
     from rlhf_ops.train import summarize
     summarize.main([str(out)])
     assert capsys.readouterr().out.startswith("| | seed 0 | goal |")
+
+
+def test_logprob_memory_from_hidden_states_at_the_gpu_preset():
+    """Meta-device bytes the PPO minibatch's log-prob op keeps: logits path ≥ the [MB, T, V] fp32
+    logits, hidden-state path two fp32 numbers per token."""
+    from rlhf_ops.train.ppo import logprob_memory
+    m = logprob_memory(make_config("gpu"))
+    N = m["MB"] * m["T"]
+    assert (m["MB"], m["d"], m["V"]) == (64, 512, D.VOCAB_SIZE) and m["T"] == 12 + 12 - 1
+    assert m["logits"] >= N * m["V"] * 4
+    assert m["hidden"] <= N * 8 < m["logits"]
+    assert m["rollout_logits_bytes"] == 2 * 256 * m["T"] * m["V"] * 4
 
 
 def test_paired_difference():

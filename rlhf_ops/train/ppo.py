@@ -2,8 +2,9 @@
 
 Per RL batch (one episode = one prompt and its sampled response):
   1. sample a response per prompt from the policy π (temperature 1);
-  2. reward per token r_t = −β·KL_t (``kl_penalty`` vs the frozen SFT copy) plus, at the response's
-     last token, the RM score (``ppo_rewards``);
+  2. reward per token r_t = −β·KL_t (``kl_from_logprobs`` of the policy's and the frozen SFT
+     copy's log-probs, both from ``linear_token_logprobs`` on hidden states) plus, at the
+     response's last token, the RM score (``ppo_rewards``);
   3. GAE: δ_t = r_t + γ·V_{t+1} − V_t,  A_t = δ_t + γλ·A_{t+1}  (γ = 1, λ = 0.95), returns
      R_t = A_t + V_t, advantages whitened over the batch's response tokens;
   4. one epoch over minibatches: clipped policy loss  max(−A·ρ, −A·clip(ρ, 1±ε)), ρ = π/π_old,
@@ -69,7 +70,8 @@ def minibatch_backward(run: Run, pol, val, roll: dict, ptx, c: dict) -> torch.Te
             # accumulated locally, all-reduced together with the PPO gradient below
             l1 = pol(x, y, reduction="sum") / n_global
             (c["ptx_coef"] * l1 * run.world).backward()
-    lp = ro.token_logprobs(pol(roll["inp"]), roll["act"], temperature=temp, backend=run.backend)
+    # log π(a_t) straight from the hidden states (linear_token_logprobs: no [B, T, V] logits)
+    lp = pol(roll["inp"], logprobs_of=roll["act"], temperature=temp)
     ratio = torch.exp(lp - roll["old_lp"])                # ρ = π / π_old per token
     a = roll["adv"]
     pg = torch.maximum(-a * ratio, -a * ratio.clamp(1 - eps, 1 + eps))
@@ -190,8 +192,10 @@ def train_policy(run: Run, phase: str, ptx_coef: float, ref, rm, held: list[str]
             policy.eval()
             seq, inp, act, mask, last, resp = rollout(run, policy, prompts, gen, temp)
             policy.train()
-            kp = ro.kl_penalty(policy(inp), ref(inp), act, beta=beta, mask=mask, temperature=temp,
-                               backend=run.backend)
+            # log-probs of the policy and of the SFT reference (and the policy's entropy) from
+            # hidden states; the per-token KL penalty from the two log-probs
+            lp, ent = policy(inp, logprobs_of=act, temperature=temp, entropy=True)
+            kp = ro.kl_from_logprobs(lp, ref(inp, logprobs_of=act, temperature=temp), beta=beta, mask=mask)
             score = rm(seq, last)
             old_v = value(inp)
             rewards = ro.ppo_rewards(kp.penalty, score, mask)
@@ -228,7 +232,7 @@ def train_policy(run: Run, phase: str, ptx_coef: float, ref, rm, held: list[str]
         # ---- statistics of this batch (global)
         n_seq = len(prompts) * run.world
         kl_seq = run.all_sum((kp.kl * mask).sum()) / n_seq              # KL(π‖π_SFT) per response
-        sums = run.all_sum(torch.stack([score.sum(), (kp.entropy * mask).sum(), mask.sum(),
+        sums = run.all_sum(torch.stack([score.sum(), (ent * mask).sum(), mask.sum(),
                                         torch.tensor(sum(D.judge(p, r) for p, r in zip(prompts, resp)),
                                                      device=run.device, dtype=torch.float32)]))
         stats = run.all_sum(stats) / (n_mb * c["epochs"])
@@ -273,3 +277,43 @@ def train_policy(run: Run, phase: str, ptx_coef: float, ref, rm, held: list[str]
            "filler_rate": filler_rate(resp_held),
            "beta_final": beta, "ptx_coef": ptx_coef, "ptx_rows_per_minibatch": ptx_rows, **speed}
     return res, {"lm": policy.state_dict(), "value": value.state_dict()}
+
+
+def logprob_memory(cfg: dict, backend: str = "triton") -> dict:
+    """Bytes the PPO minibatch's log-prob op keeps for backward beyond its inputs, measured on the
+    meta device at cfg's sizes (the policy's hidden states [MB, T, d], the tied W_e [V, d]):
+
+    * ``logits``: token_logprobs(F.linear(h, W_e), actions) — the [MB, T, V] logits are kept;
+    * ``hidden``: linear_token_logprobs(h, W_e, actions) — two numbers per token (lse) are kept.
+
+    T is the longest rollout the preset can produce (longest prompt + ppo.max_new − 1). The fused
+    backends' fake implementations run (no kernel), and autograd records what they would keep.
+    The rollout's no-grad forward of the policy and of the SFT copy no longer holds two
+    [B, T, V] logit tensors either: ``rollout_logits_bytes`` is their size at ppo.batch."""
+    dc = D.DataConfig(**section(cfg, "data"))
+    longest = max(2 + 2 * dc.max_digits + 2 if k == "A" else 3 + dc.max_len for k in dc.tasks)
+    T, MB, B = longest + cfg["ppo.max_new"] - 1, cfg["ppo.minibatch"], cfg["ppo.batch"]
+    d, V = cfg["model.d_model"], D.VOCAB_SIZE
+    meta = torch.device("meta")
+
+    def kept(fn) -> int:
+        h = torch.empty(MB, T, d, device=meta, requires_grad=True)
+        W = torch.empty(V, d, device=meta, requires_grad=True)
+        act = torch.empty(MB, T, dtype=torch.long, device=meta)
+        inputs = {t.untyped_storage()._cdata for t in (h, W, act)}
+        saved: dict = {}
+
+        def pack(t):
+            if t.untyped_storage()._cdata not in inputs:
+                saved[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(h, W, act)
+        return sum(saved.values())
+
+    return {"MB": MB, "T": T, "d": d, "V": V, "backend": backend,
+            "logits": kept(lambda h, W, a: ro.token_logprobs(torch.nn.functional.linear(h, W), a,
+                                                             backend=backend)),
+            "hidden": kept(lambda h, W, a: ro.linear_token_logprobs(h, W, a, backend=backend)),
+            "rollout_logits_bytes": 2 * B * T * V * 4}

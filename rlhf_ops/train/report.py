@@ -136,6 +136,25 @@ def _judge_bars(path: Path, summary: dict) -> bool:
     return True
 
 
+def _bytes(n: int) -> str:
+    return f"{n / 2 ** 20:.2f} MiB" if n >= 2 ** 20 else f"{n / 2 ** 10:.1f} KiB"
+
+
+def logprob_memory_line() -> str:
+    """What computing PPO's log-probs from hidden states saves at the gpu preset's sizes (meta)."""
+    from .config import make_config
+    from .ppo import logprob_memory
+    m = logprob_memory(make_config("gpu"))
+    return (f"Log-probs from hidden states (`linear_token_logprobs`), measured on the meta device at the "
+            f"`gpu` preset's sizes (PPO minibatch {m['MB']} × {m['T']} tokens, d = {m['d']}, V = {m['V']}, "
+            f"fp32, fused backend): the policy's log-prob op keeps {_bytes(m['hidden'])} for backward "
+            f"instead of {_bytes(m['logits'])} with logits (`token_logprobs` of `F.linear`), "
+            f"{_bytes(m['logits'] - m['hidden'])} less per minibatch; the rollout's no-grad forward of "
+            f"the policy and the SFT copy no longer holds their two [{make_config('gpu')['ppo.batch']}, "
+            f"{m['T']}, {m['V']}] logit tensors ({_bytes(m['rollout_logits_bytes'])}). The saving is V × 4 "
+            f"bytes per token: small at this toy's {m['V']}-token vocabulary, GiBs at an LLM's.")
+
+
 def ptx_verdict(sft: float, ppo: float, ptx: float, pretrained: float | None = None) -> str:
     """Does PPO-ptx keep the pretraining loss closer to SFT's than PPO does (ptx's purpose)?"""
     closer = abs(ptx - sft) < abs(ppo - sft)
@@ -200,6 +219,7 @@ def write_report(out: Path, summary: dict) -> Path:
     sl, pl, xl = (summary.get(k) for k in ("ppo.sft_pretrain_loss", "ppo.pretrain_loss", "ppo_ptx.pretrain_loss"))
     if None not in (sl, pl, xl):
         lines += ["", ptx_verdict(sl, pl, xl, summary.get("pretrain.pretrain_loss"))]
+    lines += ["", logprob_memory_line()]
     lines += ["", "RM scores: `ppo.rm_score_start`/`rm_score_end` are the raw RM score of temperature-1 "
                   "samples of the held-out prompts from the SFT model and from the final policy; the "
                   "rollout figure shows the same raw score on each update's training prompts, and the "
