@@ -20,9 +20,14 @@ DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRE
 # Hypothesis profiles (tests/test_properties.py). "ci", the default: derandomized (examples are
 # a fixed function of each test's name, no example database), so every run draws the same inputs
 # and the run time is bounded; "long" (`pytest --hypothesis-profile=long`): random draws, 10×
-# the examples, failures saved in .hypothesis/ for replay. HYPOTHESIS_PROFILE=long also selects it.
+# the examples, failures saved in .pytest_cache/hypothesis/ for replay. HYPOTHESIS_PROFILE=long also selects it.
 try:
     from hypothesis import HealthCheck, settings
+    from hypothesis.configuration import set_hypothesis_home_dir
+
+    # the example database of the long profile lives under .pytest_cache/ (git-ignored)
+    set_hypothesis_home_dir(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                         ".pytest_cache", "hypothesis"))
 
     _quiet = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
     settings.register_profile("ci", max_examples=10, derandomize=True, database=None, deadline=None,

@@ -16,7 +16,7 @@ own semantics (NaN rows, −inf tokens) are asserted directly.
 
 Profiles (tests/conftest.py): ``ci`` (default) is derandomized — each test draws the same
 examples on every run, no database — with ``EXAMPLES`` per test; ``--hypothesis-profile=long``
-draws 10× as many at random and saves failures in .hypothesis/ for replay.
+draws 10× as many at random and saves failures in .pytest_cache/hypothesis/ for replay.
 
 Bugs found by these tests are pinned as explicit ``xfail(strict=True)`` cases at the end of the
 file, with the op, backend and input, and excluded from the draws (``assume``) until fixed.
