@@ -140,8 +140,11 @@ __device__ __forceinline__ T k3(T d) {
   }
 }
 
+// Launch bounds name the blocks per SM explicitly: with the thread count alone ptxas (CUDA 13)
+// held these kernels to 32 registers and spilled (tests/test_cuda_resources.py); 1 block/SM
+// leaves the forward 128 registers (fp64 on sm_90 needs 64+), 2 leave the backward 64.
 template <typename scalar_t, typename acc_t, int VEC, bool HAS_REF>
-__global__ void __launch_bounds__(kKLThreads)
+__global__ void __launch_bounds__(kKLThreads, 1)
 kl_fwd_kernel(const scalar_t* __restrict__ x, int64_t stride_x, const scalar_t* __restrict__ r,
               int64_t stride_r, const int64_t* __restrict__ tokens, int64_t K,
               const acc_t* __restrict__ mask, acc_t* __restrict__ logp_out,
@@ -223,7 +226,7 @@ __device__ __forceinline__ T block_sum(T v, T* smem) {
 }
 
 template <typename scalar_t, typename acc_t, int VEC, bool HAS_GH>
-__global__ void __launch_bounds__(kKLThreads)
+__global__ void __launch_bounds__(kKLThreads, 2)
 kl_bwd_kernel(const scalar_t* __restrict__ x, int64_t stride_x, scalar_t* __restrict__ dx,
               int64_t stride_dx, const int64_t* __restrict__ tokens, int64_t K,
               const acc_t* __restrict__ lse_in, int64_t stride_lse, const acc_t* __restrict__ grad,
@@ -248,7 +251,7 @@ kl_bwd_kernel(const scalar_t* __restrict__ x, int64_t stride_x, scalar_t* __rest
   const acc_t g_h = HAS_GH ? grad_ent[row * stride_gh] : acc_t(0);
   const acc_t h = HAS_GH ? ent[row] : acc_t(0);
   // (−(Σ_k G_k)·p_j − G_H·p_j·(log p_j + H)) / T for y_j = v: everything but the token terms
-  auto dense = [&](acc_t v) -> acc_t {
+  auto dense = [=](acc_t v) -> acc_t {
     if (bad) return acc_t(NAN);
     const acc_t lp = (v - shift) - log_s;
     const acc_t p = exp(lp);
