@@ -1,4 +1,4 @@
-"""Vocabulary-parallel cross_entropy / linear_cross_entropy (issue 16): time and bytes
+"""Vocabulary-parallel cross_entropy / linear_cross_entropy / token_logprobs (issue 16): time and bytes
 communicated per row, against gathering the logits and running the unsharded op.
 
 Each rank holds V/R of the vocabulary. Three implementations, fwd+bwd, timed on every rank (the
@@ -90,6 +90,19 @@ def _impls(op, group, backend):
 
         def local(x, t, h=None):
             return ro.cross_entropy(x, t.remainder(x.shape[-1]), backend=backend)
+    elif op == "token_logprobs":   # log-probs and entropy (PPO), K = 1
+        def vp(x, t, h=None):
+            lp, ent = ro.token_logprobs(x, t, return_entropy=True, backend=backend, process_group=group)
+            return lp.sum() + ent.sum()
+
+        def gather(x, t, h=None):
+            lp, ent = ro.token_logprobs(_GatherLogits.apply(x, group), t, return_entropy=True,
+                                        backend=backend)
+            return lp.sum() + ent.sum()
+
+        def local(x, t, h=None):
+            lp, ent = ro.token_logprobs(x, t.remainder(x.shape[-1]), return_entropy=True, backend=backend)
+            return lp.sum() + ent.sum()
     else:
         def vp(w, t, h):
             return ro.linear_cross_entropy(h, w, t, backend=backend, process_group=group)
@@ -137,7 +150,7 @@ def run(args) -> list:
     t = torch.randint(0, V, (args.N,), generator=g).to(device)
     out = []
     for op in args.ops.split(","):
-        if op == "cross_entropy":
+        if op in ("cross_entropy", "token_logprobs"):
             x = (torch.randn(args.N, V, generator=g) * 2).to(device, dtype)[:, r * V_r:(r + 1) * V_r]
             x = x.contiguous().requires_grad_()
             h = None
@@ -205,7 +218,7 @@ def main(argv=None):
     p.add_argument("--hidden", dest="d", type=int, default=256, help="d, for linear_cross_entropy")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--backend", default=None, help="one or several, comma-separated")
-    p.add_argument("--ops", default="cross_entropy,linear_cross_entropy")
+    p.add_argument("--ops", default="cross_entropy,linear_cross_entropy,token_logprobs")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", default=None)

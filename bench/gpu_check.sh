@@ -324,11 +324,13 @@ done
 # ---- vocabulary parallel (rlhf_ops/distributed.py, issue 16; owner: dist) ----
 # 1. tests/test_distributed.py on CUDA tensors: its three processes share the GPU over gloo (the
 #    collectives take CPU copies), so the sharded CUDA and Triton kernels (slice statistics, the
-#    backward with a vocabulary offset) and the reference run against the full op in fp64, with
+#    backward with a vocabulary offset; cross_entropy, linear_cross_entropy, token_logprobs,
+#    linear_token_logprobs, kl_penalty) and the reference run against the full op in fp64, with
 #    the error cases under RLHF_OPS_DEBUG=1 and the NaN rule without it. The suite above runs it
 #    too when it gets that far; this runs it alone (VP_TEST_S, default 100 s).
 # 2. with >= 2 GPUs: bench/bench_vocab_parallel.py under torchrun with NCCL at TP = 2 (and 8 on
-#    an 8-GPU machine): N = 8192, V = 128256, d = 4096, bf16, triton and cuda; time and bytes per
+#    an 8-GPU machine): N = 8192, V = 128256, d = 4096, bf16, triton and cuda, CE / linear CE /
+#    token_logprobs (+ entropy); time and bytes per
 #    row of vocab_parallel vs gathering the logits vs the op on one slice (VP_BENCH_S each,
 #    default 120 s). One GPU: NCCL cannot put two ranks on it, so the bench says NOT run.
 part "vocabulary parallel: distributed tests on CUDA tensors; NCCL bench with >= 2 GPUs"

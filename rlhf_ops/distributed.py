@@ -17,7 +17,8 @@ global ids and are the same on every rank, as is everything upstream of the logi
      the input gradient of a column-parallel layer).
 
 Statistics of a slice, per row (x = the logits / temperature, shift = max_j x_j, or 0 when the
-slice has no finite logit):
+slice has no finite logit; CE_STATS = the first five for cross_entropy, LP_STATS = shift, log S,
+E, then owned and shift − x_t for each of the K tokens, for the log-prob ops):
     shift, log S = log Σ_j exp(x_j − shift)                    the (m, log Σ) pair of the slice
     owned = [o ≤ t < o + V_r],  shift − x_t (0 if not owned)   the target's logit
     Σ_j (shift − x_j)                                          label smoothing
@@ -386,6 +387,59 @@ def cross_entropy_combine(G: Tensor, sizes: Tensor, target: Tensor, ignore_index
     return loss, torch.stack([M, log_z], 1).detach()
 
 
+def logprobs_combine(G: Tensor, K: int) -> tuple[Tensor, Tensor, Tensor]:
+    """G [R, 3 + 2K, N] (``LP_STATS``) → (logprobs [N, K], entropy [N], lse [2, N] = (M, log Z))
+    of y = logits / T over the whole vocabulary.
+
+    logp_k = −(M − y_{t_k}) − log Z, M − y_t = dM_o + (shift_o − y_t) for the owning rank o (no
+    owner: NaN); entropy = log Z − Σ_r w_r·(E_r − dM_r) with w_r = exp(log S_r − dM_r − log Z)
+    the slice's share of the mass (a row with no mass at all: NaN, as unsharded)."""
+    shift, log_s, E = G[:, 0], G[:, 1], G[:, 2]
+    owned, rel = G[:, 3:3 + K], G[:, 3 + K:3 + 2 * K]           # [R, K, N]
+    M, log_z, dM = merge_lse(shift, log_s)
+    w = torch.exp(log_s - dM - log_z)
+    nan = torch.full_like(log_z, float("nan"))
+    ent = torch.where(log_z == float("-inf"), nan, log_z - (w * (E - dM)).sum(0))
+    logp = -_owned_sum(owned, dM[:, None] + rel) - log_z          # [K, N]
+    logp = torch.where(owned.sum(0) == 1, logp, nan.expand_as(logp))
+    return logp.t(), ent, torch.stack([M, log_z]).detach()
+
+
+def logprob_stats(lse: Tensor, ent: Tensor, logp: Tensor, owned: Tensor) -> Tensor:
+    """``LP_STATS`` [3 + 2K, N] of a slice from the fused forward run on it (lse [2, N] of the
+    slice, its entropy [N] and log-probs [N, K] of local token ids; ``owned`` [N, K] says which
+    tokens lie in the slice — the others' log-probs are ignored):
+        shift, log S, E = log S − H_slice = Σ p (y − shift),  owned_k,  shift − y_t = −logp − log S.
+    A slice without mass (every logit −inf) has E = 0 and, for an owned token, shift − y_t = inf."""
+    shift, log_s = lse[0], lse[1]
+    empty = (log_s == float("-inf"))
+    E = torch.where(empty, torch.zeros_like(log_s), log_s - ent)
+    own = owned.t().to(lse.dtype)                                   # [K, N]
+    rel = torch.where(empty, torch.full_like(log_s, float("inf")), -logp.t() - log_s)
+    rel = torch.where(own > 0, rel, torch.zeros_like(rel))
+    return torch.cat([torch.stack([shift, log_s, E]), own, rel])
+
+
+def local_tokens(tokens: Tensor, offset: Tensor, local_vocab: int) -> tuple[Tensor, Tensor]:
+    """(owned [N, K] bool, the ids the fused forward reads: t − offset where owned, else 0)."""
+    t = tokens - offset
+    owned = (t >= 0) & (t < local_vocab)
+    return owned, torch.where(owned, t, torch.zeros_like(t))
+
+
+def backward_tokens(tokens: Tensor, offset: Tensor, local_vocab: int, sizes: Tensor) -> Tensor:
+    """Token ids for the fused log-prob backward run on a slice with col0 = 0 and
+    vocab = local_vocab + 1: t − offset where the slice owns t (its one-hot column), local_vocab
+    (a valid id past the slice: no one-hot, no NaN) where another rank owns it, −1 (out of range:
+    a NaN row, the unsharded rule) where no rank does."""
+    t = tokens - offset
+    owned = (t >= 0) & (t < local_vocab)
+    V = sizes.sum().round().to(torch.int64)
+    valid = (tokens >= 0) & (tokens < V)
+    return torch.where(owned, t, torch.where(valid, torch.full_like(t, local_vocab),
+                                             torch.full_like(t, -1)))
+
+
 def shard_tensor(offset: Tensor, sizes: Tensor) -> Tensor:
     """int64 [2] = (offset, V) on the device: what the sharded backward kernels read."""
     return torch.cat([offset.reshape(1), sizes.sum().round().to(torch.int64).reshape(1)])
@@ -424,6 +478,28 @@ def target_stats_reference(x: Tensor, shift: Tensor, target: Tensor, offset: Ten
         return owned.to(x.dtype), torch.zeros_like(shift)
     xt = x.gather(1, torch.where(owned, t, 0)[:, None]).squeeze(1)
     return owned.to(x.dtype), torch.where(owned, shift - xt, torch.zeros_like(xt))
+
+
+def logprob_stats_reference(logits: Tensor, tokens: Tensor, offset: Tensor,
+                            temperature: float) -> Tensor:
+    """Eager ``LP_STATS`` [3 + 2K, N] of a slice (logits [N, V_r], tokens [N, K] global ids),
+    differentiable (the reference backend's step 2)."""
+    y = logits.to(_checks.acc_dtype(logits.dtype)) / temperature
+    shift, log_s, e = softmax_stats_reference(y)
+    S = e.sum(1)
+    pos = e > 0
+    # E = Σ_j (e_j / S)·(y_j − shift) without 0·(−inf): the −inf logits are left out before
+    ys = torch.where(pos, y - shift[:, None], torch.zeros_like(y))
+    Ssafe = torch.where(S > 0, S, torch.ones_like(S))
+    E = torch.where(S > 0, (e * ys).sum(1) / Ssafe, torch.zeros_like(S))
+    owned, rel = [], []
+    for k in range(tokens.shape[1]):
+        o, r = target_stats_reference(y, shift, tokens[:, k], offset, None)
+        owned.append(o)
+        rel.append(r)
+    z = y.new_zeros((0, y.shape[0]))
+    return torch.cat([torch.stack([shift, log_s, E]),
+                      torch.stack(owned) if owned else z, torch.stack(rel) if rel else z])
 
 
 def cross_entropy_stats_reference(logits: Tensor, target: Tensor, offset: Tensor, ignore_index: int,

@@ -30,6 +30,15 @@ hidden [N, d] and weight [V, d] (cuBLAS matmuls, never all [N, V] logits):
              dW[v0:v1] = dlogitsᵀ·hidden in one GEMM over all rows (fp32 accumulation inside
              the GEMM, rounded once to W's dtype, as eager), d hidden += dlogits·W[v0:v1] in an
              fp32 [N, d] accumulator, d bias[v0:v1] = Σ_rows dlogits in fp32.
+
+Vocabulary parallel (``process_group=``, or DTensor inputs sharded over the vocabulary): the
+logits (``weight`` for the linear op) are this rank's slice; the unchanged fused forward runs on
+the slice with the tokens it owns mapped to local ids, ``rlhf_ops.distributed`` turns its
+outputs into per-row statistics, gathers and combines them into the full-vocabulary log-probs,
+entropy and lse (identical on every rank). The backward above runs on the slice against the
+global lse and entropy with col0 = 0 and vocab = V_r + 1: an owned token is its local column,
+another rank's token the id V_r (valid, outside the slice: no one-hot), a token no rank owns −1
+(a NaN row, as unsharded). The linear op sums d hidden over the ranks.
 """
 from __future__ import annotations
 
@@ -39,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _backend, _checks, reference
+from . import _backend, _checks, distributed, reference
 from .reference import ESTIMATORS, KLPenalty
 
 # masks: bool, float, or the integer attention masks tokenizers return (0 / 1)
@@ -107,14 +116,17 @@ def _(logits, tokens, temperature, backend, with_entropy=False):
 @torch.library.custom_op("rlhf_ops::token_logprobs_bwd", mutates_args=())
 def token_logprobs_bwd(grad: Tensor, logits: Tensor, tokens: Tensor, lse: Tensor,
                        temperature: float, backend: str, grad_entropy: Tensor | None = None,
-                       entropy: Tensor | None = None) -> Tensor:
+                       entropy: Tensor | None = None, col0: int = 0, vocab: int = -1) -> Tensor:
     """grad (tokens' shape: G), grad_entropy [N] or None (G_H, with the forward's entropy [N])
-    → d logits as a new [N, V] tensor in the logits dtype."""
-    return _bwd_impl(backend, grad, grad_entropy, logits, tokens, lse, entropy, temperature)
+    → d logits as a new [N, V] tensor in the logits dtype. ``col0``/``vocab``: the logits are
+    the columns [col0, col0 + W) of ``vocab``-wide rows (vocabulary parallel; default: whole)."""
+    return _bwd_impl(backend, grad, grad_entropy, logits, tokens, lse, entropy, temperature,
+                     col0=col0, vocab=vocab)
 
 
 @token_logprobs_bwd.register_fake
-def _(grad, logits, tokens, lse, temperature, backend, grad_entropy=None, entropy=None):
+def _(grad, logits, tokens, lse, temperature, backend, grad_entropy=None, entropy=None, col0=0,
+      vocab=-1):
     return torch.empty_like(logits)
 
 
@@ -170,21 +182,27 @@ def _kl_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(ref_logp, penalty, lse)
 
 
-def _kl_backward(ctx, g_logp, g_ref, g_ratio, g_kl, g_pen, g_ent, g_lse):
-    logits, tokens, lse, d, ent = ctx.saved_tensors
+def _kl_G(estimator, d, g_logp, g_ratio, g_kl):
+    """The log-prob gradient G = g_logp + g_log_ratio + g_kl·∂kl/∂logp (None: none reaches it)."""
     G = None
     for g in (g_logp, g_ratio):         # ∂d/∂logp = 1; ref_logp carries no gradient
         if g is not None:
             G = g if G is None else G + g
     if g_kl is not None:
-        if ctx.estimator == "k1":
+        if estimator == "k1":
             gk = g_kl                   # ∂kl/∂d = 1
         else:
             # k2: ∂(½d²)/∂d = d; k3: ∂(e^{−d} − 1 + d)/∂d = 1 − e^{−d}. where: a zero upstream
             # gradient stays zero even where ∂kl/∂d is infinite (−inf logp)
-            dkl = d if ctx.estimator == "k2" else -torch.expm1(-d)
+            dkl = d if estimator == "k2" else -torch.expm1(-d)
             gk = torch.where(g_kl != 0, g_kl * dkl, torch.zeros_like(g_kl))
         G = gk if G is None else G + gk
+    return G
+
+
+def _kl_backward(ctx, g_logp, g_ref, g_ratio, g_kl, g_pen, g_ent, g_lse):
+    logits, tokens, lse, d, ent = ctx.saved_tensors
+    G = _kl_G(ctx.estimator, d, g_logp, g_ratio, g_kl)
     G, g_ent = _grads(G, g_ent, tokens, lse, True)
     grad = torch.ops.rlhf_ops.token_logprobs_bwd(G, logits, tokens, lse, *ctx.args, g_ent,
                                                  ent if g_ent is not None else None)
@@ -236,10 +254,13 @@ def _(hidden, weight, bias, tokens, temperature, with_entropy, backend):
 @torch.library.custom_op("rlhf_ops::linear_token_logprobs_bwd", mutates_args=())
 def linear_token_logprobs_bwd(grad: Tensor, grad_entropy: Tensor | None, hidden: Tensor,
                               weight: Tensor, bias: Tensor | None, tokens: Tensor, lse: Tensor,
-                              entropy: Tensor | None, temperature: float, backend: str
-                              ) -> tuple[Tensor, Tensor, Tensor]:
-    """(d hidden, d weight, d bias) over vocabulary slices; d bias is [0] without a bias."""
+                              entropy: Tensor | None, temperature: float, backend: str,
+                              vocab: int = -1, group: str = "") -> tuple[Tensor, Tensor, Tensor]:
+    """(d hidden, d weight, d bias) over vocabulary slices; d bias is [0] without a bias.
+    Vocabulary parallel: ``vocab`` is the row width the kernels check tokens against (V_r + 1,
+    see the module docstring) and d hidden is summed over the process group ``group``."""
     N, V = hidden.shape[0], weight.shape[0]
+    V_k = V if vocab < 0 else vocab
     acc = _checks.acc_dtype(hidden.dtype)
     d_weight = torch.empty_like(weight) if N > 0 else torch.zeros_like(weight)  # N > 0: all written
     d_bias = torch.zeros((V if bias is not None else 0,), dtype=acc, device=weight.device)
@@ -252,7 +273,7 @@ def linear_token_logprobs_bwd(grad: Tensor, grad_entropy: Tensor | None, hidden:
             w = weight[v0:v0 + step]
             logits = F.linear(hidden, w, None if bias is None else bias[v0:v0 + step])
             dl = _bwd_impl(backend, grad, grad_entropy, logits, tokens, lse, entropy, temperature,
-                           inplace=True, col0=v0, vocab=V)
+                           inplace=True, col0=v0, vocab=V_k)
             torch.mm(dl.t(), hidden, out=d_weight[v0:v0 + step])  # one GEMM over every row
             if d_hidden.dtype == dl.dtype:
                 d_hidden.addmm_(dl, w)
@@ -260,11 +281,14 @@ def linear_token_logprobs_bwd(grad: Tensor, grad_entropy: Tensor | None, hidden:
                 d_hidden += dl @ w
             if bias is not None:
                 d_bias[v0:v0 + step] = dl.sum(0, dtype=acc)
+    if group:  # column-parallel head: d hidden = Σ_ranks (this slice's part), in fp32 (fp64)
+        distributed.all_reduce_(d_hidden, group)
     return d_hidden.to(hidden.dtype), d_weight, d_bias.to(weight.dtype)
 
 
 @linear_token_logprobs_bwd.register_fake
-def _(grad, grad_entropy, hidden, weight, bias, tokens, lse, entropy, temperature, backend):
+def _(grad, grad_entropy, hidden, weight, bias, tokens, lse, entropy, temperature, backend,
+      vocab=-1, group=""):
     return (torch.empty_like(hidden), torch.empty_like(weight),
             weight.new_empty((weight.shape[0] if bias is not None else 0,)))
 
@@ -291,6 +315,178 @@ def _ltl_backward(ctx, g_logp, g_ent, g_lse):
 
 
 linear_token_logprobs_fwd.register_autograd(_ltl_backward, setup_context=_ltl_setup)
+
+
+# ------------------------------------------------------------ vocabulary-parallel ops ---
+# Each runs the fused forward on this rank's slice, gathers the slice statistics over the group
+# named ``group`` and combines them (rlhf_ops.distributed); the last output holds the token ids
+# for the sharded backward (``distributed.backward_tokens``).
+
+def _slice_stats(backend, logits, tokens, offset, temperature):
+    """LP_STATS [3 + 2K, N] of a slice [N, V_r] from the fused forward."""
+    owned, t_fwd = distributed.local_tokens(tokens, offset, logits.shape[1])
+    logp, ent, lse = _fwd_impl(backend, logits, None, t_fwd, None, temperature, 0.0, "k1")
+    return distributed.logprob_stats(lse, ent, logp, owned)
+
+
+def _vp_combine(stats, V_r, K, tokens, offset, group):
+    G, sizes = distributed.gather_stats(stats, V_r, group)
+    logp, ent, lse = distributed.logprobs_combine(G, K)
+    return (logp.contiguous(), ent, lse.contiguous(),
+            distributed.backward_tokens(tokens, offset, V_r, sizes))
+
+
+@torch.library.custom_op("rlhf_ops::token_logprobs_vp_fwd", mutates_args=())
+def token_logprobs_vp_fwd(logits: Tensor, tokens: Tensor, offset: Tensor, temperature: float,
+                          backend: str, group: str, with_entropy: bool = False
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """logits [N, V_r] = this rank's slice from global id ``offset`` (int64 [1]), tokens [N, K]
+    global ids → (logprobs [N, K], entropy [N], global lse [2, N], backward token ids [N, K])."""
+    stats = _slice_stats(backend, logits, tokens, offset, temperature)
+    return _vp_combine(stats, logits.shape[1], tokens.shape[1], tokens, offset, group)
+
+
+@token_logprobs_vp_fwd.register_fake
+def _(logits, tokens, offset, temperature, backend, group, with_entropy=False):
+    acc = _checks.acc_dtype(logits.dtype)
+    n = logits.shape[0]
+    return (logits.new_empty(tokens.shape, dtype=acc), logits.new_empty((n,), dtype=acc),
+            logits.new_empty((2, n), dtype=acc), torch.empty_like(tokens))
+
+
+def _tl_vp_setup(ctx, inputs, output):
+    logits, tokens, offset, temperature, backend, group, with_entropy = inputs
+    ctx.save_for_backward(logits, output[3], output[2], output[1] if with_entropy else None)
+    ctx.args = (temperature, backend)
+    ctx.with_entropy = with_entropy
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(output[2], output[3])
+    if not with_entropy:
+        ctx.mark_non_differentiable(output[1])
+
+
+def _tl_vp_backward(ctx, g_logp, g_ent, g_lse, g_tok):
+    # no communication: this slice's part of the full-vocabulary gradient
+    logits, t_bwd, lse, ent = ctx.saved_tensors
+    g_logp, g_ent = _grads(g_logp, g_ent, t_bwd, lse, ctx.with_entropy)
+    grad = torch.ops.rlhf_ops.token_logprobs_bwd(g_logp, logits, t_bwd, lse, *ctx.args, g_ent,
+                                                 ent if g_ent is not None else None, 0,
+                                                 logits.shape[1] + 1)
+    return grad, None, None, None, None, None, None
+
+
+token_logprobs_vp_fwd.register_autograd(_tl_vp_backward, setup_context=_tl_vp_setup)
+
+
+@torch.library.custom_op("rlhf_ops::linear_token_logprobs_vp_fwd", mutates_args=())
+def linear_token_logprobs_vp_fwd(hidden: Tensor, weight: Tensor, bias: Tensor | None,
+                                 tokens: Tensor, offset: Tensor, temperature: float,
+                                 with_entropy: bool, backend: str, group: str
+                                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """weight [V_r, d] (bias [V_r]) = this rank's rows from global id ``offset`` → as
+    ``token_logprobs_vp_fwd``; logits exist one row chunk [rows, V_r] at a time."""
+    N, V_r = hidden.shape[0], weight.shape[0]
+    K = tokens.shape[1]
+    stats = hidden.new_empty((3 + 2 * K, N), dtype=_checks.acc_dtype(hidden.dtype))
+    step = _block_len(V_r, hidden.element_size(), N)
+    for s in range(0, N, step):
+        logits = F.linear(hidden[s:s + step], weight, bias)
+        stats[:, s:s + step] = _slice_stats(backend, logits, tokens[s:s + step], offset, temperature)
+    return _vp_combine(stats, V_r, K, tokens, offset, group)
+
+
+@linear_token_logprobs_vp_fwd.register_fake
+def _(hidden, weight, bias, tokens, offset, temperature, with_entropy, backend, group):
+    acc = _checks.acc_dtype(hidden.dtype)
+    n = hidden.shape[0]
+    return (hidden.new_empty(tokens.shape, dtype=acc), hidden.new_empty((n,), dtype=acc),
+            hidden.new_empty((2, n), dtype=acc), torch.empty_like(tokens))
+
+
+def _ltl_vp_setup(ctx, inputs, output):
+    hidden, weight, bias, tokens, offset, temperature, with_entropy, backend, group = inputs
+    ctx.save_for_backward(hidden, weight, bias, output[3], output[2],
+                          output[1] if with_entropy else None)
+    ctx.args = (temperature, backend, weight.shape[0] + 1, group)
+    ctx.with_entropy = with_entropy
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(output[2], output[3])
+    if not with_entropy:
+        ctx.mark_non_differentiable(output[1])
+
+
+def _ltl_vp_backward(ctx, g_logp, g_ent, g_lse, g_tok):
+    hidden, weight, bias, t_bwd, lse, ent = ctx.saved_tensors
+    g_logp, g_ent = _grads(g_logp, g_ent, t_bwd, lse, ctx.with_entropy)
+    dh, dw, db = torch.ops.rlhf_ops.linear_token_logprobs_bwd(
+        g_logp, g_ent, hidden, weight, bias, t_bwd, lse, ent if g_ent is not None else None,
+        *ctx.args)
+    return dh, dw, (db if bias is not None else None), None, None, None, None, None, None
+
+
+linear_token_logprobs_vp_fwd.register_autograd(_ltl_vp_backward, setup_context=_ltl_vp_setup)
+
+
+def _kl_combine(G, beta, estimator, mask):
+    """Gathered [R, 8, N] = the policy's LP_STATS (K = 1) and the reference model's shift, log S
+    and shift − r_t (its entropy is not needed) → (logprobs, ref_logprobs, log_ratio, kl,
+    penalty, entropy, lse); the estimators as ``kl_from_logprobs`` (the kernels' formulas)."""
+    logp, ent, lse = distributed.logprobs_combine(G[:, :5], 1)
+    zero = torch.zeros_like(G[:, 0])
+    ref_G = torch.stack([G[:, 5], G[:, 6], zero, G[:, 3], G[:, 7]], 1)
+    ref_logp, _, _ = distributed.logprobs_combine(ref_G, 1)
+    r = reference.kl_from_logprobs(logp[:, 0], ref_logp[:, 0], beta, estimator, mask)
+    return r.logprobs, r.ref_logprobs, r.log_ratio, r.kl, r.penalty, ent, lse
+
+
+@torch.library.custom_op("rlhf_ops::kl_penalty_vp_fwd", mutates_args=())
+def kl_penalty_vp_fwd(logits: Tensor, ref_logits: Tensor, tokens: Tensor, offset: Tensor,
+                      mask: Tensor | None, beta: float, estimator: str, temperature: float,
+                      backend: str, group: str
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Slices [N, V_r] of both logit tensors, tokens [N] global ids → (logprobs, ref_logprobs,
+    log_ratio, kl, penalty, entropy) [N] each, the policy's global lse [2, N] and the backward
+    token ids [N, 1]. One gather carries both models' statistics."""
+    t = tokens[:, None]
+    V_r = logits.shape[1]
+    pol = _slice_stats(backend, logits, t, offset, temperature)          # 5 rows
+    ref = _slice_stats(backend, ref_logits, t, offset, temperature)
+    G, sizes = distributed.gather_stats(torch.cat([pol, ref[[0, 1, 4]]]), V_r, group)
+    out = _kl_combine(G, beta, estimator, mask)
+    # clones: k1's kl is log_ratio itself, and outputs of a custom op may not alias each other
+    return tuple(o.clone(memory_format=torch.contiguous_format) for o in out) + (
+        distributed.backward_tokens(t, offset, V_r, sizes),)
+
+
+@kl_penalty_vp_fwd.register_fake
+def _(logits, ref_logits, tokens, offset, mask, beta, estimator, temperature, backend, group):
+    acc = _checks.acc_dtype(logits.dtype)
+    n = logits.shape[0]
+    return tuple(logits.new_empty((n,), dtype=acc) for _ in range(6)) + (
+        logits.new_empty((2, n), dtype=acc), tokens.new_empty((n, 1)))
+
+
+def _kl_vp_setup(ctx, inputs, output):
+    logits, ref_logits, tokens, offset, mask, beta, estimator, temperature, backend, group = inputs
+    logp, ref_logp, log_ratio, kl, penalty, entropy, lse, t_bwd = output
+    ctx.save_for_backward(logits, t_bwd, lse, log_ratio if estimator != "k1" else None, entropy)
+    ctx.args = (temperature, backend)
+    ctx.estimator = estimator
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(ref_logp, penalty, lse, t_bwd)
+
+
+def _kl_vp_backward(ctx, g_logp, g_ref, g_ratio, g_kl, g_pen, g_ent, g_lse, g_tok):
+    logits, t_bwd, lse, d, ent = ctx.saved_tensors
+    G = _kl_G(ctx.estimator, d, g_logp, g_ratio, g_kl)
+    G, g_ent = _grads(G, g_ent, t_bwd[:, 0], lse, True)
+    grad = torch.ops.rlhf_ops.token_logprobs_bwd(G[:, None], logits, t_bwd, lse, *ctx.args, g_ent,
+                                                 ent if g_ent is not None else None, 0,
+                                                 logits.shape[1] + 1)
+    return grad, None, None, None, None, None, None, None, None, None
+
+
+kl_penalty_vp_fwd.register_autograd(_kl_vp_backward, setup_context=_kl_vp_setup)
 
 
 # ------------------------------------------------------------------------------ public API ---
@@ -363,7 +559,8 @@ def _check_mask(op, mask, shape, what):
 
 
 def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
-                   return_entropy: bool = False, backend: str | None = None):
+                   return_entropy: bool = False, backend: str | None = None,
+                   process_group=None, vocab_offset: int | None = None):
     """``log_softmax(logits / temperature)`` at ``tokens`` without materialising log_softmax.
 
     logits [..., V] (fp16/bf16/fp32/fp64). tokens int64, either [...] (= logits.shape[:-1], one
@@ -378,11 +575,25 @@ def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
     with every logit −inf, gets NaN. Tokens out of [0, V) raise ValueError for CPU tensors (and
     with RLHF_OPS_DEBUG=1); on CUDA without debug checks their log-probs and their row's gradient
     are NaN.
+
+    Vocabulary parallel: with ``process_group``, ``logits`` [..., V_r] is this rank's contiguous
+    vocabulary slice (rank order, sizes may differ), ``tokens`` hold global ids and are the same
+    on every rank; log-probs and entropy are the full-vocabulary ones on every rank, the
+    gradient reaches each rank's slice (``vocab_offset`` and DTensor logits sharded Shard(-1):
+    as in ``cross_entropy``).
     """
     op = "token_logprobs"
-    multi = _check_common(op, logits, tokens, temperature, multi_ok=True)
-    _check_flag(op, "return_entropy", return_entropy)
-    be = _backend.resolve(op, backend, logits.device)
+    logits, process_group, mesh = distributed.unwrap(op, "logits", logits, process_group, -1)
+    with distributed.rejects_together(op, process_group, getattr(logits, "device", None)):
+        tokens = distributed.replicated_local(op, "tokens", tokens)
+        multi = _check_common(op, logits, tokens, temperature, multi_ok=True)
+        _check_flag(op, "return_entropy", return_entropy)
+        distributed.check_vocab_offset(op, vocab_offset, process_group)
+        be = _backend.resolve(op, backend, logits.device)
+    if process_group is not None:
+        out = _token_logprobs_vp(logits, tokens, multi, float(temperature), return_entropy, be,
+                                 process_group, vocab_offset)
+        return _wrap(out, mesh)
     if be == "reference":
         _eager_token_check(op, tokens, logits.shape[-1])
         return reference.token_logprobs(logits, tokens, temperature, return_entropy)
@@ -396,7 +607,8 @@ def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
 
 def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bias: Tensor | None = None,
                           temperature: float = 1.0, return_entropy: bool = False,
-                          backend: str | None = None):
+                          backend: str | None = None, process_group=None,
+                          vocab_offset: int | None = None):
     """``token_logprobs(hidden @ weight.T + bias, tokens, ...)`` without holding all [N, V] logits.
 
     hidden [..., d]; weight [V, d] (an lm_head or a tied embedding); bias [V] or None; tokens
@@ -408,8 +620,44 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bia
     the chosen backend's kernels on each block) and keep for backward only hidden, weight, bias,
     tokens, lse (two numbers per row) and the entropy (one, when asked for). The backward
     holds an fp32 [N, d] accumulator for d hidden; d weight is written slice by slice.
+
+    Vocabulary parallel (``process_group``, ``vocab_offset``): ``weight`` [V_r, d] and ``bias``
+    [V_r] are this rank's rows of the head (a column-parallel layer), ``hidden`` and ``tokens``
+    the same on every rank; the results are the full-vocabulary ones on every rank, ``weight``
+    and ``bias`` get their slice's gradient, ``hidden`` the sum over the ranks (one all_reduce
+    of [N, d] in the backward). A DTensor ``weight`` (and ``bias``) sharded Shard(0) on a 1-D
+    mesh is accepted instead of ``process_group``.
     """
     op = "linear_token_logprobs"
+    weight, process_group, mesh = distributed.unwrap(op, "weight", weight, process_group, 0)
+    if mesh is not None and bias is not None:
+        bias, _, _ = distributed.unwrap(op, "bias", bias, None, 0)
+    with distributed.rejects_together(op, process_group, getattr(weight, "device", None)):
+        hidden = distributed.replicated_local(op, "hidden", hidden)
+        tokens = distributed.replicated_local(op, "tokens", tokens)
+        multi, be = _check_linear(op, hidden, weight, tokens, bias, temperature, return_entropy,
+                                  backend)
+        distributed.check_vocab_offset(op, vocab_offset, process_group)
+    if process_group is not None:
+        out = _linear_token_logprobs_vp(hidden, weight, tokens, bias, multi, float(temperature),
+                                        return_entropy, be, process_group, vocab_offset)
+        return _wrap(out, mesh)
+    V = weight.shape[0]
+    if be == "reference":
+        _eager_token_check(op, tokens, V)
+        return reference.linear_token_logprobs(hidden, weight, tokens, bias, temperature,
+                                               return_entropy)
+    h = hidden.reshape(-1, hidden.shape[-1])
+    t = tokens.reshape(h.shape[0], tokens.shape[-1] if multi else 1).contiguous()
+    logp, ent, _ = torch.ops.rlhf_ops.linear_token_logprobs_fwd(h, weight, bias, t,
+                                                                float(temperature),
+                                                                return_entropy, be)
+    logp = logp.reshape(tokens.shape)
+    return (logp, ent.reshape(hidden.shape[:-1])) if return_entropy else logp
+
+
+def _check_linear(op, hidden, weight, tokens, bias, temperature, return_entropy, backend):
+    """Validate linear_token_logprobs' inputs → (tokens are [..., K], the backend)."""
     _checks.floating(op, "hidden", hidden, min_ndim=1)
     _checks.floating(op, "weight", weight, ndim=2)
     _checks.index(op, "tokens", tokens)
@@ -428,24 +676,13 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bia
     multi = _check_tokens(op, tokens, hidden.shape[:-1], "hidden.shape[:-1]", True)
     _check_temperature(op, temperature)
     _check_flag(op, "return_entropy", return_entropy)
-    be = _backend.resolve(op, backend, hidden.device)
-    V = weight.shape[0]
-    if be == "reference":
-        _eager_token_check(op, tokens, V)
-        return reference.linear_token_logprobs(hidden, weight, tokens, bias, temperature,
-                                               return_entropy)
-    h = hidden.reshape(-1, hidden.shape[-1])
-    t = tokens.reshape(h.shape[0], tokens.shape[-1] if multi else 1).contiguous()
-    logp, ent, _ = torch.ops.rlhf_ops.linear_token_logprobs_fwd(h, weight, bias, t,
-                                                                float(temperature),
-                                                                return_entropy, be)
-    logp = logp.reshape(tokens.shape)
-    return (logp, ent.reshape(hidden.shape[:-1])) if return_entropy else logp
+    return multi, _backend.resolve(op, backend, hidden.device)
 
 
 def kl_penalty(logits: Tensor, ref_logits: Tensor, tokens: Tensor, *, beta: float,
                estimator: str = "k1", mask: Tensor | None = None, temperature: float = 1.0,
-               backend: str | None = None) -> KLPenalty:
+               backend: str | None = None, process_group=None,
+               vocab_offset: int | None = None) -> KLPenalty:
     """Per-token PPO quantities from policy ``logits`` and frozen ``ref_logits`` [B, T, V]
     (any leading shape) and the sampled ``tokens`` [B, T] int64, in one pass over both.
 
@@ -461,17 +698,37 @@ def kl_penalty(logits: Tensor, ref_logits: Tensor, tokens: Tensor, *, beta: floa
                    a −inf logit contributes 0)
     ``mask`` (bool, float or integer such as an attention mask, ``tokens.shape``) scales only the
     penalty; None means all ones. For stored reference log-probs use ``kl_from_logprobs``.
+
+    Vocabulary parallel (``process_group``, ``vocab_offset``, as in ``token_logprobs``): logits
+    and ref_logits are this rank's slices of the same vocabulary ids; every field is the
+    full-vocabulary one on every rank (DTensor logits and ref_logits sharded Shard(-1): the
+    fields come back as replicated DTensors).
     """
     op = "kl_penalty"
-    _check_common(op, logits, tokens, temperature)
-    _checks.floating(op, "ref_logits", ref_logits)
-    _checks.same_device(op, "logits", logits, ref_logits=ref_logits, mask=mask)
-    _checks.same_dtype(op, "logits", logits, ref_logits=ref_logits)
-    _checks.shape(op, "ref_logits", ref_logits, logits.shape, "logits.shape")
-    _check_mask(op, mask, tokens.shape, "tokens.shape")
-    _check_estimator(op, estimator)
-    _check_beta(op, beta)
-    be = _backend.resolve(op, backend, logits.device)
+    dt = distributed.is_dtensor(logits)
+    logits, process_group, mesh = distributed.unwrap(op, "logits", logits, process_group, -1)
+    with distributed.rejects_together(op, process_group, getattr(logits, "device", None)):
+        if dt != distributed.is_dtensor(ref_logits):
+            raise ValueError(f"rlhf_ops.{op}: logits and ref_logits must both be DTensors "
+                             f"(sharded Shard(-1) on one mesh) or both plain tensors")
+        if dt:
+            ref_logits, _, _ = distributed.unwrap(op, "ref_logits", ref_logits, None, -1)
+        tokens = distributed.replicated_local(op, "tokens", tokens)
+        mask = distributed.replicated_local(op, "mask", mask)
+        _check_common(op, logits, tokens, temperature)
+        _checks.floating(op, "ref_logits", ref_logits)
+        _checks.same_device(op, "logits", logits, ref_logits=ref_logits, mask=mask)
+        _checks.same_dtype(op, "logits", logits, ref_logits=ref_logits)
+        _checks.shape(op, "ref_logits", ref_logits, logits.shape, "logits.shape")
+        _check_mask(op, mask, tokens.shape, "tokens.shape")
+        _check_estimator(op, estimator)
+        _check_beta(op, beta)
+        distributed.check_vocab_offset(op, vocab_offset, process_group)
+        be = _backend.resolve(op, backend, logits.device)
+    if process_group is not None:
+        out = _kl_penalty_vp(logits, ref_logits, tokens, mask, float(beta), estimator,
+                             float(temperature), be, process_group, vocab_offset)
+        return KLPenalty(*_wrap(tuple(out), mesh))
     if be == "reference":
         _eager_token_check(op, tokens, logits.shape[-1])
         return reference.kl_penalty(logits, ref_logits, tokens, beta, estimator, mask, temperature)
@@ -481,6 +738,88 @@ def kl_penalty(logits: Tensor, ref_logits: Tensor, tokens: Tensor, *, beta: floa
                                             tokens.reshape(-1).contiguous(), m,
                                             float(beta), estimator, float(temperature), be)
     return KLPenalty(*(o.reshape(tokens.shape) for o in out[:6]))
+
+
+def _wrap(out, mesh):
+    """Results as replicated DTensors when the inputs were DTensors (as loss_parallel())."""
+    if isinstance(out, tuple):
+        return tuple(distributed.wrap(o, mesh) for o in out)
+    return distributed.wrap(out, mesh)
+
+
+def _lp_config(op, tokens, dtype, temperature, extra=""):
+    """What every rank must pass alike (checked by ``distributed.shard_offset``)."""
+    return (f"{op}(tokens shape {tuple(tokens.shape)}, {str(dtype).replace('torch.', '')}, "
+            f"temperature={temperature}{extra})")
+
+
+def _lp_results(logp, ent, tokens, lead, return_entropy):
+    logp = logp.reshape(tokens.shape)
+    return (logp, ent.reshape(lead)) if return_entropy else logp
+
+
+def _token_logprobs_vp(logits, tokens, multi, temperature, return_entropy, be, group, vocab_offset):
+    op = "token_logprobs"
+    V_r = logits.shape[-1]
+    x = _rows(logits)
+    t = tokens.reshape(x.shape[0], tokens.shape[-1] if multi else 1).contiguous()
+    config = _lp_config(op, tokens, logits.dtype, temperature, f", return_entropy={return_entropy}")
+    gname, offset = distributed.locate(op, "tokens", group, t, V_r, vocab_offset=vocab_offset,
+                                       config=config)
+    if be == "reference":  # eager statistics of the slice, then the same combination
+        stats = distributed.logprob_stats_reference(x, t, offset, temperature)
+        G, _ = distributed.gather_stats(stats, V_r, group)
+        logp, ent, _ = distributed.logprobs_combine(G, t.shape[1])
+    else:
+        logp, ent, _, _ = torch.ops.rlhf_ops.token_logprobs_vp_fwd(x, t, offset, temperature, be,
+                                                                   gname, return_entropy)
+    return _lp_results(logp, ent, tokens, logits.shape[:-1], return_entropy)
+
+
+def _linear_token_logprobs_vp(hidden, weight, tokens, bias, multi, temperature, return_entropy,
+                              be, group, vocab_offset):
+    op = "linear_token_logprobs"
+    V_r = weight.shape[0]
+    h = hidden.reshape(-1, hidden.shape[-1])
+    t = tokens.reshape(h.shape[0], tokens.shape[-1] if multi else 1).contiguous()
+    config = _lp_config(op, tokens, hidden.dtype, temperature,
+                        f", return_entropy={return_entropy}, d={hidden.shape[-1]}, "
+                        f"bias={bias is not None}")
+    gname, offset = distributed.locate(op, "tokens", group, t, V_r, vocab_offset=vocab_offset,
+                                       config=config)
+    if be == "reference":  # eager logits of the slice; hidden's gradient summed over the ranks
+        logits = F.linear(distributed.replicated_input(h, group), weight, bias)
+        stats = distributed.logprob_stats_reference(logits, t, offset, temperature)
+        G, _ = distributed.gather_stats(stats, V_r, group)
+        logp, ent, _ = distributed.logprobs_combine(G, t.shape[1])
+    else:
+        logp, ent, _, _ = torch.ops.rlhf_ops.linear_token_logprobs_vp_fwd(
+            h, weight, bias, t, offset, temperature, return_entropy, be, gname)
+    return _lp_results(logp, ent, tokens, hidden.shape[:-1], return_entropy)
+
+
+def _kl_penalty_vp(logits, ref_logits, tokens, mask, beta, estimator, temperature, be, group,
+                   vocab_offset):
+    op = "kl_penalty"
+    V_r = logits.shape[-1]
+    x, r = _rows(logits), _rows(ref_logits)
+    t = tokens.reshape(-1).contiguous()
+    acc = _checks.acc_dtype(logits.dtype)
+    m = None if mask is None else mask.reshape(-1).to(acc).contiguous()
+    config = _lp_config(op, tokens, logits.dtype, temperature,
+                        f", beta={beta}, estimator={estimator}, mask={mask is not None}")
+    gname, offset = distributed.locate(op, "tokens", group, t, V_r, vocab_offset=vocab_offset,
+                                       config=config)
+    if be == "reference":
+        pol = distributed.logprob_stats_reference(x, t[:, None], offset, temperature)
+        with torch.no_grad():  # ref_logits get no gradient
+            ref = distributed.logprob_stats_reference(r, t[:, None], offset, temperature)
+        G, _ = distributed.gather_stats(torch.cat([pol, ref[[0, 1, 4]]]), V_r, group)
+        out = _kl_combine(G, beta, estimator, m)[:6]
+    else:
+        out = torch.ops.rlhf_ops.kl_penalty_vp_fwd(x, r, t, offset, m, beta, estimator,
+                                                   temperature, be, gname)[:6]
+    return [o.reshape(tokens.shape) for o in out]
 
 
 def kl_from_logprobs(logprobs: Tensor, ref_logprobs: Tensor, *, beta: float, estimator: str = "k1",

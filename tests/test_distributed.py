@@ -88,7 +88,7 @@ def _close(ours, ref, what, tol=1e-10):
 
 
 def _grads(out, inputs, g):
-    return torch.autograd.grad(out, inputs, g, allow_unused=True)
+    return torch.autograd.grad(out, inputs, g, allow_unused=True, retain_graph=True)
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str, only: str | None):
@@ -432,6 +432,150 @@ def bad_arguments(ctx):
         ro.cross_entropy(x, t, vocab_offset=0)
 
 
+
+# ------------------------------------------------------- log-probs, entropy, KL penalty ---
+
+def _lp_inputs(ctx, lead=(2, 3), K=3):
+    """Full logits [*lead, V] with edge rows (near 1e4, mass only in the last slice, a −inf at a
+    token) and tokens [*lead, K] at the slice borders (the 1-wide slice too), repeated in a row."""
+    n = lead[0] * lead[1]
+    x = torch.randn(n, V, dtype=torch.float64) * 3
+    x[0] = 1e4 + 2 * torch.randn(V, dtype=torch.float64)
+    x[1] = float("-inf")
+    x[1, -7:] = torch.randn(7, dtype=torch.float64)
+    t = torch.randint(0, V, (n, K))
+    t[1, 0] = V - 2
+    t[2, : min(K, 3)] = torch.tensor([ctx.sizes[0] - 1, ctx.sizes[0], V - 1])[:K]
+    t[3, -1] = t[3, 0]                                    # a repeated token
+    x[4, t[4, 0]] = float("-inf")                         # a token whose logit is −inf
+    return x.reshape(*lead, V), t.reshape(*lead, K)
+
+
+def _lp_against_full(ctx, be, K, temperature):
+    import rlhf_ops as ro
+    full, t = _lp_inputs(ctx, K=K)
+    if K == 1:
+        t = t[..., 0]
+    x = ctx.shard(full).clone().requires_grad_()
+    xf = full.clone().requires_grad_()
+    lp, ent = ro.token_logprobs(x, t, temperature=temperature, return_entropy=True, backend=be,
+                                process_group=ctx.group)
+    rlp, rent = ro.token_logprobs(xf, t, temperature=temperature, return_entropy=True,
+                                  backend="reference")
+    _close(lp, rlp, f"{be} logprobs K={K}")
+    _close(ent, rent, f"{be} entropy K={K}")
+    g1, g2 = torch.rand(rlp.shape, dtype=torch.float64), torch.rand(rent.shape, dtype=torch.float64)
+    fin1 = torch.where(rlp.isfinite(), g1, 0.0)           # −inf log-probs: no gradient through them
+    (gx,), (gf,) = _grads((lp, ent), [x], (fin1, g2)), _grads((rlp, rent), [xf], (fin1, g2))
+    _close(gx, ctx.shard(gf), f"{be} grad K={K}")
+    (gx,), (gf,) = _grads(lp, [x], fin1), _grads(rlp, [xf], fin1)   # log-probs alone
+    _close(gx, ctx.shard(gf), f"{be} grad (log-probs only) K={K}")
+    ctx.same_on_every_rank(lp, "logprobs")
+    ctx.same_on_every_rank(ent, "entropy")
+
+
+@case(2, 3)
+def token_logprobs_against_full(ctx):
+    for be in ctx.backends:
+        _lp_against_full(ctx, be, K=3, temperature=0.7)
+        _lp_against_full(ctx, be, K=1, temperature=1.0)
+
+
+@case(2, 3)
+def linear_token_logprobs_against_full(ctx):
+    """hidden replicated, weight/bias rows sliced; tokens [N, 2]; entropy; the fused backward in
+    several vocabulary slices."""
+    import importlib
+    import rlhf_ops as ro
+    kl_mod = importlib.import_module("rlhf_ops.kl")
+    N, d = 7, 16
+    h = torch.randn(N, d, dtype=torch.float64)
+    w = torch.randn(V, d, dtype=torch.float64) * 0.5
+    b = torch.randn(V, dtype=torch.float64)
+    t = torch.randint(0, V, (N, 2))
+    t[1] = torch.tensor([ctx.sizes[0] - 1, ctx.sizes[0]])
+    t[2, 1] = t[2, 0]
+    block = kl_mod.LINEAR_BLOCK_BYTES
+    kl_mod.LINEAR_BLOCK_BYTES = 8192 * N * 8          # ~8k columns per backward slice
+    try:
+        for be in ctx.backends:
+            args = [h.clone().requires_grad_(), ctx.shard(w, 0).clone().requires_grad_(),
+                    ctx.shard(b, 0).clone().requires_grad_()]
+            lp, ent = ro.linear_token_logprobs(args[0], args[1], t, bias=args[2], temperature=0.9,
+                                               return_entropy=True, backend=be, process_group=ctx.group)
+            ref_args = [a.clone().requires_grad_() for a in (h, w, b)]
+            rlp, rent = ro.token_logprobs(ref_args[0] @ ref_args[1].T + ref_args[2], t,
+                                          temperature=0.9, return_entropy=True, backend="reference")
+            _close(lp, rlp, f"{be} logprobs")
+            _close(ent, rent, f"{be} entropy")
+            g = (torch.rand(N, 2, dtype=torch.float64), torch.rand(N, dtype=torch.float64))
+            gs, gr = _grads((lp, ent), args, g), _grads((rlp, rent), ref_args, g)
+            _close(gs[0], gr[0], f"{be} d hidden")
+            _close(gs[1], ctx.shard(gr[1], 0), f"{be} d weight")
+            _close(gs[2], ctx.shard(gr[2], 0), f"{be} d bias")
+            ctx.same_on_every_rank(lp, "logprobs")
+            ctx.same_on_every_rank(gs[0], "d hidden")
+    finally:
+        kl_mod.LINEAR_BLOCK_BYTES = block
+
+
+@case(2, 3)
+def kl_penalty_every_estimator(ctx):
+    """Every field and the gradient of logprobs, log_ratio, kl and entropy together, k1/k2/k3,
+    with a mask and a temperature, against the unsharded reference."""
+    import rlhf_ops as ro
+    full, t = _lp_inputs(ctx, lead=(2, 3), K=1)
+    t = t[..., 0]
+    ref_full = full + 0.3 * torch.randn_like(full)
+    ref_full[1, 1] = full[1, 1]                           # the same −inf pattern
+    mask = torch.tensor([[1, 1, 0], [1, 0, 1]])
+    for be in ctx.backends:
+        for est in ("k1", "k2", "k3"):
+            x = ctx.shard(full).clone().requires_grad_()
+            xf = full.clone().requires_grad_()
+            out = ro.kl_penalty(x, ctx.shard(ref_full), t, beta=0.1, estimator=est, mask=mask,
+                                temperature=1.3, backend=be, process_group=ctx.group)
+            ref = ro.kl_penalty(xf, ref_full, t, beta=0.1, estimator=est, mask=mask,
+                                temperature=1.3, backend="reference")
+            for name in ref._fields:
+                _close(getattr(out, name), getattr(ref, name), f"{be} {est} {name}")
+                ctx.same_on_every_rank(getattr(out, name), name)
+            fin = ref.logprobs.isfinite() & ref.ref_logprobs.isfinite()
+            gs = [torch.where(fin, torch.rand(t.shape, dtype=torch.float64), 0.0) for _ in range(4)]
+
+            def obj(r):
+                return (gs[0] * r.logprobs + gs[1] * r.log_ratio + gs[2] * r.kl + gs[3] * r.entropy).sum()
+            (gx,), (gf,) = _grads(obj(out), [x], None), _grads(obj(ref), [xf], None)
+            # rows with an infinite log-ratio: eager autograd gives k2/k3 0·inf = NaN there even
+            # with a zero upstream gradient (the fused backward gives 0); compared elsewhere
+            _close(gx[fin], ctx.shard(gf)[fin], f"{be} {est} grad")
+
+
+@case(2)
+def logprob_ops_errors(ctx):
+    """Tokens outside every slice: the unsharded ValueError on every rank; a mismatched option:
+    an error on every rank."""
+    import rlhf_ops as ro
+    with _debug_checks():
+        full = torch.randn(3, V, dtype=torch.float64)
+        t = torch.tensor([1, V, 2])
+        with pytest.raises(ValueError) as unsharded:
+            ro.token_logprobs(full, t)
+        for be in ctx.backends:
+            with pytest.raises(ValueError) as sharded:
+                ro.token_logprobs(ctx.shard(full), t, backend=be, process_group=ctx.group)
+            assert str(sharded.value) == str(unsharded.value)
+            with pytest.raises(ValueError, match=f"kl_penalty: tokens holds {V}, out of range"):
+                ro.kl_penalty(ctx.shard(full), ctx.shard(full), t, beta=0.1, backend=be,
+                              process_group=ctx.group)
+            with pytest.raises(ValueError, match=f"linear_token_logprobs: tokens holds {V}"):
+                ro.linear_token_logprobs(full[:, :4], ctx.shard(torch.randn(V, 4, dtype=torch.float64), 0),
+                                         t, backend=be, process_group=ctx.group)
+        with pytest.raises(ValueError, match="temperature=0.5"):
+            ro.token_logprobs(ctx.shard(full), torch.tensor([1, 2, 3]), process_group=ctx.group,
+                              temperature=0.5 if ctx.rank == 1 else 1.0)
+
+
 @case(3)
 def dtensor_matches_loss_parallel(ctx):
     """A DTensor sharded Shard(-1) on a 1-D mesh in place of process_group: the same loss and
@@ -462,6 +606,25 @@ def _dtensor(ctx, backends):
             _close(ours.full_tensor(), theirs.full_tensor(), f"{be} {red} loss")
             assert ours_x.grad.placements == (Shard(1),)
             _close(ours_x.grad.full_tensor(), theirs_x.grad.full_tensor(), f"{be} {red} grad")
+    # token_logprobs and kl_penalty on DTensors: replicated DTensors back, the full results
+    tk = torch.randint(0, V, (5,))
+    ref_full = full + torch.randn_like(full)
+    for be in backends:
+        xd = distribute_tensor(full, mesh, [Shard(-1)]).requires_grad_()
+        lp, ent = ro.token_logprobs(xd, tk, return_entropy=True, backend=be)
+        rlp, rent = ro.token_logprobs(full, tk, return_entropy=True)
+        assert lp.placements == (Replicate(),)
+        _close(lp.full_tensor(), rlp, f"{be} DTensor logprobs")
+        _close(ent.full_tensor(), rent, f"{be} DTensor entropy")
+        res = ro.kl_penalty(xd, distribute_tensor(ref_full, mesh, [Shard(-1)]), tk, beta=0.2,
+                            estimator="k3", backend=be)
+        rres = ro.kl_penalty(full, ref_full, tk, beta=0.2, estimator="k3")
+        for name in rres._fields:
+            _close(getattr(res, name).full_tensor(), getattr(rres, name), f"{be} DTensor {name}")
+        res.kl.sum().backward()
+        xf = full.clone().requires_grad_()
+        ro.kl_penalty(xf, ref_full, tk, beta=0.2, estimator="k3").kl.sum().backward()
+        _close(xd.grad.full_tensor(), xf.grad, f"{be} DTensor kl grad")
     # linear: a Shard(0) weight
     h = torch.randn(5, 8, dtype=torch.float64)
     w = torch.randn(V, 8, dtype=torch.float64)
@@ -503,6 +666,7 @@ def opcheck_vocab_parallel_ops(ctx):
     from torch.library import opcheck
     g = ctx.group.group_name
     t = torch.tensor([1, -100, ctx.sizes[0]])
+    tk = torch.tensor([[1, 5], [ctx.sizes[0], 1], [V - 1, ctx.sizes[0] - 1]])
     off = torch.full((1,), ctx.off)
     V_r = ctx.V_r
 
@@ -518,6 +682,14 @@ def opcheck_vocab_parallel_ops(ctx):
             ("linear_cross_entropy_vp_fwd", dict(hidden=f(3, 8), weight=f(V_r, 8), bias=f(V_r), target=t,
                                                  offset=off, ignore_index=-100, label_smoothing=0.1,
                                                  backend=be, group=g)),
+            ("token_logprobs_vp_fwd", dict(logits=f(3, V_r), tokens=tk, offset=off, temperature=0.8,
+                                           backend=be, group=g, with_entropy=True)),
+            ("linear_token_logprobs_vp_fwd", dict(hidden=f(3, 8), weight=f(V_r, 8), bias=f(V_r),
+                                                  tokens=tk, offset=off, temperature=1.0,
+                                                  with_entropy=False, backend=be, group=g)),
+            ("kl_penalty_vp_fwd", dict(logits=f(3, V_r), ref_logits=f(3, V_r).detach(), tokens=tk[:, 0].contiguous(),
+                                       offset=off, mask=torch.tensor([1.0, 0.0, 1.0]), beta=0.1,
+                                       estimator="k3", temperature=1.0, backend=be, group=g)),
         ]
         for name, kw in samples:
             op = getattr(torch.ops.rlhf_ops, name).default
