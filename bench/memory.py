@@ -74,6 +74,15 @@ def _specs():
         "attention": ({"B": 8, "H": 32, "T": 4096, "D": 128, "causal": 1}, torch.bfloat16,
                       lambda: [_m(8, 32, 4096, 128, grad=True) for _ in range(3)],
                       lambda a, b: ro.attention(*a, causal=True, backend=b)),
+        "linear_token_logprobs": ({"N": N, "d": d, "V": V, "entropy": 1}, torch.bfloat16,
+                                  lambda: [_m(N, d, grad=True), _m(V, d, grad=True), _idx(N)],
+                                  lambda a, b: ro.linear_token_logprobs(*a, return_entropy=True,
+                                                                        backend=b)),
+        # 8 packed sequences of 4,096 tokens: the same real tokens as the dense attention case
+        "attention_varlen": ({"n": 8, "H": 32, "T": 4096, "D": 128, "causal": 1}, torch.bfloat16,
+                             lambda: [_m(8 * 4096, 32, 128, grad=True) for _ in range(3)]
+                             + [torch.arange(0, 8 * 4096 + 1, 4096, dtype=torch.int32, device=META)] * 2,
+                             lambda a, b: ro.attention_varlen(*a, 4096, 4096, causal=True, backend=b)),
         "pairwise_reward_loss": ({"B": 16384, "K": 9}, torch.float32,
                                  lambda: [_m(16384, 9, dtype=torch.float32, grad=True), _idx(16384, 9)],
                                  lambda a, b: ro.pairwise_reward_loss(*a, backend=b)),
