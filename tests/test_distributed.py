@@ -166,6 +166,8 @@ def _spawn(tmp: Path, only: str | None = None) -> dict:
             merged.setdefault(k, []).append(v)
     cpu = merged.pop("_cpu_seconds")
     print(f"\nworker CPU seconds: {[round(c, 1) for c in cpu]} (sum {sum(cpu):.1f})")
+    slow = sorted(((max(r["seconds"] for r in v), k) for k, v in merged.items()), reverse=True)
+    print("slowest cases (wall s): " + ", ".join(f"{k} {t:.1f}" for t, k in slow[:8]))
     return merged
 
 
@@ -529,8 +531,10 @@ def kl_penalty_every_estimator(ctx):
     ref_full = full + 0.3 * torch.randn_like(full)
     ref_full[1, 1] = full[1, 1]                           # the same −inf pattern
     mask = torch.tensor([[1, 1, 0], [1, 0, 1]])
+    # the estimators live in code every backend shares (the combination, the backward's G):
+    # all three on the reference backend, k2 and k3 on the fused ones
     for be in ctx.backends:
-        for est in ("k1", "k2", "k3"):
+        for est in ("k1", "k2", "k3") if be == "reference" else ("k2", "k3"):
             x = ctx.shard(full).clone().requires_grad_()
             xf = full.clone().requires_grad_()
             out = ro.kl_penalty(x, ctx.shard(ref_full), t, beta=0.1, estimator=est, mask=mask,
@@ -662,13 +666,14 @@ def torch_compile_fullgraph(ctx):
 @case(2)
 def opcheck_vocab_parallel_ops(ctx):
     """torch.library.opcheck (schema, fake impl, autograd registration, AOT dispatch) on the
-    custom ops that take a process group, run in a real group (every rank makes the same calls)."""
+    custom ops that take a process group, run in a real group (every rank makes the same calls).
+    Small slices of 5 and 8 ids (opcheck runs each op about ten times)."""
     from torch.library import opcheck
     g = ctx.group.group_name
-    t = torch.tensor([1, -100, ctx.sizes[0]])
-    tk = torch.tensor([[1, 5], [ctx.sizes[0], 1], [V - 1, ctx.sizes[0] - 1]])
-    off = torch.full((1,), ctx.off)
-    V_r = ctx.V_r
+    sizes = [5, 8]
+    V_r, off = sizes[ctx.rank], torch.full((1,), sum(sizes[:ctx.rank]))
+    t = torch.tensor([1, -100, 5])
+    tk = torch.tensor([[1, 5], [12, 1], [4, 6]])
 
     def f(*shape, dtype=torch.float32):
         return torch.randn(*shape, dtype=dtype).requires_grad_()
@@ -701,13 +706,15 @@ def opcheck_vocab_parallel_ops(ctx):
 def gpt_vocab_parallel_lm_loss(ctx):
     """rlhf_ops.model.GPT with vocab_parallel=True under a 3-rank world: its LM loss reads this
     rank's rows of the tied W_e (uneven: 13/12/12 of 37); loss and every parameter's gradient
-    (W_e gathered whole) equal those of the unsplit model, on every rank."""
+    (W_e gathered whole) equal those of the unsplit model, on every rank. Reference backend: the
+    fused kernels of the sharded loss are covered by linear_ce (Triton's attention in fp64 under
+    the interpreter would cost more than the rest of this file)."""
     import rlhf_ops.model as M
     calls = []
     split = M.split_replicated
     M.split_replicated = lambda w, g: calls.append(1) or split(w, g)
     try:
-        for be in ctx.backends:
+        for be in ["reference"]:
             cfg = M.GPTConfig(vocab_size=37, block_size=8, n_layer=1, n_head=1, d_model=16,
                               backend=be)
             torch.manual_seed(0)
@@ -727,7 +734,7 @@ def gpt_vocab_parallel_lm_loss(ctx):
                 ctx.same_on_every_rank(p.grad, f"grad {name}")
     finally:
         M.split_replicated = split
-    assert len(calls) == len(ctx.backends)
+    assert len(calls) == 1
 
 
 # ------------------------------------------------------------------------------ the tests ---
