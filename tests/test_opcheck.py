@@ -222,7 +222,8 @@ def _kl_fwd(be, dev):
 # Ops that need an initialised process group: opcheck runs them in a real 2-rank gloo group in
 # tests/test_distributed.py (``opcheck_vocab_parallel_ops``); here they are only listed, and
 # test_every_op_has_samples checks that file still names each of them.
-NEEDS_GROUP = {"cross_entropy_vp_fwd", "linear_cross_entropy_vp_fwd", "vocab_shard_offset"}
+NEEDS_GROUP = {"cross_entropy_vp_fwd", "linear_cross_entropy_vp_fwd", "vocab_shard_offset",
+               "token_logprobs_vp_fwd", "linear_token_logprobs_vp_fwd", "kl_penalty_vp_fwd"}
 
 
 SAMPLES = {
