@@ -37,11 +37,12 @@ alone. ``_attn_bwd_dq``: one program per (query block, query head, sequence) loo
 Neither uses atomics, and each output element is summed in a fixed order: the backward is
 deterministic (bitwise reproducible for a given config).
 
-Block sizes: one fixed small config under TRITON_INTERPRET=1 (tests may run any other through
-``launch_config``); on a GPU ``triton.autotune`` over a short list keyed on (head dim, T and S
-rounded up to a power of two ≥ 64 — varlen: of max_seqlen —, window/softcap flags, precision) and
-the dtypes, pruned by the shared memory a config needs (``smem_bytes``, stages included) and by the
-register spills measured offline (``_spills``).
+Block sizes: one fixed small config under TRITON_INTERPRET=1 (tests run every GPU block shape
+through ``launch_config``); on a GPU ``triton.autotune`` over ≤ 5 configs per kernel keyed on
+(head dim, T and S rounded up to a power of two ≥ 64 — varlen: of max_seqlen —, window/softcap
+flags, precision) and the dtypes, pruned by the shared memory a config needs (``smem_bytes``,
+stages included) and by the widest head at which it was measured offline not to spill (the
+config tables below).
 """
 import os
 import struct
@@ -119,8 +120,8 @@ def _scores(dot, qk_scale, x_scale, cap_log2e, SOFTCAP: tl.constexpr):
 
 @triton.jit
 def _visible(r, c, T, S, WL, WR, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
-    """Query row r sees key c (broadcast shapes): c < S and −WL ≤ c − r − (S − T) ≤ WR."""
-    ok = c < S
+    """Query row r sees key c (broadcast shapes): r < T, c < S and −WL ≤ c − r − (S − T) ≤ WR."""
+    ok = (r < T) & (c < S)
     d = c - r - (S - T)                     # key offset from the query's diagonal
     if HAS_RIGHT:
         ok = ok & (d <= WR)
@@ -188,10 +189,10 @@ def _query_range(c0, T, S, WL, WR, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constex
     ``_key_range``): [lo, a) masked, [a, b) unmasked, [b, hi) masked.
 
     Key j is seen by rows j − (S − T) − WR ≤ i ≤ j − (S − T) + WL: some key of the block by rows in
-    [c0 − off − WR, c1 − off + WL], every key by rows in [c1 − off − WR, c0 − off + WL]. Rows past T
-    load q = dO = 0 and m = +inf (p = 0), so the unmasked range may run past T. The key block that
-    runs past S is masked for every row (its padded keys load as 0, and 2^(0 − lse) is no
-    probability).
+    [c0 − off − WR, c1 − off + WL], every key by rows in [c1 − off − WR, c0 − off + WL]. The query
+    block that runs past T is masked (its padded rows load q = 0, and 0·∞ would be NaN where a key
+    holds ±inf, which a softcap makes a finite score), and so is every query block of the key block
+    that runs past S (its padded keys load as 0, and 2^(0 − lse) is no probability).
     """
     off = S - T
     c1 = c0 + BLOCK_N - 1
@@ -200,7 +201,7 @@ def _query_range(c0, T, S, WL, WR, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constex
         b = tl.maximum(tl.minimum(T, c0 - off + WL + 1), 0) // BLOCK_M * BLOCK_M
     else:
         hi = T
-        b = T
+        b = T // BLOCK_M * BLOCK_M
     if HAS_RIGHT:
         lo = tl.maximum(c0 - off - WR, 0) // BLOCK_M * BLOCK_M
         a = tl.cdiv(tl.maximum(c1 - off - WR, 0), BLOCK_M) * BLOCK_M
@@ -291,8 +292,8 @@ def _attn_fwd(Q, K, V, O, M2, L2, CU_Q, CU_K,
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, sks, svs, rows, bb, hi, T, S, WL, WR,
                                qk_scale, x_scale, cap_log2e, HEAD_DIM, BLOCK_N, BLOCK_D, True,
                                HAS_LEFT, HAS_RIGHT, SOFTCAP, FP64, PREC)
-    empty = l_i == 0.0                       # rows that see no key
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    empty = l_i == 0.0                       # rows that see no key: 0 (even where a v holds NaN)
+    out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l_i)[:, None])
     m_out = tl.where(empty, float("inf"), m_i)
     l_out = tl.where(empty, 0.0, _log2(tl.where(empty, 1.0, l_i), FP64))
     o_ptrs = (O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + q0.to(tl.int64) * sot
@@ -351,12 +352,15 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, m_base, l_base, delta_base, sqt, 
         ut, dtht = _scores(dot, qk_scale, x_scale, cap_log2e, SOFTCAP)
         pt = _exp2((ut - m2[None, :]) - l2[None, :], FP64)
         if MASK:
-            pt = tl.where(_visible(rows[None, :], cols[:, None], T, S, WL, WR, HAS_LEFT, HAS_RIGHT), pt, 0.0)
+            ok = _visible(rows[None, :], cols[:, None], T, S, WL, WR, HAS_LEFT, HAS_RIGHT)
+            pt = tl.where(ok, pt, 0.0)
         dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
         dpt = tl.dot(v, tl.trans(do), input_precision=PREC)                    # dPᵀ = v·dOᵀ
         dst = pt * (dpt - delta[None, :])                                      # dSᵀ
         if SOFTCAP:
             dst = dst * dtht
+            if MASK:  # a padded row or key can score 0·∞ = NaN, whose tanh' would poison the sum
+                dst = tl.where(ok, dst, 0.0)
         dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
     return dk, dv
 
@@ -436,11 +440,14 @@ def _dq_inner(dq, q, do, m2, l2, delta, k_base, v_base, sks, svs, rows, lo, hi, 
                          SOFTCAP)
         p = _exp2((u - m2[:, None]) - l2[:, None], FP64)
         if MASK:
-            p = tl.where(_visible(rows[:, None], cols[None, :], T, S, WL, WR, HAS_LEFT, HAS_RIGHT), p, 0.0)
+            ok = _visible(rows[:, None], cols[None, :], T, S, WL, WR, HAS_LEFT, HAS_RIGHT)
+            p = tl.where(ok, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
             ds = ds * dth
+            if MASK:  # as in _dkdv_inner: no NaN from a padded key's tanh'
+                ds = tl.where(ok, ds, 0.0)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
     return dq
 
@@ -492,28 +499,31 @@ def _attn_bwd_dq(Q, K, V, DO, M2, L2, DELTA, DQ, CU_Q, CU_K,
     dq = _dq_inner(dq, q, do, m2, l2, delta, k_base, v_base, sks, svs, rows, bb, hi, T, S, WL, WR,
                    qk_scale, x_scale, cap_log2e, HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT,
                    HAS_RIGHT, SOFTCAP, FP64, PREC)
-    dq = dq * scale
+    dq = tl.where((m2 == float("inf"))[:, None], 0.0, dq * scale)    # rows that see no key: 0
     ptrs = (DQ + b.to(tl.int64) * sdqb + h.to(tl.int64) * sdqh + q0.to(tl.int64) * sdqt
             + rows[:, None].to(tl.int64) * sdqt + dims[None, :])
     tl.store(ptrs, dq.to(DQ.dtype.element_ty), mask=(rows[:, None] < T) & (dims[None, :] < HEAD_DIM))
 
 
 # ------------------------------------------------------------------------------- autotuning ---
-# One row per config: (BLOCK_M, BLOCK_N, warps, stages, largest BLOCK_D for 16-bit inputs, largest
-# BLOCK_D for fp32 inputs), 0 = never for that dtype. The largest BLOCK_D is the widest head at
-# which the config was compiled offline for sm_80 and sm_90 (tests/test_triton_gpu_compile.py) in
-# the heaviest variant (varlen, two-sided window, softcap) and spilled at most SPILL_BUDGET bytes
-# per thread; wider heads would spill (e.g. fwd 64×64 w4 at D=128 spills on sm_90, dK/dV tiles
-# above 32×64 at D=128 spill everywhere). Shared memory is checked per launch with the real
-# footprint (``smem_bytes``, stages included) against the device's limit. The last row of each
-# table fits every head dim and dtype; fp64 (a testing dtype) runs only that one.
+# One row per config: (BLOCK_M, BLOCK_N, warps, stages, widest BLOCK_D for 16-bit inputs, widest
+# BLOCK_D for fp32 inputs), 0 = never for that dtype. The widest BLOCK_D is where the config was
+# compiled offline for sm_80 and sm_90 (tests/test_triton_gpu_compile.py, which re-checks every
+# row at that width in CI) in the heaviest variant (varlen, two-sided window, softcap) and spilled
+# at most SPILL_BUDGET bytes per thread. Measured, not guessed: e.g. fwd 128×64 w8 s3 at D=128 uses
+# 198 registers and no spill on sm_90, while 128×64 w4 s3 spills 764 B, 64×64 w4 s3 52 B; dK/dV
+# spills above 32×64 w8 at D=64, above 16×64 w4 at D=128 (64×64 w4: 1.5 KB on sm_90); fp32 with
+# IEEE dots (no tensor cores) spills 41–50 KB in fwd 32×32 w4 at D=256 and 5.9 KB in dQ 32×16
+# w4. Shared memory is checked per launch (``select``) with the real footprint, stages included.
+# The last row serves fp32 at every head dim (and fp64, a testing dtype, which runs it only);
+# 16-bit inputs always find a row before it.
 # dK/dV: BLOCK_M is the query block looped over, BLOCK_N the key block a program owns.
-FWD_TABLE = [(128, 64, 8, 3, 128, 0), (128, 32, 8, 2, 256, 0), (64, 32, 4, 2, 128, 64),
-             (32, 32, 4, 2, 256, 128), (32, 16, 4, 1, 256, 256)]
-DKDV_TABLE = [(64, 64, 8, 2, 64, 0), (32, 64, 8, 2, 128, 0), (32, 32, 4, 2, 128, 64),
-              (16, 32, 4, 1, 256, 256)]
-DQ_TABLE = [(128, 64, 8, 3, 128, 0), (128, 32, 8, 2, 128, 0), (64, 32, 4, 2, 128, 64),
-            (32, 32, 4, 2, 256, 128), (32, 16, 4, 1, 256, 256)]
+FWD_TABLE = [(128, 64, 8, 3, 128, 0), (128, 32, 8, 2, 128, 0), (64, 32, 4, 2, 256, 0),
+             (32, 32, 4, 2, 256, 64), (32, 16, 4, 1, 256, 256)]
+DKDV_TABLE = [(32, 64, 8, 1, 64, 0), (32, 32, 4, 2, 64, 0), (16, 64, 4, 1, 128, 0),
+              (16, 32, 4, 1, 256, 0), (16, 32, 8, 1, 0, 256)]
+DQ_TABLE = [(128, 32, 8, 2, 256, 0), (64, 64, 8, 2, 64, 0), (32, 32, 4, 2, 256, 0),
+            (32, 16, 4, 1, 256, 64), (32, 16, 8, 1, 0, 256)]
 TABLES = {"fwd": FWD_TABLE, "dkdv": DKDV_TABLE, "dq": DQ_TABLE}
 SPILL_BUDGET = 64          # bytes of register spill per thread a selectable config may have
 SMEM_HEADROOM = 8 * 1024   # scratch Triton adds beyond the tiles (layout conversions, row vectors)

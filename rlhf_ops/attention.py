@@ -218,9 +218,14 @@ def _validate_qkv(op: str, q: Tensor, k: Tensor, v: Tensor, layout: str) -> None
                          f"positive multiple of the number of key/value heads (k.shape[1] = {Hkv})")
 
 
+def _finite(x) -> bool:
+    """math.isfinite that torch.compile traces (floats may be symbolic under dynamic=True)."""
+    return x == x and x != math.inf and x != -math.inf
+
+
 def _scale_arg(op: str, scale, D: int) -> float:
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
-                              or not math.isfinite(scale)):
+                              or not _finite(scale)):
         raise TypeError(f"rlhf_ops.{op}: scale must be None or a finite number, got {scale!r}")
     return 1.0 / math.sqrt(D) if scale is None else float(scale)
 
@@ -247,7 +252,7 @@ def _softcap_arg(op: str, softcap) -> float:
     msg = f"rlhf_ops.{op}: softcap must be a finite number ≥ 0 (0 = off), got {softcap!r}"
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
         raise TypeError(msg)
-    if not math.isfinite(softcap) or softcap < 0:
+    if not _finite(softcap) or softcap < 0:
         raise ValueError(msg)
     return float(softcap)
 

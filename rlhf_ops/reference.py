@@ -88,8 +88,10 @@ def _softmax_attend(q, k, v, visible, scale, softcap):
         s = softcap * torch.tanh(s / softcap)
     s = s.masked_fill(~visible, float("-inf"))
     p = torch.softmax(s, dim=-1)
-    p = torch.where(visible.any(-1, keepdim=True), p, torch.zeros((), dtype=p.dtype, device=p.device))
-    return torch.matmul(p, v)
+    seen = visible.any(-1, keepdim=True)
+    zero = torch.zeros((), dtype=p.dtype, device=p.device)
+    # zero twice: p for the softmax's NaN, the output for 0·NaN where a value holds NaN
+    return torch.where(seen, torch.matmul(torch.where(seen, p, zero), v), zero)
 
 
 def attention(q, k, v, causal=True, scale=None, window=None, softcap=0.0):

@@ -156,6 +156,33 @@ def test_rows_that_see_nothing_are_zero(wide_backend, device):
     assert torch.equal(out[:6], torch.zeros_like(out[:6]))
 
 
+def test_nan_or_inf_where_no_probability_flows(wide_backend, device):
+    """A row that sees no key outputs exactly 0 with dq = 0 even where a value holds NaN; with a
+    softcap, a key holding −inf caps the score to −c (finite, derivative 0): dk, dv stay finite
+    as in the reference (padded rows/keys of a tile must not turn 0·∞ into NaN)."""
+    q = torch.randn(1, 1, 2, 16, dtype=torch.float64, device=device, requires_grad=True)
+    k = torch.randn(1, 1, 1, 16, dtype=torch.float64, device=device, requires_grad=True)
+    v0 = torch.randn(1, 1, 1, 16, dtype=torch.float64, device=device)
+    v0[..., 3] = math.nan
+    v = v0.requires_grad_()
+    o = ro.attention(q, k, v, causal=True, backend=wide_backend)     # row 0 sees j ≤ 0 + 1 − 2: none
+    dq, = torch.autograd.grad(o, q, torch.ones_like(o))
+    assert torch.equal(o[0, 0, 0], torch.zeros_like(o[0, 0, 0]))
+    assert torch.equal(dq[0, 0, 0], torch.zeros_like(dq[0, 0, 0]))
+    q = torch.randn(1, 1, 1, 16, dtype=torch.float64, device=device)
+    k = torch.randn(1, 1, 1, 16, dtype=torch.float64, device=device)
+    v = torch.randn(1, 1, 1, 16, dtype=torch.float64, device=device)
+    q[..., 2], k[..., 5] = 1e4, -math.inf
+    grads = []
+    for be in (wide_backend, "reference"):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        o = ro.attention(*leaves, causal=False, softcap=5.0, backend=be)
+        grads.append(torch.autograd.grad(o, leaves, torch.ones_like(o)))
+    for name, a, b in zip(("dq", "dk", "dv"), *grads):
+        assert torch.equal(a.isnan(), b.isnan()), name
+        assert_matches(torch.nan_to_num(a), torch.nan_to_num(b), what=name)
+
+
 def test_empty_and_degenerate_batches(wide_backend, device):
     for lq, lk in (([0], [0]), ([0, 0], [3, 2]), ([3, 2], [0, 0]), ([], [])):
         q, k, v, meta = _packed(lq, lk, 2, 1, 16, torch.float64, device)

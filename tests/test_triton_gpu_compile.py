@@ -6,7 +6,8 @@ under the interpreter with fp64, fp32, fp16 and bf16 inputs, record each kernel 
 its argument types and constexpr values), then compile each recorded specialisation to GPU machine
 code with ``triton.compile`` for ``GPUTarget("cuda", 90 and 80)`` in a subprocess without
 TRITON_INTERPRET. Needs no GPU (ptxas ships with triton). The attention kernels are recorded at
-the interpreter's fixed block config; their autotuned GPU configs are compiled on a GPU.
+the interpreter's fixed block config; ``test_attention_configs_fit_gpu_resources`` compiles them
+at every config the autotuner may select and checks registers, spills and shared memory.
 """
 import json
 import os
@@ -94,6 +95,11 @@ def _all_ops():
             k = torch.randn(1, 1, 20, 64).to(dt).requires_grad_()
             for causal in (True, False):
                 ro.attention(q, k, k, causal=causal, backend="triton").sum().backward()
+        if dt == torch.float64:  # fp64 window/softcap/varlen branches (bf16/fp32: the resource audit)
+            ro.attention(q, k, k, causal=False, window=(3, 2), softcap=1.5, backend="triton").sum().backward()
+            cu = torch.tensor([0, 7, 20], dtype=torch.int32)
+            ro.attention_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), k[0].transpose(0, 1), cu, cu, 13, 13,
+                                window=(4, 0), softcap=2.0, backend="triton").sum().backward()
 
 
 def _compile(specs, cc):
@@ -139,7 +145,143 @@ def test_triton_kernels_compile_for_gpu(tmp_path):
     assert f"compiled {len(specs)} specialisations" in proc.stdout, proc.stdout
 
 
-if __name__ == "__main__":
+# ------------------------------------------------------------ attention: resources per config ---
+# Every attention kernel at every config its pruner may select, compiled for sm_80 and sm_90 with
+# the divisibility a real launch has (16-byte aligned pointers, strides that are multiples of 16),
+# in the heaviest variant (varlen, two-sided window, softcap: it adds code and registers to the
+# dense kernel, which is the same source with those branches off). Per (kernel, config, dtype
+# class) only the widest head dim the pruner lets the config run at is compiled: registers, spills
+# and shared memory only grow with the head dim. fp16 and bf16 share the tile shapes; bf16 is
+# compiled (its conversions cost more registers). fp64 is a testing dtype that runs the fallback
+# row only and is not audited.
+
+ARCH_SMEM = {80: 163 * 1024, 90: 227 * 1024}     # opt-in shared memory per block
+AUDIT_CLASSES = (("bf16", "ieee", 2), ("fp32", "ieee", 4), ("fp32", "tf32", 4))
+_NOT_DIVISIBLE = {"G", "T", "S", "H", "WL", "WR", "slb", "slh"}     # lengths, window, lse strides
+
+
+def attention_audit_tasks():
+    from rlhf_ops.kernels import attention as ka
+
+    tasks = []
+    for cc, limit in ARCH_SMEM.items():
+        for kernel in ka.TABLES:
+            for dtype, prec, elem in AUDIT_CLASSES:
+                widest = {}
+                for block_d in (16, 32, 64, 128, 256):
+                    for row in ka.select(kernel, block_d, elem, limit):
+                        widest[row] = block_d
+                tasks += [dict(kernel=kernel, cfg=list(row[:4]), dtype=dtype, prec=prec, D=d, cc=cc)
+                          for row, d in widest.items()]
+        for dtype in ("bf16", "fp32"):
+            tasks.append(dict(kernel="delta", cfg=[64, 0, 4, 1], dtype=dtype, prec="ieee", D=256, cc=cc))
+    return tasks
+
+
+def _attention_source(task):
+    """(kernel fn, signature, constexprs, attrs) of an audit task."""
+    from triton.compiler import ASTSource
+
+    from rlhf_ops.kernels import attention as ka
+
+    fn = {"fwd": ka._attn_fwd, "dkdv": ka._attn_bwd_dkdv, "dq": ka._attn_bwd_dq,
+          "delta": ka._attn_bwd_delta}[task["kernel"]]
+    bm, bn = task["cfg"][:2]
+    block_d = max(16, 1 << (task["D"] - 1).bit_length())
+    consts = dict(HEAD_DIM=task["D"], IS_VARLEN=True, HAS_LEFT=True, HAS_RIGHT=True, SOFTCAP=True,
+                  PREC=task["prec"], FP64=False, FWD_ORIENT=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d)
+    consts = {k: v for k, v in consts.items() if k in fn.arg_names}
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in ("M2", "L2", "DELTA"):
+            sig[name] = "*fp32"
+        elif name in ("CU_Q", "CU_K"):
+            sig[name] = "*i32"
+        elif name in ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ"):
+            sig[name] = "*" + task["dtype"]
+        elif name in ("scale_hi", "scale_lo", "cap_hi", "cap_lo"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+        if sig[name] != "constexpr" and sig[name] != "fp32" and name not in _NOT_DIVISIBLE and name != "L2":
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+
+
+def _audit_one(task):
+    """Compile one task (in a worker process without TRITON_INTERPRET); registers and spills from
+    ptxas's report, shared memory from Triton's metadata."""
+    import contextlib
+    import io
+    import re
+    import time
+
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    t0 = time.time()
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):
+            k = triton.compile(_attention_source(task), target=GPUTarget("cuda", task["cc"], 32),
+                               options=dict(num_warps=task["cfg"][2], num_stages=task["cfg"][3]))
+        text = log.getvalue()
+        regs = re.search(r"Used (\d+) registers", text)
+        spill = re.search(r"(\d+) bytes spill stores", text)
+        return {**task, "regs": int(regs.group(1)) if regs else -1, "spill": int(spill.group(1)) if spill else 0,
+                "smem": int(k.metadata.shared), "seconds": round(time.time() - t0, 1)}
+    except Exception as e:  # noqa: BLE001 - reported as a failure of this task
+        return {**task, "error": f"{type(e).__name__}: {str(e)[:400]}", "seconds": round(time.time() - t0, 1)}
+
+
+def run_attention_audit(jobs: int):
+    from concurrent.futures import ProcessPoolExecutor
+
+    tasks = attention_audit_tasks()
+    with ProcessPoolExecutor(jobs) as ex:   # heaviest (widest) first so that the pool ends together
+        return list(ex.map(_audit_one, sorted(tasks, key=lambda t: -t["D"] * max(t["cfg"][:2]))))
+
+
+def format_audit(results):
+    rows = ["| kernel | arch | BLOCK_M×BLOCK_N, warps, stages | dtype | D | regs | spill B | smem KB |",
+            "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: (r["kernel"], r["cc"], r["dtype"] + r["prec"], r["cfg"], r["D"])):
+        bm, bn, w, st = r["cfg"]
+        dt = r["dtype"] if r["dtype"] == "bf16" else f"fp32 ({r['prec']})"
+        rows.append(f"| {r['kernel']} | sm_{r['cc']} | {bm}×{bn}, w{w}, s{st} | {dt} | {r['D']} | "
+                    + (f"{r['regs']} | {r['spill']} | {r['smem'] / 1024:.1f} |" if "error" not in r
+                       else f"error: {r['error'][:80]} | | |"))
+    return "\n".join(rows)
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the autotuner compiles and runs these configs")
+def test_attention_configs_fit_gpu_resources(tmp_path):
+    """Every attention config the pruner may select fits the arch's shared memory and spills at
+    most SPILL_BUDGET bytes per thread (sm_80 and sm_90, compiled offline)."""
+    from rlhf_ops.kernels import attention as ka
+
+    out = tmp_path / "audit.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    proc = subprocess.run([sys.executable, __file__, "--attention-audit", str(out)], env=env,
+                          capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    results = json.loads(out.read_text())
+    print(format_audit(results))
+    assert len(results) == len(attention_audit_tasks())
+    bad = [r for r in results if "error" in r or r["smem"] > ARCH_SMEM[r["cc"]] or r["spill"] > ka.SPILL_BUDGET]
+    assert not bad, "configs the pruner may select exceed the GPU's resources:\n" + format_audit(bad)
+
+
+if __name__ == "__main__" and sys.argv[1] == "--attention-audit":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    res = run_attention_audit(int(os.environ.get("AUDIT_JOBS", min(2, os.cpu_count() or 1))))
+    json.dump(res, open(sys.argv[2], "w"))
+    print(format_audit(res))
+elif __name__ == "__main__":
     specs = json.load(open(sys.argv[1]))
     fails = []
     for cc in (90, 80):
