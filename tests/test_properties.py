@@ -418,10 +418,10 @@ def _attn_values(data, gen, shape, specials):
 def _assume_no_known_attention_bug(specials, opts, masked):
     """Keep the draws off the bugs pinned at the end of the file (until they are fixed)."""
     q_s, k_s, v_s = specials
-    # test_attention_all_scores_neginf (and test_attention_softcap_infinite_score_backward)
+    # test_attention_all_scores_neginf
     assume("neginf" not in (q_s, k_s))
-    # test_attention_nonfinite_masked_key_backward (and ..._nan_value_row_without_keys): with a
-    # mask, a NaN/−inf reaches masked positions of the backward as 0·NaN
+    # test_attention_nonfinite_masked_key_backward: with a mask, a NaN/−inf reaches masked
+    # positions of the backward as 0·NaN
     assume(not (masked and {q_s, k_s, v_s} & {"nan", "neginf"}))
 
 
@@ -772,10 +772,7 @@ def test_ce_inplace_backward_expanded_logits(backend):
 
 
 @pytest.mark.parametrize("backend", ["triton"])
-@pytest.mark.xfail(strict=True, reason="BUG (kernels/attention.py backward with softcap, owner: attention triton): a "
-                   "score s = q·k·scale of ±inf (a −inf in k here; an overflow does the same) gives NaN dk and dv, "
-                   "where c·tanh(s/c) is finite (±c) with derivative 0: the reference's dv = p·dO is finite. Found "
-                   "by test_attention (T = S = 1, softcap 5, q with 1e4, k with −inf, fp64)")
+# found by test_attention (T = S = 1, softcap 5, −inf in k: NaN dk/dv on triton); fixed in 5d17081
 def test_attention_softcap_infinite_score_backward(backend):
     _fused_only(backend)
     g = torch.Generator().manual_seed(0)
@@ -793,10 +790,7 @@ def test_attention_softcap_infinite_score_backward(backend):
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-@pytest.mark.xfail(strict=True, reason="BUG (owner: attention): a query row that sees no key (causal, T > S) must "
-                   "output 0 with a zero gradient (DESIGN/docstring), but a NaN in v reaches it: the reference "
-                   "computes 0·NaN = NaN in its output (p is zeroed, then p @ v), the triton kernel NaN in its "
-                   "output and in its dq. Found by test_attention_varlen (causal, lengths q 2 / k 1, NaN in v)")
+# found by test_attention_varlen (a NaN in v reached rows that see no key, reference and triton); fixed in 5d17081
 def test_attention_nan_value_row_without_keys(backend):
     if backend != "reference":
         _fused_only(backend)
