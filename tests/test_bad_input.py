@@ -82,6 +82,11 @@ BETA_INF = ("BUG (rlhf_ops/kl.py kl_penalty, owner: logprobs/kl): beta=inf/nan i
 NO_GRAD = ("BUG/design (owner: logprobs/kl): a {arg} that requires grad is accepted and silently gets "
            "no gradient (DESIGN: no gradient to it); raise a ValueError naming it, or document it")
 
+VOCAB_OFFSET = ("BUG (rlhf_ops/distributed.py, owner: dist): a negative vocab_offset raises TypeError; a negative "
+                "size or offset is a ValueError (pad's batch/seqlen, attention_varlen's max_seqlen, window raise "
+                "ValueError)")
+VP_OPS = ("cross_entropy", "linear_cross_entropy", "token_logprobs", "linear_token_logprobs", "kl_penalty")
+
 CASES = [
     # ---- attention
     _row("attention", "dtype", "q", lambda a: dict(q=a["q"].long()), TypeError),
@@ -223,6 +228,11 @@ CASES = [
          NO_GRAD.format(arg="ref_logprobs")),
 ]
 
+# vocabulary-parallel options of the five vocabulary ops
+CASES += [_row(fn, "dtype", "process_group", lambda a: dict(process_group="world"), TypeError) for fn in VP_OPS]
+CASES += [_row(fn, "negative_size", "vocab_offset", lambda a: dict(vocab_offset=-2), ValueError, VOCAB_OFFSET)
+          for fn in VP_OPS]
+
 # Kinds a function has no argument for (so no row can exist).
 NOT_APPLICABLE = {
     "attention": {"requires_grad": "q, k, v all take gradients"},
@@ -231,19 +241,17 @@ NOT_APPLICABLE = {
               "unknown_string": "no string option", "requires_grad": "x takes a gradient, the mask is integer"},
     "pad": {"nonfinite": "no scalar option", "unknown_string": "no string option",
             "requires_grad": "x_packed takes a gradient, indices are int64"},
-    "cross_entropy": {"negative_size": "no size argument", "requires_grad": "target is int64"},
-    "linear_cross_entropy": {"negative_size": "no size argument",
-                             "requires_grad": "hidden, weight, bias take gradients"},
+    "cross_entropy": {"requires_grad": "target is int64"},
+    "linear_cross_entropy": {"requires_grad": "hidden, weight, bias take gradients"},
     "pairwise_reward_loss": {"negative_size": "no size argument"},
     "reward_at_last_token": {"nonfinite": "no scalar option", "negative_size": "no size argument",
                              "unknown_string": "no string option",
                              "requires_grad": "hidden, weight, bias take gradients"},
-    "token_logprobs": {"negative_size": "no size argument", "requires_grad": "tokens are int64"},
-    "kl_penalty": {"negative_size": "no size argument"},
+    "token_logprobs": {"requires_grad": "tokens are int64"},
+    "kl_penalty": {},
     "ppo_rewards": {"nonfinite": "no scalar option", "negative_size": "no size argument",
                     "unknown_string": "no string option"},
-    "linear_token_logprobs": {"negative_size": "no size argument",
-                              "requires_grad": "hidden, weight, bias take gradients"},
+    "linear_token_logprobs": {"requires_grad": "hidden, weight, bias take gradients"},
     "kl_from_logprobs": {"negative_size": "no size argument"},
 }
 
