@@ -198,17 +198,27 @@ COMPILE_BUGS = {
 }
 
 
-@pytest.mark.parametrize("name", COMPILE_OPS)
-@pytest.mark.parametrize("backend", BACKENDS)
+NO_BACKEND = {"kl_from_logprobs", "ppo_rewards", "reward_at_last_token", "pad"}   # plain torch ops
+
+
+def _compile_params():
+    out = []
+    for bp in BACKENDS:
+        be = bp.values[0]
+        for name in COMPILE_OPS:
+            if be != "reference" and name in NO_BACKEND:
+                continue        # no backend choice: run once, under "reference"
+            if be == "cuda" and name.startswith("attention"):
+                continue        # the cuda attention takes fp16/bf16 and head dims 64/128 only
+            out.append(pytest.param(be, name, id=f"{be}-{name}", marks=bp.marks))
+    return out
+
+
+@pytest.mark.parametrize("backend,name", _compile_params())
 def test_compile_dynamic_no_recompile(backend, name, request):
     """Forward (checked against eager) and backward through the compiled function, lengths 5, 8, 13."""
     if name in COMPILE_BUGS:
         request.applymarker(pytest.mark.xfail(strict=True, reason=COMPILE_BUGS[name]))
-    no_backend = {"kl_from_logprobs", "ppo_rewards", "reward_at_last_token", "pad"}
-    if backend != "reference" and name in no_backend:
-        pytest.skip(f"{name} has no backend choice (runs once, under 'reference')")
-    if backend == "cuda" and name.startswith("attention"):
-        pytest.skip("the cuda attention takes fp16/bf16 and head dims 64/128 (covered under triton)")
     fn, make = _compile_cases(backend)[name]
     torch._dynamo.reset()
     compiled, cnt = _counted(fn)
