@@ -224,9 +224,10 @@ def _finite(x) -> bool:
 
 
 def _scale_arg(op: str, scale, D: int) -> float:
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
-                              or not _finite(scale)):
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise TypeError(f"rlhf_ops.{op}: scale must be None or a finite number, got {scale!r}")
+    if scale is not None and not _finite(scale):
+        raise ValueError(f"rlhf_ops.{op}: scale must be None or a finite number, got {scale!r}")
     return 1.0 / math.sqrt(D) if scale is None else float(scale)
 
 

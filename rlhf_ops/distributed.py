@@ -279,8 +279,9 @@ def check_vocab_offset(op: str, vocab_offset, group) -> None:
     if vocab_offset is None:
         return
     if isinstance(vocab_offset, bool) or not isinstance(vocab_offset, int) or vocab_offset < 0:
-        raise TypeError(f"rlhf_ops.{op}: vocab_offset must be None or an int >= 0 (the global "
-                        f"id of this rank's first vocabulary entry), got {vocab_offset!r}")
+        kind = ValueError if isinstance(vocab_offset, int) and not isinstance(vocab_offset, bool) else TypeError
+        raise kind(f"rlhf_ops.{op}: vocab_offset must be None or an int >= 0 (the global "
+                   f"id of this rank's first vocabulary entry), got {vocab_offset!r}")
     if group is None:
         raise ValueError(f"rlhf_ops.{op}: vocab_offset needs a process_group (or a DTensor input)")
 

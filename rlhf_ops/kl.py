@@ -545,6 +545,8 @@ def _eager_token_check(op, tokens, V):
 def _check_beta(op, beta):
     if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
         raise TypeError(f"rlhf_ops.{op}: beta must be a number, got {type(beta).__name__}")
+    if not abs(float(beta)) < float("inf"):
+        raise ValueError(f"rlhf_ops.{op}: beta must be finite, got {beta}")
 
 
 def _check_estimator(op, estimator):
@@ -842,8 +844,6 @@ def kl_from_logprobs(logprobs: Tensor, ref_logprobs: Tensor, *, beta: float, est
     _check_mask(op, mask, logprobs.shape, "logprobs.shape")
     _check_estimator(op, estimator)
     _check_beta(op, beta)
-    if not abs(float(beta)) < float("inf"):
-        raise ValueError(f"rlhf_ops.{op}: beta must be finite, got {beta}")
     return reference.kl_from_logprobs(logprobs, ref_logprobs, float(beta), estimator, mask)
 
 

@@ -509,7 +509,7 @@ def test_varlen_bad_inputs_raise(device):
         (dict(softcap=float("inf")), ValueError, "softcap must be a finite number ≥ 0"),
         (dict(softcap="x"), TypeError, "softcap must be a finite number ≥ 0"),
         (dict(softcap=True), TypeError, "softcap must be a finite number ≥ 0"),
-        (dict(scale=float("nan")), TypeError, "scale must be None or a finite number"),
+        (dict(scale=float("nan")), ValueError, "scale must be None or a finite number"),
         (dict(backend="nope"), ValueError, "backend"),
     ]
     for kw, exc, msg in cases:

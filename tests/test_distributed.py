@@ -428,7 +428,7 @@ def bad_arguments(ctx):
     x, t = torch.randn(2, ctx.V_r), torch.tensor([0, 1])
     with pytest.raises(TypeError, match="process_group must be a torch.distributed.ProcessGroup"):
         ro.cross_entropy(x, t, process_group="world")
-    with pytest.raises(TypeError, match="vocab_offset must be None or an int >= 0"):
+    with pytest.raises(ValueError, match="vocab_offset must be None or an int >= 0"):
         ro.cross_entropy(x, t, process_group=ctx.group, vocab_offset=-1)
     with pytest.raises(ValueError, match="vocab_offset needs a process_group"):
         ro.cross_entropy(x, t, vocab_offset=0)
