@@ -154,6 +154,18 @@ def _ce_backward(x_ptr, stride_x, dx_ptr, stride_dx, t_ptr, lse_ptr, g_ptr, stri
     tl.store(dx_ptr + row * stride_dx + cols, cast_out(dx, dx_ptr.dtype.element_ty), mask=inside)
 
 
+def _partials(logits: torch.Tensor, acc: torch.dtype):
+    """Per (row, chunk of V) partial statistics of ``_ce_partial``: part [3, N, n_chunks]."""
+    N, V = logits.shape
+    chunk, block = row_blocks(N, V)
+    n_chunks = triton.cdiv(V, chunk)
+    part = torch.empty(3, N, n_chunks, dtype=acc, device=logits.device)
+    fp64 = acc == torch.float64
+    _ce_partial[(N, n_chunks)](logits, logits.stride(0), part[0], part[1], part[2], V, n_chunks,
+                               CHUNK=chunk, BLOCK=block, ACC_FP64=fp64)
+    return part, n_chunks, fp64
+
+
 def forward(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, label_smoothing: float):
     """logits [N, V] (unit column stride), target [N] → (loss [N], lse [N, 2] = (M, log S)),
     fp32 (fp64 for fp64 logits)."""
@@ -163,12 +175,7 @@ def forward(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, label
     lse = torch.empty(N, 2, dtype=acc, device=logits.device)
     if N == 0:
         return loss, lse
-    chunk, block = row_blocks(N, V)
-    n_chunks = triton.cdiv(V, chunk)
-    part = torch.empty(3, N, n_chunks, dtype=acc, device=logits.device)
-    fp64 = acc == torch.float64
-    _ce_partial[(N, n_chunks)](logits, logits.stride(0), part[0], part[1], part[2], V, n_chunks,
-                               CHUNK=chunk, BLOCK=block, ACC_FP64=fp64)
+    part, n_chunks, fp64 = _partials(logits, acc)
     _ce_combine[(N,)](logits, logits.stride(0), target, part[0], part[1], part[2], loss, lse,
                       V, n_chunks, ignore_index, float(label_smoothing),
                       BLOCK_C=triton.next_power_of_2(n_chunks), ACC_FP64=fp64)
@@ -189,12 +196,7 @@ def local_stats(logits: torch.Tensor, target: torch.Tensor, offset: torch.Tensor
         st.zero_()
         st[1] = float("-inf")
         return st
-    chunk, block = row_blocks(N, V)
-    n_chunks = triton.cdiv(V, chunk)
-    part = torch.empty(3, N, n_chunks, dtype=acc, device=logits.device)
-    fp64 = acc == torch.float64
-    _ce_partial[(N, n_chunks)](logits, logits.stride(0), part[0], part[1], part[2], V, n_chunks,
-                               CHUNK=chunk, BLOCK=block, ACC_FP64=fp64)
+    part, n_chunks, fp64 = _partials(logits, acc)
     _ce_stats[(N,)](logits, logits.stride(0), target, offset, part[0], part[1], part[2], st,
                     N, V, n_chunks, ignore_index, SMOOTH=bool(smoothing),
                     BLOCK_C=triton.next_power_of_2(n_chunks), ACC_FP64=fp64)
