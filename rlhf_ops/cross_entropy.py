@@ -229,6 +229,11 @@ def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100,
     x = logits.reshape(-1, V)
     if x.shape[0] > 0 and x.stride(-1) != 1:
         x = x.contiguous()
+    if inplace_backward and x.shape[0] > 1 and x.stride(0) < V:
+        # rows share memory (an expand()ed view): one buffer cannot hold every row's gradient
+        raise ValueError(f"rlhf_ops.{OP}: inplace_backward=True needs logits whose rows do not overlap "
+                         f"in memory, got shape {tuple(logits.shape)} with strides {tuple(logits.stride())} "
+                         f"(an expand()ed view?); pass logits.contiguous() or inplace_backward=False")
     t = target.reshape(-1).contiguous()        # the kernels index targets by row
     loss, _ = torch.ops.rlhf_ops.cross_entropy_fwd(x, t, ignore_index, float(label_smoothing),
                                                    bool(inplace_backward), be)

@@ -755,17 +755,16 @@ def _fused_only(backend):
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-@pytest.mark.xfail(strict=True, reason="BUG (rlhf_ops/cross_entropy.py, owner: cross_entropy): inplace_backward=True "
-                   "on logits with a stride-0 (expanded) row dim writes every row's gradient into the one shared "
-                   "row, so the gradient is wrong (found by test_cross_entropy: fp64 [2, 1, 2] expanded from "
-                   "[1, 1, 2], error 0.53); copy (or refuse) logits with internal overlap before an in-place "
-                   "backward")
+# found by test_cross_entropy: inplace_backward=True on expanded logits wrote every row's gradient
+# into the one shared row (error 0.53); such logits are now refused with a clear error
 def test_ce_inplace_backward_expanded_logits(backend):
     _fused_only(backend)
     base = torch.tensor([[[0.3, -1.2]]], dtype=F64, device=DEVICE, requires_grad=True)
     t = torch.tensor([[0], [1]], device=DEVICE)
-    g, = torch.autograd.grad(ro.cross_entropy(base.expand(2, 1, 2), t, reduction="sum", backend=backend,
-                                              inplace_backward=True), base)
+    with pytest.raises(ValueError, match="inplace_backward=True needs logits whose rows do not overlap"):
+        ro.cross_entropy(base.expand(2, 1, 2), t, reduction="sum", backend=backend, inplace_backward=True)
+    g, = torch.autograd.grad(ro.cross_entropy(base.expand(2, 1, 2).contiguous(), t, reduction="sum",
+                                              backend=backend, inplace_backward=True), base)
     b64 = base.detach().clone().requires_grad_()
     want, = torch.autograd.grad(reference.cross_entropy(b64.expand(2, 1, 2), t, reduction="sum"), b64)
     assert_matches(g, want, tol=1e-12, what="d logits")
