@@ -160,7 +160,9 @@ fi
 part "CUDA attention: compute-sanitizer (4 tools in parallel, ${ATTN_SANITIZE_S:-45} s)"
 SANITIZER=$(command -v compute-sanitizer || ls ${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer \
             /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
-if [ -z "$SANITIZER" ]; then
+if [ $(( TOTAL_S - $(elapsed) - 150 )) -lt ${ATTN_SANITIZE_S:-45} ]; then
+  echo "attention sanitizer checks NOT run (no time left in the budget)"
+elif [ -z "$SANITIZER" ]; then
   echo "compute-sanitizer not found: attention sanitizer checks NOT run"
 elif ! $PY -c "import rlhf_ops._C, torch; torch.ops.rlhf_ops_cuda.attention_varlen_fwd" 2>/dev/null; then
   echo "the extension (with attention_varlen_fwd) did not load: attention sanitizer checks NOT run"
@@ -226,7 +228,9 @@ fi
 # 90), rows in $LOGS/linear_logprobs.json. The correctness tests themselves (tests/test_kl.py,
 # tests/test_linear_logprobs.py, tests/test_reward.py) ran in the suite above on CUDA tensors.
 part "log-probs/KL/reward CUDA kernels: sanitizer, then the linear_token_logprobs bench"
-if ! $PY -c "import rlhf_ops._C, torch; torch.ops.rlhf_ops_cuda.kl_bwd" 2>/dev/null; then
+if [ $(( TOTAL_S - $(elapsed) - 150 )) -lt ${LOGPROBS_SANITIZE_S:-30} ]; then
+  echo "log-probs sanitizer checks NOT run (no time left in the budget)"
+elif ! $PY -c "import rlhf_ops._C, torch; torch.ops.rlhf_ops_cuda.kl_bwd" 2>/dev/null; then
   echo "the extension did not load: log-probs sanitizer checks NOT run"
 elif SANITIZER=${SANITIZER:-$(command -v compute-sanitizer || ls ${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer \
             /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)}; [ -z "$SANITIZER" ]; then
