@@ -15,7 +15,8 @@ see ``available_backends()`` and ``use_backend()``.
 from ._backend import available_backends, use_backend
 from .attention import attention, attention_varlen
 from .cross_entropy import cross_entropy, linear_cross_entropy
-from .kl import kl_from_logprobs, kl_penalty, linear_token_logprobs, ppo_rewards, token_logprobs
+from .kl import kl_from_logprobs, kl_penalty, ppo_rewards
+from .logprobs import linear_token_logprobs, token_logprobs
 from .padding import pad, unpad
 from .reference import KLPenalty
 from .reward import pairwise_reward_loss, reward_at_last_token

@@ -1,155 +1,28 @@
-"""Per-token log-probabilities (also straight from hidden states), entropy, and the PPO KL penalty
-(InstructGPT stage 4).
+"""The PPO KL penalty per token (InstructGPT stage 4): log-probs of the policy and of the
+reference model, their log-ratio, a KL estimate, the penalty and the policy's entropy, in one pass
+over both logit tensors; also from stored log-probs, and the per-token PPO reward.
 
-Follows the op pattern of ``cross_entropy.py``: validation → ``_backend.resolve`` →
-``reference`` (eager, ``reference.py``) or ``rlhf_ops::`` custom ops whose bodies run the Triton
-launchers (``rlhf_ops.kernels.kl``) or ``torch.ops.rlhf_ops_cuda.kl_fwd`` / ``kl_bwd``.
-
-Forward per row, y = logits / T (T divides inside the kernels, no scaled copy), t_1..t_K = the
-row's tokens (K = 1 for tokens [...]):
-    lse  = log Σ_j exp(y_j)                         (online softmax, one read of each row)
-    logp_k = y_{t_k} − lse,   entropy H = −Σ p·log p = lse − Σ_j p_j·y_j   (p = softmax(y))
-    kl_penalty: ref_logp likewise on ref_logits, d = log_ratio = logp − ref_logp,
+Runs the kernels of ``logprobs.py`` (``rlhf_ops.kernels.kl`` / ``rlhf_ops_cuda.kl_fwd``) with a
+second logit tensor. Per row, on top of the log-prob forward there:
+    ref_logp likewise on ref_logits, d = log_ratio = logp − ref_logp,
     kl = d (k1) | ½d² (k2) | e^{−d} − 1 + d (k3),   penalty = −β·kl·mask
-Saved for backward: the logits (which exist anyway), the tokens, lse (as the pair shift, log S:
-[2, N]), the entropy [N] when it is differentiable and, for k2/k3, d [N].
-Backward, one sweep over the row, with upstream gradients G_k (log-probs) and G_H (entropy):
-    ∂logp_k/∂x_j = ([j = t_k] − p_j)/T,   ∂H/∂x_j = −p_j·(log p_j + H)/T
-    d logits_j = (Σ_k G_k·[j = t_k] − (Σ_k G_k)·p_j − G_H·p_j·(log p_j + H)) / T
-where p_j = 0 (a −inf logit) contributes 0 to the entropy term (0·log 0 = 0). For kl_penalty,
-G = g_logp + g_log_ratio + g_kl·∂kl/∂logp with ∂kl/∂logp = 1 | d | 1 − e^{−d}.
+Saved for backward: the policy logits, the tokens, lse [2, N], the entropy [N] and, for k2/k3,
+d [N]. The backward is the log-prob backward with
+    G = g_logp + g_log_ratio + g_kl·∂kl/∂logp,   ∂kl/∂logp = 1 | d | 1 − e^{−d}.
 ref_logits never get a gradient; ref_logprobs and penalty are outputs without gradient (penalty
 is a reward term); entropy is differentiable (an entropy bonus trains).
 
-``linear_token_logprobs`` runs the same kernels on logits computed one block at a time from
-hidden [N, d] and weight [V, d] (cuBLAS matmuls, never all [N, V] logits):
-  forward  — row chunks: logits = hidden[rows] @ Wᵀ + b, then the fused forward on the chunk;
-             kept per row: lse [2, N] and the entropy [N] (when asked for);
-  backward — vocabulary slices: logits[:, v0:v1] recomputed for all rows, turned into their
-             gradient by the fused backward (which knows lse and H, so a slice suffices), then
-             dW[v0:v1] = dlogitsᵀ·hidden in one GEMM over all rows (fp32 accumulation inside
-             the GEMM, rounded once to W's dtype, as eager), d hidden += dlogits·W[v0:v1] in an
-             fp32 [N, d] accumulator, d bias[v0:v1] = Σ_rows dlogits in fp32.
-
-Vocabulary parallel (``process_group=``, or DTensor inputs sharded over the vocabulary): the
-logits (``weight`` for the linear op) are this rank's slice; the unchanged fused forward runs on
-the slice with the tokens it owns mapped to local ids, ``rlhf_ops.distributed`` turns its
-outputs into per-row statistics, gathers and combines them into the full-vocabulary log-probs,
-entropy and lse (identical on every rank). The backward above runs on the slice against the
-global lse and entropy with col0 = 0 and vocab = V_r + 1: an owned token is its local column,
-another rank's token the id V_r (valid, outside the slice: no one-hot), a token no rank owns −1
-(a NaN row, as unsharded). The linear op sums d hidden over the ranks.
+Vocabulary parallel: both logit tensors are this rank's slice; one gather carries the statistics
+of both models (``rlhf_ops.distributed``), and the backward is the sharded log-prob backward.
 """
 from __future__ import annotations
 
-import numbers
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from . import _backend, _checks, distributed, reference
+from . import _backend, _checks, distributed, logprobs, reference
+from .logprobs import _fwd_impl, _grads, _lp_config, _rows, _slice_stats, _wrap
 from .reference import ESTIMATORS, KLPenalty
-
-# masks: bool, float, or the integer attention masks tokenizers return (0 / 1)
-MASK_DTYPES = (torch.bool,) + _checks.FLOAT_DTYPES + (torch.int64, torch.int32, torch.int16, torch.int8,
-                                                    torch.uint8)
-
-_EST_ID = {"k1": 1, "k2": 2, "k3": 3}
-
-# Bytes of logits (in their own dtype) one block of linear_token_logprobs holds: a forward row
-# chunk [rows, V] or a backward vocabulary slice [N, cols].
-LINEAR_BLOCK_BYTES = 64 << 20
-
-
-def _fwd_impl(backend: str, logits: Tensor, ref_logits: Tensor | None, tokens: Tensor,
-              mask: Tensor | None, temperature: float, beta: float, estimator: str):
-    if backend == "triton":
-        return _backend.triton_kernels("kl").forward(logits, ref_logits, tokens, mask, temperature,
-                                                     beta, estimator)
-    return tuple(torch.ops.rlhf_ops_cuda.kl_fwd(logits, ref_logits, tokens, mask, temperature, beta,
-                                                _EST_ID[estimator]))
-
-
-def _bwd_impl(backend: str, grad, grad_entropy, logits, tokens, lse, entropy, temperature: float,
-              inplace: bool = False, col0: int = 0, vocab: int = -1) -> Tensor:
-    """The fused backward; ``inplace`` lets Triton write over ``logits`` (CUDA returns a new
-    tensor: its token pass reads the logits after the dense pass)."""
-    if backend == "triton":
-        return _backend.triton_kernels("kl").backward(
-            grad, grad_entropy, logits, tokens, lse, entropy, temperature,
-            out=logits if inplace else None, col0=col0, vocab=None if vocab < 0 else vocab)
-    return torch.ops.rlhf_ops_cuda.kl_bwd(grad, grad_entropy, logits, tokens, lse, entropy,
-                                          temperature, col0, vocab)
-
-
-def _grads(g_logp: Tensor | None, g_ent: Tensor | None, tokens: Tensor, lse: Tensor, with_entropy: bool):
-    """Upstream gradients as the backward ops take them: a None log-prob gradient (the output
-    unused) becomes zeros; an unused or non-differentiable entropy gives None."""
-    if g_logp is None:
-        g_logp = torch.zeros(tokens.shape, dtype=lse.dtype, device=lse.device)
-    return g_logp, (g_ent if with_entropy else None)
-
-
-# ------------------------------------------------------------------------------ custom ops ---
-
-@torch.library.custom_op("rlhf_ops::token_logprobs_fwd", mutates_args=())
-def token_logprobs_fwd(logits: Tensor, tokens: Tensor, temperature: float, backend: str,
-                       with_entropy: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """logits [N, V] (unit stride over V), tokens [N, K] (or [N]) int64 → (logprobs (tokens'
-    shape), entropy [N], lse [2, N]); lse is kept as the pair (shift, log Σ exp(y − shift)) so
-    that it loses no precision. ``with_entropy`` only says whether the entropy is
-    differentiable."""
-    if _backend.debug_checks(logits.device):
-        _checks.in_range("token_logprobs", "tokens", tokens, 0, logits.shape[1])
-    return tuple(_fwd_impl(backend, logits, None, tokens, None, temperature, 0.0, "k1"))
-
-
-@token_logprobs_fwd.register_fake
-def _(logits, tokens, temperature, backend, with_entropy=False):
-    acc = _checks.acc_dtype(logits.dtype)
-    n = logits.shape[0]
-    return (logits.new_empty(tokens.shape, dtype=acc), logits.new_empty((n,), dtype=acc),
-            logits.new_empty((2, n), dtype=acc))
-
-
-@torch.library.custom_op("rlhf_ops::token_logprobs_bwd", mutates_args=())
-def token_logprobs_bwd(grad: Tensor, logits: Tensor, tokens: Tensor, lse: Tensor,
-                       temperature: float, backend: str, grad_entropy: Tensor | None = None,
-                       entropy: Tensor | None = None, col0: int = 0, vocab: int = -1) -> Tensor:
-    """grad (tokens' shape: G), grad_entropy [N] or None (G_H, with the forward's entropy [N])
-    → d logits as a new [N, V] tensor in the logits dtype. ``col0``/``vocab``: the logits are
-    the columns [col0, col0 + W) of ``vocab``-wide rows (vocabulary parallel; default: whole)."""
-    return _bwd_impl(backend, grad, grad_entropy, logits, tokens, lse, entropy, temperature,
-                     col0=col0, vocab=vocab)
-
-
-@token_logprobs_bwd.register_fake
-def _(grad, logits, tokens, lse, temperature, backend, grad_entropy=None, entropy=None, col0=0,
-      vocab=-1):
-    return torch.empty_like(logits)
-
-
-def _tl_setup(ctx, inputs, output):
-    logits, tokens, temperature, backend, with_entropy = inputs
-    ctx.save_for_backward(logits, tokens, output[2], output[1] if with_entropy else None)
-    ctx.args = (temperature, backend)
-    ctx.with_entropy = with_entropy
-    ctx.set_materialize_grads(False)   # an unused output's gradient arrives as None
-    ctx.mark_non_differentiable(output[2])
-    if not with_entropy:
-        ctx.mark_non_differentiable(output[1])
-
-
-def _tl_backward(ctx, g_logp, g_ent, g_lse):
-    logits, tokens, lse, ent = ctx.saved_tensors
-    g_logp, g_ent = _grads(g_logp, g_ent, tokens, lse, ctx.with_entropy)
-    grad = torch.ops.rlhf_ops.token_logprobs_bwd(g_logp, logits, tokens, lse, *ctx.args, g_ent,
-                                                 ent if g_ent is not None else None)
-    return grad, None, None, None, None
-
-
-token_logprobs_fwd.register_autograd(_tl_backward, setup_context=_tl_setup)
 
 
 @torch.library.custom_op("rlhf_ops::kl_penalty_fwd", mutates_args=())
@@ -210,221 +83,6 @@ def _kl_backward(ctx, g_logp, g_ref, g_ratio, g_kl, g_pen, g_ent, g_lse):
 
 
 kl_penalty_fwd.register_autograd(_kl_backward, setup_context=_kl_setup)
-
-
-# --------------------------------------------------------------- linear token log-probs ops ---
-
-def _block_len(n_other: int, itemsize: int, total: int) -> int:
-    """How many rows (or columns) of ``n_other`` logits each fit in LINEAR_BLOCK_BYTES: at least
-    128 (or ``total``), a multiple of 128 when above it (whole GEMM tiles)."""
-    n = LINEAR_BLOCK_BYTES // max(1, n_other * itemsize)
-    n = max(128, n - n % 128)
-    return max(1, min(total, n))
-
-
-@torch.library.custom_op("rlhf_ops::linear_token_logprobs_fwd", mutates_args=())
-def linear_token_logprobs_fwd(hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tensor,
-                              temperature: float, with_entropy: bool, backend: str
-                              ) -> tuple[Tensor, Tensor, Tensor]:
-    """hidden [N, d], weight [V, d], tokens [N, K] → (logprobs [N, K], entropy [N], lse [2, N]);
-    logits exist one row chunk [rows, V] at a time."""
-    N, V = hidden.shape[0], weight.shape[0]
-    if _backend.debug_checks(hidden.device):
-        _checks.in_range("linear_token_logprobs", "tokens", tokens, 0, V)
-    acc = _checks.acc_dtype(hidden.dtype)
-    logp = hidden.new_empty(tokens.shape, dtype=acc)
-    ent = hidden.new_empty((N,), dtype=acc)
-    lse = hidden.new_empty((2, N), dtype=acc)
-    step = _block_len(V, hidden.element_size(), N)
-    for s in range(0, N, step):
-        logits = F.linear(hidden[s:s + step], weight, bias)
-        logp[s:s + step], ent[s:s + step], lse[:, s:s + step] = _fwd_impl(
-            backend, logits, None, tokens[s:s + step], None, temperature, 0.0, "k1")
-    return logp, ent, lse
-
-
-@linear_token_logprobs_fwd.register_fake
-def _(hidden, weight, bias, tokens, temperature, with_entropy, backend):
-    acc = _checks.acc_dtype(hidden.dtype)
-    n = hidden.shape[0]
-    return (hidden.new_empty(tokens.shape, dtype=acc), hidden.new_empty((n,), dtype=acc),
-            hidden.new_empty((2, n), dtype=acc))
-
-
-@torch.library.custom_op("rlhf_ops::linear_token_logprobs_bwd", mutates_args=())
-def linear_token_logprobs_bwd(grad: Tensor, grad_entropy: Tensor | None, hidden: Tensor,
-                              weight: Tensor, bias: Tensor | None, tokens: Tensor, lse: Tensor,
-                              entropy: Tensor | None, temperature: float, backend: str,
-                              vocab: int = -1, group: str = "") -> tuple[Tensor, Tensor, Tensor]:
-    """(d hidden, d weight, d bias) over vocabulary slices; d bias is [0] without a bias.
-    Vocabulary parallel: ``vocab`` is the row width the kernels check tokens against (V_r + 1,
-    see the module docstring) and d hidden is summed over the process group ``group``."""
-    N, V = hidden.shape[0], weight.shape[0]
-    V_k = V if vocab < 0 else vocab
-    acc = _checks.acc_dtype(hidden.dtype)
-    d_weight = torch.empty_like(weight) if N > 0 else torch.zeros_like(weight)  # N > 0: all written
-    d_bias = torch.zeros((V if bias is not None else 0,), dtype=acc, device=weight.device)
-    # d hidden is a sum over the slices: accumulated in fp32 (fp64); it is the output itself
-    # when hidden is in the accumulation dtype
-    d_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device)
-    if N > 0:
-        step = _block_len(N, hidden.element_size(), V)
-        for v0 in range(0, V, step):
-            w = weight[v0:v0 + step]
-            logits = F.linear(hidden, w, None if bias is None else bias[v0:v0 + step])
-            dl = _bwd_impl(backend, grad, grad_entropy, logits, tokens, lse, entropy, temperature,
-                           inplace=True, col0=v0, vocab=V_k)
-            torch.mm(dl.t(), hidden, out=d_weight[v0:v0 + step])  # one GEMM over every row
-            if d_hidden.dtype == dl.dtype:
-                d_hidden.addmm_(dl, w)
-            else:
-                d_hidden += dl @ w
-            if bias is not None:
-                d_bias[v0:v0 + step] = dl.sum(0, dtype=acc)
-    if group:  # column-parallel head: d hidden = Σ_ranks (this slice's part), in fp32 (fp64)
-        distributed.all_reduce_(d_hidden, group)
-    return d_hidden.to(hidden.dtype), d_weight, d_bias.to(weight.dtype)
-
-
-@linear_token_logprobs_bwd.register_fake
-def _(grad, grad_entropy, hidden, weight, bias, tokens, lse, entropy, temperature, backend,
-      vocab=-1, group=""):
-    return (torch.empty_like(hidden), torch.empty_like(weight),
-            weight.new_empty((weight.shape[0] if bias is not None else 0,)))
-
-
-def _ltl_setup(ctx, inputs, output):
-    hidden, weight, bias, tokens, temperature, with_entropy, backend = inputs
-    ctx.save_for_backward(hidden, weight, bias, tokens, output[2],
-                          output[1] if with_entropy else None)
-    ctx.args = (temperature, backend)
-    ctx.with_entropy = with_entropy
-    ctx.set_materialize_grads(False)
-    ctx.mark_non_differentiable(output[2])
-    if not with_entropy:
-        ctx.mark_non_differentiable(output[1])
-
-
-def _ltl_backward(ctx, g_logp, g_ent, g_lse):
-    hidden, weight, bias, tokens, lse, ent = ctx.saved_tensors
-    g_logp, g_ent = _grads(g_logp, g_ent, tokens, lse, ctx.with_entropy)
-    dh, dw, db = torch.ops.rlhf_ops.linear_token_logprobs_bwd(
-        g_logp, g_ent, hidden, weight, bias, tokens, lse, ent if g_ent is not None else None,
-        *ctx.args)
-    return dh, dw, (db if bias is not None else None), None, None, None, None
-
-
-linear_token_logprobs_fwd.register_autograd(_ltl_backward, setup_context=_ltl_setup)
-
-
-# ------------------------------------------------------------ vocabulary-parallel ops ---
-# Each runs the fused forward on this rank's slice, gathers the slice statistics over the group
-# named ``group`` and combines them (rlhf_ops.distributed); the last output holds the token ids
-# for the sharded backward (``distributed.backward_tokens``).
-
-def _slice_stats(backend, logits, tokens, offset, temperature):
-    """LP_STATS [3 + 2K, N] of a slice [N, V_r] from the fused forward."""
-    owned, t_fwd = distributed.local_tokens(tokens, offset, logits.shape[1])
-    logp, ent, lse = _fwd_impl(backend, logits, None, t_fwd, None, temperature, 0.0, "k1")
-    return distributed.logprob_stats(lse, ent, logp, owned)
-
-
-def _vp_combine(stats, V_r, K, tokens, offset, group):
-    G, sizes = distributed.gather_stats(stats, V_r, group)
-    logp, ent, lse = distributed.logprobs_combine(G, K)
-    return (logp.contiguous(), ent, lse.contiguous(),
-            distributed.backward_tokens(tokens, offset, V_r, sizes))
-
-
-@torch.library.custom_op("rlhf_ops::token_logprobs_vp_fwd", mutates_args=())
-def token_logprobs_vp_fwd(logits: Tensor, tokens: Tensor, offset: Tensor, temperature: float,
-                          backend: str, group: str, with_entropy: bool = False
-                          ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """logits [N, V_r] = this rank's slice from global id ``offset`` (int64 [1]), tokens [N, K]
-    global ids → (logprobs [N, K], entropy [N], global lse [2, N], backward token ids [N, K])."""
-    stats = _slice_stats(backend, logits, tokens, offset, temperature)
-    return _vp_combine(stats, logits.shape[1], tokens.shape[1], tokens, offset, group)
-
-
-@token_logprobs_vp_fwd.register_fake
-def _(logits, tokens, offset, temperature, backend, group, with_entropy=False):
-    acc = _checks.acc_dtype(logits.dtype)
-    n = logits.shape[0]
-    return (logits.new_empty(tokens.shape, dtype=acc), logits.new_empty((n,), dtype=acc),
-            logits.new_empty((2, n), dtype=acc), torch.empty_like(tokens))
-
-
-def _tl_vp_setup(ctx, inputs, output):
-    logits, tokens, offset, temperature, backend, group, with_entropy = inputs
-    ctx.save_for_backward(logits, output[3], output[2], output[1] if with_entropy else None)
-    ctx.args = (temperature, backend)
-    ctx.with_entropy = with_entropy
-    ctx.set_materialize_grads(False)
-    ctx.mark_non_differentiable(output[2], output[3])
-    if not with_entropy:
-        ctx.mark_non_differentiable(output[1])
-
-
-def _tl_vp_backward(ctx, g_logp, g_ent, g_lse, g_tok):
-    # no communication: this slice's part of the full-vocabulary gradient
-    logits, t_bwd, lse, ent = ctx.saved_tensors
-    g_logp, g_ent = _grads(g_logp, g_ent, t_bwd, lse, ctx.with_entropy)
-    grad = torch.ops.rlhf_ops.token_logprobs_bwd(g_logp, logits, t_bwd, lse, *ctx.args, g_ent,
-                                                 ent if g_ent is not None else None, 0,
-                                                 logits.shape[1] + 1)
-    return grad, None, None, None, None, None, None
-
-
-token_logprobs_vp_fwd.register_autograd(_tl_vp_backward, setup_context=_tl_vp_setup)
-
-
-@torch.library.custom_op("rlhf_ops::linear_token_logprobs_vp_fwd", mutates_args=())
-def linear_token_logprobs_vp_fwd(hidden: Tensor, weight: Tensor, bias: Tensor | None,
-                                 tokens: Tensor, offset: Tensor, temperature: float,
-                                 with_entropy: bool, backend: str, group: str
-                                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """weight [V_r, d] (bias [V_r]) = this rank's rows from global id ``offset`` → as
-    ``token_logprobs_vp_fwd``; logits exist one row chunk [rows, V_r] at a time."""
-    N, V_r = hidden.shape[0], weight.shape[0]
-    K = tokens.shape[1]
-    stats = hidden.new_empty((3 + 2 * K, N), dtype=_checks.acc_dtype(hidden.dtype))
-    step = _block_len(V_r, hidden.element_size(), N)
-    for s in range(0, N, step):
-        logits = F.linear(hidden[s:s + step], weight, bias)
-        stats[:, s:s + step] = _slice_stats(backend, logits, tokens[s:s + step], offset, temperature)
-    return _vp_combine(stats, V_r, K, tokens, offset, group)
-
-
-@linear_token_logprobs_vp_fwd.register_fake
-def _(hidden, weight, bias, tokens, offset, temperature, with_entropy, backend, group):
-    acc = _checks.acc_dtype(hidden.dtype)
-    n = hidden.shape[0]
-    return (hidden.new_empty(tokens.shape, dtype=acc), hidden.new_empty((n,), dtype=acc),
-            hidden.new_empty((2, n), dtype=acc), torch.empty_like(tokens))
-
-
-def _ltl_vp_setup(ctx, inputs, output):
-    hidden, weight, bias, tokens, offset, temperature, with_entropy, backend, group = inputs
-    ctx.save_for_backward(hidden, weight, bias, output[3], output[2],
-                          output[1] if with_entropy else None)
-    ctx.args = (temperature, backend, weight.shape[0] + 1, group)
-    ctx.with_entropy = with_entropy
-    ctx.set_materialize_grads(False)
-    ctx.mark_non_differentiable(output[2], output[3])
-    if not with_entropy:
-        ctx.mark_non_differentiable(output[1])
-
-
-def _ltl_vp_backward(ctx, g_logp, g_ent, g_lse, g_tok):
-    hidden, weight, bias, t_bwd, lse, ent = ctx.saved_tensors
-    g_logp, g_ent = _grads(g_logp, g_ent, t_bwd, lse, ctx.with_entropy)
-    dh, dw, db = torch.ops.rlhf_ops.linear_token_logprobs_bwd(
-        g_logp, g_ent, hidden, weight, bias, t_bwd, lse, ent if g_ent is not None else None,
-        *ctx.args)
-    return dh, dw, (db if bias is not None else None), None, None, None, None, None, None
-
-
-linear_token_logprobs_vp_fwd.register_autograd(_ltl_vp_backward, setup_context=_ltl_vp_setup)
 
 
 def _kl_combine(G, beta, estimator, mask):
@@ -491,196 +149,6 @@ kl_penalty_vp_fwd.register_autograd(_kl_vp_backward, setup_context=_kl_vp_setup)
 
 # ------------------------------------------------------------------------------ public API ---
 
-def _rows(x: Tensor) -> Tensor:
-    """[..., V] → [N, V] with unit stride over V (a copy only when the layout needs one)."""
-    x = x.reshape(-1, x.shape[-1])
-    return x.contiguous() if x.shape[0] > 0 and x.stride(-1) != 1 else x
-
-
-def _check_temperature(op, temperature):
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise TypeError(f"rlhf_ops.{op}: temperature must be a number, got "
-                        f"{type(temperature).__name__}")
-    if not 0.0 < float(temperature) < float("inf"):
-        raise ValueError(f"rlhf_ops.{op}: temperature must be a finite number > 0, got {temperature}")
-
-
-def _check_flag(op, name, value):
-    if not isinstance(value, bool):
-        raise TypeError(f"rlhf_ops.{op}: {name} must be a bool, got {type(value).__name__}")
-
-
-def _check_tokens(op, tokens, lead, what, multi_ok):
-    """tokens [*lead] (one per position) or, when ``multi_ok``, [*lead, K] — the K form is
-    recognised by tokens.dim() == len(lead) + 1 (the dimension count of the logits / hidden).
-    Returns whether tokens are [..., K]."""
-    lead = tuple(lead)
-    multi = multi_ok and tokens.dim() == len(lead) + 1
-    if multi and tuple(tokens.shape[:-1]) == lead:
-        return True
-    if tuple(tokens.shape) == lead:
-        return False
-    want = f"{what} = {lead}" + (f" or {what} + (K,) = {lead + ('K',)}" if multi_ok else "")
-    raise ValueError(f"rlhf_ops.{op}: tokens must have shape {want}, got {tuple(tokens.shape)}")
-
-
-def _check_common(op, logits, tokens, temperature, multi_ok=False):
-    _checks.floating(op, "logits", logits, min_ndim=1)
-    _checks.index(op, "tokens", tokens)
-    _checks.same_device(op, "logits", logits, tokens=tokens)
-    if logits.shape[-1] == 0:
-        raise ValueError(f"rlhf_ops.{op}: logits must have a non-empty last (vocabulary) "
-                         f"dimension, got shape {tuple(logits.shape)}")
-    multi = _check_tokens(op, tokens, logits.shape[:-1], "logits.shape[:-1]", multi_ok)
-    _check_temperature(op, temperature)
-    return multi
-
-
-def _eager_token_check(op, tokens, V):
-    # The fused backends check inside their custom op; the reference would index out of bounds.
-    if _backend.debug_checks(tokens.device) and not torch.compiler.is_compiling():
-        _checks.in_range(op, "tokens", tokens, 0, V)
-
-
-def _check_beta(op, beta):
-    if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
-        raise TypeError(f"rlhf_ops.{op}: beta must be a number, got {type(beta).__name__}")
-    if not abs(float(beta)) < float("inf"):
-        raise ValueError(f"rlhf_ops.{op}: beta must be finite, got {beta}")
-
-
-def _check_estimator(op, estimator):
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"rlhf_ops.{op}: estimator must be one of {ESTIMATORS}, got {estimator!r}")
-
-
-def _check_mask(op, mask, shape, what):
-    if mask is not None:
-        _checks.tensor(op, "mask", mask, dtypes=MASK_DTYPES)
-        _checks.shape(op, "mask", mask, shape, what)
-
-
-def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
-                   return_entropy: bool = False, backend: str | None = None,
-                   process_group=None, vocab_offset: int | None = None):
-    """``log_softmax(logits / temperature)`` at ``tokens`` without materialising log_softmax.
-
-    logits [..., V] (fp16/bf16/fp32/fp64). tokens int64, either [...] (= logits.shape[:-1], one
-    token per position → logprobs [...]) or [..., K] (tokens.dim() == logits.dim() and
-    tokens.shape[:-1] == logits.shape[:-1]: K tokens per position, e.g. top-K candidates or a
-    chosen/rejected pair → logprobs [..., K]; the row is still read once, repeated tokens are
-    allowed). Result fp32 (fp64 for fp64 logits), differentiable w.r.t. logits.
-    ``return_entropy=True`` returns ``(logprobs, entropy)``, entropy [...] = −Σ p·log p of
-    softmax(logits / temperature), differentiable (∂H/∂x_j = −p_j·(log p_j + H)/temperature;
-    a −inf logit has p_j = 0 and contributes 0 to both H and the gradient).
-    A token whose logit is −inf gets −inf (and a finite gradient); a row with a NaN logit, or
-    with every logit −inf, gets NaN. Tokens out of [0, V) raise ValueError for CPU tensors (and
-    with RLHF_OPS_DEBUG=1); on CUDA without debug checks their log-probs and their row's gradient
-    are NaN.
-
-    Vocabulary parallel: with ``process_group``, ``logits`` [..., V_r] is this rank's contiguous
-    vocabulary slice (rank order, sizes may differ), ``tokens`` hold global ids and are the same
-    on every rank; log-probs and entropy are the full-vocabulary ones on every rank, the
-    gradient reaches each rank's slice (``vocab_offset`` and DTensor logits sharded Shard(-1):
-    as in ``cross_entropy``).
-    """
-    op = "token_logprobs"
-    logits, process_group, mesh = distributed.unwrap(op, "logits", logits, process_group, -1)
-    with distributed.rejects_together(op, process_group, getattr(logits, "device", None)):
-        tokens = distributed.replicated_local(op, "tokens", tokens)
-        multi = _check_common(op, logits, tokens, temperature, multi_ok=True)
-        _check_flag(op, "return_entropy", return_entropy)
-        distributed.check_vocab_offset(op, vocab_offset, process_group)
-        be = _backend.resolve(op, backend, logits.device)
-    if process_group is not None:
-        out = _token_logprobs_vp(logits, tokens, multi, float(temperature), return_entropy, be,
-                                 process_group, vocab_offset)
-        return _wrap(out, mesh)
-    if be == "reference":
-        _eager_token_check(op, tokens, logits.shape[-1])
-        return reference.token_logprobs(logits, tokens, temperature, return_entropy)
-    x = _rows(logits)
-    t = tokens.reshape(x.shape[0], tokens.shape[-1] if multi else 1).contiguous()
-    logp, ent, _ = torch.ops.rlhf_ops.token_logprobs_fwd(x, t, float(temperature), be,
-                                                         return_entropy)
-    logp = logp.reshape(tokens.shape)
-    return (logp, ent.reshape(logits.shape[:-1])) if return_entropy else logp
-
-
-def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bias: Tensor | None = None,
-                          temperature: float = 1.0, return_entropy: bool = False,
-                          backend: str | None = None, process_group=None,
-                          vocab_offset: int | None = None):
-    """``token_logprobs(hidden @ weight.T + bias, tokens, ...)`` without holding all [N, V] logits.
-
-    hidden [..., d]; weight [V, d] (an lm_head or a tied embedding); bias [V] or None; tokens
-    int64 [...] (= hidden.shape[:-1]) or [..., K] (tokens.dim() == hidden.dim()), as in
-    ``token_logprobs``. Returns logprobs shaped like tokens, fp32 (fp64 for fp64 inputs), and
-    with ``return_entropy=True`` the tuple ``(logprobs, entropy [...])``; both are differentiable
-    w.r.t. hidden, weight and bias. The fused backends compute the logits in blocks of
-    ``LINEAR_BLOCK_BYTES`` (row chunks forward, vocabulary slices backward, cuBLAS matmuls,
-    the chosen backend's kernels on each block) and keep for backward only hidden, weight, bias,
-    tokens, lse (two numbers per row) and the entropy (one, when asked for). The backward
-    holds an fp32 [N, d] accumulator for d hidden; d weight is written slice by slice.
-
-    Vocabulary parallel (``process_group``, ``vocab_offset``): ``weight`` [V_r, d] and ``bias``
-    [V_r] are this rank's rows of the head (a column-parallel layer), ``hidden`` and ``tokens``
-    the same on every rank; the results are the full-vocabulary ones on every rank, ``weight``
-    and ``bias`` get their slice's gradient, ``hidden`` the sum over the ranks (one all_reduce
-    of [N, d] in the backward). A DTensor ``weight`` (and ``bias``) sharded Shard(0) on a 1-D
-    mesh is accepted instead of ``process_group``.
-    """
-    op = "linear_token_logprobs"
-    weight, process_group, mesh = distributed.unwrap(op, "weight", weight, process_group, 0)
-    if mesh is not None and bias is not None:
-        bias, _, _ = distributed.unwrap(op, "bias", bias, None, 0)
-    with distributed.rejects_together(op, process_group, getattr(weight, "device", None)):
-        hidden = distributed.replicated_local(op, "hidden", hidden)
-        tokens = distributed.replicated_local(op, "tokens", tokens)
-        multi, be = _check_linear(op, hidden, weight, tokens, bias, temperature, return_entropy,
-                                  backend)
-        distributed.check_vocab_offset(op, vocab_offset, process_group)
-    if process_group is not None:
-        out = _linear_token_logprobs_vp(hidden, weight, tokens, bias, multi, float(temperature),
-                                        return_entropy, be, process_group, vocab_offset)
-        return _wrap(out, mesh)
-    V = weight.shape[0]
-    if be == "reference":
-        _eager_token_check(op, tokens, V)
-        return reference.linear_token_logprobs(hidden, weight, tokens, bias, temperature,
-                                               return_entropy)
-    h = hidden.reshape(-1, hidden.shape[-1])
-    t = tokens.reshape(h.shape[0], tokens.shape[-1] if multi else 1).contiguous()
-    logp, ent, _ = torch.ops.rlhf_ops.linear_token_logprobs_fwd(h, weight, bias, t,
-                                                                float(temperature),
-                                                                return_entropy, be)
-    logp = logp.reshape(tokens.shape)
-    return (logp, ent.reshape(hidden.shape[:-1])) if return_entropy else logp
-
-
-def _check_linear(op, hidden, weight, tokens, bias, temperature, return_entropy, backend):
-    """Validate linear_token_logprobs' inputs → (tokens are [..., K], the backend)."""
-    _checks.floating(op, "hidden", hidden, min_ndim=1)
-    _checks.floating(op, "weight", weight, ndim=2)
-    _checks.index(op, "tokens", tokens)
-    if bias is not None:
-        _checks.floating(op, "bias", bias)
-    _checks.same_device(op, "hidden", hidden, weight=weight, tokens=tokens, bias=bias)
-    _checks.same_dtype(op, "hidden", hidden, weight=weight, bias=bias)
-    if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"rlhf_ops.{op}: weight must have shape [V, d] with d = hidden.shape[-1] = "
-                         f"{hidden.shape[-1]}, got {tuple(weight.shape)}")
-    if weight.shape[0] == 0:
-        raise ValueError(f"rlhf_ops.{op}: weight must have a non-empty vocabulary (V > 0), got "
-                         f"shape {tuple(weight.shape)}")
-    if bias is not None:
-        _checks.shape(op, "bias", bias, (weight.shape[0],), "[V]")
-    multi = _check_tokens(op, tokens, hidden.shape[:-1], "hidden.shape[:-1]", True)
-    _check_temperature(op, temperature)
-    _check_flag(op, "return_entropy", return_entropy)
-    return multi, _backend.resolve(op, backend, hidden.device)
-
-
 def kl_penalty(logits: Tensor, ref_logits: Tensor, tokens: Tensor, *, beta: float,
                estimator: str = "k1", mask: Tensor | None = None, temperature: float = 1.0,
                backend: str | None = None, process_group=None,
@@ -717,14 +185,14 @@ def kl_penalty(logits: Tensor, ref_logits: Tensor, tokens: Tensor, *, beta: floa
             ref_logits, _, _ = distributed.unwrap(op, "ref_logits", ref_logits, None, -1)
         tokens = distributed.replicated_local(op, "tokens", tokens)
         mask = distributed.replicated_local(op, "mask", mask)
-        _check_common(op, logits, tokens, temperature)
+        logprobs._check_common(op, logits, tokens, temperature)
         _checks.floating(op, "ref_logits", ref_logits)
         _checks.same_device(op, "logits", logits, ref_logits=ref_logits, mask=mask)
         _checks.same_dtype(op, "logits", logits, ref_logits=ref_logits)
         _checks.shape(op, "ref_logits", ref_logits, logits.shape, "logits.shape")
-        _check_mask(op, mask, tokens.shape, "tokens.shape")
-        _check_estimator(op, estimator)
-        _check_beta(op, beta)
+        _checks.mask(op, mask, tokens.shape, "tokens.shape")
+        _checks.choice(op, "estimator", estimator, ESTIMATORS)
+        _checks.beta(op, beta)
         distributed.check_vocab_offset(op, vocab_offset, process_group)
         be = _backend.resolve(op, backend, logits.device)
     if process_group is not None:
@@ -732,7 +200,7 @@ def kl_penalty(logits: Tensor, ref_logits: Tensor, tokens: Tensor, *, beta: floa
                              float(temperature), be, process_group, vocab_offset)
         return KLPenalty(*_wrap(tuple(out), mesh))
     if be == "reference":
-        _eager_token_check(op, tokens, logits.shape[-1])
+        _checks.eager_in_range(op, "tokens", tokens, 0, logits.shape[-1])
         return reference.kl_penalty(logits, ref_logits, tokens, beta, estimator, mask, temperature)
     acc = _checks.acc_dtype(logits.dtype)
     m = None if mask is None else mask.reshape(-1).to(acc).contiguous()
@@ -741,63 +209,6 @@ def kl_penalty(logits: Tensor, ref_logits: Tensor, tokens: Tensor, *, beta: floa
                                             float(beta), estimator, float(temperature), be)
     return KLPenalty(*(o.reshape(tokens.shape) for o in out[:6]))
 
-
-def _wrap(out, mesh):
-    """Results as replicated DTensors when the inputs were DTensors (as loss_parallel())."""
-    if isinstance(out, tuple):
-        return tuple(distributed.wrap(o, mesh) for o in out)
-    return distributed.wrap(out, mesh)
-
-
-def _lp_config(op, tokens, dtype, temperature, extra=""):
-    """What every rank must pass alike (checked by ``distributed.shard_offset``)."""
-    return (f"{op}(tokens shape {tuple(tokens.shape)}, {str(dtype).replace('torch.', '')}, "
-            f"temperature={temperature}{extra})")
-
-
-def _lp_results(logp, ent, tokens, lead, return_entropy):
-    logp = logp.reshape(tokens.shape)
-    return (logp, ent.reshape(lead)) if return_entropy else logp
-
-
-def _token_logprobs_vp(logits, tokens, multi, temperature, return_entropy, be, group, vocab_offset):
-    op = "token_logprobs"
-    V_r = logits.shape[-1]
-    x = _rows(logits)
-    t = tokens.reshape(x.shape[0], tokens.shape[-1] if multi else 1).contiguous()
-    config = _lp_config(op, tokens, logits.dtype, temperature, f", return_entropy={return_entropy}")
-    gname, offset = distributed.locate(op, "tokens", group, t, V_r, vocab_offset=vocab_offset,
-                                       config=config)
-    if be == "reference":  # eager statistics of the slice, then the same combination
-        stats = distributed.logprob_stats_reference(x, t, offset, temperature)
-        G, _ = distributed.gather_stats(stats, V_r, group)
-        logp, ent, _ = distributed.logprobs_combine(G, t.shape[1])
-    else:
-        logp, ent, _, _ = torch.ops.rlhf_ops.token_logprobs_vp_fwd(x, t, offset, temperature, be,
-                                                                   gname, return_entropy)
-    return _lp_results(logp, ent, tokens, logits.shape[:-1], return_entropy)
-
-
-def _linear_token_logprobs_vp(hidden, weight, tokens, bias, multi, temperature, return_entropy,
-                              be, group, vocab_offset):
-    op = "linear_token_logprobs"
-    V_r = weight.shape[0]
-    h = hidden.reshape(-1, hidden.shape[-1])
-    t = tokens.reshape(h.shape[0], tokens.shape[-1] if multi else 1).contiguous()
-    config = _lp_config(op, tokens, hidden.dtype, temperature,
-                        f", return_entropy={return_entropy}, d={hidden.shape[-1]}, "
-                        f"bias={bias is not None}")
-    gname, offset = distributed.locate(op, "tokens", group, t, V_r, vocab_offset=vocab_offset,
-                                       config=config)
-    if be == "reference":  # eager logits of the slice; hidden's gradient summed over the ranks
-        logits = F.linear(distributed.replicated_input(h, group), weight, bias)
-        stats = distributed.logprob_stats_reference(logits, t, offset, temperature)
-        G, _ = distributed.gather_stats(stats, V_r, group)
-        logp, ent, _ = distributed.logprobs_combine(G, t.shape[1])
-    else:
-        logp, ent, _, _ = torch.ops.rlhf_ops.linear_token_logprobs_vp_fwd(
-            h, weight, bias, t, offset, temperature, return_entropy, be, gname)
-    return _lp_results(logp, ent, tokens, hidden.shape[:-1], return_entropy)
 
 
 def _kl_penalty_vp(logits, ref_logits, tokens, mask, beta, estimator, temperature, be, group,
@@ -841,9 +252,9 @@ def kl_from_logprobs(logprobs: Tensor, ref_logprobs: Tensor, *, beta: float, est
     _checks.floating(op, "ref_logprobs", ref_logprobs)
     _checks.same_device(op, "logprobs", logprobs, ref_logprobs=ref_logprobs, mask=mask)
     _checks.shape(op, "ref_logprobs", ref_logprobs, logprobs.shape, "logprobs.shape")
-    _check_mask(op, mask, logprobs.shape, "logprobs.shape")
-    _check_estimator(op, estimator)
-    _check_beta(op, beta)
+    _checks.mask(op, mask, logprobs.shape, "logprobs.shape")
+    _checks.choice(op, "estimator", estimator, ESTIMATORS)
+    _checks.beta(op, beta)
     return reference.kl_from_logprobs(logprobs, ref_logprobs, float(beta), estimator, mask)
 
 
@@ -854,7 +265,7 @@ def ppo_rewards(penalty: Tensor, scores: Tensor, mask: Tensor) -> Tensor:
     op = "ppo_rewards"
     _checks.floating(op, "penalty", penalty, min_ndim=1)
     _checks.floating(op, "scores", scores)
-    _checks.tensor(op, "mask", mask, dtypes=MASK_DTYPES)
+    _checks.tensor(op, "mask", mask, dtypes=_checks.MASK_DTYPES)
     _checks.same_device(op, "penalty", penalty, scores=scores, mask=mask)
     _checks.shape(op, "mask", mask, penalty.shape, "penalty.shape")
     _checks.shape(op, "scores", scores, penalty.shape[:-1], "penalty.shape[:-1]")

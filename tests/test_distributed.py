@@ -489,7 +489,7 @@ def linear_token_logprobs_against_full(ctx):
     several vocabulary slices."""
     import importlib
     import rlhf_ops as ro
-    kl_mod = importlib.import_module("rlhf_ops.kl")
+    lp_mod = importlib.import_module("rlhf_ops.logprobs")
     N, d = 7, 16
     h = torch.randn(N, d, dtype=torch.float64)
     w = torch.randn(V, d, dtype=torch.float64) * 0.5
@@ -497,8 +497,8 @@ def linear_token_logprobs_against_full(ctx):
     t = torch.randint(0, V, (N, 2))
     t[1] = torch.tensor([ctx.sizes[0] - 1, ctx.sizes[0]])
     t[2, 1] = t[2, 0]
-    block = kl_mod.LINEAR_BLOCK_BYTES
-    kl_mod.LINEAR_BLOCK_BYTES = 8192 * N * 8          # ~8k columns per backward slice
+    block = lp_mod.LINEAR_BLOCK_BYTES
+    lp_mod.LINEAR_BLOCK_BYTES = 8192 * N * 8          # ~8k columns per backward slice
     try:
         for be in ctx.backends:
             args = [h.clone().requires_grad_(), ctx.shard(w, 0).clone().requires_grad_(),
@@ -518,7 +518,7 @@ def linear_token_logprobs_against_full(ctx):
             ctx.same_on_every_rank(lp, "logprobs")
             ctx.same_on_every_rank(gs[0], "d hidden")
     finally:
-        kl_mod.LINEAR_BLOCK_BYTES = block
+        lp_mod.LINEAR_BLOCK_BYTES = block
 
 
 @case(2, 3)

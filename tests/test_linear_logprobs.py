@@ -22,13 +22,13 @@ from rlhf_ops import reference
 
 from _util import assert_matches, poison_, saved_tensors
 
-kl_mod = importlib.import_module("rlhf_ops.kl")
+lp_mod = importlib.import_module("rlhf_ops.logprobs")
 
 
 def _small_blocks(monkeypatch, rows, cols, V):
     """Forward row chunks of ``rows`` rows, backward vocabulary slices of ``cols`` columns (the
     op asks for rows with total = N and for columns with total = V)."""
-    monkeypatch.setattr(kl_mod, "_block_len",
+    monkeypatch.setattr(lp_mod, "_block_len",
                         lambda n_other, itemsize, total: min(total, cols if total == V else rows))
 
 
