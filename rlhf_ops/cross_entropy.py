@@ -163,7 +163,8 @@ cross_entropy_vp_fwd.register_autograd(_vp_backward, setup_context=_vp_setup_con
 
 # ------------------------------------------------------------------------------ public API ---
 
-def _flatten(op, logits, target, ignore_index, reduction, label_smoothing):
+def _check_args(op, logits, target, ignore_index, reduction, label_smoothing):
+    """Validate cross_entropy's arguments (raises; returns nothing)."""
     _checks.floating(op, "logits", logits, min_ndim=1)
     _checks.index(op, "target", target)
     _checks.same_device(op, "logits", logits, target=target)
@@ -171,18 +172,8 @@ def _flatten(op, logits, target, ignore_index, reduction, label_smoothing):
     if tuple(target.shape) != tuple(logits.shape[:-1]):
         raise ValueError(f"rlhf_ops.{op}: target must have shape logits.shape[:-1] = "
                          f"{tuple(logits.shape[:-1])}, got {tuple(target.shape)}")
-    if not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"rlhf_ops.{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
-    if not isinstance(ignore_index, int):
-        raise TypeError(f"rlhf_ops.{op}: ignore_index must be an int, got {type(ignore_index).__name__}")
-
-
-def _reference_range_check(op: str, target: Tensor, V: int, ignore_index: int) -> None:
-    """The fused ops check targets inside their custom op; eager gather would fail with an
-    index error that does not name ``target``, so the reference path checks first (not while
-    torch.compile traces: a value check is a host sync)."""
-    if _backend.debug_checks(target.device) and not torch.compiler.is_compiling():
-        _checks.in_range(op, "target", target, 0, V, ignore=ignore_index)
+    _checks.label_smoothing(op, label_smoothing)
+    _checks.ignore_index(op, ignore_index)
 
 
 def _reduce(loss: Tensor, target: Tensor, ignore_index: int, reduction: str, shape) -> Tensor:
@@ -215,7 +206,7 @@ def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100,
     logits, process_group, mesh = distributed.unwrap(OP, "logits", logits, process_group, -1)
     with distributed.rejects_together(OP, process_group, getattr(logits, "device", None)):
         target = distributed.replicated_local(OP, "target", target)
-        _flatten(OP, logits, target, ignore_index, reduction, label_smoothing)
+        _check_args(OP, logits, target, ignore_index, reduction, label_smoothing)
         distributed.check_vocab_offset(OP, vocab_offset, process_group)
         be = _backend.resolve(OP, backend, logits.device)
     if process_group is not None:
@@ -223,7 +214,7 @@ def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100,
                                 bool(inplace_backward), process_group, vocab_offset)
         return distributed.wrap(out, mesh)
     if be == "reference":
-        _reference_range_check(OP, target, logits.shape[-1], ignore_index)
+        _checks.eager_in_range(OP, "target", target, 0, logits.shape[-1], ignore=ignore_index)
         return reference.cross_entropy(logits, target, ignore_index, reduction, label_smoothing)
     V = logits.shape[-1]
     x = logits.reshape(-1, V)
@@ -428,7 +419,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, *, bias
                                        float(label_smoothing), be, process_group, vocab_offset)
         return distributed.wrap(out, mesh)
     if be == "reference":
-        _reference_range_check(op, target, weight.shape[0], ignore_index)
+        _checks.eager_in_range(op, "target", target, 0, weight.shape[0], ignore=ignore_index)
         return reference.linear_cross_entropy(hidden, weight, target, bias, ignore_index,
                                               reduction, label_smoothing)
     h = hidden.reshape(-1, hidden.shape[-1])
@@ -457,10 +448,8 @@ def _check_linear(op, hidden, weight, target, bias, ignore_index, reduction, lab
     if tuple(target.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"rlhf_ops.{op}: target must have shape hidden.shape[:-1] = "
                          f"{tuple(hidden.shape[:-1])}, got {tuple(target.shape)}")
-    if not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"rlhf_ops.{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
-    if not isinstance(ignore_index, int):
-        raise TypeError(f"rlhf_ops.{op}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    _checks.label_smoothing(op, label_smoothing)
+    _checks.ignore_index(op, ignore_index)
     distributed.check_vocab_offset(op, vocab_offset, process_group)
     return _backend.resolve(op, backend, hidden.device)
 
