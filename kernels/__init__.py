@@ -3,3 +3,4 @@
 Kernel modules import triton and nothing from the package above them; launchers take tensors
 that the op layer has validated and return or fill tensors, with no host synchronisation.
 """
+from . import _compat  # noqa: F401,E402  (Triton-version fixes, before any kernel runs)
