@@ -4,7 +4,7 @@ import random
 import pytest
 import torch
 
-from rlhf_ops import data as D
+from rlhf_ops.train import data as D
 
 CFG = D.DataConfig()
 

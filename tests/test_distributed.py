@@ -704,12 +704,12 @@ def opcheck_vocab_parallel_ops(ctx):
 
 @case(3)
 def gpt_vocab_parallel_lm_loss(ctx):
-    """rlhf_ops.model.GPT with vocab_parallel=True under a 3-rank world: its LM loss reads this
+    """rlhf_ops.train.model.GPT with vocab_parallel=True under a 3-rank world: its LM loss reads this
     rank's rows of the tied W_e (uneven: 13/12/12 of 37); loss and every parameter's gradient
     (W_e gathered whole) equal those of the unsplit model, on every rank. Reference backend: the
     fused kernels of the sharded loss are covered by linear_ce (Triton's attention in fp64 under
     the interpreter would cost more than the rest of this file)."""
-    import rlhf_ops.model as M
+    import rlhf_ops.train.model as M
     calls = []
     split = M.split_replicated
     M.split_replicated = lambda w, g: calls.append(1) or split(w, g)

@@ -372,8 +372,8 @@ def test_model_forward_gpu_preset(gpu_env, backend):
     fp16/bf16 (autocast cannot be checked here: CUDA autocast is off without a GPU)."""
     if backend == "cuda" and not HAS_EXT:
         pytest.skip("the CUDA extension rlhf_ops._C is not built")
-    from rlhf_ops import data as D
-    from rlhf_ops.model import GPT, GPTConfig, ScalarHeadGPT
+    from rlhf_ops.train import data as D
+    from rlhf_ops.train.model import GPT, GPTConfig, ScalarHeadGPT
     from rlhf_ops.train.config import make_config, section
     cfg = GPTConfig(vocab_size=D.VOCAB_SIZE, backend=backend, **section(make_config("gpu"), "model"))
     dt = torch.bfloat16 if backend == "cuda" else F32

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import rlhf_ops as ro
-from rlhf_ops.model import GPT, GPTConfig, ScalarHeadGPT, frozen_copy
+from rlhf_ops.train.model import GPT, GPTConfig, ScalarHeadGPT, frozen_copy
 
 CFG = GPTConfig(vocab_size=13, block_size=16, n_layer=2, n_head=2, d_model=16, backend="reference")
 
@@ -137,7 +137,7 @@ def test_generate_checks_block_size():
 
 def _teacher_forced(m, seq, lens, steps, decode):
     """Logits [steps, B, V] of each decode step when the next token is forced to seq's."""
-    from rlhf_ops.model import _CachedDecoder, _Recompute
+    from rlhf_ops.train.model import _CachedDecoder, _Recompute
     P = int(lens.max())
     dec = (_CachedDecoder(m, seq[:, :P].clone(), lens, P + steps, decode) if decode
            else _Recompute(m, seq[:, :P].clone(), lens, P + steps))

@@ -14,16 +14,16 @@ import torch
 import torch.nn.functional as F
 
 import rlhf_ops as ro
-from rlhf_ops import data as D
-from rlhf_ops.model import GPT, GPTConfig, ScalarHeadGPT
+from rlhf_ops.train import data as D
+from rlhf_ops.train.model import GPT, GPTConfig, ScalarHeadGPT
 from rlhf_ops.train import Run, SimulatedCrash, main, make_config
 from rlhf_ops.train.__main__ import resolve_device
-from rlhf_ops.train.common import CheckpointError, load_checkpoint, save_checkpoint
+from rlhf_ops.train.run import CheckpointError, load_checkpoint, save_checkpoint
 from rlhf_ops.train.config import ConfigError
 from rlhf_ops.train.report import numbers
 from rlhf_ops.train.summarize import table
 from rlhf_ops.train import ppo as P
-from rlhf_ops.train.common import paired_difference
+from rlhf_ops.train.run import paired_difference
 from rlhf_ops.train.pretrain import lm_loss
 from rlhf_ops.train.rm import has_pair, informative_comparisons, make_comparisons, rewards_of, rm_loss
 from rlhf_ops.train.sft import sft_loss
@@ -359,7 +359,7 @@ def test_summarize_prints_the_results_table(tiny_all, capsys):
 def test_logprob_memory_from_hidden_states_at_the_gpu_preset():
     """Meta-device bytes the PPO minibatch's log-prob op keeps: logits path ≥ the [MB, T, V] fp32
     logits, hidden-state path two fp32 numbers per token."""
-    from rlhf_ops.train.ppo import logprob_memory
+    from rlhf_ops.train.report import logprob_memory
     m = logprob_memory(make_config("gpu"))
     N = m["MB"] * m["T"]
     assert (m["MB"], m["d"], m["V"]) == (64, 512, D.VOCAB_SIZE) and m["T"] == 12 + 12 - 1

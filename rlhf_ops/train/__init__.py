@@ -2,7 +2,7 @@
 
     pretrain → sft → rm → ppo, each reading the previous stage's checkpoint from --out.
 """
-from .common import Run, SimulatedCrash
+from .run import Run, SimulatedCrash
 from .config import DEFAULTS, PRESETS, make_config
 from .ppo import run_ppo
 from .pretrain import run_pretrain

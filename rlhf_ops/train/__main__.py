@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from . import STAGES
-from .common import CheckpointError, Run
+from .run import CheckpointError, Run
 from .config import PRESETS, ConfigError, make_config
 from .report import write_report, write_summary
 

@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from rlhf_ops import data as D
-from rlhf_ops.model import GPT, GPTConfig
+from . import data as D
+from .model import GPT, GPTConfig
 
 from .config import PRESETS, make_config, section
 

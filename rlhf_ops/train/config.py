@@ -12,12 +12,12 @@ DEFAULTS: dict = {
     # model
     "model.n_layer": 2, "model.n_head": 4, "model.d_model": 64, "model.block_size": 48,
     # under torchrun: the ranks split the LM head's vocabulary (rlhf_ops vocabulary parallelism)
-    # instead of the batch; every rank trains on the whole global batch (no DDP; see train.common.Run)
+    # instead of the batch; every rank trains on the whole global batch (no DDP; see train.run.Run)
     "model.vocab_parallel": False,
-    # data (see rlhf_ops.data.DataConfig)
+    # data (see rlhf_ops.train.data.DataConfig)
     "data.min_len": 2, "data.max_len": 5, "data.max_digits": 2, "data.tasks": "RSA",
     "data.noise": 0.5, "data.heldout_mod": 10,
-    "data.filler": 0.7,          # writers' habit that the judge penalises (see rlhf_ops/data.py)
+    "data.filler": 0.7,          # writers' habit that the judge penalises (see rlhf_ops/train/data.py)
     # evaluation: greedy decodes of held-out prompts scored by the judge
     "eval.n_prompts": 200, "eval.max_new": 8,
     "eval.lm_windows": 256,      # held-out pretraining windows for each stage's pretrain_loss
@@ -50,7 +50,7 @@ PRESETS: dict = {
     # The toy that runs all four stages on a 2-core CPU with the reference backend in minutes:
     # reverse/sort of 2..4 letters, judged on 500 held-out prompts; 70 % of written answers (corpus
     # and demonstrations) carry the filler habit that the judge penalises (data.filler, see
-    # rlhf_ops/data.py), so SFT learns the habit and RLHF has something to fix.
+    # rlhf_ops/train/data.py), so SFT learns the habit and RLHF has something to fix.
     # SFT: 1400 steps (with perfect demonstrations it reached judge 0.99 at 1400 and was
     # undertrained at 700–1000). RM: 2000 prompts of K = 4..9 SFT samples that do not all tie,
     # sampled at temperature 0.7: at 1.0, 12–16 % of samples have a wrong letter and the RM,

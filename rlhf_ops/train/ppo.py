@@ -22,10 +22,10 @@ import zlib
 import torch
 
 import rlhf_ops as ro
-from rlhf_ops import data as D
-from rlhf_ops.model import ScalarHeadGPT, frozen_copy
+from . import data as D
+from .model import ScalarHeadGPT, frozen_copy
 
-from .common import (Run, SimulatedCrash, filler_rate, judge_score, judge_scores, mean_se, paired_difference,
+from .run import (Run, SimulatedCrash, filler_rate, judge_score, judge_scores, mean_se, paired_difference,
                      pretrain_loss, prompt_tensors, responses, rng_state, set_rng_state, throughput)
 from .config import section
 
@@ -277,43 +277,3 @@ def train_policy(run: Run, phase: str, ptx_coef: float, ref, rm, held: list[str]
            "filler_rate": filler_rate(resp_held),
            "beta_final": beta, "ptx_coef": ptx_coef, "ptx_rows_per_minibatch": ptx_rows, **speed}
     return res, {"lm": policy.state_dict(), "value": value.state_dict()}
-
-
-def logprob_memory(cfg: dict, backend: str = "triton") -> dict:
-    """Bytes the PPO minibatch's log-prob op keeps for backward beyond its inputs, measured on the
-    meta device at cfg's sizes (the policy's hidden states [MB, T, d], the tied W_e [V, d]):
-
-    * ``logits``: token_logprobs(F.linear(h, W_e), actions) — the [MB, T, V] logits are kept;
-    * ``hidden``: linear_token_logprobs(h, W_e, actions) — two numbers per token (lse) are kept.
-
-    T is the longest rollout the preset can produce (longest prompt + ppo.max_new − 1). The fused
-    backends' fake implementations run (no kernel), and autograd records what they would keep.
-    The rollout's no-grad forward of the policy and of the SFT copy no longer holds two
-    [B, T, V] logit tensors either: ``rollout_logits_bytes`` is their size at ppo.batch."""
-    dc = D.DataConfig(**section(cfg, "data"))
-    longest = max(2 + 2 * dc.max_digits + 2 if k == "A" else 3 + dc.max_len for k in dc.tasks)
-    T, MB, B = longest + cfg["ppo.max_new"] - 1, cfg["ppo.minibatch"], cfg["ppo.batch"]
-    d, V = cfg["model.d_model"], D.VOCAB_SIZE
-    meta = torch.device("meta")
-
-    def kept(fn) -> int:
-        h = torch.empty(MB, T, d, device=meta, requires_grad=True)
-        W = torch.empty(V, d, device=meta, requires_grad=True)
-        act = torch.empty(MB, T, dtype=torch.long, device=meta)
-        inputs = {t.untyped_storage()._cdata for t in (h, W, act)}
-        saved: dict = {}
-
-        def pack(t):
-            if t.untyped_storage()._cdata not in inputs:
-                saved[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn(h, W, act)
-        return sum(saved.values())
-
-    return {"MB": MB, "T": T, "d": d, "V": V, "backend": backend,
-            "logits": kept(lambda h, W, a: ro.token_logprobs(torch.nn.functional.linear(h, W), a,
-                                                             backend=backend)),
-            "hidden": kept(lambda h, W, a: ro.linear_token_logprobs(h, W, a, backend=backend)),
-            "rollout_logits_bytes": 2 * B * T * V * 4}

@@ -2,9 +2,9 @@
 (half of its answers noisy, as web text is)."""
 from __future__ import annotations
 
-from rlhf_ops import data as D
+from . import data as D
 
-from .common import Run, filler_rate, fit, judge_scores, mean_se, pretrain_loss
+from .run import Run, filler_rate, fit, judge_scores, mean_se, pretrain_loss
 
 
 def lm_loss(model, x, y, n_global: int, world: int = 1):

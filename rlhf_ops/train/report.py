@@ -10,7 +10,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import read_jsonl, write_text_atomic
+import torch
+
+import rlhf_ops as ro
+
+from . import data as D
+from .config import make_config, section
+from .run import read_jsonl, write_text_atomic
 
 STAGE_ORDER = ("pretrain", "sft", "rm", "ppo", "ppo_ptx")
 RECORD_KEYS = ("config", "args", "seconds", "cpu_seconds")      # per-stage record
@@ -140,10 +146,48 @@ def _bytes(n: int) -> str:
     return f"{n / 2 ** 20:.2f} MiB" if n >= 2 ** 20 else f"{n / 2 ** 10:.1f} KiB"
 
 
+def logprob_memory(cfg: dict, backend: str = "triton") -> dict:
+    """Bytes the PPO minibatch's log-prob op keeps for backward beyond its inputs, measured on the
+    meta device at cfg's sizes (the policy's hidden states [MB, T, d], the tied W_e [V, d]):
+
+    * ``logits``: token_logprobs(F.linear(h, W_e), actions) — the [MB, T, V] logits are kept;
+    * ``hidden``: linear_token_logprobs(h, W_e, actions) — two numbers per token (lse) are kept.
+
+    T is the longest rollout the preset can produce (longest prompt + ppo.max_new − 1). The fused
+    backends' fake implementations run (no kernel), and autograd records what they would keep.
+    The rollout's no-grad forward of the policy and of the SFT copy no longer holds two
+    [B, T, V] logit tensors either: ``rollout_logits_bytes`` is their size at ppo.batch."""
+    dc = D.DataConfig(**section(cfg, "data"))
+    longest = max(2 + 2 * dc.max_digits + 2 if k == "A" else 3 + dc.max_len for k in dc.tasks)
+    T, MB, B = longest + cfg["ppo.max_new"] - 1, cfg["ppo.minibatch"], cfg["ppo.batch"]
+    d, V = cfg["model.d_model"], D.VOCAB_SIZE
+    meta = torch.device("meta")
+
+    def kept(fn) -> int:
+        h = torch.empty(MB, T, d, device=meta, requires_grad=True)
+        W = torch.empty(V, d, device=meta, requires_grad=True)
+        act = torch.empty(MB, T, dtype=torch.long, device=meta)
+        inputs = {t.untyped_storage()._cdata for t in (h, W, act)}
+        saved: dict = {}
+
+        def pack(t):
+            if t.untyped_storage()._cdata not in inputs:
+                saved[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(h, W, act)
+        return sum(saved.values())
+
+    return {"MB": MB, "T": T, "d": d, "V": V, "backend": backend,
+            "logits": kept(lambda h, W, a: ro.token_logprobs(torch.nn.functional.linear(h, W), a,
+                                                             backend=backend)),
+            "hidden": kept(lambda h, W, a: ro.linear_token_logprobs(h, W, a, backend=backend)),
+            "rollout_logits_bytes": 2 * B * T * V * 4}
+
+
 def logprob_memory_line() -> str:
     """What computing PPO's log-probs from hidden states saves at the gpu preset's sizes (meta)."""
-    from .config import make_config
-    from .ppo import logprob_memory
     m = logprob_memory(make_config("gpu"))
     return (f"Log-probs from hidden states (`linear_token_logprobs`), measured on the meta device at the "
             f"`gpu` preset's sizes (PPO minibatch {m['MB']} × {m['T']} tokens, d = {m['d']}, V = {m['V']}, "

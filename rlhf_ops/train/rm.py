@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 
 import rlhf_ops as ro
-from rlhf_ops import data as D
-from rlhf_ops.model import GPT, ScalarHeadGPT
+from . import data as D
+from .model import GPT, ScalarHeadGPT
 
-from .common import Run, fit, load_checkpoint, prompt_tensors, responses, save_checkpoint
+from .run import Run, fit, load_checkpoint, prompt_tensors, responses, save_checkpoint
 
 
 @torch.no_grad()

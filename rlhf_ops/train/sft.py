@@ -5,9 +5,9 @@ over the whole demonstration; both are means over their own tokens of the global
 """
 from __future__ import annotations
 
-from rlhf_ops import data as D
+from . import data as D
 
-from .common import Run, filler_rate, fit, judge_scores, mean_se, pretrain_loss
+from .run import Run, filler_rate, fit, judge_scores, mean_se, pretrain_loss
 
 
 def sft_loss(model, x, y_resp, y_all, n_resp: int, n_all: int, lam: float, world: int = 1):

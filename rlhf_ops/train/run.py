@@ -18,8 +18,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from rlhf_ops import data as D
-from rlhf_ops.model import GPT, GPTConfig
+from . import data as D
+from .model import GPT, GPTConfig
 
 from .config import section
 
@@ -411,7 +411,7 @@ def mean_se(xs: list[float]) -> tuple[float, float]:
 
 
 def filler_rate(responses: list[str]) -> float:
-    """Fraction of responses that end with the writers' filler habit (``rlhf_ops.data.FILLER``)."""
+    """Fraction of responses that end with the writers' filler habit (``rlhf_ops.train.data.FILLER``)."""
     return sum(r.endswith(D.FILLER) for r in responses) / max(len(responses), 1)
 
 
