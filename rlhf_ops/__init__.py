@@ -17,6 +17,8 @@ from .attention import attention, attention_varlen
 from .cross_entropy import cross_entropy, linear_cross_entropy
 from .kl import kl_from_logprobs, kl_penalty, ppo_rewards
 from .logprobs import linear_token_logprobs, token_logprobs
+from .losses import (PolicyLoss, PreferenceLoss, gae, group_advantages, policy_loss, preference_loss,
+                     sequence_logprobs, value_loss)
 from .padding import pad, unpad
 from .reference import KLPenalty
 from .reward import pairwise_reward_loss, reward_at_last_token
@@ -29,4 +31,6 @@ __all__ = [
     "pairwise_reward_loss", "reward_at_last_token", "token_logprobs", "kl_penalty", "ppo_rewards",
     "linear_token_logprobs", "kl_from_logprobs",
     "KLPenalty",
+    "policy_loss", "value_loss", "gae", "group_advantages", "sequence_logprobs", "preference_loss",
+    "PolicyLoss", "PreferenceLoss",
 ]

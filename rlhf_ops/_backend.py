@@ -35,6 +35,7 @@ AUTO_PREFERENCE = {
     "token_logprobs": ("triton", "cuda", "reference"),
     "linear_token_logprobs": ("triton", "cuda", "reference"),
     "kl_penalty": ("triton", "cuda", "reference"),
+    "gae": ("triton", "cuda", "reference"),
 }
 
 _local = threading.local()

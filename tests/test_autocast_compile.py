@@ -176,12 +176,29 @@ def _compile_cases(be):
                                  lambda n: (rows(3, n, d), torch.full((3,), n - 1, device=dev), rows(d))),
         "pad": (lambda x, idx, B, T: ro.pad(x, idx, B, T),
                 lambda n: (rows(n, 4), torch.arange(n, device=dev) * 2, 2, n)),
+        "policy_loss": (lambda lp, old, a, m: ro.policy_loss(lp, old, a, m, loss_type="grpo", ref_logprobs=old,
+                                                             beta=0.1).loss,
+                        lambda n: (rows(2, n), torch.randn(2, n, device=dev), torch.randn(2, device=dev),
+                                   torch.arange(n, device=dev).expand(2, n) < n - 1)),
+        "value_loss": (lambda v, o, r: ro.value_loss(v, o, r, clip=0.2),
+                       lambda n: (rows(2, n), torch.randn(2, n, device=dev), torch.randn(2, n, device=dev))),
+        # the reference gae loops over T: the batch size changes here, not the length
+        "gae": (lambda r, v, m: torch.stack(ro.gae(r, v, m, gamma=0.99, backend=be)),
+                lambda n: (torch.randn(n, 6, device=dev), torch.randn(n, 6, device=dev),
+                           torch.rand(n, 6, device=dev) > 0.3)),
+        "group_advantages": (lambda s: ro.group_advantages(s, 2), lambda n: (rows(2 * n),)),
+        "sequence_logprobs": (lambda lp, cu: ro.sequence_logprobs(lp, cu_seqlens=cu, reduce="mean"),
+                              lambda n: (rows(2 * n + 1), torch.tensor([0, n, 2 * n + 1], dtype=torch.int32,
+                                                                          device=dev))),
+        "preference_loss": (lambda c, r, cr, rr: ro.preference_loss(c, r, cr, rr).per_pair,
+                            lambda n: (rows(n), rows(n), torch.randn(n, device=dev), torch.randn(n, device=dev))),
     }
     return cases
 
 
 # unpad reads the row lengths on the host by design (the packed size is data-dependent)
-COMPILE_OPS = sorted(set(ro.__all__) - {"available_backends", "use_backend", "KLPenalty", "unpad"})
+COMPILE_OPS = sorted(set(ro.__all__) - {"available_backends", "use_backend", "KLPenalty", "PolicyLoss",
+                                         "PreferenceLoss", "unpad"})
 LENGTHS = (5, 8, 13)
 
 
@@ -198,7 +215,8 @@ COMPILE_BUGS = {
 }
 
 
-NO_BACKEND = {"kl_from_logprobs", "ppo_rewards", "reward_at_last_token", "pad"}   # plain torch ops
+NO_BACKEND = {"kl_from_logprobs", "ppo_rewards", "reward_at_last_token", "pad",   # plain torch ops
+              "policy_loss", "value_loss", "group_advantages", "sequence_logprobs", "preference_loss"}
 
 
 def _compile_params():

@@ -20,7 +20,7 @@ import torch
 import rlhf_ops as ro
 
 KINDS = ("dtype", "shape", "device", "nonfinite", "negative_size", "unknown_string", "requires_grad")
-NOT_OPS = {"available_backends", "use_backend", "KLPenalty"}
+NOT_OPS = {"available_backends", "use_backend", "KLPenalty", "PolicyLoss", "PreferenceLoss"}
 PUBLIC = sorted(set(ro.__all__) - NOT_OPS)
 
 
@@ -57,6 +57,14 @@ def valid(name):
                                       bias=_f(11)),
         "kl_from_logprobs": dict(logprobs=-_f(2, 5).abs(), ref_logprobs=-_f(2, 5).abs(), beta=0.1,
                                  mask=torch.ones(2, 5)),
+        "policy_loss": dict(logprobs=-_f(2, 5).abs(), old_logprobs=-_f(2, 5).abs(), advantages=_f(2),
+                            mask=torch.ones(2, 5, dtype=torch.bool), ref_logprobs=-_f(2, 5).abs(), beta=0.1),
+        "value_loss": dict(values=_f(2, 5), old_values=_f(2, 5), returns=_f(2, 5), clip=0.2),
+        "gae": dict(rewards=_f(2, 5), values=_f(2, 5), mask=torch.ones(2, 5, dtype=torch.bool)),
+        "group_advantages": dict(scores=_f(6), group_size=3),
+        "sequence_logprobs": dict(logprobs=-_f(2, 5).abs(), mask=torch.ones(2, 5, dtype=torch.bool)),
+        "preference_loss": dict(chosen_logps=-_f(3).abs(), rejected_logps=-_f(3).abs(), ref_chosen_logps=_f(3),
+                                ref_rejected_logps=_f(3)),
     }[name]
 
 
@@ -220,6 +228,46 @@ CASES = [
          NO_GRAD.format(arg="ref_logprobs")),
 ]
 
+# ---- the policy / value / preference losses, GAE, group advantages (rlhf_ops/losses.py; its own
+# bad-input cases are in tests/test_losses.py)
+CASES += [
+    _row("policy_loss", "dtype", "old_logprobs", lambda a: dict(old_logprobs=a["old_logprobs"].long()), TypeError),
+    _row("policy_loss", "shape", "advantages", lambda a: dict(advantages=_f(3)), ValueError),
+    _row("policy_loss", "device", "old_logprobs", lambda a: dict(old_logprobs=_meta(a["old_logprobs"])), ValueError),
+    _row("policy_loss", "nonfinite", "beta", lambda a: dict(beta=math.nan), ValueError),
+    _row("policy_loss", "negative_size", "max_len", lambda a: dict(loss_type="dr_grpo", max_len=-1), ValueError),
+    _row("policy_loss", "unknown_string", "loss_type", lambda a: dict(loss_type="ppo2"), ValueError),
+    _row("value_loss", "dtype", "returns", lambda a: dict(returns=a["returns"].long()), TypeError),
+    _row("value_loss", "shape", "old_values", lambda a: dict(old_values=_f(2, 4)), ValueError),
+    _row("value_loss", "device", "returns", lambda a: dict(returns=_meta(a["returns"])), ValueError),
+    _row("value_loss", "nonfinite", "clip", lambda a: dict(clip=math.nan), ValueError),
+    _row("value_loss", "negative_size", "num_tokens", lambda a: dict(num_tokens=-3), ValueError),
+    _row("gae", "dtype", "rewards", lambda a: dict(rewards=a["rewards"].long()), TypeError),
+    _row("gae", "shape", "values", lambda a: dict(values=_f(5, 2)), ValueError),
+    _row("gae", "device", "values", lambda a: dict(values=_meta(a["values"])), ValueError),
+    _row("gae", "nonfinite", "gamma", lambda a: dict(gamma=math.nan), ValueError),
+    _row("gae", "unknown_string", "backend", lambda a: dict(backend="loop"), ValueError),
+    _row("group_advantages", "dtype", "scores", lambda a: dict(scores=a["scores"].long()), TypeError),
+    _row("group_advantages", "shape", "scores", lambda a: dict(scores=_f(2, 3)), ValueError),
+    _row("group_advantages", "nonfinite", "eps", lambda a: dict(eps=math.inf), ValueError),
+    _row("group_advantages", "negative_size", "group_size", lambda a: dict(group_size=-3), ValueError),
+    _row("group_advantages", "unknown_string", "scale", lambda a: dict(scale="std"), ValueError),
+    _row("sequence_logprobs", "dtype", "logprobs", lambda a: dict(logprobs=a["logprobs"].long()), TypeError),
+    _row("sequence_logprobs", "shape", "mask", lambda a: dict(mask=a["mask"][:1]), ValueError),
+    _row("sequence_logprobs", "device", "mask", lambda a: dict(mask=_meta(a["mask"])), ValueError),
+    _row("sequence_logprobs", "unknown_string", "reduce", lambda a: dict(reduce="max"), ValueError),
+    _row("preference_loss", "dtype", "chosen_logps", lambda a: dict(chosen_logps=a["chosen_logps"].long()),
+         TypeError),
+    _row("preference_loss", "shape", "rejected_logps", lambda a: dict(rejected_logps=_f(4)), ValueError),
+    _row("preference_loss", "device", "ref_chosen_logps",
+         lambda a: dict(ref_chosen_logps=_meta(a["ref_chosen_logps"])), ValueError),
+    _row("preference_loss", "nonfinite", "beta", lambda a: dict(beta=math.inf), ValueError),
+    _row("preference_loss", "negative_size", "chosen_lengths",
+         lambda a: dict(loss_type="ipo", chosen_lengths=torch.tensor([3, -1, 2]),
+                        rejected_lengths=torch.tensor([2, 2, 2])), ValueError),
+    _row("preference_loss", "unknown_string", "loss_type", lambda a: dict(loss_type="kto"), ValueError),
+]
+
 # vocabulary-parallel options of the five vocabulary ops
 CASES += [_row(fn, "dtype", "process_group", lambda a: dict(process_group="world"), TypeError) for fn in VP_OPS]
 CASES += [_row(fn, "negative_size", "vocab_offset", lambda a: dict(vocab_offset=-2), ValueError)
@@ -245,6 +293,16 @@ NOT_APPLICABLE = {
                     "unknown_string": "no string option"},
     "linear_token_logprobs": {"requires_grad": "hidden, weight, bias take gradients"},
     "kl_from_logprobs": {"negative_size": "no size argument"},
+    # DESIGN.md: the inputs without a gradient in the formulas (old / rollout / ref log-probs,
+    # advantages, returns, old values, lengths) are constants: detached, documented
+    "policy_loss": {"requires_grad": "old/rollout/ref log-probs and advantages are constants (DESIGN)"},
+    "value_loss": {"unknown_string": "no string option",
+                   "requires_grad": "old_values and returns are constants (DESIGN)"},
+    "gae": {"negative_size": "no size argument", "requires_grad": "gae has no gradient (DESIGN)"},
+    "group_advantages": {"device": "one tensor argument", "requires_grad": "scores take a gradient"},
+    "sequence_logprobs": {"nonfinite": "no scalar option", "negative_size": "no size argument",
+                          "requires_grad": "logprobs take a gradient, the mask is a mask"},
+    "preference_loss": {"requires_grad": "ref log-probs and lengths are constants (DESIGN)"},
 }
 
 
@@ -286,7 +344,9 @@ def test_non_tensor_arguments_are_type_errors():
     firsts = {"attention": "q", "attention_varlen": "q", "unpad": "x", "pad": "x_packed",
               "cross_entropy": "logits", "linear_cross_entropy": "hidden", "pairwise_reward_loss": "rewards",
               "reward_at_last_token": "hidden", "token_logprobs": "logits", "kl_penalty": "logits",
-              "ppo_rewards": "penalty", "linear_token_logprobs": "hidden", "kl_from_logprobs": "logprobs"}
+              "ppo_rewards": "penalty", "linear_token_logprobs": "hidden", "kl_from_logprobs": "logprobs",
+              "policy_loss": "logprobs", "value_loss": "values", "gae": "rewards", "group_advantages": "scores",
+              "sequence_logprobs": "logprobs", "preference_loss": "chosen_logps"}
     assert set(firsts) == set(PUBLIC), set(PUBLIC) ^ set(firsts)
     bad = []
     for fn, arg in firsts.items():

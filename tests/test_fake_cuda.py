@@ -23,7 +23,7 @@ from rlhf_ops import _backend
 from conftest import ON_GPU
 from test_opcheck import NEEDS_GROUP, OPS, SAMPLES, positional
 
-NOT_OPS = {"available_backends", "use_backend", "KLPenalty"}
+NOT_OPS = {"available_backends", "use_backend", "KLPenalty", "PolicyLoss", "PreferenceLoss"}
 PUBLIC = sorted(set(ro.__all__) - NOT_OPS)
 CUDA = torch.device("cuda", 0)
 HAS_EXT = _backend.load_extension()
@@ -206,6 +206,53 @@ def _case_ppo_rewards():
     return build, lambda p, s, m, be: ro.ppo_rewards(p, s, m), lambda o: _is(o, (2, 5), F32)
 
 
+def _case_policy_loss():
+    def build():
+        cu = torch.tensor([0, 4, 4, 11], dtype=torch.int32, device=CUDA)
+        return _r(11), _r(11, grad=False), _r(3, grad=False), _r(11, grad=False), _r(11), cu, \
+            torch.tensor(9.0, device=CUDA)
+    return build, lambda lp, old, a, roll, ent, cu, n, be: (
+        ro.policy_loss(lp, old, a, cu_seqlens=cu, loss_type="dapo", rollout_logprobs=roll,
+                       is_correction="sequence_mask", is_cap=(0.5, 2.0), ref_logprobs=old, beta=0.1,
+                       entropy=ent, entropy_coef=0.01, num_tokens=n),
+        ro.policy_loss(lp.view(1, 11), old.view(1, 11), a[:1], loss_type="gspo")), \
+        lambda o: (_is(o[0].loss, (), F32), _is(o[0].per_token, (11,), F32), _is(o[1].ratio, (1, 11), F32))
+
+
+def _case_value_loss():
+    def build():
+        return _r(2, 5), _r(2, 5, grad=False), _r(2, 5, grad=False), torch.ones(2, 5, device=CUDA)
+    return build, lambda v, o, r, m, be: ro.value_loss(v, o, r, m, clip=0.2, num_tokens=torch.tensor(7, device=CUDA)), \
+        lambda o: _is(o, (), F32)
+
+
+def _case_gae():
+    def build():
+        cu = torch.tensor([0, 3, 3, 10], dtype=torch.int32, device=CUDA)
+        return _r(2, 5, grad=False), _r(2, 5, grad=False), torch.ones(2, 5, dtype=torch.bool, device=CUDA), cu
+    return build, lambda r, v, m, cu, be: ro.gae(r, v, m, backend=be) + ro.gae(
+        r.reshape(-1), v.reshape(-1), m.reshape(-1), cu_seqlens=cu, backend=be), \
+        lambda o: [_is(t, s, F32) for t, s in zip(o, [(2, 5), (2, 5), (10,), (10,)])]
+
+
+def _case_group_advantages():
+    return lambda: (_r(8),), lambda s, be: ro.group_advantages(s, 4, leave_one_out=True), lambda o: _is(o, (8,), F32)
+
+
+def _case_sequence_logprobs():
+    def build():
+        return _r(9), torch.tensor([0, 2, 9], dtype=torch.int32, device=CUDA)
+    return build, lambda lp, cu, be: ro.sequence_logprobs(lp, cu_seqlens=cu, reduce="mean"), lambda o: _is(o, (2,), F32)
+
+
+def _case_preference_loss():
+    def build():
+        return _r(3), _r(3), _i(9, 3, low=1), _i(9, 3, low=1)
+    return build, lambda c, r, lc, lr, be: ro.preference_loss(c, r, loss_type="simpo", gamma=0.5, chosen_lengths=lc,
+                                                              rejected_lengths=lr), \
+        lambda o: (_is(o.loss, (), F32), _is(o.per_pair, (3,), F32))
+
+
 CASES = {
     "cross_entropy": _case_cross_entropy,
     "linear_cross_entropy": _case_linear_cross_entropy,
@@ -219,9 +266,16 @@ CASES = {
     "ppo_rewards": _case_ppo_rewards,
     "linear_token_logprobs": _case_linear_token_logprobs,
     "kl_from_logprobs": _case_kl_from_logprobs,
+    "policy_loss": _case_policy_loss,
+    "value_loss": _case_value_loss,
+    "gae": _case_gae,
+    "group_advantages": _case_group_advantages,
+    "sequence_logprobs": _case_sequence_logprobs,
+    "preference_loss": _case_preference_loss,
 }
 # Ops without a backend choice (plain torch ops around no custom op).
-NO_BACKEND = {"pad", "reward_at_last_token", "ppo_rewards", "kl_from_logprobs"}
+NO_BACKEND = {"pad", "reward_at_last_token", "ppo_rewards", "kl_from_logprobs", "policy_loss", "value_loss",
+              "group_advantages", "sequence_logprobs", "preference_loss"}
 # Documented host syncs: unpad reads the row lengths once (the packed size is data-dependent).
 SYNCS = {"unpad"}
 # What the cuda backend refuses by design (DESIGN: window/softcap are reference + Triton).

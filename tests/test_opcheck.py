@@ -170,6 +170,16 @@ def _reward_fwd(be, dev):
     return out
 
 
+def _gae_fwd(be, dev):
+    m = torch.tensor([[1, 1, 0, 1, 1], [0, 1, 1, 1, 0]], dtype=torch.uint8, device=dev)
+    cu = torch.tensor([0, 3, 3, 10], dtype=torch.int32, device=dev)
+    return [dict(rewards=_f(2, 5, device=dev, grad=False), values=_f(2, 5, device=dev, grad=False), mask=m,
+                 cu_seqlens=None, gamma=0.99, lam=0.95, backend=be),
+            dict(rewards=_f(10, device=dev, dtype=torch.float64, grad=False),
+                 values=_f(10, device=dev, dtype=torch.float64, grad=False), mask=m.reshape(-1), cu_seqlens=cu,
+                 gamma=1.0, lam=0.9, backend=be)]
+
+
 def _arg_names(name):
     return {a.name for a in getattr(torch.ops.rlhf_ops, name).default._schema.arguments}
 
@@ -242,6 +252,7 @@ SAMPLES = {
     "linear_token_logprobs_fwd": _ltl_fwd,
     "linear_token_logprobs_bwd": _ltl_bwd,
     "kl_penalty_fwd": _kl_fwd,
+    "gae_fwd": _gae_fwd,
 }
 
 
