@@ -52,8 +52,8 @@ class Op:
     call: Callable           # (op function, *args, **options) -> result
     cases: tuple
     dot: bool = False        # its Triton kernels use tl.dot (bf16 wrong under the interpreter)
-    atol_in_dtype: bool = False  # it rounds an intermediate to the input dtype (the linear heads'
-    #                              logits): the small tolerance is that dtype's, as in the tests
+    rounds_in_dtype: bool = False  # it rounds an intermediate to the input dtype (the linear
+    #                                heads' logits, as eager does): that dtype's atol applies
 
     def function(self):
         import rlhf_ops
@@ -396,7 +396,7 @@ OPS = (
         Case("V = 70,001, no bias", _lce_big_vocab, dict(reduction="none"), quick=True),
         Case("−inf bias entries (masked vocabulary), sum", _lce_masked_vocab,
              dict(reduction="sum")),
-    ), atol_in_dtype=True),
+    ), rounds_in_dtype=True),
     Op("token_logprobs", _plain_call, (
         Case("[B, T, V] odd sizes, temperature 0.7, entropy", _tl_odd,
              dict(temperature=0.7, return_entropy=True), quick=True),
@@ -409,7 +409,7 @@ OPS = (
         Case("odd sizes, bias, temperature 0.7, entropy", _ltl_odd,
              dict(temperature=0.7, return_entropy=True), quick=True),
         Case("V = 70,001, K = 2 tokens, no bias", _ltl_big_vocab, dict(return_entropy=True), quick=True),
-    ), atol_in_dtype=True),
+    ), rounds_in_dtype=True),
     Op("kl_penalty", _kl_call, (
         Case("k3, reference near the policy, float mask", _kl_near, dict(beta=0.1, estimator="k3"), quick=True),
         Case("k2, V = 70,001, ±1e4 and −inf logits, bool mask", _kl_extreme,

@@ -9,7 +9,7 @@ The rule (DESIGN "Numerics", as Cut Cross-Entropy tests it). The same inputs, ro
 same dtype) and the reference function on their float64 upcast (the truth). Then, for every output
 and for the gradient of every differentiable input,
 
-    err(fused) ≤ factor · err(eager) + atol          (factor 1.05; atol by dtype, ``TOLERANCE``)
+    err(fused) ≤ factor · err(eager) + atol      (factor 1.05; atol by dtype and size, ``default_atol``)
 
 where err(x) is x's relative error against the float64 result:
   * norm-wise, ‖x − ref‖ / ‖|ref| + scale‖ over the finite positions, for every compared tensor;
@@ -40,10 +40,25 @@ import torch
 F64 = torch.float64
 
 FACTOR = 1.05
-# atol by the dtype of the compared tensor: rounding noise on top of eager's own error
+# atol by the dtype of the compared tensor: rounding noise on top of eager's own error. For
+# fp16/bf16 it is about half an ulp, sized for a tensor of up to ``NOISE_ELEMENTS`` elements;
+# the noise of a norm over n elements shrinks as 1/sqrt(n), and so does the norm-wise atol
+# (at 64k elements bf16's is 1.3e-4: a kernel that truncates to bf16 instead of rounding to
+# nearest, about twice eager's error, fails; at 64 elements it would pass unnoticed).
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-4, torch.bfloat16: 4e-3}
+NOISE_ELEMENTS = 64
 
-__all__ = ["assert_matches_reference", "compare_to_reference", "Check", "Report", "FACTOR", "TOLERANCE"]
+
+def default_atol(dtype: torch.dtype, numel: int, kind: str = "norm") -> float:
+    """The small tolerance of a compared tensor of ``dtype`` with ``numel`` elements: TOLERANCE,
+    and for a norm-wise fp16/bf16 check TOLERANCE · sqrt(NOISE_ELEMENTS / numel) when larger."""
+    tol = TOLERANCE.get(dtype, TOLERANCE[torch.float32])
+    if kind == "norm" and dtype in (torch.float16, torch.bfloat16) and numel > NOISE_ELEMENTS:
+        tol *= math.sqrt(NOISE_ELEMENTS / numel)
+    return tol
+
+__all__ = ["assert_matches_reference", "compare_to_reference", "default_atol", "Check", "Report", "FACTOR",
+           "TOLERANCE"]
 
 
 @dataclass
@@ -78,7 +93,7 @@ class Check:
         if self.problem is not None:
             where = f" at index {self.index}" if self.index is not None else ""
             vals = "" if self.fused is None else \
-                f": fused {self.fused!r}, reference {self.reference!r}, eager {self.eager!r}"
+                f": fused {self.fused:.8g}, reference {self.reference:.8g}, eager {_num(self.eager)}"
             return f"{self.tensor}: {self.problem}{where}{vals}"
         what = "relative error (norm)" if self.kind == "norm" else "worst element relative error"
         ratio = self.ratio
@@ -89,8 +104,12 @@ class Check:
                 f"{self.atol:.1e} ({r})")
         if self.index is not None and self.fused is not None:
             head += (f"; largest deviation at index {self.index}: fused {self.fused:.8g}, "
-                     f"reference {self.reference:.8g}, eager {self.eager:.8g}")
+                     f"reference {self.reference:.8g}, eager {_num(self.eager)}")
         return head
+
+
+def _num(x) -> str:
+    return "n/a" if x is None else f"{x:.8g}"
 
 
 @dataclass
@@ -161,12 +180,21 @@ def _error(x: torch.Tensor, ref: torch.Tensor, fin: torch.Tensor, kind: str, sca
     return float(r.max()), _first_index(r == r.max())
 
 
-def _compare(name: str, fused, eager, ref, *, factor: float, atol, elementwise: bool, scale) -> list:
+def _atol(atol, dtype, rounding_dtype, numel: int, kind: str) -> float:
+    if atol is not None:
+        return float(atol)
+    tol = default_atol(dtype, numel, kind)
+    return tol if rounding_dtype is None else max(tol, default_atol(rounding_dtype, numel, kind))
+
+
+def _compare(name: str, fused, eager, ref, *, factor: float, atol, rounding_dtype, elementwise: bool,
+             scale) -> list:
     """Checks of one tensor: norm-wise, and element-wise when asked."""
     if fused is None and ref is None:
         return []
-    atol_ = float(TOLERANCE.get(fused.dtype, 1e-5) if atol is None else atol) if fused is not None else 0.0
-    fail = lambda problem, **kw: [Check(name, "norm", math.inf, 0.0, atol_, factor, atol_, problem=problem, **kw)]
+
+    def fail(problem, **kw):
+        return [Check(name, "norm", math.inf, 0.0, math.nan, factor, math.nan, problem=problem, **kw)]
     if fused is None or ref is None:
         return fail("the fused result has no value where the reference has one" if fused is None
                     else "the fused result has a value where the reference has none")
@@ -194,7 +222,8 @@ def _compare(name: str, fused, eager, ref, *, factor: float, atol, elementwise: 
     for kind in (("norm", "elementwise") if elementwise else ("norm",)):
         err, idx = _error(f64, r64, fin, kind, scale)
         e_err = math.inf if eager_bad else _error(e64, r64, fin_e, kind, scale)[0]
-        c = Check(name, kind, err, e_err, factor * e_err + atol_, factor, atol_, index=idx)
+        a = _atol(atol, fused.dtype, rounding_dtype, fused.numel(), kind)
+        c = Check(name, kind, err, e_err, factor * e_err + a, factor, a, index=idx)
         if idx is not None:
             c.fused, c.reference = _value(f64, idx), _value(r64, idx)
             c.eager = None if eager_bad else _value(e64, idx)
@@ -232,9 +261,10 @@ def _per_input(value, n: int, what: str) -> list:
 def compare_to_reference(fused_fn: Callable, reference_fn: Callable, *inputs: Any,
                          dtype: torch.dtype | Sequence[torch.dtype | None] | None = None,
                          grad: bool | Iterable[int] = True, factor: float = FACTOR,
-                         atol: float | None = None, elementwise: bool | Iterable[int] = False,
-                         scale: Any = None, grad_outputs: Sequence | None = None,
-                         input_names: Sequence[str] | None = None, seed: int = 0) -> Report:
+                         atol: float | None = None, rounding_dtype: torch.dtype | None = None,
+                         elementwise: bool | Iterable[int] = False, scale: Any = None,
+                         grad_outputs: Sequence | None = None, input_names: Sequence[str] | None = None,
+                         seed: int = 0) -> Report:
     """``assert_matches_reference`` without the raise: the ``Report`` of every check (errors,
     eager's errors, bounds, ratios, where the largest deviation is). Same arguments."""
     n = len(inputs)
@@ -271,8 +301,8 @@ def compare_to_reference(fused_fn: Callable, reference_fn: Callable, *inputs: An
     scales = scale if isinstance(scale, Mapping) else {i: scale for i in ew}
     report = Report(dtype=next((d for d in dtypes if d is not None), None))
     for i, (f, e, r) in enumerate(zip(fs, es, rs)):
-        report.checks += _compare(onames[i], f, e, r, factor=factor, atol=atol, elementwise=i in ew,
-                                  scale=scales.get(i))
+        report.checks += _compare(onames[i], f, e, r, factor=factor, atol=atol, rounding_dtype=rounding_dtype,
+                                  elementwise=i in ew, scale=scales.get(i))
     if not want_grad:
         return report
 
@@ -285,7 +315,9 @@ def compare_to_reference(fused_fn: Callable, reference_fn: Callable, *inputs: An
         gs = {i: g for i, g in enumerate(grad_outputs) if g is not None and i in diff}
 
     def grads(outs, xs):
-        pairs = [(outs[i], gs[i]) for i in gs if isinstance(outs[i], torch.Tensor) and outs[i].requires_grad]
+        # an output of the wrong shape has failed above; it sends no gradient
+        pairs = [(outs[i], gs[i]) for i in gs if isinstance(outs[i], torch.Tensor) and outs[i].requires_grad
+                 and outs[i].shape == gs[i].shape]
         idx = sorted(want_grad)
         got = [None] * len(idx)
         if pairs:
@@ -296,16 +328,17 @@ def compare_to_reference(fused_fn: Callable, reference_fn: Callable, *inputs: An
     for j in sorted(want_grad):
         name = f"grad of input {j}" + (f" ({names[j]})" if names[j] else "")
         report.checks += _compare(name, g_f[j], g_e[j], g_r[j], factor=factor, atol=atol,
-                                  elementwise=False, scale=None)
+                                  rounding_dtype=rounding_dtype, elementwise=False, scale=None)
     return report
 
 
 def assert_matches_reference(fused_fn: Callable, reference_fn: Callable, *inputs: Any,
                              dtype: torch.dtype | Sequence[torch.dtype | None] | None = None,
                              grad: bool | Iterable[int] = True, factor: float = FACTOR,
-                             atol: float | None = None, elementwise: bool | Iterable[int] = False,
-                             scale: Any = None, grad_outputs: Sequence | None = None,
-                             input_names: Sequence[str] | None = None, seed: int = 0) -> Report:
+                             atol: float | None = None, rounding_dtype: torch.dtype | None = None,
+                             elementwise: bool | Iterable[int] = False, scale: Any = None,
+                             grad_outputs: Sequence | None = None, input_names: Sequence[str] | None = None,
+                             seed: int = 0) -> Report:
     """Assert that ``fused_fn(*inputs)`` matches ``reference_fn(*inputs)``, forward and backward,
     under the eager-relative rule of the module docstring; return the ``Report`` when it does.
 
@@ -316,8 +349,11 @@ def assert_matches_reference(fused_fn: Callable, reference_fn: Callable, *inputs
     grad: True (every floating-point input), False (forward only), or the indices of the
         inputs whose gradients are compared. One random upstream gradient (fp64, from ``seed``)
         per output that requires grad in the reference is back-propagated through all three runs.
-    factor, atol: the rule's factor (1.05) and the small tolerance (None: ``TOLERANCE`` of the
-        compared tensor's dtype).
+    factor, atol: the rule's factor (1.05) and the small tolerance (None: ``default_atol`` of the
+        compared tensor's dtype and size).
+    rounding_dtype: a dtype the function rounds an intermediate to (a linear head that materialises
+        its logits in the input dtype): the default atol is the larger of that dtype's and the
+        compared tensor's.
     elementwise: True, False or the output indices also judged element-wise (outputs with one
         independent element per row/token); ``scale``: for those, the per-element rounding scale
         (a number or a tensor broadcast to the output; or a mapping from output index to one).
@@ -329,8 +365,8 @@ def assert_matches_reference(fused_fn: Callable, reference_fn: Callable, *inputs
     there, the error and the bound, and eager's own error.
     """
     report = compare_to_reference(fused_fn, reference_fn, *inputs, dtype=dtype, grad=grad, factor=factor,
-                                  atol=atol, elementwise=elementwise, scale=scale,
-                                  grad_outputs=grad_outputs, input_names=input_names, seed=seed)
+                                  atol=atol, rounding_dtype=rounding_dtype, elementwise=elementwise,
+                                  scale=scale, grad_outputs=grad_outputs, input_names=input_names, seed=seed)
     if not report.passed:
         raise AssertionError(report.message())
     return report
