@@ -85,7 +85,8 @@ def row_scale(x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
 
 
 def _extreme_logits(gen, N, V):
-    """Rows of ±1e4 logits, −1e4 half rows, −inf everywhere but a few entries, every other −inf."""
+    """N ≥ 4 rows of randn·2 but: row 0 scaled to ~±1e4, row 1 half −1e4, row 2 −inf past its
+    first 5 entries, row 3 −inf at every other entry."""
     x = _randn(gen, N, V, scale=2.0)
     x[0] *= 1e4 / 2
     x[1, : V // 2] = -1e4
@@ -120,7 +121,7 @@ def _ce_none(x, t):
 
 def _ce_big_vocab(gen, big):
     N = _size(big, 2, 67)
-    return _ce_none(_randn(gen, N, 70001, scale=3.0), _targets(gen, 70001, (N,), 0.25))
+    return _ce_none(_randn(gen, N, 70001, scale=3.0), _targets(gen, 70001, (N,)))
 
 
 def _ce_extreme(gen, big):
@@ -219,9 +220,9 @@ def _ltl_big_vocab(gen, big):
 
 
 # kl_penalty(logits, ref_logits, tokens, mask)
-def _kl(gen, x, r, mask):
+def _kl(gen, x, r, mask, temperature=1.0):
     t = _finite_targets(x, _randint(gen, x.shape[-1], *x.shape[:-1]))
-    s = row_scale(x) + row_scale(r)
+    s = row_scale(x, temperature) + row_scale(r, temperature)
     return Inputs((x, r, t, mask), keep=(3,), elementwise={i: s for i in range(6)},
                   names=("logits", "ref_logits", "tokens", "mask"))
 
@@ -236,7 +237,7 @@ def _kl_extreme(gen, big):
     N = _size(big, 4, 64)
     x = _extreme_logits(gen, N, 70001)
     r = torch.where(torch.isfinite(x), x + _randn(gen, N, 70001), x)
-    return _kl(gen, x, r, (torch.rand(N, generator=gen) < 0.7))
+    return _kl(gen, x, r, (torch.rand(N, generator=gen) < 0.7), temperature=0.7)
 
 
 # kl_from_logprobs(logprobs, ref_logprobs, mask)

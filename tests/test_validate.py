@@ -214,6 +214,22 @@ def test_case_table():
         assert n in present
 
 
+def test_every_present_entry_calls_its_op():
+    """Each case of each op this rlhf_ops has builds inputs its op accepts (fp32, forward, on the
+    reference backend where there is one): the table follows the ops' signatures, including the
+    entries of plain ops that are not compared (nothing else would run them)."""
+    for op in cases.OPS:
+        fn = op.function()
+        if fn is None:
+            continue
+        kw = {"backend": "reference"} if op.has_backend_arg() else {}
+        for case in op.cases:
+            inp = case.build(torch.Generator().manual_seed(0), False)
+            args = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in inp.args]
+            out = op.call(lambda *a, **o: fn(*a, **kw, **o), *args, **case.options)
+            assert out is not None, (op.name, case.name)
+
+
 # ------------------------------------------------------------------------- --quick on CPU ---
 
 @pytest.mark.skipif(ON_GPU, reason="the CPU time budget of --quick")
