@@ -1069,3 +1069,23 @@ def grpo_eager(h, W, tok, old, roll):
     lp = torch.log_softmax(logits.float(), -1).gather(-1, tok[:, None]).squeeze(-1)
     return ro.policy_loss(lp.view(old.shape), old, torch.zeros(old.shape[0], device="meta"),
                           loss_type="grpo").loss
+# =================================================================================== bench ===
+
+def test_bench_losses_smoke():
+    """bench/bench_losses.py at its CPU smoke size under pytest (every case, eager only) and its
+    table entry."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
+                        "bench/bench_losses.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    # the smoke cases: the policy-head step (eager, fwd+bwd) and gae (the per-position loop)
+    assert "2 passed" in p.stdout and "skipped" not in p.stdout, p.stdout[-2000:]
+    sys.path.insert(0, ROOT) if ROOT not in sys.path else None
+    from bench import bench_losses
+    rows = bench_losses.main(["--size", "smoke"])
+    assert {(r["op"], r["impl"]) for r in rows if r["status"] == "ok"} == {("policy_head_step", "eager"),
+                                                                          ("gae", "loop")}
+    big = {c.op: c for c in bench_losses.cases("quick")}
+    N, H, V = 8192, 4096, 151936
+    assert big["policy_head_step"].shape == {"N": N, "H": H, "V": V}
+    assert big["policy_head_step"].flop["fwd+bwd"] == 6 * N * H * V and big["gae"].shape == {"B": 64, "T": 8192}
