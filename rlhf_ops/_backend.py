@@ -10,6 +10,17 @@ A backend is chosen, first match wins, by
 in the op's preference list (``AUTO_PREFERENCE``). Naming a backend that cannot run the given
 tensors is an error that says why; nothing falls back silently. ``meta`` tensors accept every
 backend name: the op's fake implementation runs instead of a kernel.
+
+Capability, in one place: ``unavailable(backend, device)`` says why a backend cannot run on a
+device at all; ``unsupported(op, backend, device, **inputs)`` adds the op's own limits (the
+``LIMITS`` table: attention's head dims, dtypes, window, softcap and grid size per backend) and,
+with ``exact=True``, the combinations that run but give wrong results (bf16 ``tl.dot`` under the
+Triton interpreter). The ops enforce the limits; callers that take user models (the
+integrations) also ask for ``exact``.
+
+Internal API for the training CLI, the integrations, bench and tests (rather than the private
+helpers below): ``check_name``, ``unavailable``, ``resolve``, ``unsupported`` / ``require`` and
+``Refusal``, plus ``available_backends`` / ``use_backend`` (public).
 """
 from __future__ import annotations
 
@@ -18,6 +29,7 @@ import importlib
 import importlib.util
 import os
 import threading
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -52,6 +64,12 @@ def _check_name(name: str, what: str) -> str:
         raise ValueError(f"{what}: unknown backend {name!r}; expected one of "
                          f"{', '.join(BACKENDS + ('auto',))}")
     return name
+
+
+def check_name(backend: str | None, what: str = "backend") -> str | None:
+    """Validate a backend name a caller was given (None: no choice made); the ValueError names
+    ``what`` and the choices."""
+    return None if backend is None else _check_name(backend, what)
 
 
 @contextlib.contextmanager
@@ -118,10 +136,13 @@ def _cuda_problem(device_type: str) -> str | None:
 load_extension()
 
 
-def _problem(name: str, device_type: str) -> str | None:
-    if name == "triton":
+def unavailable(backend: str, device) -> str | None:
+    """None when ``backend`` can run on tensors of ``device`` (a torch.device or its type),
+    else why it cannot. ``reference`` runs everywhere."""
+    device_type = device.type if isinstance(device, torch.device) else str(device)
+    if backend == "triton":
         return _triton_problem(device_type)
-    if name == "cuda":
+    if backend == "cuda":
         return _cuda_problem(device_type)
     return None
 
@@ -145,23 +166,151 @@ def requested(backend: str | None) -> str:
     return _check_name(os.environ.get("RLHF_OPS_BACKEND", "auto"), "RLHF_OPS_BACKEND")
 
 
+def _preference(op: str) -> tuple[str, ...]:
+    if op not in AUTO_PREFERENCE:
+        raise KeyError(f"rlhf_ops: op {op!r} has no AUTO_PREFERENCE entry (rlhf_ops/_backend.py); "
+                       f"every op that resolves a backend needs one")
+    return AUTO_PREFERENCE[op]
+
+
 def resolve(op: str, backend: str | None, device: torch.device) -> str:
     """The concrete backend (reference/triton/cuda) that runs ``op`` on tensors on ``device``."""
     name = requested(backend)
-    dtype = device.type
-    if dtype == "meta":
+    device_type = device.type
+    if device_type == "meta":
         return "reference" if name == "auto" else name
     if name == "auto":
-        if dtype != "cuda":
+        prefs = _preference(op)
+        if device_type != "cuda":
             return "reference"
-        for cand in AUTO_PREFERENCE.get(op, ("reference",)):
-            if _problem(cand, dtype) is None:
+        for cand in prefs:
+            if unavailable(cand, device_type) is None:
                 return cand
         return "reference"
-    why = _problem(name, dtype)
+    why = unavailable(name, device_type)
     if why is not None:
         raise RuntimeError(f"rlhf_ops.{op}: backend {name!r} is not available: {why}")
     return name
+
+
+# ---------------------------------------------------------------------------------------------
+# Capability: what a backend can run, beyond being available.
+# ---------------------------------------------------------------------------------------------
+
+CUDA_HEAD_DIMS = (64, 128)                          # the CUDA attention kernels' head dims
+CUDA_ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
+GRID_LIMIT = 65535   # CUDA's limit on grid dims y and z: the fused kernels launch (tiles, heads, batch)
+
+
+def triton_head_dim_ok(d: int) -> bool:
+    # Mirrors kernels.attention.head_dim_supported without importing triton for other backends.
+    return d % 16 == 0 and 16 <= d <= 256
+
+
+class Refusal(NamedTuple):
+    """Why a backend will not run these inputs: the exception type the op raises and the
+    reason (without the ``rlhf_ops.<op>:`` prefix)."""
+    error: type
+    reason: str
+
+    def exception(self, where: str) -> Exception:
+        return self.error(f"{where}: {self.reason}")
+
+
+class Limit(NamedTuple):
+    """One row of ``LIMITS``: on ``backends``, inputs ``x`` for which ``refuses(x)`` holds raise
+    ``error`` with ``reason(x)``. ``exact``: the backend runs them but the results are wrong
+    (refused only when a caller asks for ``exact=True``)."""
+    backends: tuple[str, ...]
+    error: type
+    refuses: Callable[[dict], bool]
+    reason: Callable[[dict], str]
+    exact: bool = False
+
+
+def _cuda_window_refused(x) -> bool:
+    w = x.get("window")
+    return w is not None and (w[0] >= 0 or (w[1] >= 0 and not x.get("causal", True)))
+
+
+def _batch_words(x) -> str:
+    return ("a batch size (q.shape[0])" if x["op"] == "attention"
+            else "a number of sequences (len(cu_seqlens) − 1)")
+
+
+# Inputs the rules read (each optional; a rule whose inputs are not given does not apply):
+# dtype, head_dim, n_batch (B or the number of sequences), n_heads (query heads), window (the
+# caller's (left, right) or None), causal, softcap; op, backend and device_type are added.
+_ATTENTION_LIMITS = (
+    Limit(("triton", "cuda"), ValueError,
+          lambda x: max(x["n_batch"], x["n_heads"]) > GRID_LIMIT,
+          lambda x: f"the {x['backend']} backend supports {_batch_words(x)} and a number of query "
+                    f"heads (q.shape[1]) of at most {GRID_LIMIT} each, got {x['n_batch']} and "
+                    f"{x['n_heads']}; split the batch"),
+    Limit(("triton",), ValueError, lambda x: not triton_head_dim_ok(x["head_dim"]),
+          lambda x: f"the triton backend supports head dims (q.shape[-1]) that are multiples of "
+                    f"16 from 16 to 256, got {x['head_dim']}"),
+    Limit(("cuda",), ValueError, lambda x: x["head_dim"] not in CUDA_HEAD_DIMS,
+          lambda x: f"the cuda backend supports head dims (q.shape[-1]) {CUDA_HEAD_DIMS}, got "
+                    f"{x['head_dim']}"),
+    Limit(("cuda",), TypeError, lambda x: x["dtype"] not in CUDA_ATTENTION_DTYPES,
+          lambda x: f"the cuda backend supports q/k/v dtypes float16 and bfloat16, got "
+                    f"{str(x['dtype']).replace('torch.', '')}"),
+    Limit(("cuda",), ValueError, _cuda_window_refused,
+          lambda x: f"the cuda backend does not support window (got {tuple(x['window'])}); use "
+                    f"backend='triton' or 'reference'"),
+    Limit(("cuda",), ValueError, lambda x: x["softcap"] > 0,
+          lambda x: f"the cuda backend does not support softcap (got {x['softcap']}); use "
+                    f"backend='triton' or 'reference'"),
+    # the interpreter's tl.dot on bf16 operands is wrong (the attention kernels are dot-based)
+    Limit(("triton",), TypeError,
+          lambda x: x["device_type"] == "cpu" and x["dtype"] == torch.bfloat16,
+          lambda x: "bfloat16 inputs on the Triton backend under the CPU interpreter "
+                    "(TRITON_INTERPRET=1) are not supported: the interpreter computes tl.dot on "
+                    "bf16 operands wrongly; use float32/float16 on the CPU or backend='reference'",
+          exact=True),
+)
+
+# op -> its limits beyond availability (ops not named here run whatever their backends get)
+LIMITS: dict[str, tuple[Limit, ...]] = {
+    "attention": _ATTENTION_LIMITS,
+    "attention_varlen": _ATTENTION_LIMITS,
+}
+
+
+def _needs(limit: Limit, x: dict) -> bool:
+    """Whether every input the rule reads was given (reading a missing key raises KeyError)."""
+    try:
+        return bool(limit.refuses(x))
+    except KeyError:
+        return False
+
+
+def unsupported(op: str, backend: str, device, *, exact: bool = False, **inputs) -> Refusal | None:
+    """None when the concrete ``backend`` can run ``op`` on these inputs, else the ``Refusal``:
+    first availability on the device (RuntimeError), then the op's ``LIMITS`` (with ``exact``
+    also the rules whose results would be wrong). ``inputs``: see ``_ATTENTION_LIMITS``."""
+    device_type = device.type if isinstance(device, torch.device) else str(device)
+    if device_type != "meta":
+        why = unavailable(backend, device_type)
+        if why is not None:
+            return Refusal(RuntimeError, f"backend {backend!r} is not available: {why}")
+    x = dict(inputs, op=op, backend=backend, device_type=device_type)
+    for limit in LIMITS.get(op, ()):
+        if backend in limit.backends and (exact or not limit.exact) and _needs(limit, x):
+            return Refusal(limit.error, limit.reason(x))
+    return None
+
+
+def require(op: str, backend: str | None, device, *, exact: bool = False, where: str | None = None,
+            **inputs) -> str:
+    """``resolve`` the backend for ``op``, then raise what ``unsupported`` refuses (the message
+    starts with ``where``, default ``rlhf_ops.<op>``); returns the concrete backend."""
+    be = resolve(op, backend, device if isinstance(device, torch.device) else torch.device(device))
+    refusal = unsupported(op, be, device, exact=exact, **inputs)
+    if refusal is not None:
+        raise refusal.exception(where or f"rlhf_ops.{op}")
+    return be
 
 
 def debug_checks(device: torch.device) -> bool:

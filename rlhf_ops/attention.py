@@ -47,14 +47,6 @@ from . import _backend, _checks, reference
 
 OP = "attention"
 OP_VARLEN = "attention_varlen"
-CUDA_HEAD_DIMS = (64, 128)
-CUDA_DTYPES = (torch.float16, torch.bfloat16)
-GRID_LIMIT = 65535   # CUDA's limit on grid dims y and z: the fused kernels launch (tiles, heads, batch)
-
-
-def _triton_head_dim_ok(d: int) -> bool:
-    # Mirrors kernels.attention.head_dim_supported without importing triton for other backends.
-    return d % 16 == 0 and 16 <= d <= 256
 
 
 def _unit_last(t: Tensor, backend: str) -> Tensor:
@@ -266,29 +258,13 @@ def _kernel_window(left: int, right: int, T: int, S: int) -> tuple[int, int]:
 
 def _check_backend_support(op: str, be: str, q: Tensor, n_batch: int, window, causal: bool,
                            softcap: float) -> None:
-    """What the fused backends accept. ``n_batch`` is B (dense) or the number of sequences."""
-    D, Hq = q.shape[-1], q.shape[1]
-    batch = "a batch size (q.shape[0])" if q.dim() == 4 else "a number of sequences (len(cu_seqlens) − 1)"
-    if be in ("triton", "cuda") and max(n_batch, Hq) > GRID_LIMIT:
-        raise ValueError(f"rlhf_ops.{op}: the {be} backend supports {batch} and a number of query heads "
-                         f"(q.shape[1]) of at most {GRID_LIMIT} each, got {n_batch} and {Hq}; "
-                         f"split the batch")
-    if be == "triton" and not _triton_head_dim_ok(D):
-        raise ValueError(f"rlhf_ops.{op}: the triton backend supports head dims (q.shape[-1]) that "
-                         f"are multiples of 16 from 16 to 256, got {D}")
-    if be == "cuda":
-        if D not in CUDA_HEAD_DIMS:
-            raise ValueError(f"rlhf_ops.{op}: the cuda backend supports head dims (q.shape[-1]) "
-                             f"{CUDA_HEAD_DIMS}, got {D}")
-        if q.dtype not in CUDA_DTYPES:
-            raise TypeError(f"rlhf_ops.{op}: the cuda backend supports q/k/v dtypes float16 and "
-                            f"bfloat16, got {str(q.dtype).replace('torch.', '')}")
-        if window is not None and (window[0] >= 0 or (window[1] >= 0 and not causal)):
-            raise ValueError(f"rlhf_ops.{op}: the cuda backend does not support window (got "
-                             f"{tuple(window)}); use backend='triton' or 'reference'")
-        if softcap > 0:
-            raise ValueError(f"rlhf_ops.{op}: the cuda backend does not support softcap (got {softcap}); "
-                             f"use backend='triton' or 'reference'")
+    """What the fused backends accept (``_backend.LIMITS``). ``n_batch`` is B (dense) or the
+    number of sequences."""
+    refusal = _backend.unsupported(op, be, q.device, dtype=q.dtype, head_dim=q.shape[-1],
+                                   n_batch=n_batch, n_heads=q.shape[1], window=window,
+                                   causal=causal, softcap=softcap)
+    if refusal is not None:
+        raise refusal.exception(f"rlhf_ops.{op}")
 
 
 def _check_cu_seqlens(cu_q: Tensor, cu_k: Tensor, q: Tensor, k: Tensor, max_q, max_k) -> None:

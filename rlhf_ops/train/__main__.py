@@ -70,7 +70,7 @@ def check_backend(backend: str, device: str) -> None:
     if backend in ("auto", "reference"):
         return
     from rlhf_ops import _backend
-    why = _backend._problem(backend, torch.device(device).type)
+    why = _backend.unavailable(backend, torch.device(device))
     if why is not None:
         raise ConfigError(f"--backend {backend} on {device}: {why}")
 
