@@ -4,7 +4,7 @@ Adding an op is one ``Op(...)`` entry in ``OPS``: the op's name in ``rlhf_ops``,
 positional tensors are passed (``call``), and a few ``Case``s, each a builder of float64 inputs
 (the runner rounds them to every dtype) with the op's keyword options. An entry whose op this
 rlhf_ops does not have is left out of the run (``Op.function()`` is None), so entries may
-precede the op. Ops with a ``backend=`` argument are checked on every fused backend against their
+precede the op; likewise a case whose options the op does not take yet. Ops with a ``backend=`` argument are checked on every fused backend against their
 ``reference`` backend; ops without one against their definition in ``rlhf_ops.reference`` (an op
 with neither has nothing to be compared with and is listed as such).
 
@@ -391,12 +391,15 @@ OPS = (
         Case("every row ignored, mean (0, zero gradient)", _ce_all_ignored),
         Case("[B, T, V], ignore_index 0, sum", _ce_3d, dict(ignore_index=0, reduction="sum")),
         Case("empty batch", _ce_empty, dict(reduction="none")),
+        Case("logit softcap 30, label smoothing 0.1", _ce_extreme,
+             dict(reduction="none", softcap=30.0, label_smoothing=0.1)),
     )),
     Op("linear_cross_entropy", _linear_call, (
         Case("odd sizes, bias, 1/3 rows ignored, mean", _lce_odd, quick=True),
         Case("V = 70,001, no bias", _lce_big_vocab, dict(reduction="none"), quick=True),
         Case("−inf bias entries (masked vocabulary), sum", _lce_masked_vocab,
              dict(reduction="sum")),
+        Case("logit softcap 30", _lce_odd, dict(softcap=30.0)),
     ), rounds_in_dtype=True),
     Op("token_logprobs", _plain_call, (
         Case("[B, T, V] odd sizes, temperature 0.7, entropy", _tl_odd,
@@ -405,11 +408,14 @@ OPS = (
         Case("V = 70,001, entropy", _tl_big_vocab, dict(return_entropy=True), quick=True),
         Case("±1e4 and −inf logits, entropy", _tl_extreme, dict(return_entropy=True), quick=True),
         Case("single row", _tl_single),
+        Case("logit softcap 30, ±1e4 and −inf logits, entropy", _tl_extreme,
+             dict(softcap=30.0, return_entropy=True)),
     )),
     Op("linear_token_logprobs", _linear_call, (
         Case("odd sizes, bias, temperature 0.7, entropy", _ltl_odd,
              dict(temperature=0.7, return_entropy=True), quick=True),
         Case("V = 70,001, K = 2 tokens, no bias", _ltl_big_vocab, dict(return_entropy=True), quick=True),
+        Case("logit softcap 30, entropy", _ltl_odd, dict(softcap=30.0, return_entropy=True)),
     ), rounds_in_dtype=True),
     Op("kl_penalty", _kl_call, (
         Case("k3, reference near the policy, float mask", _kl_near, dict(beta=0.1, estimator="k3"), quick=True),

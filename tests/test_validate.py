@@ -4,6 +4,7 @@ The --quick run is measured once, in a subprocess as a user runs it (CI's time b
 the CPU is two minutes, interpreter included); the other tests call ``main`` in-process on one or
 two cheap ops.
 """
+import inspect
 import json
 import os
 import re
@@ -81,6 +82,23 @@ def test_an_op_of_a_later_version_is_left_out(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         validate.main(["--ops", "not_yet_an_op"])
     assert e.value.code == 2 and "has no op 'not_yet_an_op'" in capsys.readouterr().err
+
+
+def test_a_case_with_a_future_option_is_left_out(monkeypatch, capsys, tmp_path):
+    """A case whose option the op does not take yet is named as pending, and the others run."""
+    rw = next(op for op in validate.OPS if op.name == "pairwise_reward_loss")
+    later = cases.Case("needs a later option", rw.cases[0].build, dict(temperature_of_the_future=2.0), quick=True)
+    patched = tuple(cases.Op(op.name, op.call, op.cases + (later,), op.dot, op.rounds_in_dtype)
+                    if op is rw else op for op in validate.OPS)
+    monkeypatch.setattr(validate, "OPS", patched)
+    path = tmp_path / "v.json"
+    rc, out = _run(capsys, *CHEAP, "--json", str(path))
+    assert rc == 0
+    assert "pending   cases left out, their option is not in this rlhf_ops: pairwise_reward_loss: " \
+           "needs a later option (temperature_of_the_future)" in out
+    doc = _strict_json(path)
+    assert doc["pending_cases"] == ["pairwise_reward_loss: needs a later option (temperature_of_the_future)"]
+    assert "needs a later option" not in {c["case"] for c in doc["cases"]}
 
 
 # ------------------------------------------------------------------------- pass, and JSON ---
@@ -223,7 +241,10 @@ def test_every_present_entry_calls_its_op():
         if fn is None:
             continue
         kw = {"backend": "reference"} if op.has_backend_arg() else {}
+        params = inspect.signature(fn).parameters
         for case in op.cases:
+            if any(k not in params for k in case.options):   # the ops name their options
+                continue                             # pending: test_a_case_with_a_future_option_is_left_out
             inp = case.build(torch.Generator().manual_seed(0), False)
             args = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in inp.args]
             out = op.call(lambda *a, **o: fn(*a, **kw, **o), *args, **case.options)
