@@ -51,7 +51,6 @@ class Op:
     name: str                # attribute of rlhf_ops
     call: Callable           # (op function, *args, **options) -> result
     cases: tuple
-    dot: bool = False        # its Triton kernels use tl.dot (bf16 wrong under the interpreter)
     rounds_in_dtype: bool = False  # it rounds an intermediate to the input dtype (the linear
     #                                heads' logits, as eager does): that dtype's atol applies
 
@@ -439,14 +438,14 @@ OPS = (
         Case("not causal, T < S", _att_cross, dict(causal=False)),
         Case("MQA, scores ×16", _att_mqa_big, dict(causal=True)),
         Case("sliding window (16, 0), softcap 30", _att_window, dict(causal=True, window=(16, 0), softcap=30.0)),
-    ), dot=True),
+    )),
     Op("attention_varlen", _plain_call, (
         Case("4 sequences, one empty, GQA, causal", _varlen_packed, dict(causal=True), quick=True),
         Case("T ≠ S per sequence: rows without keys", _varlen_no_keys, dict(causal=True)),
-    ), dot=True),
+    )),
     Op("attention_tree", _plain_call, (
         Case("a prompt and 3 completions (one empty), GQA", _tree, quick=True),
-    ), dot=True),
+    )),
     Op("gae", _plain_call, (
         Case("[B, T], masks with gaps, a fully masked row", _gae_dense, dict(gamma=0.99, lam=0.95), quick=True),
     )),

@@ -52,9 +52,6 @@ TORCH = "torch"        # the pseudo-backend of ops without backend= (plain PyTor
 DEFAULT_DTYPES = ("fp64", "fp32", "fp16", "bf16")
 # --quick: on a GPU every dtype costs a round of Triton compilations, so bf16 (the training dtype)
 QUICK_DTYPES = {"cpu": ("fp32", "bf16"), "cuda": ("bf16",)}
-INTERPRETER_BF16_DOT = ("the Triton interpreter computes tl.dot on bf16 operands wrongly (a known "
-                        "interpreter limit, DESIGN.md); validated on a GPU")
-
 
 # ------------------------------------------------------------------------------- the run ---
 
@@ -86,12 +83,6 @@ def reference_of(op: Op):
     return getattr(reference, op.name, None)
 
 
-def _refusal(exc: Exception, backend: str) -> bool:
-    """A backend declining inputs it documents it does not support raises ValueError/TypeError
-    naming itself ("the cuda backend does not support window"); anything else is a failure."""
-    return isinstance(exc, (ValueError, TypeError)) and f"the {backend} backend" in str(exc)
-
-
 def run_case(op: Op, backend: str, dtype: str, case: Case, device: torch.device) -> Result:
     """One case: build its inputs, run the fused op, eager in ``dtype`` and the float64 reference,
     and apply the rule (``rlhf_ops.testing.compare_to_reference``)."""
@@ -115,12 +106,9 @@ def run_case(op: Op, backend: str, dtype: str, case: Case, device: torch.device)
             input_names=tuple(inp.names) + (None,) * (len(args) - len(inp.names)), seed=_seed(op.name, case.name))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    except Exception as e:  # noqa: BLE001 - an op raising on valid inputs is a failed case
+    except Exception as e:  # noqa: BLE001 - an op raising on inputs its backend accepts fails the case
         res.seconds = time.perf_counter() - t0
-        if _refusal(e, backend):
-            res.status, res.reason = "skip", f"not supported by the {backend} backend: {e}"
-        else:
-            res.reason = f"raised {type(e).__name__}: {e}"
+        res.reason = f"raised {type(e).__name__}: {e}"
         return res
     res.seconds = time.perf_counter() - t0
     res.status = "pass" if rep.passed else "fail"
@@ -183,14 +171,7 @@ def environment(device: torch.device) -> dict:
 def backend_problems(device: torch.device) -> dict:
     """backend -> None if it can run on ``device`` tensors, else why not (rlhf_ops' own reason)."""
     from . import _backend
-    out = {}
-    for b in FUSED_BACKENDS:
-        try:
-            _backend.resolve("validate", b, device)
-            out[b] = None
-        except RuntimeError as e:
-            out[b] = str(e).split("is not available: ", 1)[-1]
-    return out
+    return {b: _backend.unavailable(b, device) for b in FUSED_BACKENDS}
 
 
 # ------------------------------------------------------------------------------------ CLI ---
@@ -265,11 +246,12 @@ def parse_args(argv=None):
 
 
 def plan(args, problems: dict):
-    """(runs, skipped, plain, pending): the (op, backend, dtype, case) to run; the cells this
-    machine cannot check, as skipped Results with the reason; the ops with neither a fused backend
+    """(runs, skipped, plain, pending): the (op, backend, dtype, case) to run; the cases the backend
+    does not support or would get wrong on this device, as skipped Results with the reason; the ops with neither a fused backend
     nor an eager definition apart from themselves (nothing to compare them with); the cases left
     out because they use an option this rlhf_ops' op does not have yet ("op: case (option)").
     Backends that cannot run on the device are left out here and named once in the header."""
+    from . import _backend
     runs, skipped, plain, pending = [], [], [], []
     for op in OPS:
         if op.name not in args.ops:
@@ -291,10 +273,15 @@ def plan(args, problems: dict):
             if (args.backends is not None and b not in args.backends) or problems.get(b):
                 continue
             for dt in args.dtypes:
-                if op.dot and b == "triton" and dt == "bf16" and args.device.type == "cpu":
-                    skipped.append(Result(op.name, b, dt, "*", "skip", INTERPRETER_BF16_DOT))
-                    continue
-                runs += [(op, b, dt, case) for case in chosen]
+                for case in chosen:
+                    # what the backend does not support, or would get wrong here (bf16 tl.dot under
+                    # the CPU interpreter): rlhf_ops' capability table decides, and says why
+                    refusal = _backend.unsupported(op.name, b, args.device, exact=True, dtype=DTYPES[dt],
+                                                   **case.options)
+                    if refusal is not None:
+                        skipped.append(Result(op.name, b, dt, case.name, "skip", refusal.reason))
+                    else:
+                        runs.append((op, b, dt, case))
     return runs, skipped, plain, pending
 
 
@@ -317,7 +304,8 @@ def table(results: list) -> tuple[list, str]:
         errs = [r.max_rel_err for r in ran if r.max_rel_err is not None]
         status = "skip" if not ran else "FAIL" if any(r.status == "fail" for r in ran) else "pass"
         n_skip = len(rs) - len(ran)
-        note = rs[0].reason if not ran else f"{n_skip} case(s) not supported by the backend" if n_skip else ""
+        why = "; ".join(dict.fromkeys(r.reason for r in rs if r.status == "skip"))
+        note = why if not ran else f"{n_skip} case(s) skipped: {why}" if n_skip else ""
         rows.append(dict(op=op, backend=b, dtype=dt, cases=len(ran), not_supported=n_skip,
                          worst_ratio=max(ratios) if ratios else None,
                          max_rel_err=max(errs) if errs else None, status=status, note=note))
@@ -417,8 +405,7 @@ def main(argv=None) -> int:
     ok = count("fail") == 0
     print("\n" + text)
     print(f"\n{'PASSED' if ok else 'FAILED'}: {count('pass')} cases passed, {count('fail')} failed, "
-          f"{count('skip')} not supported by their backend, {len(skipped)} cells skipped; "
-          f"{elapsed:.1f} s on {device}")
+          f"{len(skipped)} skipped (not supported by the backend here); {elapsed:.1f} s on {device}")
     if args.json:
         doc = {"schema": 1, "passed": ok, "argv": list(sys.argv[1:] if argv is None else argv),
                "quick": args.quick, "device_type": device.type, "dtypes": args.dtypes, "environment": env,

@@ -88,7 +88,7 @@ def test_a_case_with_a_future_option_is_left_out(monkeypatch, capsys, tmp_path):
     """A case whose option the op does not take yet is named as pending, and the others run."""
     rw = next(op for op in validate.OPS if op.name == "pairwise_reward_loss")
     later = cases.Case("needs a later option", rw.cases[0].build, dict(temperature_of_the_future=2.0), quick=True)
-    patched = tuple(cases.Op(op.name, op.call, op.cases + (later,), op.dot, op.rounds_in_dtype)
+    patched = tuple(cases.Op(op.name, op.call, op.cases + (later,), op.rounds_in_dtype)
                     if op is rw else op for op in validate.OPS)
     monkeypatch.setattr(validate, "OPS", patched)
     path = tmp_path / "v.json"
@@ -188,19 +188,28 @@ def test_a_wrong_gradient_exits_1_naming_it(monkeypatch, capsys):
     assert "output 0: relative error" not in out
 
 
-def test_an_op_that_raises_is_a_failure_and_a_refusal_is_not(monkeypatch, capsys):
+def test_an_op_that_raises_is_a_failure(monkeypatch, capsys):
     def raising(out, args):
-        raise RuntimeError("kernel launch failed")
+        raise ValueError("rlhf_ops.pairwise_reward_loss: the triton backend does not support this")
     _broken(monkeypatch, "pairwise_reward_loss", raising)
     rc, out = _run(capsys, *CHEAP)
-    assert rc == 1 and "raised RuntimeError: kernel launch failed" in out
-    monkeypatch.undo()
+    assert rc == 1 and "raised ValueError: rlhf_ops.pairwise_reward_loss: the triton backend" in out
 
-    def refusing(out, args):
-        raise ValueError("rlhf_ops.pairwise_reward_loss: the triton backend does not support this")
-    _broken(monkeypatch, "pairwise_reward_loss", refusing)
-    rc, out = _run(capsys, *CHEAP)
-    assert rc == 0 and "not supported by the triton backend" in out
+
+def test_what_the_capability_table_refuses_is_skipped_with_its_reason(monkeypatch, capsys, tmp_path):
+    """rlhf_ops._backend decides what a backend supports (LIMITS); validate skips those cases,
+    naming the table's reason, and runs the rest."""
+    from rlhf_ops import _backend
+    rule = _backend.Limit(("triton",), ValueError, lambda x: x.get("reduction") == "none",
+                          lambda x: "the triton backend refuses reduction='none' today")
+    monkeypatch.setitem(_backend.LIMITS, "pairwise_reward_loss", (rule,))
+    path = tmp_path / "v.json"
+    rc, out = _run(capsys, *CHEAP, "--json", str(path))
+    assert rc == 0
+    assert re.search(r"pairwise_reward_loss +triton +fp32 +1 .* pass  1 case\(s\) skipped: the triton backend "
+                     r"refuses reduction='none' today", out)
+    skipped = [c for c in _strict_json(path)["cases"] if c["status"] == "skip"]
+    assert [c["case"] for c in skipped] == ["K = 65 (tiled), margin per prompt"]
 
 
 # ------------------------------------------------------------------- adding an op is an entry ---
