@@ -57,6 +57,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, _checks
+from .context_parallel import ulysses_attention, zigzag_merge, zigzag_split  # noqa: F401
 
 # ----------------------------------------------------------------------------- the group ---
 
