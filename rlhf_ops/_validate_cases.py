@@ -4,9 +4,10 @@ Adding an op is one ``Op(...)`` entry in ``OPS``: the op's name in ``rlhf_ops``,
 positional tensors are passed (``call``), and a few ``Case``s, each a builder of float64 inputs
 (the runner rounds them to every dtype) with the op's keyword options. An entry whose op this
 rlhf_ops does not have is left out of the run (``Op.function()`` is None), so entries may
-precede the op; likewise a case whose options the op does not take yet. Ops with a ``backend=`` argument are checked on every fused backend against their
-``reference`` backend; ops without one against their definition in ``rlhf_ops.reference`` (an op
-with neither has nothing to be compared with and is listed as such).
+precede the op; likewise a case whose options the op does not take yet. Ops with a ``backend=``
+argument are checked on every fused backend against their ``reference`` backend; ops without one
+against their definition in ``rlhf_ops.reference`` (an op with neither has nothing to be compared
+with and is listed as such).
 
 Every builder takes ``(gen, big)``: a seeded generator and whether GPU-sized shapes are wanted
 (CPU shapes are tiny: the Triton interpreter runs each program in Python). The matrix covers odd

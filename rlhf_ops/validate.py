@@ -246,11 +246,12 @@ def parse_args(argv=None):
 
 
 def plan(args, problems: dict):
-    """(runs, skipped, plain, pending): the (op, backend, dtype, case) to run; the cases the backend
-    does not support or would get wrong on this device, as skipped Results with the reason; the ops with neither a fused backend
-    nor an eager definition apart from themselves (nothing to compare them with); the cases left
-    out because they use an option this rlhf_ops' op does not have yet ("op: case (option)").
-    Backends that cannot run on the device are left out here and named once in the header."""
+    """(runs, skipped, plain, pending): the (op, backend, dtype, case) to run; the cases the
+    backend does not support or would get wrong on this device, as skipped Results with the
+    reason; the ops with neither a fused backend nor an eager definition apart from themselves
+    (nothing to compare them with); the cases left out because they use an option this rlhf_ops'
+    op does not have yet ("op: case (option)"). Backends that cannot run on the device are left
+    out here and named once in the header."""
     from . import _backend
     runs, skipped, plain, pending = [], [], [], []
     for op in OPS:
@@ -296,7 +297,8 @@ def table(results: list) -> tuple[list, str]:
     for r in results:
         cells.setdefault((r.op, r.backend, r.dtype), []).append(r)
     order = {op.name: i for i, op in enumerate(OPS)}
-    key = lambda c: (order.get(c[0], len(order)), (FUSED_BACKENDS + (TORCH,)).index(c[1]), list(DTYPES).index(c[2]))  # noqa: E731
+    backends = FUSED_BACKENDS + (TORCH,)
+    key = lambda c: (order.get(c[0], len(order)), backends.index(c[1]), list(DTYPES).index(c[2]))  # noqa: E731
     rows = []
     for (op, b, dt), rs in sorted(cells.items(), key=lambda kv: key(kv[0])):
         ran = [r for r in rs if r.status != "skip"]
@@ -351,7 +353,9 @@ def main(argv=None) -> int:
             args.parser.error(f"--backends {b}: not available on {device}: {problems[b]}")
     runs, skipped, plain, pending = plan(args, problems)
     if not runs:
-        why = "; ".join(sorted({r.reason for r in skipped})) or "no selected op has a selected backend"
+        why = "; ".join(sorted({r.reason for r in skipped})
+                        + [f"{n} is plain PyTorch with no separate eager definition to compare" for n in plain]) \
+            or "no selected op has a selected backend"
         args.parser.error(f"nothing to validate on {device} with these arguments: {why}")
 
     env = environment(device)
