@@ -145,7 +145,7 @@ def test_unsupported_options_raise():
 def test_bf16_triton_under_interpreter_raises():
     q = torch.randn(1, 4, 2, 16, dtype=torch.bfloat16)
     cu = torch.tensor([0, 4], dtype=torch.int32)
-    with pytest.raises(TypeError, match="bfloat16 inputs on the Triton backend under the CPU interpreter"):
+    with pytest.raises(TypeError, match="flash_attn_func: bfloat16 inputs on the Triton backend under the CPU interpreter"):
         flash_attn_func(q, q, q, causal=True, backend="triton")
     with pytest.raises(TypeError, match="bfloat16"):
         flash_attn_varlen_func(q[0], q[0], q[0], cu, cu, 4, 4, backend="triton")

@@ -65,21 +65,11 @@ def _check_options(fn: str, dropout_p, window_size, softcap, alibi_slopes, deter
     return window, softcap
 
 
-def _check_interpreter_dtype(fn: str, op: str, q: Tensor, backend) -> None:
-    """bf16 under the Triton interpreter gives wrong ``tl.dot`` results: refuse, naming the fix."""
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16 \
-            and _backend.resolve(op, backend, q.device) == "triton":
-        raise TypeError(f"rlhf_ops.integrations.flash.{fn}: bfloat16 inputs on the Triton backend "
-                        f"under the CPU interpreter (TRITON_INTERPRET=1) are not supported: the "
-                        f"interpreter computes tl.dot on bf16 wrongly; use float32/float16 on the CPU "
-                        f"or backend='reference'")
-
-
 def _max_seqlen(fn: str, name: str, m) -> int:
     # flash-attn takes Python ints; a 0-d tensor is read on the host (one sync), as flash-attn would.
     if isinstance(m, torch.Tensor) and m.numel() == 1 and not m.is_floating_point():
         return int(m)
-    if isinstance(m, bool) or not isinstance(m, int):
+    if isinstance(m, bool) or not isinstance(m, (int, torch.SymInt)):    # SymInt: torch.compile
         raise TypeError(f"rlhf_ops.integrations.flash.{fn}: {name} must be an int (the longest "
                         f"sequence), got {type(m).__name__}")
     return m
@@ -103,7 +93,9 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0,
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"rlhf_ops.integrations.flash.{fn}: {name} must be a 4-D tensor "
                              f"{'[B, T, H, D]' if name == 'q' else '[B, S, Hkv, D]'}, got {got}")
-    _check_interpreter_dtype(fn, "attention", q, backend)
+    # the capability table, exact: also what runs but is wrong (bf16 tl.dot under the interpreter)
+    _backend.require("attention", backend, q.device, exact=True,
+                     where=f"rlhf_ops.integrations.flash.{fn}", dtype=q.dtype)
     # [B, T, H, D] → [B, H, T, D] views; the op takes any strides with a unit last stride.
     out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=bool(causal),
                     scale=softmax_scale, window=window, softcap=softcap, backend=backend)
@@ -126,7 +118,8 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
                                      deterministic, return_attn_probs,
                                      dict(ignored, block_table=block_table))
     if isinstance(q, torch.Tensor):
-        _check_interpreter_dtype(fn, "attention_varlen", q, backend)
+        _backend.require("attention_varlen", backend, q.device, exact=True,
+                         where=f"rlhf_ops.integrations.flash.{fn}", dtype=q.dtype)
     return attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k,
                             _max_seqlen(fn, "max_seqlen_q", max_seqlen_q),
                             _max_seqlen(fn, "max_seqlen_k", max_seqlen_k), causal=bool(causal),

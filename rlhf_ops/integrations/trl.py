@@ -56,8 +56,10 @@ from transformers.data.data_collator import DataCollatorMixin
 from trl.trainer.utils import FusedCausalLMOutput
 
 from .. import _backend
-from ..kl import kl_from_logprobs, linear_token_logprobs
+from ..kl import kl_from_logprobs
+from ..logprobs import linear_token_logprobs
 from ..reward import pairwise_reward_loss
+from .transformers import logit_transform
 
 __all__ = ["reward_loss", "RewardLossMixin", "RewardTrainer", "DataCollatorForRankedPreference",
            "add_fused_lm_head", "FusedLMHeadMixin", "per_token_kl"]
@@ -185,7 +187,7 @@ class RewardTrainer(RewardLossMixin, trl.RewardTrainer):
     def __init__(self, model, args=None, data_collator=None, train_dataset=None, *a,
                  rlhf_ops_backend: str | None = None, **kw):
         if rlhf_ops_backend is not None:
-            _backend.requested(rlhf_ops_backend)
+            _backend.check_name(rlhf_ops_backend)
         self.rlhf_ops_backend = rlhf_ops_backend
         if data_collator is None and _is_ranked(train_dataset):
             pc = kw.get("processing_class", a[1] if len(a) > 1 else None)   # after eval_dataset
@@ -222,19 +224,6 @@ def _is_ranked(dataset) -> bool:
 
 # ---------------------------------------------------------------------------- fused LM head ---
 
-def _logit_scale(text_config) -> float:
-    """The multiplier a model applies to its logits (1 when none), as TRL reads it."""
-    s = getattr(text_config, "logit_scale", None)
-    if s is None:
-        s = getattr(text_config, "output_multiplier", None)
-    if s is None:
-        s = getattr(text_config, "lm_head_multiplier", None)
-    if s is None and getattr(text_config, "logits_scaling", None) is not None:
-        ls = text_config.logits_scaling
-        s = ls if text_config.model_type == "hyperclovax" else 1 / ls
-    return 1.0 if s is None else float(s)
-
-
 def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
                       outputs: tuple[str, ...] = ("log_probs",), *, backend: str | None = None) -> None:
     """TRL's ``add_fused_lm_head`` contract on ``rlhf_ops.linear_token_logprobs`` (module
@@ -246,7 +235,7 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
         raise ValueError(_err(f"add_fused_lm_head: outputs {bad} are not supported; rlhf_ops computes "
                               f"{SUPPORTED_OUTPUTS}"))
     if backend is not None:
-        _backend.requested(backend)
+        _backend.check_name(backend)
     text_config = model.config.get_text_config()
     if getattr(text_config, "final_logit_softcapping", None) is not None:
         raise ValueError(_err(f"add_fused_lm_head: {type(model).__name__} applies "
@@ -255,7 +244,7 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
     if getattr(text_config, "output_router_logits", False):
         raise ValueError(_err("add_fused_lm_head: MoE models with output_router_logits (a "
                               "load-balancing loss) are not supported"))
-    scale = _logit_scale(text_config)
+    scale, _ = logit_transform(text_config)
     if not scale > 0:
         raise ValueError(_err(f"add_fused_lm_head: a logit scale of {scale} cannot be folded into the "
                               f"temperature (it must be > 0)"))
@@ -294,11 +283,8 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
             dt = weight.dtype
         h, w = hidden[mask].to(dt), weight.to(dt)
         b = None if bias is None else bias.to(dt)
-        if h.device.type == "cpu" and dt == torch.bfloat16 \
-                and _backend.resolve("linear_token_logprobs", backend, h.device) == "triton":
-            raise TypeError(_err("add_fused_lm_head: bfloat16 on the Triton backend under the CPU "
-                                 "interpreter is not supported (tl.dot on bf16 is wrong there); use "
-                                 "float32 (e.g. bf16=False) or backend='reference'"))
+        _backend.require("linear_token_logprobs", backend, h.device, exact=True,
+                         where=_err("add_fused_lm_head"), dtype=h.dtype)
         with torch.autocast(h.device.type, enabled=False):
             res = linear_token_logprobs(h, w, labels[mask], bias=b, temperature=eff_temperature,
                                         return_entropy=want_entropy, backend=backend)
@@ -339,7 +325,7 @@ class FusedLMHeadMixin:
 
     def __init__(self, *args, rlhf_ops_backend: str | None = None, **kwargs):
         if rlhf_ops_backend is not None:
-            _backend.requested(rlhf_ops_backend)
+            _backend.check_name(rlhf_ops_backend)
         self.rlhf_ops_backend = rlhf_ops_backend
         modules = [sys.modules[c.__module__] for c in type(self).__mro__
                    if c.__module__.startswith("trl.")
