@@ -315,7 +315,7 @@ def _check_cu_seqlens(cu_q: Tensor, cu_k: Tensor, q: Tensor, k: Tensor, max_q, m
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: float | None = None,
               window: tuple[int, int] | None = None, softcap: float = 0.0,
-              backend: str | None = None) -> Tensor:
+              backend: str | None = None, cp_group=None, cp_layout: str = "zigzag") -> Tensor:
     """Scaled dot-product attention, ``softmax(mask(cap(q kᵀ · scale))) v``.
 
     q [B, Hq, T, D]; k, v [B, Hkv, S, D] with Hq a multiple of Hkv (GQA/MQA, k/v never repeated on
@@ -325,8 +325,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: fl
     i + S − T − left ≤ j ≤ i + S − T + right (−1 = unbounded; causal makes right 0), as
     flash-attn's ``window_size``. ``softcap > 0``: s → softcap·tanh(s / softcap) before the
     softmax. Differentiable in q, k and v; the Triton backward is deterministic. See the module
-    docstring.
+    docstring. ``cp_group``: q/k/v are this rank's part (``cp_layout``) of a sequence split over
+    the group; ring attention (``rlhf_ops.context_parallel``).
     """
+    if cp_group is not None or cp_layout != "zigzag":
+        from .context_parallel import cp_attention
+        return cp_attention(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap,
+                            backend=backend, cp_group=cp_group, cp_layout=cp_layout)
     _validate_qkv(OP, q, k, v, "BHTD")
     scale = _scale_arg(OP, scale, q.shape[-1])
     left, right = _window_arg(OP, window, causal)
@@ -343,7 +348,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: fl
 def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                      max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = True,
                      scale: float | None = None, window: tuple[int, int] | None = None,
-                     softcap: float = 0.0, backend: str | None = None) -> Tensor:
+                     softcap: float = 0.0, backend: str | None = None, cp_group=None) -> Tensor:
     """Attention over packed variable-length sequences, ``flash_attn_varlen_func``'s layout.
 
     q [Nq, Hq, D]; k, v [Nk, Hkv, D]; ``cu_seqlens_q``/``cu_seqlens_k`` int32 [n + 1], 0 then the
@@ -353,7 +358,14 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     ``window`` and ``softcap`` as in ``attention``; a query row that sees no key outputs zeros.
     Returns [Nq, Hq, D] like q. The values of cu_seqlens are checked (starts at 0, non-decreasing,
     ends at N, lengths ≤ max_seqlen) eagerly for CPU tensors and with RLHF_OPS_DEBUG=1 for CUDA.
+    ``cp_group``: every sequence is split zigzag over the group and cu_seqlens/max_seqlen are the
+    rank's local ones (``rlhf_ops.context_parallel``).
     """
+    if cp_group is not None:
+        from .context_parallel import cp_attention_varlen
+        return cp_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                   causal=causal, scale=scale, window=window, softcap=softcap,
+                                   backend=backend, cp_group=cp_group)
     _validate_qkv(OP_VARLEN, q, k, v, "NHD")
     _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q, k, max_seqlen_q, max_seqlen_k)
     scale = _scale_arg(OP_VARLEN, scale, q.shape[-1])
