@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ._validate_cases import OPS, Case, Op
-from .testing import FACTOR, NOISE_ELEMENTS, TOLERANCE
+from .testing import FACTOR, NOISE_ELEMENTS, TOLERANCE, compare_to_reference
 
 F32 = torch.float32
 DTYPES = {"fp64": torch.float64, "fp32": F32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -86,7 +86,6 @@ def reference_of(op: Op):
 def run_case(op: Op, backend: str, dtype: str, case: Case, device: torch.device) -> Result:
     """One case: build its inputs, run the fused op, eager in ``dtype`` and the float64 reference,
     and apply the rule (``rlhf_ops.testing.compare_to_reference``)."""
-    from .testing import compare_to_reference
     res = Result(op.name, backend, dtype, case.name, "fail")
     fn = op.function()
     inp = case.build(torch.Generator().manual_seed(_seed(op.name, case.name, dtype)), device.type == "cuda")
