@@ -340,7 +340,7 @@ def test_micro_batches_with_num_tokens_sum_to_the_batch_gradient(lt):
     for rows in (slice(0, 2), slice(2, 3), slice(3, 5)):
         part = {k: (v[rows] if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
         total = total + ro.policy_loss(c["lp"][rows], c["old"][rows], c["adv"][rows], m[rows],
-                                       num_tokens=torch.tensor(n), **part).loss
+                                       num_tokens=torch.tensor(n, device=DEVICE), **part).loss
     _close(total, whole.loss, what="loss")
     for a, b in zip(_grads(total, [c["lp"], c["ent"]]), g_whole):
         _close(a, b, what="gradient")
@@ -402,12 +402,13 @@ def test_policy_loss_composes_with_linear_token_logprobs():
     log-prob op (triton under the interpreter) and equals the eager step's."""
     torch.manual_seed(1)
     B, T, H, V = 2, 5, 16, 37
-    h = torch.randn(B * T, H, requires_grad=True)
-    W = (torch.randn(V, H) / 4).requires_grad_()
-    tok = torch.randint(0, V, (B * T,))
-    old = torch.randn(B, T) * 0.1 - 3.6
-    adv = torch.randn(B)
-    mask = torch.rand(B, T) > 0.2
+    g = dict(device=DEVICE)
+    h = torch.randn(B * T, H, **g, requires_grad=True)
+    W = (torch.randn(V, H, **g) / 4).requires_grad_()
+    tok = torch.randint(0, V, (B * T,), **g)
+    old = torch.randn(B, T, **g) * 0.1 - 3.6
+    adv = torch.randn(B, **g)
+    mask = torch.rand(B, T, **g) > 0.2
     grads = {}
     for be in ("reference", "triton"):
         if be == "triton" and "triton" not in ro.available_backends():
@@ -416,8 +417,9 @@ def test_policy_loss_composes_with_linear_token_logprobs():
         out = ro.policy_loss(lp.view(B, T), old, adv, mask, loss_type="grpo", ref_logprobs=old, beta=0.04,
                              entropy=ent.view(B, T), entropy_coef=0.01)
         grads[be] = torch.autograd.grad(out.loss, [h, W])
+    tol = 2e-3 if ON_GPU else 1e-4           # a GPU's fp32 matmuls may round through TF32
     for a, b in zip(grads["triton"], grads["reference"]):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+        assert torch.allclose(a, b, rtol=tol, atol=tol * 1e-2)
 
 
 # ============================================================================== value loss ===
@@ -439,7 +441,7 @@ def test_value_loss_equals_transcription(clip, num_tokens):
                            num_tokens=num_tokens)
     _close(packed, out)
     none = ro.value_loss(v, old, ret, torch.zeros_like(m), clip=clip)
-    assert float(none) == 0 and torch.count_nonzero(_grads(none, [v])[0]) == 0
+    assert float(none.detach()) == 0 and torch.count_nonzero(_grads(none, [v])[0]) == 0
 
 
 # ===================================================================================== GAE ===
@@ -523,12 +525,12 @@ def test_gae_triton_scan_across_blocks():
         pytest.skip("triton is not available")
     from rlhf_ops.kernels import losses as K
     B, T = 3, 100
-    r, v = torch.randn(B, T, dtype=F64), torch.randn(B, T, dtype=F64)
+    r, v = torch.randn(B, T, dtype=F64, device=DEVICE), torch.randn(B, T, dtype=F64, device=DEVICE)
     m = _multi_run_mask(B, T)
     m[0, 14:35] = False            # a gap spanning a whole block
     adv, ret = K.gae(r, v, m.to(torch.uint8), None, 0.97, 0.9, block=16)
     _check_gae(adv, ret, r, v, m, None, 0.97, 0.9, 1e-12)
-    cu = torch.tensor([0, 33, 33, 300], dtype=torch.int32)
+    cu = torch.tensor([0, 33, 33, 300], dtype=torch.int32, device=DEVICE)
     r, v, m = r.reshape(-1), v.reshape(-1), m.reshape(-1)
     adv, ret = K.gae(r, v, m.to(torch.uint8), cu, 1.0, 0.95, block=16)
     _check_gae(adv, ret, r, v, m, cu, 1.0, 0.95, 1e-12)
@@ -587,10 +589,10 @@ def test_gae_matches_the_loop_ppo_used():
 def test_gae_custom_op_opcheck_and_compile():
     if "triton" not in ro.available_backends():
         pytest.skip("triton is not available")
-    r, v = torch.randn(2, 9), torch.randn(2, 9)
-    m = (torch.rand(2, 9) > 0.3).to(torch.uint8)
+    r, v = torch.randn(2, 9, device=DEVICE), torch.randn(2, 9, device=DEVICE)
+    m = (torch.rand(2, 9, device=DEVICE) > 0.3).to(torch.uint8)
     torch.library.opcheck(torch.ops.rlhf_ops.gae_fwd.default, (r, v, m, None, 0.99, 0.95, "triton"))
-    cu = torch.tensor([0, 4, 18], dtype=torch.int32)
+    cu = torch.tensor([0, 4, 18], dtype=torch.int32, device=DEVICE)
     torch.library.opcheck(torch.ops.rlhf_ops.gae_fwd.default,
                           (r.reshape(-1), v.reshape(-1), m.reshape(-1), cu, 1.0, 0.9, "triton"))
     f = torch.compile(lambda a, b, c: ro.gae(a, b, c, gamma=0.99, backend="triton"), fullgraph=True,
@@ -739,7 +741,7 @@ def _differs(base, alt):
 
 def _drift_cases():
     """name → (base fn, [alternative fns]); each fn returns (outputs, leaves)."""
-    c = policy_case(B=4, T=8)
+    c = policy_case(B=4, T=8, dev="cpu")
     c["mask"][-1, :4] = True
     lp, m = c["lp"], c["mask"]
     # every row spans ratios 0.5 .. 2 (both clip regions), advantages of both signs
@@ -883,7 +885,7 @@ def test_no_silent_drift():
                if not _differs(base, alt)]
     assert not ignored, f"options that change neither the loss nor the gradient: {ignored}"
     # the token-mean synonyms are one formula (DESIGN: ppo, dapo, bnpo: Σℓ / (num_tokens or count))
-    c = policy_case()
+    c = policy_case(dev="cpu")
     ref = ro.policy_loss(c["lp"], c["old"], c["adv"], c["mask"]).loss
     for t in ("dapo", "bnpo"):
         assert float(ro.policy_loss(c["lp"], c["old"], c["adv"], c["mask"], loss_type=t).loss) == float(ref)
@@ -892,7 +894,7 @@ def test_no_silent_drift():
 # ================================================================================ bad input ===
 
 def _pl(**over):
-    c = policy_case(B=2, T=3)
+    c = policy_case(B=2, T=3, dev="cpu")
     kw = dict(logprobs=c["lp"], old_logprobs=c["old"], advantages=c["adv"], mask=c["mask"])
     kw.update(over)
     return lambda: ro.policy_loss(**kw)
@@ -1076,7 +1078,8 @@ def test_bench_losses_smoke():
     table entry."""
     env = dict(os.environ, PYTHONPATH=ROOT)
     p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
-                        "bench/bench_losses.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                        "--bench-size", "smoke", "bench/bench_losses.py"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     # the smoke cases: the policy-head step (eager, fwd+bwd) and gae (the per-position loop)
     assert "2 passed" in p.stdout and "skipped" not in p.stdout, p.stdout[-2000:]
