@@ -107,7 +107,8 @@ _SENT = [0]   # bytes this process has sent through this module (``comm_bytes``)
 def comm_bytes():
     """``with comm_bytes() as sent: ...; sent[0]`` = bytes this rank sent inside the block (P2P:
     the tensor; all_gather: (W − 1)× its input; all_to_all / reduce_scatter: (W − 1)/W of it —
-    what a ring or pairwise algorithm puts on the wire)."""
+    what a ring or pairwise algorithm puts on the wire). The argument check's exchange (16 bytes
+    to each other rank per call, CPU tensors and RLHF_OPS_DEBUG=1 only) is not counted."""
     start = _SENT[0]
     box = [0]
     try:
@@ -120,15 +121,16 @@ def _nbytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _all_gather(x: Tensor, group) -> Tensor:
-    """[W, *x.shape]: every rank's ``x`` (same shape everywhere), in rank order."""
+def _all_gather(x: Tensor, group, count: bool = True) -> Tensor:
+    """[W, *x.shape]: every rank's ``x`` (same shape everywhere), in rank order. ``count=False``:
+    not added to ``comm_bytes`` (the argument check's few int64, not the algorithm's traffic)."""
     dist = _dist()
     W = dist.get_world_size(group)
     dev = _comm_device(group, x.device)
     out = torch.empty((W * x.numel(),), dtype=x.dtype, device=dev)
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     gather(out, x.reshape(-1).contiguous().to(dev), group=group)
-    _SENT[0] += (W - 1) * _nbytes(x)
+    _SENT[0] += (W - 1) * _nbytes(x) if count else 0
     return out.view((W,) + tuple(x.shape)).to(x.device)
 
 
@@ -158,7 +160,7 @@ class _RingPass:
     """Send ``x`` to the next rank of the group and receive the previous rank's tensor of the same
     shape, asynchronously (``wait()`` returns it)."""
 
-    def __init__(self, x: Tensor, group, like: Tensor | None = None):
+    def __init__(self, x: Tensor, group):
         dist = _dist()
         W, r = dist.get_world_size(group), dist.get_rank(group)
         self.device = x.device
@@ -196,11 +198,11 @@ def together(op: str, group, device: torch.device, arg: str = "cp_group"):
         yield box
     except (TypeError, ValueError, RuntimeError):
         if run:
-            _all_gather(_meta_row(True, ""), group)
+            _all_gather(_meta_row(True, ""), group, count=False)
         raise
     if not run:
         return
-    rows = _all_gather(_meta_row(False, box[0]), group).tolist()
+    rows = _all_gather(_meta_row(False, box[0]), group, count=False).tolist()
     failed = [i for i, row in enumerate(rows) if row[0]]
     if failed:
         raise ValueError(f"rlhf_ops.{op}: rank {failed[0]} of {arg} rejected its inputs (its own "
@@ -247,12 +249,11 @@ def _holder_positions(g: Tensor, seq: Tensor, cu_local: Tensor, W: int, n_local:
     return rank * n_local + cu[seq] + second.long() * c + u
 
 
-def _seq_chunks(n: int, W: int, dim_name: str, op: str, size: int, zigzag: bool = True) -> int:
-    parts = 2 * W if zigzag else W
-    if size % parts:
-        raise ValueError(f"rlhf_ops.{op}: {dim_name} ({size}) must be divisible by "
-                         f"{parts} ({'2·W' if zigzag else 'W'} for W = {W} ranks)")
-    return size // parts
+def _zigzag_chunk(W: int, dim_name: str, op: str, size: int) -> int:
+    if size % (2 * W):
+        raise ValueError(f"rlhf_ops.{op}: {dim_name} ({size}) must be divisible by 2·W = {2 * W} "
+                         f"(W = {W} ranks)")
+    return size // (2 * W)
 
 
 def zigzag_split(x: Tensor, group, dim: int, *, cu_seqlens: Tensor | None = None) -> Tensor:
@@ -268,7 +269,7 @@ def zigzag_split(x: Tensor, group, dim: int, *, cu_seqlens: Tensor | None = None
     W, r = _world(group)
     dim = dim % x.dim()
     if cu_seqlens is None:
-        c = _seq_chunks(1, W, f"x.shape[{dim}]", op, x.shape[dim])
+        c = _zigzag_chunk(W, f"x.shape[{dim}]", op, x.shape[dim])
         return torch.cat([x.narrow(dim, r * c, c), x.narrow(dim, (2 * W - 1 - r) * c, c)], dim)
     _check_split_cu(op, cu_seqlens, x.shape[dim], W, dim)
     n_local = x.shape[dim] // W
@@ -348,6 +349,13 @@ class _ZigzagMerge(torch.autograd.Function):
 
 # ------------------------------------------------------------------------ attention blocks ---
 
+def _band(lo, hi, c: int):
+    """The offsets j − i ∈ [lo, hi] (None = unbounded) that occur in a c×c block, or None."""
+    lo = -(c - 1) if lo is None else max(lo, -(c - 1))
+    hi = c - 1 if hi is None else min(hi, c - 1)
+    return None if lo > hi else (lo, hi)
+
+
 def block_spec(d: int, c: int, left: int, right: int):
     """The part of one (q chunk, kv chunk) pair the global mask lets through, as a kernel call.
 
@@ -359,11 +367,10 @@ def block_spec(d: int, c: int, left: int, right: int):
     j − i − (s − t) ∈ [−left', right']. Trimming t (or s) shifts the alignment by δ = s − t, so
     an offset the window alone cannot express (every visible key after the query: δ > 0;
     before it: δ < 0) is exact; the trimmed rows (keys) see (are seen by) nothing."""
-    lo = d - left if left >= 0 else -c          # j − i ≥ lo  (−c: no bound inside the pair)
-    hi = d + right if right >= 0 else c
-    lo, hi = max(lo, -(c - 1)), min(hi, c - 1)
-    if lo > hi:
+    band = _band(d - left if left >= 0 else None, d + right if right >= 0 else None, c)
+    if band is None:
         return None
+    lo, hi = band
     delta = min(max(0, lo), hi)                 # 0 when it can be, else the nearest bound
     t, s = (c - delta, c) if delta > 0 else (c, c + delta)
     lft, rgt = delta - lo, hi - delta
@@ -476,9 +483,28 @@ def _chunks(W: int, r: int, T_local: int, zigzag: bool) -> tuple[int, list]:
 
 
 def _pairs(W, r, j, T_local, zigzag, left, right):
-    """Every (q slice, kv slice, window) block rank r computes against rank j's K/V."""
+    """The blocks (q start, t, kv start, s, left', right') rank r computes against rank j's K/V:
+    one call over every chunk pair that takes part when a plain or causal call on that rectangle
+    admits exactly what each pair needs (zigzag without a window: the local causal block, [2c × c]
+    or [c × 2c] full blocks), else one call per pair (``block_spec``)."""
     c, qs = _chunks(W, r, T_local, zigzag)
     _, ks = _chunks(W, j, T_local, zigzag)
+    need = {(q0, k0): _band(qo - ko - left if left >= 0 else None,
+                            qo - ko + right if right >= 0 else None, c)
+            for q0, qo in qs for k0, ko in ks}
+    used = [p for p, band in need.items() if band is not None]
+    if not used:
+        return []
+    q_lo, q_hi = min(p[0] for p in used), max(p[0] for p in used) + c
+    k_lo, k_hi = min(p[1] for p in used), max(p[1] for p in used) + c
+    T, S = q_hi - q_lo, k_hi - k_lo
+    for lft, rgt in ((-1, -1), (-1, 0)):
+        def admits(q0, k0):          # what the merged call admits inside pair (q0, k0)
+            base = (q0 - q_lo) - (k0 - k_lo) + (S - T)
+            return _band(base - lft if lft >= 0 else None, base + rgt if rgt >= 0 else None, c)
+        if all(admits(q0, k0) == need[(q0, k0)] for q0 in range(q_lo, q_hi, c)
+               for k0 in range(k_lo, k_hi, c) if (q0, k0) in need):
+            return [(q_lo, T, k_lo, S, lft, -1 if rgt >= T - 1 else rgt)]
     out = []
     for q0, qo in qs:
         for k0, ko in ks:
@@ -603,8 +629,11 @@ def cp_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale=
     """``rlhf_ops.attention`` with ``cp_group``: ring attention over this rank's part (layout
     ``cp_layout``) of a self-attention sequence (global T = S). See the module docstring."""
     op = _attn.OP
+    _checks.choice(op, "cp_layout", cp_layout, LAYOUTS)
+    if cp_group is None:
+        raise ValueError(f"rlhf_ops.{op}: cp_layout={cp_layout!r} needs cp_group (the process group "
+                         f"the sequence is split over)")
     with together(op, cp_group, q.device if isinstance(q, Tensor) else torch.device("cpu")) as cfg:
-        _checks.choice(op, "cp_layout", cp_layout, LAYOUTS)
         _attn._validate_qkv(op, q, k, v, "BHTD")
         W, _ = _world(cp_group)
         if k.shape[2] != q.shape[2]:
