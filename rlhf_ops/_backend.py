@@ -110,24 +110,51 @@ def _triton_problem(device_type: str) -> str | None:
 
 _C_loaded: bool | None = None
 _C_error: str | None = None
+_C_cache_checked = False   # looked for a cached JIT build (needs the GPU architecture)
+_C_jit_tried = False       # tried to compile it (once per process)
 
 
-def load_extension() -> bool:
-    """Import ``rlhf_ops._C`` once; it registers the ``torch.ops.rlhf_ops_cuda`` ops."""
-    global _C_loaded, _C_error
+def load_extension(build: bool = False) -> bool:
+    """Load the ``torch.ops.rlhf_ops_cuda`` ops once: ``rlhf_ops._C`` where it was built at
+    install time, else the library ``rlhf_ops.build`` compiled on first use (or ahead of time)
+    and cached. ``build=True`` (a ``backend="cuda"`` call on CUDA tensors) compiles a missing
+    one now, on a machine with a GPU and nvcc; otherwise the cache is only looked at once the
+    architecture is known without initialising CUDA (TORCH_CUDA_ARCH_LIST, or CUDA already up)."""
+    global _C_loaded, _C_error, _C_cache_checked, _C_jit_tried
     if _C_loaded is None:
         try:
             importlib.import_module("rlhf_ops._C")
             _C_loaded = True
         except ImportError as e:
-            _C_loaded, _C_error = False, str(e)
-    return _C_loaded
+            _C_loaded = False
+            _C_error = (f"rlhf_ops._C was not built at install time ({e}) and no build compiled on "
+                        "first use is cached (python -m rlhf_ops.build compiles one)")
+    if _C_loaded:
+        return True
+    from . import build as jit
+    if build and not _C_jit_tried:
+        _C_jit_tried = _C_cache_checked = True
+        if not torch.cuda.is_available():
+            _C_error = "rlhf_ops._C was not built at install time and no CUDA device is visible to compile it for"
+            return False
+        try:
+            jit.load(compile=True)
+            _C_loaded = True
+        except jit.BuildError as e:
+            _C_error = f"rlhf_ops._C was not built at install time and compiling it on first use failed: {e}"
+    elif not _C_cache_checked and (os.environ.get("TORCH_CUDA_ARCH_LIST") or torch.cuda.is_initialized()):
+        _C_cache_checked = True
+        try:
+            jit.load(compile=False)
+            _C_loaded = True
+        except jit.BuildError:
+            pass
+    return bool(_C_loaded)
 
 
 def _cuda_problem(device_type: str) -> str | None:
-    if not load_extension():
-        return ("the CUDA extension rlhf_ops._C is not built (install with RLHF_OPS_BUILD_CUDA=1): "
-                f"{_C_error}")
+    if not load_extension(build=device_type == "cuda"):
+        return f"the CUDA extension is not available: {_C_error}"
     if device_type != "cuda":
         return f"the cuda backend needs CUDA tensors, got {device_type} tensors"
     return None
