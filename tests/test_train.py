@@ -234,7 +234,7 @@ def test_gae_and_whitening():
     r = torch.tensor([[0.0, 0.1, -0.2, 1.0, 0.0]])
     v = torch.tensor([[9.0, 0.5, 0.4, 0.3, 7.0]])
     m = torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.0]])
-    adv, ret = P.gae(r, v, m, gamma=1.0, lam=0.95)
+    adv, ret = ro.gae(r, v, m, gamma=1.0, lam=0.95)
     d3 = 1.0 - 0.3                                   # δ_t = r_t + V_{t+1} − V_t, none past the end
     d2 = -0.2 + 0.3 - 0.4
     d1 = 0.1 + 0.4 - 0.5
@@ -270,6 +270,37 @@ def test_ppo_loss_falls_on_fixed_batch(tmp_path):
     assert tot[-1] < tot[0] - 0.15
 
 
+def test_ppo_minibatch_loss_is_the_former_formula(tmp_path):
+    """PPO's minibatch loss through rlhf_ops.policy_loss / value_loss is the stage's former formula
+    (Σ pg + vf_coef·Σ vf over the response tokens, / their count), written out here, to rounding:
+    the library divides each sum by the count before adding them, the former code after, so a
+    run's numbers agree to ~1e-7 per step rather than bit for bit. The clipped fraction now counts
+    only the tokens where the clip binds (ρ > 1 + ε with A > 0, ρ < 1 − ε with A < 0)."""
+    from rlhf_ops.train.config import section
+    run, policy, value, b = ppo_batch(tmp_path)
+    roll, c = _roll(b), {**section(run.cfg, "ppo"), "value_clip": 0.05}
+    roll["old_lp"] = roll["old_lp"] + 0.3 * torch.randn_like(roll["old_lp"])    # ratios across the clip
+    params = list(policy.parameters()) + list(value.parameters())
+    st = P.minibatch_backward(run, policy, value, roll, None, c)
+    g_new = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    m, a, eps = roll["mask"], roll["adv"], c["clip"]
+    ratio = torch.exp(policy(roll["inp"], logprobs_of=roll["act"]) - roll["old_lp"])
+    pg = torch.maximum(-a * ratio, -a * ratio.clamp(1 - eps, 1 + eps))
+    v, old_v, ret = value(roll["inp"]), roll["old_v"], roll["ret"]
+    v_clip = old_v + (v - old_v).clamp(-c["value_clip"], c["value_clip"])
+    vf = 0.5 * torch.maximum((v - ret) ** 2, (v_clip - ret) ** 2)
+    ntok = m.sum()
+    ((pg * m).sum() + c["vf_coef"] * (vf * m).sum()).div(ntok).backward()
+    torch.testing.assert_close(st[0], (pg * m).sum().detach() / ntok, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(st[1], (vf * m).sum().detach() / ntok, rtol=1e-6, atol=1e-7)
+    for p, g in zip(params, g_new):
+        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7)
+    binds = (((ratio > 1 + eps) & (a > 0)) | ((ratio < 1 - eps) & (a < 0))) & m.bool()
+    assert float(st[3]) == pytest.approx(float(binds.sum() / ntok)) and float(st[3]) > 0
+
+
 def test_ptx_adds_gamma_times_grad_of_l1(tmp_path):
     from rlhf_ops.train.config import section
     run, policy, value, b = ppo_batch(tmp_path)
@@ -290,6 +321,16 @@ def test_ptx_adds_gamma_times_grad_of_l1(tmp_path):
         torch.testing.assert_close(a - b_, 27.8 * l1, rtol=1e-4, atol=1e-5)
 
 
+def test_grpo_config_errors(tmp_path):
+    from rlhf_ops.train.config import section
+    from rlhf_ops.train.grpo import check_config
+    for sets, what in (({"grpo.group": 1}, "grpo.group"), ({"grpo.minibatch_prompts": 3}, "grpo.minibatch_prompts"),
+                       ({"grpo.loss_type": "ppo"}, "grpo.loss_type"), ({"grpo.scale": "std"}, "grpo.scale")):
+        run = tiny_run(tmp_path, **sets)
+        with pytest.raises(ValueError, match=what):
+            check_config(run, section(run.cfg, "grpo"))
+
+
 # ------------------------------------------------------------------ CLI, resume, DDP ---
 
 TINY_ARGS = ["--preset", "tiny", "--backend", "reference"]
@@ -308,34 +349,39 @@ def test_cli_all_end_to_end(tiny_all):
     for k in ("pretrain.final_loss", "pretrain.judge_score", "sft.final_loss", "sft.judge_score",
               "sft.pretrain_loss", "sft.filler_rate", "rm.heldout_pair_accuracy", "ppo.judge_score",
               "ppo.rm_score_start", "ppo.rm_score_end", "ppo.kl_mean", "ppo.pretrain_loss",
-              "ppo_ptx.judge_score", "ppo_ptx.pretrain_loss", "ppo_ptx.kl_mean", "wall_seconds"):
+              "ppo_ptx.judge_score", "ppo_ptx.pretrain_loss", "ppo_ptx.kl_mean", "grpo.judge_score",
+              "grpo.judge_minus_sft", "grpo.judge_minus_sft_se", "grpo.rm_score_start", "grpo.rm_score_end",
+              "grpo.kl_mean", "grpo.pretrain_loss", "grpo.filler_rate", "wall_seconds"):
         assert isinstance(s[k], float) and s[k] == s[k], k     # present and not NaN
     assert s == json.loads(json.dumps(summary))
     assert s["ppo.ptx_coef"] == 0.0 and s["ppo_ptx.ptx_coef"] == 27.8   # the second policy is PPO-ptx
     assert abs(s["rm.demo_mean_after_bias"]) < 1e-5            # RM bias: SFT demos score 0
     # the paired PPO − SFT difference is over the same prompts as the two stages' judge scores
-    for p in ("ppo", "ppo_ptx"):
+    for p in ("ppo", "ppo_ptx", "grpo"):
         assert s[f"{p}.judge_minus_sft"] == pytest.approx(s[f"{p}.judge_score"] - s["sft.judge_score"], abs=1e-9)
         assert s[f"{p}.judge_minus_sft_se"] >= 0
     assert s["ppo.sft_pretrain_loss"] == s["sft.pretrain_loss"]
     # per-stage records: config, args and seconds of the command that ran each stage
-    assert set(s["stages"]) == {"pretrain", "sft", "rm", "ppo"}
+    assert set(s["stages"]) == {"pretrain", "sft", "rm", "ppo", "grpo"}
+    assert s["grpo.rm_score_start"] == s["ppo.rm_score_start"]   # the same held-out samples of SFT
     for rec in s["stages"].values():
         assert rec["config"]["model.d_model"] == 16 and rec["args"]["preset"] == "tiny"
         assert rec["seconds"] > 0 and rec["cpu_seconds"] > 0
     assert s["wall_seconds"] == pytest.approx(sum(r["seconds"] for r in s["stages"].values()))
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    assert {r["stage"] for r in rows} == {"pretrain", "sft", "rm", "ppo", "ppo_ptx"}
+    assert {r["stage"] for r in rows} == {"pretrain", "sft", "rm", "ppo", "ppo_ptx", "grpo"}
+    assert [r["step"] for r in rows if r["stage"] == "grpo"] == [1, 2, 3]
     assert any("kl" in r for r in rows) and any("heldout_pair_accuracy" in r for r in rows)
     assert any(r.get("ptx_loss", 0) > 0 for r in rows if r["stage"] == "ppo_ptx")
     report = (out / "report.md").read_text()
     for png in ("judge_by_stage.png", "loss_pretrain.png", "loss_sft.png", "rm_accuracy.png",
-                "ppo_rollout_reward.png", "ppo_kl.png", "ppo_judge.png"):
+                "ppo_rollout_reward.png", "ppo_kl.png", "ppo_judge.png", "grpo_rm_score.png"):
         assert png in report and (out / png).stat().st_size > 1000
     assert "Pretraining loss" in report and "PPO-ptx" in report and "Log-probs from hidden states" in report
+    assert "GRPO − SFT on the same held-out prompts" in report
     # every checkpoint, and the RM comparisons, load with weights_only=True; no resume file is left
     assert sorted(p.name for p in (out / "ckpt").glob("*.pt")) == [f"{s}_final.pt" for s in
-                                                                   ("ppo", "pretrain", "rm", "sft")]
+                                                                   ("grpo", "ppo", "pretrain", "rm", "sft")]
     for p in list((out / "ckpt").glob("*.pt")) + [out / "rm_comparisons.pt"]:
         torch.load(p, weights_only=True)
 
@@ -351,6 +397,8 @@ def test_summarize_prints_the_results_table(tiny_all, capsys):
     assert row["rm.heldout_pair_accuracy"].endswith("≥ 0.8 ✓ |" if s["rm.heldout_pair_accuracy"] >= 0.8
                                                     else "≥ 0.8 ✗ (seed 0, seed 0) |")
     assert "ppo_ptx − SFT, paired" in row
+    assert row["grpo − SFT, paired over the same prompts"].endswith(
+        "≥ 3 SE ✓ |" if s["grpo.judge_minus_sft"] >= 3 * s["grpo.judge_minus_sft_se"] > 0 else "≥ 3 SE ✗ (seed 0, seed 0) |")
     from rlhf_ops.train import summarize
     summarize.main([str(out)])
     assert capsys.readouterr().out.startswith("| | seed 0 | goal |")
@@ -435,7 +483,7 @@ def test_resume_on_a_finished_run_says_so(tiny_all, capsys):
     out, summary = tiny_all
     s = main(["all", "--out", str(out), "--resume"] + TINY_ARGS)
     printed = capsys.readouterr().out
-    for stage in ("pretrain", "sft", "rm", "ppo"):
+    for stage in ("pretrain", "sft", "rm", "ppo", "grpo"):
         assert f"{stage}: already finished in {out}" in printed
     assert "nothing to resume: every stage has finished" in printed
     assert numbers(s) == numbers(summary) and s["stages"] == summary["stages"]
@@ -462,16 +510,16 @@ def _stage_lines(out, stage):
     return [ln for ln in (out / "metrics.jsonl").read_text().splitlines() if f'"stage": "{stage}"' in ln]
 
 
-@pytest.mark.parametrize("stage,name", [("pretrain", "lm"), ("ppo", "lm")])
+@pytest.mark.parametrize("stage,name", [("pretrain", "lm"), ("ppo", "lm"), ("grpo", "lm")])
 def test_resume_after_interruption_matches_uninterrupted(tiny_all, tmp_path, stage, name):
     ref_out, _ = tiny_all
     out = tmp_path / "run"
     (out / "ckpt").mkdir(parents=True)
-    if stage == "ppo":                               # start from the same pretrain/SFT/RM checkpoints
+    if stage in ("ppo", "grpo"):                     # start from the same pretrain/SFT/RM checkpoints
         for s in ("pretrain", "sft", "rm"):
             for f in (ref_out / "ckpt").glob(f"{s}_final.pt*"):
                 shutil.copy(f, out / "ckpt")
-        steps = make_config("tiny")["ppo.steps"]
+        steps = make_config("tiny")[f"{stage}.steps"]
     else:
         steps = make_config("tiny")["pretrain.steps"]
     args = [stage, "--out", str(out)] + TINY_ARGS
@@ -560,10 +608,11 @@ def test_kill_9_at_random_moments_then_resume_is_bit_identical(tiny_all, tmp_pat
     s = json.loads((out / "summary.json").read_text())
     assert kills >= 2
     assert numbers(s) == numbers(ref)                      # every number, bit for bit (floats ==)
-    for stage, name in (("pretrain", "lm"), ("sft", "lm"), ("rm", "rm"), ("ppo", "lm"), ("ppo", "lm_ppo_ptx")):
+    for stage, name in (("pretrain", "lm"), ("sft", "lm"), ("rm", "rm"), ("ppo", "lm"), ("ppo", "lm_ppo_ptx"),
+                        ("grpo", "lm")):
         a, b = _params(out / "ckpt" / f"{stage}_final.pt", name), _params(ref_out / "ckpt" / f"{stage}_final.pt", name)
         assert all(torch.equal(a[k], b[k]) for k in a), (stage, name)
-    for stage in ("pretrain", "sft", "rm", "ppo", "ppo_ptx"):
+    for stage in ("pretrain", "sft", "rm", "ppo", "ppo_ptx", "grpo"):
         assert _stage_lines(out, stage) == _stage_lines(ref_out, stage), stage
 
 

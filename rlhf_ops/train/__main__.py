@@ -1,4 +1,4 @@
-"""python -m rlhf_ops.train {all,pretrain,sft,rm,ppo} --out DIR [options]
+"""python -m rlhf_ops.train {all,pretrain,sft,rm,ppo,grpo} --out DIR [options]
 
 Each stage reads the previous stage's checkpoint from DIR/ckpt and writes its own; every stage
 writes metrics.jsonl, results.json, summary.json and report.md (with plots) in DIR. Under
@@ -21,14 +21,14 @@ from .run import CheckpointError, Run
 from .config import PRESETS, ConfigError, make_config
 from .report import write_report, write_summary
 
-ORDER = ("pretrain", "sft", "rm", "ppo")
-NEEDS = {"pretrain": (), "sft": ("pretrain",), "rm": ("sft",), "ppo": ("sft", "rm")}
+ORDER = ("pretrain", "sft", "rm", "ppo", "grpo")
+NEEDS = {"pretrain": (), "sft": ("pretrain",), "rm": ("sft",), "ppo": ("sft", "rm"), "grpo": ("sft", "rm")}
 
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m rlhf_ops.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=("all",) + ORDER, help="one stage, or all four in order")
+    ap.add_argument("stage", choices=("all",) + ORDER, help="one stage, or all of them in order")
     ap.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, summary.json, report.md")
     ap.add_argument("--backend", default="auto", choices=("auto", "reference", "triton", "cuda"),
                     help="rlhf_ops backend of every op (auto: reference on CPU, the fastest on a GPU)")

@@ -5,11 +5,13 @@ Per RL batch (one episode = one prompt and its sampled response):
   2. reward per token r_t = −β·KL_t (``kl_from_logprobs`` of the policy's and the frozen SFT
      copy's log-probs, both from ``linear_token_logprobs`` on hidden states) plus, at the
      response's last token, the RM score (``ppo_rewards``);
-  3. GAE: δ_t = r_t + γ·V_{t+1} − V_t,  A_t = δ_t + γλ·A_{t+1}  (γ = 1, λ = 0.95), returns
-     R_t = A_t + V_t, advantages whitened over the batch's response tokens;
-  4. one epoch over minibatches: clipped policy loss  max(−A·ρ, −A·clip(ρ, 1±ε)), ρ = π/π_old,
-     clipped value loss  ½·max((V − R)², (V_old + clip(V − V_old, ±ε_v) − R)²),
-     and for PPO-ptx  γ_ptx·L1 on pretraining sequences, all in the same optimizer step.
+  3. GAE (``rlhf_ops.gae``): δ_t = r_t + γ·V_{t+1} − V_t,  A_t = δ_t + γλ·A_{t+1}  (γ = 1, λ = 0.95),
+     returns R_t = A_t + V_t, advantages whitened over the batch's response tokens;
+  4. one epoch over minibatches: clipped policy loss  max(−A·ρ, −A·clip(ρ, 1±ε)), ρ = π/π_old
+     (``rlhf_ops.policy_loss``, loss_type="ppo"), clipped value loss
+     ½·max((V − R)², (V_old + clip(V − V_old, ±ε_v) − R)²) (``rlhf_ops.value_loss``), both token
+     means over the global minibatch's response tokens, and for PPO-ptx  γ_ptx·L1 on pretraining
+     sequences, all in the same optimizer step.
 The policy starts from SFT, the value model from the RM (whose bias makes SFT demos score 0).
 β is fixed, or adapted towards ``kl_target`` (Ziegler et al.): β ← β·(1 + clip(KL/target − 1, ±0.2)·n/horizon).
 """
@@ -30,21 +32,6 @@ from .run import (Run, SimulatedCrash, filler_rate, judge_score, judge_scores, m
 from .config import section
 
 
-def gae(rewards, values, mask, gamma: float, lam: float):
-    """Advantages and returns over each row's response tokens (mask = 1 there, contiguous)."""
-    T = rewards.shape[1]
-    adv = torch.zeros_like(rewards)
-    run = torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(T)):
-        nxt = mask[:, t + 1] if t + 1 < T else torch.zeros_like(run)
-        v_next = values[:, t + 1] * nxt if t + 1 < T else torch.zeros_like(run)
-        delta = rewards[:, t] + gamma * v_next - values[:, t]
-        run = delta + gamma * lam * nxt * run
-        adv[:, t] = run
-    adv = adv * mask
-    return adv, (adv + values) * mask
-
-
 def whiten(x, mask, all_sum, eps: float = 1e-8):
     """(x − mean) / std over the masked entries of the global batch."""
     n = all_sum(mask.sum())
@@ -56,12 +43,13 @@ def whiten(x, mask, all_sum, eps: float = 1e-8):
 def minibatch_backward(run: Run, pol, val, roll: dict, ptx, c: dict) -> torch.Tensor:
     """Backpropagate one PPO(-ptx) minibatch into .grad of the policy and the value model.
 
-    Loss = (Σ_tokens pg + vf_coef·Σ_tokens vf) / (response tokens of the global minibatch)
-           + ptx_coef · L1(pretraining rows)   — one optimizer step takes both.
-    Returns [pg loss, vf loss, L1, clipped fraction] (this rank's share of the global values).
+    Loss = policy_loss + vf_coef·value_loss, both Σ over this rank's response tokens / n with
+    n = the response tokens of the global minibatch (``num_tokens``), + ptx_coef · L1(pretraining
+    rows) — one optimizer step takes both. Returns [pg loss, vf loss, L1, clipped fraction] (this
+    rank's share of the global values); the clipped fraction counts the tokens where the clip is
+    active (ρ > 1 + ε with A > 0, or ρ < 1 − ε with A < 0).
     """
-    temp, eps = c["temperature"], c["clip"]
-    m = roll["mask"]
+    temp, m = c["temperature"], roll["mask"]
     ntok = run.all_sum(m.sum()).clamp(min=1)          # response tokens of the global minibatch
     l1 = torch.zeros((), device=m.device)
     if ptx is not None:
@@ -72,21 +60,16 @@ def minibatch_backward(run: Run, pol, val, roll: dict, ptx, c: dict) -> torch.Te
             (c["ptx_coef"] * l1 * run.world).backward()
     # log π(a_t) straight from the hidden states (linear_token_logprobs: no [B, T, V] logits)
     lp = pol(roll["inp"], logprobs_of=roll["act"], temperature=temp)
-    ratio = torch.exp(lp - roll["old_lp"])                # ρ = π / π_old per token
-    a = roll["adv"]
-    pg = torch.maximum(-a * ratio, -a * ratio.clamp(1 - eps, 1 + eps))
-    v, old_v, ret = val(roll["inp"]), roll["old_v"], roll["ret"]
-    v_clip = old_v + (v - old_v).clamp(-c["value_clip"], c["value_clip"])
-    vf = 0.5 * torch.maximum((v - ret) ** 2, (v_clip - ret) ** 2)
-    pg_s, vf_s = (pg * m).sum(), (vf * m).sum()
-    ((pg_s + c["vf_coef"] * vf_s) / ntok * run.world).backward()
-    clipped = (((ratio - 1).abs() > eps).float() * m).sum()
-    return torch.stack([pg_s.detach(), vf_s.detach(), l1.detach(), clipped]) / torch.stack(
-        [ntok, ntok, torch.ones_like(ntok), ntok])
+    pg = ro.policy_loss(lp, roll["old_lp"], roll["adv"], m, loss_type="ppo", clip=c["clip"], num_tokens=ntok)
+    vf = ro.value_loss(val(roll["inp"]), roll["old_v"], roll["ret"], m, clip=c["value_clip"], num_tokens=ntok)
+    ((pg.loss + c["vf_coef"] * vf) * run.world).backward()
+    clipped = pg.clip_fraction * m.sum() / ntok
+    return torch.stack([pg.loss.detach(), vf.detach(), l1.detach(), clipped])
 
 
 def rollout(run: Run, policy, prompts: list[str], gen: torch.Generator, temperature: float):
-    """Sample responses; returns seq [B, T], inputs/actions [B, T−1], mask [B, T−1], last [B]."""
+    """Sample responses of up to ``ppo.max_new`` tokens (PPO's and GRPO's); returns seq [B, T],
+    inputs/actions [B, T−1], mask [B, T−1], last [B]."""
     x, n = prompt_tensors(prompts, run.device)
     seq, rl = policy.generate(x, n, run.cfg["ppo.max_new"], temperature=temperature, eos=D.EOS,
                               pad=D.PAD, generator=gen)
@@ -199,7 +182,7 @@ def train_policy(run: Run, phase: str, ptx_coef: float, ref, rm, held: list[str]
             score = rm(seq, last)
             old_v = value(inp)
             rewards = ro.ppo_rewards(kp.penalty, score, mask)
-            adv, ret = gae(rewards, old_v, mask, c["gamma"], c["lam"])
+            adv, ret = ro.gae(rewards, old_v, mask, gamma=c["gamma"], lam=c["lam"], backend=run.backend)
             adv = whiten(adv, mask, run.all_sum)
             old_lp = kp.logprobs
         tokens += inp.numel() * run.world * c["epochs"] + (ptx_rows * run.cfg["model.block_size"] * n_mb

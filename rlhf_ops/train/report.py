@@ -1,7 +1,7 @@
 """summary.json and report.md (with PNG plots) from results.json and metrics.jsonl.
 
 summary.json holds, flat, every number a stage reported (``"<stage>.<key>"``: ``sft.judge_score``,
-``ppo.judge_minus_sft``, ``ppo_ptx.pretrain_loss``, ...), ``wall_seconds`` (the four stages' own
+``ppo.judge_minus_sft``, ``ppo_ptx.pretrain_loss``, ``grpo.judge_score``, ...), ``wall_seconds`` (the stages' own
 seconds, summed), and under ``stages`` the config, command-line args and seconds of the command
 that produced each stage — re-running one stage replaces that stage's record only.
 """
@@ -18,7 +18,7 @@ from . import data as D
 from .config import make_config, section
 from .run import read_jsonl, write_text_atomic
 
-STAGE_ORDER = ("pretrain", "sft", "rm", "ppo", "ppo_ptx")
+STAGE_ORDER = ("pretrain", "sft", "rm", "ppo", "ppo_ptx", "grpo")
 RECORD_KEYS = ("config", "args", "seconds", "cpu_seconds")      # per-stage record
 # keys that measure time or speed: they differ between two runs of the same commit and seed
 TIMING_KEYS = ("seconds", "cpu_seconds", "wall_seconds", "train_tokens_per_s", "peak_mem_bytes")
@@ -31,6 +31,8 @@ SUMMARY_KEYS = {
             "rm_score_end", "kl_mean", "pretrain_loss"),
     "ppo_ptx": ("judge_score", "judge_minus_sft", "judge_minus_sft_se", "filler_rate", "rm_score_end",
                 "kl_mean", "pretrain_loss"),
+    "grpo": ("judge_score", "judge_minus_sft", "judge_minus_sft_se", "filler_rate", "rm_score_end",
+             "kl_mean", "pretrain_loss"),
 }
 
 # name, title, [(label, metrics stage, metrics key)], y label, what the figure shows (one line)
@@ -48,12 +50,17 @@ PLOTS = [
       ("PPO-ptx raw RM score", "ppo_ptx", "rm_score"), ("PPO-ptx RM score − β·KL", "ppo_ptx", "reward")],
      "per response", "Stage 4, the training rollouts (temperature 1) of each update: the raw RM score of "
      "a response, and the reward PPO maximises (RM score minus β times the KL to SFT)."),
-    ("ppo_kl.png", "PPO: KL(π‖π_SFT) per response", [("PPO", "ppo", "kl"), ("PPO-ptx", "ppo_ptx", "kl")],
+    ("ppo_kl.png", "PPO: KL(π‖π_SFT) per response", [("PPO", "ppo", "kl"), ("PPO-ptx", "ppo_ptx", "kl"),
+                                                      ("GRPO", "grpo", "kl")],
      "nats", "Stage 4: the KL of the policy to SFT summed over a response's tokens (k1 estimate)."),
     ("ppo_judge.png", "PPO: judge score",
      [("samples (T=1)", "ppo", "sample_judge"), ("greedy, held-out", "ppo", "judge_score"),
-      ("PPO-ptx greedy, held-out", "ppo_ptx", "judge_score")], "judge",
+      ("PPO-ptx greedy, held-out", "ppo_ptx", "judge_score"), ("GRPO samples (T=1)", "grpo", "sample_judge"),
+      ("GRPO greedy, held-out", "grpo", "judge_score")], "judge",
      "Stage 4: the judge's score of the training rollouts and of greedy decodes of the held-out prompts."),
+    ("grpo_rm_score.png", "GRPO rollouts: RM score", [("raw RM score", "grpo", "rm_score")], "per response",
+     "Stage 4 (GRPO): the raw RM score of the training completions (temperature 1) of each update; the "
+     "advantages are these scores relative to their group."),
 ]
 
 
@@ -120,15 +127,16 @@ def _plot(path: Path, title: str, series: list[tuple[str, list, list]], ylabel: 
 def _judge_bars(path: Path, summary: dict) -> bool:
     """Greedy held-out judge score of each stage's model, ± one standard error of the mean."""
     bars = [(name, summary.get(f"{s}.judge_score"), summary.get(f"{s}.judge_score_se"))
-            for s, name in (("pretrain", "pretrain"), ("sft", "SFT"), ("ppo", "PPO"), ("ppo_ptx", "PPO-ptx"))]
+            for s, name in (("pretrain", "pretrain"), ("sft", "SFT"), ("ppo", "PPO"), ("ppo_ptx", "PPO-ptx"),
+                            ("grpo", "GRPO"))]
     bars = [b for b in bars if b[1] is not None]
-    if not any(n in ("SFT", "PPO") for n, _, _ in bars):
+    if not any(n in ("SFT", "PPO", "GRPO") for n, _, _ in bars):
         return False
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.2))
     xs = range(len(bars))
     ax.bar(xs, [b[1] for b in bars], yerr=[b[2] or 0.0 for b in bars], capsize=6,
-           color=["#bbbbbb", "#4c72b0", "#dd8452", "#55a868"][:len(bars)])
+           color=["#bbbbbb", "#4c72b0", "#dd8452", "#55a868", "#8172b3"][:len(bars)])
     ax.set_xticks(list(xs), [b[0] for b in bars])
     for x, (_, v, se) in zip(xs, bars):
         ax.text(x, v + (se or 0) + 0.01, f"{v:.3f}", ha="center", fontsize=8)
@@ -253,7 +261,7 @@ def write_report(out: Path, summary: dict) -> Path:
             v = summary.get(f"{stage}.{k}")
             if v is not None:
                 lines.append(f"| {stage}.{k} | {v:.4f} |")
-    for stage, name in (("ppo", "PPO"), ("ppo_ptx", "PPO-ptx")):
+    for stage, name in (("ppo", "PPO"), ("ppo_ptx", "PPO-ptx"), ("grpo", "GRPO")):
         d, se = summary.get(f"{stage}.judge_minus_sft"), summary.get(f"{stage}.judge_minus_sft_se")
         if d is not None and se is not None:
             lines += ["", f"Greedy judge score, {name} − SFT on the same held-out prompts: {d:+.4f} ± {se:.4f} "
