@@ -57,6 +57,8 @@ class CausalSelfAttention(nn.Module):
       * packed x [N, d_model] or [1, N, d_model] with ``cu_seqlens`` (int32 [n + 1]) and
         ``max_seqlen`` (int): ``attention_varlen`` directly, output shaped like x.
     Positions are the caller's business (this block has no positional encoding).
+    ``cp_group``: dense x holds this rank's zigzag part of every sequence of a context-parallel
+    group (``rlhf_ops.attention(cp_group=)``, ring attention).
     """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, bias: bool = True,
@@ -76,8 +78,12 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
+                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+                cp_group=None) -> torch.Tensor:
         d_model = self.n_heads * self.head_dim
+        if cp_group is not None and (attention_mask is not None or cu_seqlens is not None):
+            raise ValueError("CausalSelfAttention: cp_group takes dense x [B, T/W, d_model] (this "
+                             "rank's zigzag part of every sequence), not attention_mask or cu_seqlens")
         if cu_seqlens is not None or max_seqlen is not None:
             if cu_seqlens is None or max_seqlen is None:
                 raise ValueError("CausalSelfAttention: packed input needs both cu_seqlens and max_seqlen")
@@ -104,7 +110,7 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, Hq, D).transpose(1, 2)
         k = k.view(B, T, Hkv, D).transpose(1, 2)
         v = v.view(B, T, Hkv, D).transpose(1, 2)
-        y = _attention(q, k, v, causal=self.causal, backend=self.backend)
+        y = _attention(q, k, v, causal=self.causal, backend=self.backend, cp_group=cp_group)
         return self.proj(y.transpose(1, 2).reshape(B, T, Hq * D))
 
     def _varlen(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:

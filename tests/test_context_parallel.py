@@ -589,6 +589,43 @@ def _fsdp_gather(ctx, fsdp_gather, fully_sharded, DTensor, Shard):
             _close(p.grad.full_tensor(), want, "fsdp grad", 1e-12)
 
 
+@case(4)
+def gpt_context_parallel_lm_loss(ctx):
+    """rlhf_ops.train.model.GPT with context_parallel=True on the 4-rank world: T = 13 (padded to
+    16 = 2W inside), every rank's share ("sum", "none") adds up over the ranks to the unsplit
+    model's, "mean" is the whole batch's on every rank, and the parameter gradients summed over
+    the ranks (what DDP's average of W·share gives) equal the unsplit ones. The reward/value head
+    and PPO's log-probs refuse to run unsplit."""
+    import torch.distributed as dist
+    from rlhf_ops.train.model import GPT, GPTConfig, ScalarHeadGPT
+    cfg = GPTConfig(vocab_size=11, block_size=16, n_layer=2, n_head=2, d_model=16, backend="reference")
+    torch.manual_seed(0)
+    ref = GPT(cfg).double()
+    cpm = GPT(GPTConfig(**{**vars(cfg), "context_parallel": True})).double()
+    cpm.load_state_dict(ref.state_dict())
+    x = torch.randint(0, 11, (3, 13))
+    y = torch.randint(0, 11, (3, 13))
+    y[0, :4] = -100
+    for red in ("sum", "none"):
+        ours, want = cpm(x, y, reduction=red), ref(x, y, reduction=red)
+        g = torch.randn_like(want)
+        (ours * g).sum().backward()
+        (want * g).sum().backward()
+        total = ours.detach().clone()
+        dist.all_reduce(total, group=ctx.group)
+        _close(total, want, f"{red}: Σ of the ranks' shares")
+        for (name, p), q in zip(cpm.named_parameters(), ref.parameters()):
+            grad = p.grad.clone()
+            dist.all_reduce(grad, group=ctx.group)
+            _close(grad, q.grad, f"{red}: Σ grad {name}")
+            p.grad, q.grad = None, None
+    with torch.no_grad():
+        _close(cpm(x, y), ref(x, y), "mean")
+    _expect(lambda: cpm(x, y), ValueError, "reduction='mean' is for evaluation")
+    _expect(lambda: cpm(x, logprobs_of=y.clamp(min=0)), ValueError, "context_parallel")
+    _expect(lambda: ScalarHeadGPT(cpm.cfg)(x), ValueError, "context_parallel")
+
+
 # ------------------------------------------------------------------------------ the tests ---
 
 @pytest.mark.parametrize("key", _keys())
@@ -625,3 +662,52 @@ def test_block_spec_matches_the_global_mask():
                         got[:t, :s] = reference._visible(torch.arange(t)[:, None],
                                                          torch.arange(s)[None], t, s, lft, rgt)
                     assert torch.equal(got, want), (c, d, left, right, spec)
+
+
+def _train(tmp_path, name, sets, torchrun):
+    import socket
+    common = ["pretrain", "--preset", "tiny", "--backend", "reference", "--set", "pretrain.steps=3",
+              "run.dtype=float64", *sets, "--out", str(tmp_path / name)]
+    if not torchrun:
+        from rlhf_ops.train.__main__ import main
+        main(common)
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+           "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "rlhf_ops.train"]
+    p = subprocess.run(cmd + common, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+
+def _run_record(path: Path):
+    ck = torch.load(path / "ckpt" / "pretrain_final.pt", weights_only=False)
+    lines = [json.loads(ln) for ln in (path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in lines if r.get("stage") == "pretrain" and "loss" in r]
+    return ck, losses, json.loads((path / "results.json").read_text())["pretrain"]
+
+
+def test_training_loop_context_parallel_and_fsdp_match_one_process(tmp_path):
+    """The tiny preset's pretraining in fp64 (3 steps, a resume checkpoint at step 2): under
+    torchrun with 2 CPU processes, `--set model.context_parallel=true` (every sequence split
+    zigzag, ring attention; every rank the whole batch) and `--set run.fsdp=true` (fully_shard
+    instead of DDP) give the losses (to 1e-6), the held-out LM loss and the parameters (to 1e-10)
+    of the one-process run — which test_train checks DDP against."""
+    t0 = time.time()
+    _train(tmp_path, "one", [], torchrun=False)
+    _train(tmp_path, "cp", ["model.context_parallel=true"], torchrun=True)
+    _train(tmp_path, "fsdp", ["run.fsdp=true"], torchrun=True)
+    print(f"\nthree pretraining runs: {time.time() - t0:.1f} s")
+    ck1, loss1, res1 = _run_record(tmp_path / "one")
+    assert len(loss1) == 3
+    for name in ("cp", "fsdp"):
+        ck, loss, res = _run_record(tmp_path / name)
+        assert loss == pytest.approx(loss1, rel=1e-6), name
+        assert res["pretrain_loss"] == pytest.approx(res1["pretrain_loss"], rel=1e-10), name
+        assert res["args"]["world_size"] == 2
+        for k, v in ck1["models"]["lm"].items():
+            assert v.dtype == torch.float64
+            torch.testing.assert_close(ck["models"]["lm"][k], v, rtol=1e-10, atol=1e-12, msg=f"{name} {k}")
+    assert _run_record(tmp_path / "cp")[0]["model_cfg"]["context_parallel"] is True

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import rlhf_ops as ro
-from rlhf_ops.distributed import split_replicated
+from rlhf_ops.distributed import split_replicated, zigzag_split
 from rlhf_ops.nn import CausalSelfAttention
 
 
@@ -32,6 +32,7 @@ class GPTConfig:
     d_model: int = 64
     backend: str | None = None     # rlhf_ops backend for attention and the losses
     vocab_parallel: bool = False   # LM loss with the vocabulary split over the ranks (GPT.forward)
+    context_parallel: bool = False  # LM loss with every sequence split zigzag over the ranks
 
 
 class MLP(nn.Module):
@@ -50,8 +51,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg.d_model, cfg.n_head, backend=cfg.backend)
         self.mlp = MLP(cfg.d_model)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln1(x))
+    def forward(self, x, cp_group=None):
+        x = x + self.attn(self.ln1(x), cp_group=cp_group)
         return x + self.mlp(self.ln2(x))
 
 
@@ -79,15 +80,33 @@ class Trunk(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, 0.0, 0.02)
 
-    def forward(self, idx):
+    def forward(self, idx, pos=None, cp_group=None):
+        """``pos``: the tokens' positions (default 0..T−1); ``cp_group``: idx is this rank's zigzag
+        part of every sequence (context parallelism: ring attention over the group)."""
         T = idx.shape[1]
-        if T > self.cfg.block_size:
-            raise ValueError(f"GPT: idx has {T} positions, more than block_size={self.cfg.block_size}")
-        pos = torch.arange(T, device=idx.device)
+        if pos is None:
+            if T > self.cfg.block_size:
+                raise ValueError(f"GPT: idx has {T} positions, more than block_size={self.cfg.block_size}")
+            pos = torch.arange(T, device=idx.device)
         x = self.wte(idx) + self.wpe(pos)
         for b in self.blocks:
-            x = b(x)
+            x = b(x, cp_group)
         return self.ln_f(x)
+
+
+def cp_group(cfg: GPTConfig):
+    """The context-parallel group (the whole world under torchrun) when ``cfg.context_parallel``
+    is on and there is more than one rank, else None."""
+    if cfg.context_parallel and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None
+
+
+def _no_cp(cfg: GPTConfig, what: str):
+    if cp_group(cfg) is not None:
+        raise ValueError(f"GPT: model.context_parallel splits sequences for the LM loss (the "
+                         f"pretrain and sft stages); {what} runs without it: unset "
+                         f"model.context_parallel for this stage")
 
 
 class GPT(nn.Module):
@@ -105,9 +124,12 @@ class GPT(nn.Module):
         with ``logprobs_of`` (tokens [B, T]): log π(token) [B, T] (and the entropy [B, T] with
         ``entropy=True``) of softmax(logits / temperature) straight from the hidden states
         (linear_token_logprobs: the fused backends never hold the [B, T, V] logits)."""
+        if targets is not None and cp_group(self.cfg) is not None:
+            return self._cp_lm_loss(idx, targets, reduction)
         h = self.trunk(idx)
         W_e = self.trunk.wte.weight
         if logprobs_of is not None:
+            _no_cp(self.cfg, "the log-probs of PPO")
             return ro.linear_token_logprobs(h, W_e, logprobs_of, temperature=temperature,
                                             return_entropy=entropy, backend=self.cfg.backend)
         if targets is None:
@@ -121,6 +143,43 @@ class GPT(nn.Module):
                                            process_group=dist.group.WORLD, vocab_offset=off)
         return ro.linear_cross_entropy(h.reshape(-1, h.shape[-1]), W_e, targets.reshape(-1),
                                        reduction=reduction, backend=self.cfg.backend)
+
+    def _cp_lm_loss(self, idx, targets, reduction):
+        """The LM loss with every sequence split zigzag over the ranks (T padded with ignored
+        tokens to a multiple of 2W: causal attention keeps them out of the real ones). As a
+        data-parallel rank's rows, "sum" and "none" give this rank's share (its tokens' losses;
+        0 at the other ranks' tokens), so DDP's average of the ranks' gradients, with the loss
+        scaled by the world size, is the gradient of the whole batch; "mean" is the mean over
+        every token (one all_reduce; evaluation only)."""
+        g = cp_group(self.cfg)
+        B, T = idx.shape
+        if T > self.cfg.block_size:
+            raise ValueError(f"GPT: idx has {T} positions, more than block_size={self.cfg.block_size}")
+        if reduction not in ("sum", "none", "mean"):
+            raise ValueError(f"GPT: reduction must be 'sum', 'none' or 'mean', got {reduction!r}")
+        two_w = 2 * dist.get_world_size(g)
+        Tp = -(-T // two_w) * two_w
+        if Tp > T:
+            idx = torch.nn.functional.pad(idx, (0, Tp - T))
+            targets = torch.nn.functional.pad(targets, (0, Tp - T), value=-100)
+        pos = zigzag_split(torch.arange(Tp, device=idx.device), g, 0)
+        h = self.trunk(zigzag_split(idx, g, 1), pos=pos.clamp(max=self.cfg.block_size - 1),
+                       cp_group=g)
+        tgt = zigzag_split(targets, g, 1)
+        tok = ro.linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.trunk.wte.weight,
+                                      tgt.reshape(-1), reduction="none", backend=self.cfg.backend)
+        if reduction == "sum":
+            return tok.sum()
+        if reduction == "none":                   # [B·T], this rank's tokens in place
+            full = tok.new_zeros((B, Tp))
+            full[:, pos] = tok.view(B, -1)
+            return full[:, :T].reshape(-1)
+        if torch.is_grad_enabled() and tok.requires_grad:
+            raise ValueError("GPT: with model.context_parallel, reduction='mean' is for evaluation "
+                             "(no grad); train with 'sum' or 'none' (this rank's share)")
+        s = torch.stack([tok.sum(), (tgt != -100).sum().to(tok.dtype)])
+        dist.all_reduce(s, group=g)
+        return s[0] / s[1].clamp(min=1)
 
     # ------------------------------------------------------------------ generation ---
     @torch.no_grad()
@@ -376,6 +435,7 @@ class ScalarHeadGPT(nn.Module):
         return m
 
     def forward(self, idx, last=None):
+        _no_cp(self.cfg, "the reward / value model")
         h = self.trunk(idx)
         if last is None:
             return self.head(h).squeeze(-1)

@@ -2,6 +2,7 @@
 metrics, checkpoints), a supervised training loop, and the judge evaluation."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -157,6 +158,18 @@ class Run:
         vp = bool(cfg.get("model.vocab_parallel", False))
         self.world = 1 if vp else self.procs
         self.rank = 0 if vp else self.global_rank
+        # model.context_parallel: every rank holds the whole batch and the model splits each
+        # sequence over the ranks (GPT._cp_lm_loss); the ranks stay data-parallel for the
+        # gradients (DDP averages their shares). run.fsdp: FSDP2's fully_shard instead of DDP.
+        self.cp = bool(cfg.get("model.context_parallel", False))
+        self.fsdp = bool(cfg.get("run.fsdp", False))
+        if vp and (self.cp or self.fsdp):
+            raise ValueError("model.vocab_parallel (every rank the same rows, no data parallelism) "
+                             "cannot be combined with model.context_parallel or run.fsdp")
+        dtypes = {"float32": torch.float32, "float64": torch.float64}
+        if cfg.get("run.dtype", "float32") not in dtypes:
+            raise ValueError(f"run.dtype must be 'float32' or 'float64', got {cfg['run.dtype']!r}")
+        self.dtype = dtypes[cfg.get("run.dtype", "float32")]
         self.data_cfg = D.DataConfig(**section(cfg, "data"))
         self.stage_info: dict = {}          # config, args of the command running a stage
         self._saves = 0
@@ -196,10 +209,52 @@ class Run:
             dist.barrier()
 
     def wrap(self, model):
+        if self.fsdp:
+            raise ValueError("run.fsdp applies to the supervised stages (pretrain, sft, rm: "
+                             "train.run.fit); this stage wraps its models with DDP: unset run.fsdp")
         return DDP(model) if self.world > 1 else model
 
+    def trainable(self, model):
+        """(the module the optimizer updates, the module to call): ``model`` and DDP(model) (model
+        itself on one rank); with run.fsdp a copy of ``model`` wrapped by FSDP2's fully_shard
+        (every block, then the whole) over the ranks — the stage keeps its plain model for
+        evaluation and checkpoints, and ``sync_back`` copies the trained parameters into it."""
+        if not self.fsdp:
+            return model, self.wrap(model)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh(self.device.type, (self.procs,))
+        sharded = copy.deepcopy(model)
+        for block in sharded.trunk.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(sharded, mesh=mesh)
+        return sharded, sharded
+
+    def sync_back(self, model, trained):
+        """Copy the parameters of ``trained`` (run.fsdp: the sharded copy) into ``model``."""
+        if trained is not model:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            model.load_state_dict(get_model_state_dict(trained, options=StateDictOptions(full_state_dict=True)))
+
+    def optimizer_state(self, trained, opt) -> dict:
+        if not self.fsdp:
+            return opt.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        return get_optimizer_state_dict(trained, opt, options=StateDictOptions(full_state_dict=True,
+                                                                               cpu_offload=True))
+
+    def load_optimizer(self, trained, opt, state: dict):
+        if not self.fsdp:
+            opt.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(trained, opt, state, options=StateDictOptions(full_state_dict=True))
+
     def local(self, n: int) -> slice:
-        """This rank's contiguous share of a global batch of n rows."""
+        """This rank's contiguous share of a global batch of n rows (all of them under
+        model.context_parallel: the ranks split the sequences instead)."""
+        if self.cp:
+            return slice(0, n)
         if n % self.world:
             raise ValueError(f"global batch {n} is not divisible by the world size {self.world}")
         k = n // self.world
@@ -217,7 +272,7 @@ class Run:
         return GPTConfig(vocab_size=D.VOCAB_SIZE, backend=self.backend, **m)
 
     def new_lm(self) -> GPT:
-        return GPT(self.model_config()).to(self.device)
+        return GPT(self.model_config()).to(self.device, self.dtype)
 
     def load_model(self, stage: str, name: str, cls=GPT):
         ck = self.load(stage, "final")
@@ -225,10 +280,11 @@ class Run:
             raise FileNotFoundError(f"stage {stage!r} has no final checkpoint in {self.out / 'ckpt'}; "
                                     f"run `python -m rlhf_ops.train {stage} --out {self.out}` first")
         mcfg = GPTConfig(**{**ck["model_cfg"], "backend": self.backend,     # how to run: this run's
-                             "vocab_parallel": self.cfg["model.vocab_parallel"]})
+                             "vocab_parallel": self.cfg["model.vocab_parallel"],
+                             "context_parallel": self.cfg["model.context_parallel"]})
         m = cls(mcfg)
         m.load_state_dict(ck["models"][name])
-        return m.to(self.device)
+        return m.to(self.device, self.dtype)
 
     # ------------------------------------------------------------------ files
     def path(self, stage: str, kind: str) -> Path:
@@ -331,17 +387,18 @@ def fit(run: Run, stage: str, models: dict, main: str, batch_fn, loss_fn, *, eva
     c = section(run.cfg, stage)
     model = models[main]
     steps = c["steps"]
-    opt = make_optimizer(list(model.parameters()), c["lr"], c["weight_decay"])
-    start, window = 0, []
+    start, window, ck = 0, [], None
     if run.resume and (ck := run.load(stage, "resume")) is not None:
         model.load_state_dict(ck["models"][main])
-        opt.load_state_dict(ck["opt"])
         set_rng_state(ck["rng"])
         start, window = ck["step"], list(ck["window"])
         run.resumed_from(ck)
+    trained, ddp = run.trainable(model)      # before the optimizer: fully_shard replaces parameters
+    opt = make_optimizer(list(trained.parameters()), c["lr"], c["weight_decay"])
+    if ck is not None:
+        run.load_optimizer(trained, opt, ck["opt"])
     run.trim_metrics(stage, start)
-    ddp = run.wrap(model)
-    model.train()
+    trained.train()
     last, tokens, t0 = {}, 0, time.time()
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
@@ -352,11 +409,11 @@ def fit(run: Run, stage: str, models: dict, main: str, batch_fn, loss_fn, *, eva
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, c["lr"], c["warmup"])
         batch = batch_fn(step)
-        tokens += batch[0].numel() * run.world          # batch[0]: this rank's input tokens
+        tokens += batch[0].numel() * (1 if run.cp else run.world)   # batch[0]: this rank's input
         loss, num, den = loss_fn(ddp, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), run.cfg["run.grad_clip"])
+        torch.nn.utils.clip_grad_norm_(trained.parameters(), run.cfg["run.grad_clip"])
         opt.step()
         window.append(torch.stack([num.detach().float(), torch.as_tensor(den, dtype=torch.float32,
                                                                           device=num.device)]))
@@ -366,14 +423,18 @@ def fit(run: Run, stage: str, models: dict, main: str, batch_fn, loss_fn, *, eva
             last = {"loss": float((w[:, 0] / den_.clamp(min=1e-9)).mean()), "lr": opt.param_groups[0]["lr"]}
             window = []
             if eval_fn is not None and eval_every and ((step + 1) % eval_every == 0 or step == steps - 1):
+                run.sync_back(model, trained)
                 model.eval()
                 last.update(eval_fn())
                 model.train()
             run.log(stage, step + 1, **last)
         if (step + 1) % ckpt_every == 0 and step + 1 < steps:
-            run.save(stage, "resume", {"models": {main: model.state_dict()}, "opt": opt.state_dict(),
+            run.sync_back(model, trained)
+            run.save(stage, "resume", {"models": {main: model.state_dict()},
+                                       "opt": run.optimizer_state(trained, opt),
                                        "step": step + 1, "rng": rng_state(), "window": window,
                                        "seconds": run.elapsed(), "cpu_seconds": run.elapsed_cpu()})
+    run.sync_back(model, trained)
     model.eval()
     return {"final_loss": last.get("loss", float("nan")), **throughput(run, tokens, time.time() - t0)}
 
