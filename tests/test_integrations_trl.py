@@ -3,14 +3,21 @@
 * reward loss: TRL's −log σ(r_c − r_r − margin) formula, K-wise ranked batches, and a real
   ``RewardTrainer`` run (TRL's loss, eager attention) vs ours (apply_rlhf_ops + rlhf_ops' loss):
   the same per-step losses and the same final weights (SGD, so that the comparison stays tight);
-* the fused LM head vs TRL's own ``add_fused_lm_head`` (log-probs, entropy, loss, gradients,
-  temperature, logit scale, shift_labels, num_items_in_batch, an all-ignored batch), and a real
-  ``GRPOTrainer`` with ``FusedLMHeadMixin`` vs the plain one;
+* the fused LM head vs TRL's own ``add_fused_lm_head`` (every output — log-probs, entropy,
+  log Σp², mean logit, top-1 —, loss, gradients, temperature, logit scale, shift_labels,
+  num_items_in_batch, an all-ignored batch, bf16 on Triton), the extra outputs against their fp64
+  definition;
+* TRL's SFT, DPO, KTO, GRPO and RLOO trainers with ``FusedLMHeadMixin`` (+ apply_rlhf_ops) vs the
+  plain trainers: every logged metric step by step, the final parameters; GRPO and DPO losses
+  through rlhf_ops; options that cannot be represented raise; the one-time log line;
 * GRPO's KL from stored log-probs; the policy-gradient example vs its unpatched run;
 * bad use raises.
 """
 import copy
 import importlib.util
+import logging
+import random
+from unittest import mock
 import pathlib
 import sys
 import tempfile
@@ -29,7 +36,8 @@ import rlhf_ops as ro  # noqa: E402
 from rlhf_ops.integrations.transformers import apply_rlhf_ops  # noqa: E402
 from rlhf_ops.integrations.trl import (DataCollatorForRankedPreference, FusedLMHeadMixin,  # noqa: E402
                                        RewardTrainer, add_fused_lm_head, per_token_kl, reward_loss)
-from _util import rel_err  # noqa: E402
+import rlhf_ops.integrations.trl as trl_integration  # noqa: E402
+from _util import assert_matches, rel_err  # noqa: E402
 from conftest import DEVICE, backend_problem  # noqa: E402
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
@@ -132,7 +140,10 @@ def test_reward_trainer_ranked_batches():
 
 # --------------------------------------------------------------------------- fused LM head ---
 
-def _pair(temperature=1.0, outputs=("log_probs", "entropy"), backend="reference", **over):
+ALL_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+
+
+def _pair(temperature=1.0, outputs=ALL_OUTPUTS, backend="reference", **over):
     a = _llama(**over)
     b = copy.deepcopy(a)
     trl_fused_lm_head(a, temperature=temperature, outputs=outputs)
@@ -144,11 +155,17 @@ def _compare_heads(a, b, kw):
     oa, ob = a(**kw, fused_lm_head=True), b(**kw, fused_lm_head=True)
     assert type(ob) is type(oa)
     assert torch.equal(ob.label_mask, oa.label_mask)
-    for f in ("log_probs", "entropy"):
+    for f in ALL_OUTPUTS:
         x, y = getattr(ob, f), getattr(oa, f)
         assert (x is None) == (y is None), f
-        if x is not None:
-            assert x.shape == y.shape and rel_err(x, y) <= TOL, f
+        if x is None:
+            continue
+        assert x.shape == y.shape and x.dtype == y.dtype, f
+        if f == "is_top1":
+            assert torch.equal(x, y)
+        else:
+            assert rel_err(x, y) <= TOL, f
+        assert x.requires_grad == y.requires_grad, f            # only log_probs and entropy
     assert rel_err(ob.loss, oa.loss) <= TOL
     obj_a = oa.loss + (0 if oa.entropy is None else 0.1 * oa.entropy.sum())
     obj_b = ob.loss + (0 if ob.entropy is None else 0.1 * ob.entropy.sum())
@@ -156,22 +173,60 @@ def _compare_heads(a, b, kw):
     obj_b.backward()
     for (n, p), q in zip(b.named_parameters(), a.parameters()):
         assert rel_err(p.grad, q.grad) <= TOL, n
+    return ob
 
 
-def _lm_batch(B=3, T=9, seed=1):
+def _lm_batch(B=3, T=9, seed=1, model=None):
+    """Left-padded rows with masked prompt tokens. With ``model``, every other label is the
+    model's own top-1 token there, so that is_top1 holds for some tokens and not for others."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, 97, (B, T), generator=g)
     mask = torch.ones(B, T, dtype=torch.long)
     mask[0, :3] = 0                                   # left padding, as for prompts
     ids = ids.masked_fill(mask == 0, 0)
+    if model is not None:                             # greedy continuation at odd positions
+        with torch.no_grad():
+            for t in range(5, T, 2):
+                ids[:, t] = model(input_ids=ids[:, :t].to(DEVICE),
+                                  attention_mask=mask[:, :t].to(DEVICE)).logits[:, -1].argmax(-1).cpu()
     labels = ids.masked_fill(mask == 0, -100)
     labels[:, :5] = -100                              # prompt tokens
     return {k: v.to(DEVICE) for k, v in dict(input_ids=ids, attention_mask=mask, labels=labels).items()}
 
 
 def test_fused_lm_head_matches_trls(backend):
+    """Every output of TRL's head — log-probs, entropy, log Σp², mean logit, top-1 — at a
+    temperature, with a logit scale folded in; loss and gradients."""
     a, b = _pair(temperature=0.7, backend=backend)
-    _compare_heads(a, b, _lm_batch())
+    for m in (a, b):
+        m.config.logit_scale = 2.5
+    out = _compare_heads(a, b, _lm_batch(model=a))
+    assert 0 < int(out.is_top1.sum()) < int(out.label_mask.sum())   # both outcomes occur
+
+
+def test_logit_stats_against_fp64_definition():
+    """The extra outputs from their eager definition in fp64: mean_j y_j, first argmax == label,
+    log Σ p² with y = (h Wᵀ + b) / T; row blocks smaller than the batch; a tie at the maximum
+    goes to the first index, as argmax."""
+    g = torch.Generator().manual_seed(0)
+    n, d, V = 13, 8, 37
+    h = torch.randn(n, d, generator=g, dtype=torch.float64)
+    w = torch.randn(V, d, generator=g, dtype=torch.float64)
+    b = torch.randn(V, generator=g, dtype=torch.float64)
+    w[5] = w[3]                                       # tokens 3 and 5: equal logits everywhere
+    b[5] = b[3] = 20.0                                # ... and the largest
+    labels = torch.randint(0, V, (n,), generator=g)
+    labels[:4] = 3                                    # the first maximum: top-1
+    labels[4:8] = 5                                   # tied with 3 but later: not top-1
+    y = (h @ w.T + b) / 0.7
+    p = y.softmax(-1)
+    with mock.patch.object(trl_integration, "STATS_BLOCK_BYTES", 5 * V * 8):  # blocks of 5 rows
+        got = trl_integration._logit_stats(h, w, b, labels, 0.7, ALL_OUTPUTS)
+    assert torch.equal(got["is_top1"], y.argmax(-1) == labels)
+    assert got["is_top1"][:4].all() and not got["is_top1"][4:8].any()
+    assert rel_err(got["mean_logits"], y.mean(-1)) <= 1e-12
+    assert rel_err(got["log_sum_sq_probs"], (p * p).sum(-1).log()) <= 1e-12
+    assert got["mean_logits"].dtype == got["log_sum_sq_probs"].dtype == torch.float64
 
 
 def test_fused_lm_head_options_match_trls():
@@ -183,8 +238,6 @@ def test_fused_lm_head_options_match_trls():
     _compare_heads(a, b, dict(input_ids=inp["input_ids"], attention_mask=inp["attention_mask"],
                               shift_labels=shift))                   # scored as given
     a, b = _pair(temperature=1.3)
-    for m in (a, b):
-        m.config.logit_scale = 2.5                                   # folded into the temperature
     _compare_heads(a, b, inp)
     a, b = _pair()
     _compare_heads(a, b, dict(inp, labels=torch.full_like(inp["labels"], -100)))   # all ignored
@@ -204,10 +257,24 @@ def test_fused_lm_head_with_patched_attention_and_generation():
                        b.generate(input_ids=inp["input_ids"], attention_mask=inp["attention_mask"], **kw))
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="the Triton interpreter runs on CPU tensors only")
+def test_fused_lm_head_bf16_triton():
+    """bf16 on the Triton backend under the interpreter: linear_token_logprobs has no tl.dot, so
+    it runs; its log-probs are as accurate as TRL's bf16 head (vs the fp32 head)."""
+    a, b = _pair(backend="triton", outputs=("log_probs",))
+    inp = _lm_batch()
+    want = a(**inp, fused_lm_head=True).log_probs.detach()
+    a16, b16 = a.to(torch.bfloat16), b.to(torch.bfloat16)
+    got = b16(**inp, fused_lm_head=True).log_probs
+    assert_matches(got[inp["labels"][:, 1:] != -100], want[inp["labels"][:, 1:] != -100],
+                   a16(**inp, fused_lm_head=True).log_probs[inp["labels"][:, 1:] != -100],
+                   what="bf16 log-probs")
+
+
 def test_fused_lm_head_bad_use_raises():
     m = _llama()
-    with pytest.raises(ValueError, match=r"outputs \['is_top1'\] are not supported"):
-        add_fused_lm_head(m, outputs=("log_probs", "is_top1"))
+    with pytest.raises(ValueError, match=r"outputs \['logits'\] are not supported"):
+        add_fused_lm_head(m, outputs=("log_probs", "logits"))
     with pytest.raises(ValueError, match="temperature must be a number > 0"):
         add_fused_lm_head(m, temperature=0)
     with pytest.raises(ValueError, match="unknown backend"):
@@ -262,48 +329,136 @@ def test_policy_gradient_example_triton():
             assert abs(x - y) <= TOL * abs(y) + 1e-7, (key, ours[key], base[key])
 
 
-def test_grpo_trainer_with_fused_lm_head_mixin():
-    """A real GRPOTrainer (reference model, β > 0) with rlhf_ops' head on the policy and the
-    reference model: the same logged loss / KL / entropy / reward as the plain trainer."""
-    rm = _example("reward_model_trl")
-    tok = rm.make_tokenizer()
-    path = tempfile.mkdtemp(prefix="rlhf_ops_grpo_")
-    _llama(vocab=rm.VOCAB, eos_token_id=1).save_pretrained(path)    # GRPO reloads the reference
-    prompts = Dataset.from_list([{"prompt": " ".join(f"w{(7 * i + j) % 60 + 2}" for j in range(2 + i % 3))}
-                                 for i in range(8)])
+# ------------------------------------------------------------------ TRL trainers with the mixin ---
 
-    def good_words(completions, **kw):
-        return [float(sum(w in ("w2", "w4", "w6", "w8") for w in c.split())) for c in completions]
+def _words(rng, n):
+    return " ".join(f"w{rng.randrange(2, 60)}" for _ in range(n))
 
-    class GRPOTrainer(FusedLMHeadMixin, trl.GRPOTrainer):
-        pass
 
-    logs = {}
-    for name, cls in (("trl", trl.GRPOTrainer), ("rlhf_ops", GRPOTrainer)):
-        model = tf.LlamaForCausalLM.from_pretrained(path).to(DEVICE)
-        extra = {}
-        if name == "rlhf_ops":
-            apply_rlhf_ops(model, loss=False, backend="reference")
-            extra["rlhf_ops_backend"] = "reference"
-        args = trl.GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=4,
-                              num_generations=4, max_completion_length=4, max_steps=3,
-                              logging_steps=1, report_to="none", save_strategy="no",
-                              use_cpu=DEVICE == "cpu", bf16=False, seed=0, disable_tqdm=True,
-                              beta=0.1, learning_rate=0.5, optim="sgd")
-        trainer = cls(model=model, reward_funcs=good_words, args=args, train_dataset=prompts,
-                      processing_class=tok, **extra)
-        trainer.remove_callback(PrinterCallback)
-        ours = name == "rlhf_ops"
-        for m in (trainer.model, trainer.ref_model):
+def _dataset(kind):
+    rng = random.Random(0)
+    if kind == "sft":   # mostly "w2": after a step the model predicts it (token accuracy > 0)
+        rows = [{"text": " ".join(rng.choice(["w2"] * 6 + ["w5", "w9"]) for _ in range(rng.randint(3, 8)))}
+                for _ in range(12)]
+    elif kind == "prompts":
+        rows = [{"prompt": _words(rng, 2 + i % 3)} for i in range(8)]
+    elif kind == "dpo":
+        rows = [{"prompt": _words(rng, 2 + i % 3), "chosen": " " + _words(rng, 2 + i % 2),
+                 "rejected": " " + _words(rng, 3 - i % 2)} for i in range(8)]
+    elif kind == "kto":
+        rows = [{"prompt": _words(rng, 2 + i % 3), "completion": " " + _words(rng, 2 + i % 2),
+                 "label": bool(i % 2)} for i in range(8)]
+    return Dataset.from_list(rows)
+
+
+def _good_words(completions, **kw):
+    return [float(sum(w in ("w2", "w4", "w6", "w8") for w in c.split())) for c in completions]
+
+
+TRAINERS = {   # TRL trainer, its config, data, the extra config and constructor arguments
+    "sft": ("SFTTrainer", "SFTConfig", "sft", dict(per_device_train_batch_size=4), {}),
+    "dpo": ("DPOTrainer", "DPOConfig", "dpo", dict(per_device_train_batch_size=4, beta=0.5), {}),
+    "kto": ("KTOTrainer", "KTOConfig", "kto", dict(per_device_train_batch_size=4), {}),
+    "grpo": ("GRPOTrainer", "GRPOConfig", "prompts",
+             dict(per_device_train_batch_size=4, num_generations=4, max_completion_length=4,
+                  beta=0.1, use_bias_correction_kl=False),
+             dict(reward_funcs=_good_words)),
+    "rloo": ("RLOOTrainer", "RLOOConfig", "prompts",
+             dict(per_device_train_batch_size=4, num_generations=4, max_completion_length=4),
+             dict(reward_funcs=_good_words)),
+}
+
+
+def _train(name, ours, path, tok, steps=3):
+    """Three SGD steps of a TRL trainer on the saved tiny Llama: the plain trainer (TRL's head,
+    eager attention) or the mixin one (rlhf_ops' head and, for GRPO/DPO, loss; rlhf_ops
+    attention). → (logged rows, final parameters)."""
+    trainer_name, config_name, data, conf, extra = TRAINERS[name]
+    cls = getattr(trl, trainer_name)
+    if ours:
+        cls = type(trainer_name, (FusedLMHeadMixin, cls), {})
+        extra = dict(extra, rlhf_ops_backend="reference")
+    model = tf.LlamaForCausalLM.from_pretrained(path).to(DEVICE)   # the reference model: path
+    if ours:
+        apply_rlhf_ops(model, loss=False, backend="reference")
+    args = getattr(trl, config_name)(
+        output_dir=tempfile.mkdtemp(), max_steps=steps, logging_steps=1, report_to="none",
+        save_strategy="no", use_cpu=DEVICE == "cpu", bf16=False, seed=0, disable_tqdm=True,
+        learning_rate=0.5, optim="sgd", **conf)
+    trainer = cls(model=model, args=args, train_dataset=_dataset(data), processing_class=tok,
+                  **extra)
+    trainer.remove_callback(PrinterCallback)
+    for m in (trainer.model, getattr(trainer, "ref_model", None)):
+        if m is not None:
             assert getattr(m.forward, "_rlhf_ops_fused_lm_head", False) is ours
-        trainer.train()
-        logs[name] = [h for h in trainer.state.log_history if "loss" in h]
-    assert len(logs["trl"]) == len(logs["rlhf_ops"]) == 3
-    for a, b in zip(logs["rlhf_ops"], logs["trl"]):
-        assert a["reward"] == b["reward"]
-        for key in ("loss", "kl", "entropy"):
-            assert abs(a[key] - b[key]) <= TOL * abs(b[key]) + 1e-6, (key, a, b)
-    assert logs["trl"][-1]["kl"] > 0
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    return logs, {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def saved_llama():
+    rm = _example("reward_model_trl")
+    path = tempfile.mkdtemp(prefix="rlhf_ops_trl_")
+    _llama(vocab=rm.VOCAB, eos_token_id=1).save_pretrained(path)
+    return path, rm.make_tokenizer()
+
+
+@pytest.mark.parametrize("name", list(TRAINERS))
+def test_trl_trainer_with_mixin_matches_plain(name, saved_llama, caplog, monkeypatch):
+    """Each trainer the README names, plain vs FusedLMHeadMixin + apply_rlhf_ops: the same logged
+    metrics (loss, entropy, token accuracy, mean logits, rewards, KL, ...) step by step and the same
+    final parameters. GRPO and DPO compute their loss through rlhf_ops (counted); one log line says
+    what is rlhf_ops'."""
+    calls = []
+    for fn in ("grpo_loss", "dpo_loss"):
+        real = getattr(trl_integration._trl_losses, fn)
+        monkeypatch.setattr(trl_integration._trl_losses, fn,
+                            lambda *a, _f=real, _n=fn, **k: calls.append(_n) or _f(*a, **k))
+    trl_integration._LOGGED.clear()
+    path, tok = saved_llama
+    base, p_base = _train(name, False, path, tok)
+    assert not calls
+    with caplog.at_level(logging.WARNING, logger=trl_integration.__name__):
+        ours, p_ours = _train(name, True, path, tok)
+    lines = [r.getMessage() for r in caplog.records if "rlhf_ops computes" in r.getMessage()]
+    assert len(lines) == 1 and TRAINERS[name][0] in lines[0] and "attention: rlhf_ops" in lines[0]
+    want_calls = {"grpo": "grpo_loss", "dpo": "dpo_loss"}.get(name)
+    assert set(calls) == ({want_calls} if want_calls else set()) and len(calls) >= (3 if want_calls else 0)
+    assert len(base) == len(ours) == 3
+    keys = set(base[0]) - {"epoch", "step", "learning_rate", "step_time"}
+    assert {"loss", "grad_norm", "entropy"} <= keys, keys
+    for a, b in zip(ours, base):
+        assert set(a) == set(b)
+        # the loss to 1e-6 relative; metrics that are differences of log-probs (rewards, margins)
+        # to 1e-6 of their scale; the gradient norm to 5e-6: DPO's saturated σ(−β·Δ) turns the
+        # ~1e-7 rounding of each summed log-prob into ~1e-6 of its gradient
+        for k in sorted(keys):
+            tol = {"loss": 1e-6 * abs(b[k]), "grad_norm": 5e-6 * abs(b[k])}.get(k, 1e-6 * max(abs(b[k]), 1.0))
+            assert abs(a[k] - b[k]) <= tol + 1e-9, (k, a[k], b[k])
+    if "mean_token_accuracy" in keys:                 # is_top1 holds for some tokens
+        assert any(r["mean_token_accuracy"] > 0 for r in base)
+    for n, p in p_base.items():
+        assert rel_err(p_ours[n], p) <= 1e-6, n
+    assert any(rel_err(p, q) > 1e-3 for p, q in zip(p_base.values(),
+                                                    tf.LlamaForCausalLM.from_pretrained(path).parameters()))
+
+
+def test_mixin_refuses_trl_options_rlhf_ops_cannot_represent(saved_llama):
+    """GRPO's default KL correction (use_bias_correction_kl=True with beta ≠ 0) and DPO's WPO
+    weighting have no rlhf_ops formula: the mixin raises at construction instead of training on
+    another objective."""
+    path, tok = saved_llama
+    model = tf.LlamaForCausalLM.from_pretrained(path).to(DEVICE)
+    common = dict(output_dir=tempfile.mkdtemp(), report_to="none", use_cpu=DEVICE == "cpu", bf16=False)
+    grpo = type("GRPOTrainer", (FusedLMHeadMixin, trl.GRPOTrainer), {})
+    with pytest.raises(ValueError, match="use_bias_correction_kl"):
+        grpo(model=model, reward_funcs=_good_words, processing_class=tok, train_dataset=_dataset("prompts"),
+             args=trl.GRPOConfig(beta=0.1, num_generations=2, per_device_train_batch_size=2, **common))
+    dpo = type("DPOTrainer", (FusedLMHeadMixin, trl.DPOTrainer), {})
+    with pytest.raises(ValueError, match="use_weighting"):
+        dpo(model=model, ref_model=copy.deepcopy(model), processing_class=tok, train_dataset=_dataset("dpo"),
+            args=trl.DPOConfig(use_weighting=True, **common))
 
 
 def test_mixin_needs_a_trl_trainer():

@@ -1,5 +1,5 @@
-"""TRL (1.16) on rlhf_ops: the reward-model loss, a fused LM head for log-probs and entropy, and
-the KL from stored reference log-probs.
+"""TRL (1.16) on rlhf_ops: the reward-model loss, a fused LM head (log-probs, entropy and TRL's
+other per-token outputs), the GRPO and DPO losses, and the KL from stored reference log-probs.
 
     from rlhf_ops.integrations.trl import RewardTrainer          # TRL's, with rlhf_ops' loss
     trainer = RewardTrainer(model=apply_rlhf_ops(reward_model), args=RewardConfig(...), ...)
@@ -27,16 +27,28 @@ class with the mixin and the ranked-dataset handling.
 the contract of ``trl.trainer.utils.add_fused_lm_head``: afterwards ``model(..., labels=labels,
 fused_lm_head=True)`` returns a ``FusedCausalLMOutput`` whose ``log_probs`` [B, T − 1] (or [B, T]
 with ``shift_labels``) is log softmax(logits / temperature)[next label], zero where the label is
-−100, ``entropy`` the entropy of that distribution when ``"entropy"`` is in ``outputs``,
-``label_mask`` the labels ≠ −100 and ``loss`` = −Σ log_probs / (num_items_in_batch or the count).
-It runs ``rlhf_ops.linear_token_logprobs`` on the positions that have a label (the [tokens, vocab]
-logits are never formed) on every backend, the CPU included (TRL's own head has a Triton path on
-CUDA/XPU only). Without ``fused_lm_head=True`` the forward is the previous one (generation is
-unchanged). A ``logit_scale``-type multiplier is folded into the temperature; Gemma-style
-``final_logit_softcapping``, MoE router losses and the outputs ``log_sum_sq_probs``,
-``mean_logits``, ``is_top1`` are refused with an error. ``FusedLMHeadMixin`` makes a TRL trainer
-install this head wherever it would install its own (the policy and the reference model, with
-the trainer's temperature and outputs).
+−100, ``label_mask`` the labels ≠ −100, ``loss`` = −Σ log_probs / (num_items_in_batch or the
+count), and — each when named in ``outputs`` — ``entropy`` (differentiable), ``mean_logits``
+(mean over the vocabulary of logits / T), ``is_top1`` (the label is the first maximum of the
+logits) and ``log_sum_sq_probs`` (log Σ p²), the last three without gradient. Log-probs and
+entropy come from ``rlhf_ops.linear_token_logprobs`` on the positions that have a label (the
+[tokens, vocab] logits are never formed), on every backend, the CPU included (TRL's own head has
+a Triton path on CUDA/XPU only); ``mean_logits`` from the identity mean_j (h·W_j + b_j) = h·mean_j
+W_j + mean_j b_j (no logits); ``is_top1`` and ``log_sum_sq_probs``, when asked for, from a second
+pass over the labelled rows' logits in blocks of ``STATS_BLOCK_BYTES`` that are reduced and
+dropped (no gradient, nothing kept: one extra head GEMM in the forward). Without
+``fused_lm_head=True`` the forward is the previous one (generation is unchanged). A
+``logit_scale``-type multiplier is folded into the temperature; Gemma-style
+``final_logit_softcapping`` and MoE router losses are refused with an error.
+
+**In TRL's trainers.** ``FusedLMHeadMixin`` makes a TRL trainer install this head wherever it
+would install its own (the policy and the reference model, with the trainer's temperature and
+outputs), and in ``GRPOTrainer`` / ``DPOTrainer`` returns the loss computed by
+``rlhf_ops.policy_loss`` / ``preference_loss`` from the same per-token tensors
+(``rlhf_ops.integrations._trl_losses``; TRL options they cannot represent raise at
+construction); TRL's metrics stay TRL's. A one-time log line names the parts that are rlhf_ops'.
+Without the mixin, a trainer installs TRL's own head on the model: then only the attention of a
+model patched by ``apply_rlhf_ops`` is rlhf_ops' (and a warning says so).
 
 **KL.** ``per_token_kl(logprobs, ref_logprobs, estimator="k3")`` is GRPO's per-token KL
 exp(ref − logp) − (ref − logp) − 1 (= k3 of ``rlhf_ops.kl_from_logprobs``); k1/k2 as there.
@@ -44,7 +56,9 @@ exp(ref − logp) − (ref − logp) − 1 (= k3 of ``rlhf_ops.kl_from_logprobs`
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
+import logging
 import sys
 import types
 from dataclasses import dataclass
@@ -59,13 +73,16 @@ from .. import _backend
 from ..kl import kl_from_logprobs
 from ..logprobs import linear_token_logprobs
 from ..reward import pairwise_reward_loss
-from .transformers import logit_transform
+from . import _trl_losses
+from .transformers import ATTN_IMPLEMENTATION, logit_transform
 
 __all__ = ["reward_loss", "RewardLossMixin", "RewardTrainer", "DataCollatorForRankedPreference",
            "add_fused_lm_head", "FusedLMHeadMixin", "per_token_kl"]
 
 TESTED_TRL = "1.16.0"
-SUPPORTED_OUTPUTS = ("log_probs", "entropy")
+SUPPORTED_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+
+logger = logging.getLogger(__name__)
 
 
 def _err(msg: str) -> str:
@@ -224,11 +241,49 @@ def _is_ranked(dataset) -> bool:
 
 # ---------------------------------------------------------------------------- fused LM head ---
 
+# Bytes of one block of logits of the second pass that TRL's is_top1 / log_sum_sq_probs need.
+STATS_BLOCK_BYTES = 64 << 20
+
+# While a FusedLMHeadMixin trainer computes its loss, the fused heads append their outputs here.
+_RECORD: contextvars.ContextVar[list | None] = contextvars.ContextVar("rlhf_ops_fused_lm_head",
+                                                                      default=None)
+
+
+def _logit_stats(h: Tensor, w: Tensor, b: Tensor | None, labels: Tensor, temperature: float,
+                 outputs: tuple[str, ...]) -> dict:
+    """TRL's extra per-token outputs for the rows h [n, d] (no gradient), y = (h Wᵀ + b) / T:
+    mean_logits = mean_j y_j = (h·mean_j W_j + mean_j b_j) / T (no logits needed);
+    is_top1 = (first argmax_j y_j == label) and log_sum_sq_probs = log Σ_j p_j² =
+    logsumexp(2y) − 2·logsumexp(y), from a second pass over the logits in row blocks of
+    STATS_BLOCK_BYTES (a block is dropped once reduced; nothing is kept for backward)."""
+    out = {}
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        if "mean_logits" in outputs:
+            mean_b = 0.0 if b is None else b.mean(dtype=acc)
+            out["mean_logits"] = (h.to(acc) @ w.mean(0, dtype=acc) + mean_b) / temperature
+        if "is_top1" in outputs or "log_sum_sq_probs" in outputs:
+            n, V = h.shape[0], w.shape[0]
+            top1 = torch.empty(n, dtype=torch.bool, device=h.device)
+            lssp = torch.empty(n, dtype=acc, device=h.device)
+            step = max(1, STATS_BLOCK_BYTES // (max(V, 1) * torch.finfo(acc).bits // 8))
+            for s in range(0, n, step):
+                y = torch.nn.functional.linear(h[s:s + step], w, b).to(acc) / temperature
+                top1[s:s + step] = y.argmax(-1) == labels[s:s + step]   # argmax: the first maximum
+                lssp[s:s + step] = torch.logsumexp(2 * y, -1) - 2 * torch.logsumexp(y, -1)
+            if "is_top1" in outputs:
+                out["is_top1"] = top1
+            if "log_sum_sq_probs" in outputs:
+                out["log_sum_sq_probs"] = lssp
+    return out
+
+
 def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
                       outputs: tuple[str, ...] = ("log_probs",), *, backend: str | None = None) -> None:
     """TRL's ``add_fused_lm_head`` contract on ``rlhf_ops.linear_token_logprobs`` (module
     docstring): ``model(..., labels=labels, fused_lm_head=True)`` → ``FusedCausalLMOutput`` with
-    per-token log-probs (and entropy) without the [tokens, vocab] logits; patches this instance."""
+    per-token log-probs (and the other ``outputs``) without the [tokens, vocab] logits; patches
+    this instance."""
     outputs = tuple(outputs)
     bad = [o for o in outputs if o not in SUPPORTED_OUTPUTS]
     if bad:
@@ -237,14 +292,14 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
     if backend is not None:
         _backend.check_name(backend)
     text_config = model.config.get_text_config()
-    if getattr(text_config, "final_logit_softcapping", None) is not None:
+    scale, softcap = logit_transform(text_config)
+    if softcap is not None:
         raise ValueError(_err(f"add_fused_lm_head: {type(model).__name__} applies "
-                              f"final_logit_softcapping={text_config.final_logit_softcapping}, which "
-                              f"linear_token_logprobs does not; use TRL's own add_fused_lm_head"))
+                              f"final_logit_softcapping={softcap}, which linear_token_logprobs does "
+                              f"not yet; use TRL's own add_fused_lm_head"))
     if getattr(text_config, "output_router_logits", False):
         raise ValueError(_err("add_fused_lm_head: MoE models with output_router_logits (a "
                               "load-balancing loss) are not supported"))
-    scale, _ = logit_transform(text_config)
     if not scale > 0:
         raise ValueError(_err(f"add_fused_lm_head: a logit scale of {scale} cannot be folded into the "
                               f"temperature (it must be > 0)"))
@@ -283,22 +338,27 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
             dt = weight.dtype
         h, w = hidden[mask].to(dt), weight.to(dt)
         b = None if bias is None else bias.to(dt)
+        targets = labels[mask]
         _backend.require("linear_token_logprobs", backend, h.device, exact=True,
                          where=_err("add_fused_lm_head"), dtype=h.dtype)
         with torch.autocast(h.device.type, enabled=False):
-            res = linear_token_logprobs(h, w, labels[mask], bias=b, temperature=eff_temperature,
+            res = linear_token_logprobs(h, w, targets, bias=b, temperature=eff_temperature,
                                         return_entropy=want_entropy, backend=backend)
+            extra = _logit_stats(h, w, b, targets, eff_temperature, outputs)
         logp, ent = res if want_entropy else (res, None)
         # scatter back to [B, T'] with zeros at ignored labels; masked_scatter keeps an all-ignored
         # batch connected to the graph (a differentiable zero), as TRL's head does
-        log_probs = logp.new_zeros(mask.shape).masked_scatter(mask, logp)
-        entropy = None if ent is None else ent.new_zeros(mask.shape).masked_scatter(mask, ent)
+        per_token = {k: v.new_zeros(mask.shape).masked_scatter(mask, v)
+                     for k, v in dict(extra, log_probs=logp, entropy=ent).items() if v is not None}
         denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         if isinstance(denom, Tensor):
-            denom = denom.to(log_probs.device)
-        loss = -log_probs.sum() / denom
-        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy,
-                                   label_mask=mask)
+            denom = denom.to(per_token["log_probs"].device)
+        out = FusedCausalLMOutput(loss=-per_token["log_probs"].sum() / denom, label_mask=mask,
+                                  **per_token)
+        record = _RECORD.get()
+        if record is not None:
+            record.append(out)
+        return out
 
     forward._rlhf_ops_fused_lm_head = True
     model.forward = types.MethodType(forward, model)
@@ -316,12 +376,54 @@ def _swapped(name: str, value, modules):
             setattr(m, name, old)
 
 
+@contextlib.contextmanager
+def _recording():
+    """The FusedCausalLMOutputs of every fused head call inside the block, in call order."""
+    record = []
+    token = _RECORD.set(record)
+    try:
+        yield record
+    finally:
+        _RECORD.reset(token)
+
+
+# What rlhf_ops computes inside each TRL trainer with FusedLMHeadMixin (the rest is TRL's:
+# generation, rewards, advantages, metrics, the optimizer). Printed once per trainer class.
+_PARTS = {
+    "GRPOTrainer": ("LM head of the policy (log-probs, entropy) and of the reference model "
+                    "(log-probs): rlhf_ops.linear_token_logprobs; loss: rlhf_ops.policy_loss with "
+                    "TRL's options (rlhf_ops.integrations._trl_losses.grpo_loss)"),
+    "RLOOTrainer": ("LM head of the policy (log-probs, entropy) and of the reference model "
+                    "(log-probs): rlhf_ops.linear_token_logprobs; loss: TRL's"),
+    "DPOTrainer": ("LM head of the policy (log-probs, entropy, mean logits, top-1) and of the "
+                   "reference model (log-probs): rlhf_ops.linear_token_logprobs; loss: "
+                   "rlhf_ops.preference_loss with TRL's options "
+                   "(rlhf_ops.integrations._trl_losses.dpo_loss)"),
+    "KTOTrainer": ("LM head of the policy (log-probs, entropy, mean logits) and of the reference "
+                   "model (log-probs): rlhf_ops.linear_token_logprobs; loss: TRL's"),
+    "SFTTrainer": ("LM head (log-probs, entropy, top-1): rlhf_ops.linear_token_logprobs, so the "
+                   "NLL loss is rlhf_ops'"),
+}
+_LOGGED: set = set()
+
+
+def _trl_base(trainer) -> str | None:
+    """The TRL trainer class name the trainer derives from (GRPOTrainer, DPOTrainer, ...)."""
+    for c in type(trainer).__mro__:
+        if c.__module__.startswith("trl.") and c.__name__ in _PARTS:
+            return c.__name__
+    return None
+
+
 class FusedLMHeadMixin:
-    """Put before a TRL trainer class (GRPO, RLOO, DPO, SFT, KTO, ...): wherever that trainer's
+    """Put before a TRL trainer class (GRPO, RLOO, DPO, SFT, KTO): wherever that trainer's
     ``__init__`` installs TRL's fused LM head (on the policy and the reference model, with its
-    temperature, fp32 cast and outputs), rlhf_ops' ``add_fused_lm_head`` is installed instead.
-    ``rlhf_ops_backend=`` (keyword) picks the backend. The swap of the module-level name lasts
-    for the ``__init__`` call only."""
+    temperature, fp32 cast and outputs), rlhf_ops' ``add_fused_lm_head`` is installed instead; the
+    swap of the module-level name lasts for the ``__init__`` call only. In GRPOTrainer and
+    DPOTrainer the loss is computed by ``rlhf_ops.policy_loss`` / ``preference_loss`` from the
+    same tensors (``rlhf_ops.integrations._trl_losses``): TRL options they cannot represent raise
+    here, at construction. TRL's metrics are unchanged. ``rlhf_ops_backend=`` (keyword) picks the
+    backend. One log line says which parts are rlhf_ops'."""
 
     def __init__(self, *args, rlhf_ops_backend: str | None = None, **kwargs):
         if rlhf_ops_backend is not None:
@@ -337,6 +439,76 @@ class FusedLMHeadMixin:
         ours = functools.partial(add_fused_lm_head, backend=rlhf_ops_backend)
         with _swapped("add_fused_lm_head", ours, modules):
             super().__init__(*args, **kwargs)
+        base = _trl_base(self)
+        if base == "GRPOTrainer":
+            _trl_losses.grpo_loss_kwargs(self.args)        # raises for what it cannot represent
+        elif base == "DPOTrainer":
+            _trl_losses.dpo_loss_kwargs(self.args)
+        _log_parts(self, base)
+
+    def _compute_loss(self, model, inputs, *args, **kwargs):
+        base = _trl_base(self)
+        if base == "GRPOTrainer":
+            return self._rlhf_ops_grpo_loss(model, inputs)
+        if base == "DPOTrainer":
+            return self._rlhf_ops_dpo_loss(model, inputs, *args, **kwargs)
+        return super()._compute_loss(model, inputs, *args, **kwargs)
+
+    def _rlhf_ops_grpo_loss(self, model, inputs):
+        """TRL's _compute_loss runs (its metrics); the loss returned is policy_loss's on the
+        per-token log-probs and entropies it computed."""
+        seen = []
+        own = self._get_per_token_logps_and_entropies
+
+        def capture(*a, **kw):
+            seen.append(own(*a, **kw))
+            return seen[-1]
+
+        self._get_per_token_logps_and_entropies = capture
+        try:
+            super()._compute_loss(model, inputs)
+        finally:
+            del self._get_per_token_logps_and_entropies
+        logps, entropies, _ = seen[-1]
+        mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:
+            mask = mask * inputs["tool_mask"]
+        return _trl_losses.grpo_loss(
+            self.args, logps, inputs.get("old_per_token_logps"), inputs["advantages"], mask,
+            sampling_per_token_logps=inputs.get("sampling_per_token_logps"),
+            ref_per_token_logps=inputs.get("ref_per_token_logps"), entropies=entropies,
+            num_items_in_batch=inputs.get("num_items_in_batch"),
+            num_processes=self.accelerator.num_processes,
+            gradient_accumulation_steps=self.current_gradient_accumulation_steps,
+            training=self.model.training)
+
+    def _rlhf_ops_dpo_loss(self, model, inputs, return_outputs=False):
+        """TRL's _compute_loss runs (its metrics); the loss returned is preference_loss's on the
+        log-probs of the fused heads it called: the policy first, then (unless the reference
+        log-probs come with the batch) the reference model."""
+        with _recording() as calls:
+            res = super()._compute_loss(model, inputs, return_outputs)
+        completion_mask = inputs["completion_mask"]
+        T = completion_mask.shape[1] - 1
+        if self.precompute_ref_logps:
+            ref_c, ref_r = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        else:
+            ref_c, ref_r = calls[1].log_probs[:, -T:].sum(1).chunk(2)
+        loss = _trl_losses.dpo_loss(self.args, calls[0].log_probs[:, -T:], ref_c, ref_r,
+                                    completion_mask)
+        return (loss, res[1]) if return_outputs else loss
+
+
+def _log_parts(trainer, base) -> None:
+    name = type(trainer).__name__
+    attn = getattr(trainer.model.config, "_attn_implementation", None)
+    line = _err(f"in {name} ({base}), rlhf_ops computes: {_PARTS.get(base, 'the fused LM head')}; "
+                f"attention: {'rlhf_ops' if attn == ATTN_IMPLEMENTATION else repr(attn)}"
+                f"{'' if attn == ATTN_IMPLEMENTATION else ' (apply_rlhf_ops(model) runs it on rlhf_ops)'}; "
+                f"backend: {trainer.rlhf_ops_backend or 'auto'}. Everything else is TRL's.")
+    if line not in _LOGGED:
+        _LOGGED.add(line)
+        logger.warning(line)
 
 
 # ---------------------------------------------------------------------------------------- KL ---
