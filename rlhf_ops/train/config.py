@@ -18,9 +18,6 @@ DEFAULTS: dict = {
     # under torchrun: every sequence of the LM loss split zigzag over the ranks (ring attention,
     # rlhf_ops context parallelism); every rank holds the whole batch (pretrain and sft stages)
     "model.context_parallel": False,
-    # under torchrun: every sequence of the LM loss split zigzag over the ranks (ring attention,
-    # rlhf_ops context parallelism); every rank holds the whole batch (pretrain and sft stages)
-    "model.context_parallel": False,
     # data (see rlhf_ops.train.data.DataConfig)
     "data.min_len": 2, "data.max_len": 5, "data.max_digits": 2, "data.tasks": "RSA",
     "data.noise": 0.5, "data.heldout_mod": 10,
@@ -57,8 +54,6 @@ DEFAULTS: dict = {
     "run.threads": 1,            # torch CPU threads (0: torch's default); 1 avoids oversubscription
     "run.crash_at_step": -1,     # testing: raise at the start of this step (simulated interruption)
     "run.die_in_save": -1,       # testing: SIGKILL halfway through writing this process's N-th checkpoint
-    "run.fsdp": False,           # under torchrun: FSDP2's fully_shard instead of DDP (pretrain, sft, rm)
-    "run.dtype": "float32",      # parameters' dtype: "float32" or "float64"
     "run.fsdp": False,           # under torchrun: FSDP2's fully_shard instead of DDP (pretrain, sft, rm)
     "run.dtype": "float32",      # parameters' dtype: "float32" or "float64"
 }
