@@ -444,6 +444,32 @@ def test_trl_trainer_with_mixin_matches_plain(name, saved_llama, caplog, monkeyp
                                                     tf.LlamaForCausalLM.from_pretrained(path).parameters()))
 
 
+def test_model_init_kwargs_attn_implementation(saved_llama, monkeypatch):
+    """A TRL trainer that loads the model itself: model_init_kwargs={"attn_implementation":
+    "rlhf_ops"} (after importing the integration) runs its attention on rlhf_ops; the same
+    losses as with eager attention."""
+    import rlhf_ops.integrations.transformers as rit
+    path, tok = saved_llama
+    calls = []
+    real = rit.flash_attn_varlen_func
+    monkeypatch.setattr(rit, "flash_attn_varlen_func", lambda *a, **k: calls.append(1) or real(*a, **k))
+    losses = {}
+    for impl in ("eager", "rlhf_ops"):
+        args = trl.SFTConfig(output_dir=tempfile.mkdtemp(), max_steps=2, logging_steps=1,
+                             report_to="none", save_strategy="no", use_cpu=DEVICE == "cpu", bf16=False,
+                             seed=0, disable_tqdm=True, learning_rate=0.5, optim="sgd",
+                             per_device_train_batch_size=4, model_init_kwargs={"attn_implementation": impl})
+        trainer = trl.SFTTrainer(model=path, args=args, train_dataset=_dataset("sft"), processing_class=tok)
+        trainer.remove_callback(PrinterCallback)
+        assert trainer.model.config._attn_implementation == impl
+        trainer.train()
+        losses[impl] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        assert (len(calls) > 0) == (impl == "rlhf_ops")
+    assert len(losses["eager"]) == 2
+    for a, b in zip(losses["rlhf_ops"], losses["eager"]):
+        assert abs(a - b) <= TOL * abs(b), losses
+
+
 def test_mixin_refuses_trl_options_rlhf_ops_cannot_represent(saved_llama):
     """GRPO's default KL correction (use_bias_correction_kl=True with beta ≠ 0) and DPO's WPO
     weighting have no rlhf_ops formula: the mixin raises at construction instead of training on
