@@ -388,9 +388,10 @@ def validate(res: dict) -> None:
             raise ValueError(f"benchmarks[{i}]: status {e['status']} without a reason")
 
 
-# what a CPU smoke run measures but does not mean: timings (and when and where they were taken)
-_SMOKE_NOISE = {"median_ms", "tflops", "gbps", "roofline_frac", "peak_mem_bytes", "commit", "date",
-                "roofline", "roofline_label"}
+# what a CPU smoke run measures but does not mean: timings (and when, where and with which torch
+# and Triton they were taken)
+_SMOKE_NOISE = {"median_ms", "speedup", "tflops", "gbps", "roofline_frac", "peak_mem_bytes", "commit",
+                "date", "roofline", "roofline_label", "torch", "triton"}
 
 
 def _without_noise(x):

@@ -153,10 +153,11 @@ def load_extension(build: bool = False) -> bool:
 
 
 def _cuda_problem(device_type: str) -> str | None:
-    if not load_extension(build=device_type == "cuda"):
-        return f"the CUDA extension is not available: {_C_error}"
+    # the device first: for CPU tensors the reason does not depend on whether the extension is built
     if device_type != "cuda":
         return f"the cuda backend needs CUDA tensors, got {device_type} tensors"
+    if not load_extension(build=True):
+        return f"the CUDA extension is not available: {_C_error}"
     return None
 
 
