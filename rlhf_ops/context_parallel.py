@@ -875,10 +875,10 @@ def cp_all_to_all(x: Tensor, group: str, scatter_dim: int, gather_dim: int) -> T
     two dims swapped."""
     pg = _group(group)
     W, _ = _world(pg)
-    parts = torch.stack(x.chunk(W, scatter_dim)) if x.shape[scatter_dim] else \
-        x.new_empty((W,) + tuple(x.shape))[:, :0]
-    recv = _all_to_all(parts, pg)
-    return torch.cat(recv.unbind(0), gather_dim)
+    # [..., n, ...] → [W, ..., n/W, ...]: part i leads, contiguous for the collective
+    parts = x.unflatten(scatter_dim, (W, x.shape[scatter_dim] // W)).movedim(scatter_dim, 0)
+    recv = _all_to_all(parts, pg)                              # row i: rank i's part for us
+    return recv.movedim(0, gather_dim).flatten(gather_dim, gather_dim + 1).contiguous()
 
 
 @cp_all_to_all.register_fake
