@@ -222,9 +222,22 @@ def ptx_verdict(sft: float, ppo: float, ptx: float, pretrained: float | None = N
     return s
 
 
+# A stage is told apart from SFT when its paired mean difference is at least SE_BAR standard
+# errors from 0 — the bar of summarize's table and of the README ("≥ 3 SE").
+SE_BAR = 3
+
+
 def verdict(d: float, se: float, name: str = "PPO") -> str:
-    return (f"{name} beats SFT" if d > 2 * se else f"{name} is worse than SFT" if d < -2 * se
-            else f"{name} and SFT are not told apart")
+    """The verdict on a paired difference d ± se, with the measured margin in standard errors."""
+    if se <= 0:   # the same difference on every prompt
+        return (f"{name} beats SFT (standard error 0)" if d > 0 else f"{name} is worse than SFT "
+                "(standard error 0)" if d < 0 else f"{name} and SFT are not told apart (equal on every prompt)")
+    z = d / se
+    if z >= SE_BAR:
+        return f"{name} beats SFT by {z:.1f} standard errors (the bar is {SE_BAR})"
+    if z <= -SE_BAR:
+        return f"{name} is worse than SFT by {-z:.1f} standard errors (the bar is {SE_BAR})"
+    return f"{name} and SFT are not told apart ({z:+.1f} standard errors; the bar is {SE_BAR})"
 
 
 def write_report(out: Path, summary: dict) -> Path:
@@ -267,7 +280,7 @@ def write_report(out: Path, summary: dict) -> Path:
             lines += ["", f"Greedy judge score, {name} − SFT on the same held-out prompts: {d:+.4f} ± {se:.4f} "
                           f"(paired standard error; {summary.get(f'{stage}.prompts_better_than_sft')} prompts "
                           f"better, {summary.get(f'{stage}.prompts_worse_than_sft')} worse): "
-                          f"{verdict(d, se, name)} at two standard errors."]
+                          f"{verdict(d, se, name)}."]
     sl, pl, xl = (summary.get(k) for k in ("ppo.sft_pretrain_loss", "ppo.pretrain_loss", "ppo_ptx.pretrain_loss"))
     if None not in (sl, pl, xl):
         lines += ["", ptx_verdict(sl, pl, xl, summary.get("pretrain.pretrain_loss"))]
