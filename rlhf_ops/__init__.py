@@ -13,6 +13,7 @@ Backends: ``reference`` (eager PyTorch), ``triton``, ``cuda`` (the built extensi
 see ``available_backends()`` and ``use_backend()``.
 """
 from ._backend import available_backends, use_backend
+from .batch_invariant import ParityReport, batch_invariant, is_batch_invariant, logprob_parity
 from .attention import attention, attention_varlen
 from .cross_entropy import cross_entropy, linear_cross_entropy
 from .kl import kl_from_logprobs, kl_penalty, ppo_rewards
@@ -33,4 +34,5 @@ __all__ = [
     "KLPenalty",
     "policy_loss", "value_loss", "gae", "group_advantages", "sequence_logprobs", "preference_loss",
     "PolicyLoss", "PreferenceLoss",
+    "batch_invariant", "is_batch_invariant", "logprob_parity", "ParityReport",
 ]
