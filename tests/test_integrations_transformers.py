@@ -358,6 +358,24 @@ def test_set_attn_implementation_raises_until_removed(monkeypatch):
     assert spy.calls["varlen"] == 1                                 # sdpa now
 
 
+def test_config_view_class_and_save_pretrained(tmp_path):
+    """The view's class builds ordinary configs (transformers instantiates type(config)() for the
+    defaults); a deep copy is a view; save_pretrained of a patched model saves the original
+    weights and config, which load back unpatched."""
+    torch.manual_seed(0)
+    model = apply_rlhf_ops(tiny("llama", 1), backend="reference")
+    fresh = type(model.config)()
+    assert fresh._attn_implementation is None
+    fresh._attn_implementation = "sdpa"
+    assert fresh._attn_implementation == "sdpa"
+    assert copy.deepcopy(model.config)._attn_implementation == rit.ATTN_IMPLEMENTATION
+    model.save_pretrained(tmp_path)
+    loaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").to(DEVICE)
+    assert loaded.config._attn_implementation == "eager" and rlhf_ops_status(loaded) is None
+    for p, q in zip(loaded.parameters(), model.parameters()):
+        assert torch.equal(p, q)
+
+
 def test_loss_kwargs_follow_transformers(monkeypatch):
     """num_items_in_batch, ignore_index, shift_labels, return_dict=False, attention only / loss only."""
     torch.manual_seed(0)

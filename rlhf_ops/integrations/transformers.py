@@ -203,19 +203,44 @@ _VIEW_CLASSES: dict[type, type] = {}
 
 def _view_class(cls: type) -> type:
     """A subclass of ``cls`` whose ``_attn_implementation`` (and the ``_internal`` attribute that
-    ``set_attn_implementation`` writes) is ours, read-only."""
+    ``set_attn_implementation`` writes) reads ours and refuses writes — on views only. A view is
+    marked in a slot of its own (its attribute dict is the original's); an instance the class
+    builds itself (``type(config)()``, as transformers does for the defaults) is an ordinary
+    config of ``cls``."""
     if cls not in _VIEW_CLASSES:
-        def _get(self):
-            return ATTN_IMPLEMENTATION
+        base_attn = cls._attn_implementation                  # the config class's own property
 
-        def _set(self, value):
+        def _is_view(self) -> bool:
+            return getattr(self, "_rlhf_ops_view", False)
+
+        def _refuse(self, value):
             raise RuntimeError(_err(f"this model is patched by apply_rlhf_ops (attention "
                                     f"{ATTN_IMPLEMENTATION!r}); call remove_rlhf_ops(model) before "
                                     f"setting its attention implementation to {value!r}"))
 
+        def get_attn(self):
+            return ATTN_IMPLEMENTATION if _is_view(self) else base_attn.fget(self)
+
+        def set_attn(self, value):
+            _refuse(self, value) if _is_view(self) else base_attn.fset(self, value)
+
+        def get_internal(self):
+            if _is_view(self):
+                return ATTN_IMPLEMENTATION
+            try:
+                return self.__dict__["_attn_implementation_internal"]
+            except KeyError:
+                raise AttributeError("_attn_implementation_internal") from None
+
+        def set_internal(self, value):
+            if _is_view(self):
+                _refuse(self, value)
+            self.__dict__["_attn_implementation_internal"] = value
+
         _VIEW_CLASSES[cls] = type(cls.__name__, (cls,), {
-            "_attn_implementation": property(_get, _set),
-            "_attn_implementation_internal": property(_get, _set),
+            "__slots__": ("_rlhf_ops_view",),
+            "_attn_implementation": property(get_attn, set_attn),
+            "_attn_implementation_internal": property(get_internal, set_internal),
             "__module__": cls.__module__,
             "__doc__": f"{cls.__name__} seen through rlhf_ops: attention is {ATTN_IMPLEMENTATION!r}.",
         })
@@ -225,6 +250,7 @@ def _view_class(cls: type) -> type:
 def _config_view(config):
     view = object.__new__(_view_class(type(config)))
     object.__setattr__(view, "__dict__", config.__dict__)     # one attribute dict: writes are shared
+    object.__setattr__(view, "_rlhf_ops_view", True)
     return view
 
 
