@@ -666,7 +666,9 @@ def test_block_spec_matches_the_global_mask():
 
 def _train(tmp_path, name, sets, torchrun):
     import socket
-    common = ["pretrain", "--preset", "tiny", "--backend", "reference", "--set", "pretrain.steps=3",
+    # CPU processes (gloo) also where a GPU is visible: NCCL cannot put two ranks on one GPU
+    common = ["pretrain", "--preset", "tiny", "--backend", "reference", "--device", "cpu",
+              "--set", "pretrain.steps=3",
               "run.dtype=float64", *sets, "--out", str(tmp_path / name)]
     if not torchrun:
         from rlhf_ops.train.__main__ import main
