@@ -39,7 +39,7 @@ Ulysses: ``all_to_all`` from [sequence slice, all heads] to [whole sequence, H/W
 rlhf_ops attention on that (dense, varlen, window, softcap: ``**kwargs`` pass through), and the
 inverse ``all_to_all`` back; the backward of each all-to-all is the inverse all-to-all.
 
-FSDP2 weights: ``fsdp_gather(op, weight)`` turns fully_shard's Shard(0) DTensor into the whole
+FSDP2 weights: ``fsdp_gather(op, name, weight)`` turns fully_shard's Shard(0) DTensor into the whole
 weight (all_gather); its backward reduce-scatters the gradient, divides by W (FSDP2's mean) and
 returns it as a Shard(0) DTensor, so the parameter's ``.grad`` is what FSDP2's own reduction
 would have produced.
@@ -1005,14 +1005,47 @@ class _GatherFSDP(torch.autograd.Function):
                                   stride=ctx.stride)
 
 
-def weight_shard_arg(op: str, weight_shard, process_group) -> str:
-    """Check ``weight_shard`` ("vocab" | "fsdp"); "fsdp" takes the group from the DTensor."""
+def _agree_replicated(op: str, hidden, group) -> None:
+    """weight_shard="vocab" with a Shard(0) DTensor weight: a vocabulary shard needs the same
+    hidden states on every rank. Where checks run (CPU tensors, RLHF_OPS_DEBUG=1) the ranks
+    all-gather a checksum of their hidden; if they differ, the weight is more likely FSDP2's
+    data-parallel shard — every rank raises asking for weight_shard instead of guessing."""
+    local = hidden.to_local() if _is_dtensor(hidden) else hidden
+    ok = isinstance(local, Tensor)
+    device = local.device if ok else torch.device("cpu")
+    if device.type == "meta" or not _backend.debug_checks(device) or torch.compiler.is_compiling():
+        return
+    crc = 0
+    if ok:
+        raw = local.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes()
+        crc = zlib.crc32(raw, zlib.crc32(str(tuple(local.shape)).encode()))
+    row = torch.tensor([int(ok), crc], dtype=torch.int64, device=device)
+    rows = _all_gather(row, group, count=False).tolist()
+    if not all(r[0] for r in rows):
+        return                          # the op's own check names the bad argument on that rank
+    if any(r[1] != rows[0][1] for r in rows):
+        raise ValueError(f"rlhf_ops.{op}: weight is a Shard(0) DTensor read as a vocabulary shard "
+                         f"(weight_shard='vocab', the default: every rank the same hidden rows), but "
+                         f"the ranks hold different hidden states; if weight is FSDP2's data-parallel "
+                         f"shard (fully_shard), pass weight_shard='fsdp'")
+
+
+def head_weights(op: str, hidden, weight, bias, weight_shard, process_group):
+    """(weight, bias) for the fused LM-head ops (``linear_cross_entropy``,
+    ``linear_token_logprobs``) by ``weight_shard``: "fsdp" gathers FSDP2's Shard(0) DTensors
+    (``fsdp_gather``; process_group must be None); "vocab" leaves them to the vocabulary-parallel
+    path, after checking, for a DTensor weight, that the ranks' hidden states agree
+    (``_agree_replicated``)."""
     _checks.choice(op, "weight_shard", weight_shard, WEIGHT_SHARDS)
-    if weight_shard == "fsdp" and process_group is not None:
+    if weight_shard == "vocab":
+        if _is_dtensor(weight) and process_group is None and weight.device_mesh.ndim == 1:
+            _agree_replicated(op, hidden, weight.device_mesh.get_group())
+        return weight, bias
+    if process_group is not None:
         raise ValueError(f"rlhf_ops.{op}: weight_shard='fsdp' reads the data-parallel group from the "
                          f"weight (a Shard(0) DTensor of fully_shard); process_group is for "
                          f"vocabulary shards (weight_shard='vocab'): pass one or the other")
-    return weight_shard
+    return fsdp_gather(op, "weight", weight), fsdp_gather(op, "bias", bias)
 
 
 def fsdp_gather(op: str, name: str, t):
