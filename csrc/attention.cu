@@ -276,7 +276,7 @@ struct Layout {
 
 struct Seq {
   int T, S;            // this sequence's query and key counts
-  int q0;              // its first query token (varlen; 0 when dense)
+  int q0, k0;          // its first query and key tokens (varlen; 0 when dense)
   int64_t q, kv, row;  // offsets of its row 0 (query head h / kv head hkv) in q-like, k-like and
                        // per-row arrays
 };
@@ -292,7 +292,7 @@ __device__ __forceinline__ Seq seq_of(const Layout& L, int b, int h, int hkv) {
     T = min(max(L.cu_q[b + 1], q0), L.T) - q0;
     S = min(max(L.cu_k[b + 1], k0), L.S) - k0;
   }
-  return {T, S, q0, b * L.q_sb + h * L.q_sh + static_cast<int64_t>(q0) * L.q_st,
+  return {T, S, q0, k0, b * L.q_sb + h * L.q_sh + static_cast<int64_t>(q0) * L.q_st,
           b * L.k_sb + hkv * L.k_sh + static_cast<int64_t>(k0) * L.k_st,
           b * L.r_sb + h * L.r_sh + q0};
 }
@@ -503,7 +503,13 @@ attn_bwd_dq_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ 
   const int h = blockIdx.y, b = blockIdx.z;
   const Seq sq = seq_of(L, b, h, h / L.group);
   const int T = sq.T, S = sq.S;
-  if (blockIdx.x == 0 && T > gridDim.x * BM) nan_rows<D>(dq, sq.q, L.q_st, gridDim.x * BM, T);
+  if (blockIdx.x == 0) {
+    if (T > gridDim.x * BM) nan_rows<D>(dq, sq.q, L.q_st, gridDim.x * BM, T);  // beyond the grid
+    if (L.cu_q != nullptr) {  // varlen tokens in no sequence: NaN, as the forward's out
+      if (b == 0) nan_rows<D>(dq, sq.q, L.q_st, -sq.q0, 0);
+      if (b == gridDim.z - 1) nan_rows<D>(dq, sq.q, L.q_st, T, L.T - sq.q0);
+    }
+  }
   const int m0 = (gridDim.x - 1 - blockIdx.x) * BM;
   if (m0 >= T) return;
 
@@ -622,9 +628,21 @@ attn_bwd_dkdv_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict_
   // Offsets for the group's first query head; head hkv·group + hh is hh·q_sh (r_sh) further.
   const Seq sq = seq_of(L, b, hkv * group, hkv);
   const int T = sq.T, S = sq.S;
-  if (blockIdx.x == 0 && S > gridDim.x * BN) {  // keys the grid does not reach
-    nan_rows<D>(dk, sq.kv, L.k_st, gridDim.x * BN, S);
-    nan_rows<D>(dv, sq.kv, L.k_st, gridDim.x * BN, S);
+  if (blockIdx.x == 0) {
+    if (S > gridDim.x * BN) {  // keys the grid does not reach
+      nan_rows<D>(dk, sq.kv, L.k_st, gridDim.x * BN, S);
+      nan_rows<D>(dv, sq.kv, L.k_st, gridDim.x * BN, S);
+    }
+    if (L.cu_k != nullptr) {  // varlen keys in no sequence (cu_seqlens_k not from 0 / not to Nk)
+      if (b == 0) {
+        nan_rows<D>(dk, sq.kv, L.k_st, -sq.k0, 0);
+        nan_rows<D>(dv, sq.kv, L.k_st, -sq.k0, 0);
+      }
+      if (b == gridDim.z - 1) {
+        nan_rows<D>(dk, sq.kv, L.k_st, S, L.S - sq.k0);
+        nan_rows<D>(dv, sq.kv, L.k_st, S, L.S - sq.k0);
+      }
+    }
   }
   const int n0 = blockIdx.x * BN;
   if (n0 >= S) return;
@@ -932,8 +950,11 @@ void launch_bwd(const char* op, const Problem& P, const at::Tensor& dout, const 
           scale_log2, scale_f);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    if (P.q_rows > 0 && P.n_seq == 0) dq.fill_(NAN);  // tokens in no sequence, as the forward
-    if (P.Hq == 0 || P.n_seq == 0) {  // no query head (or no sequence) reads k/v
+    if (P.n_seq == 0) {  // varlen tokens but no sequence: every token lies outside, NaN
+      dq.fill_(NAN);
+      dk.fill_(NAN);
+      dv.fill_(NAN);
+    } else if (P.Hq == 0) {  // no query head reads k/v
       dk.zero_();
       dv.zero_();
     } else if (dk.numel() > 0) {  // with no query this writes dK = dV = 0

@@ -90,19 +90,57 @@ def _split_arg(hi, lo, FP64: tl.constexpr):
     return x
 
 
+# div_rn (IEEE division) calls a slow-path subroutine, whose calling convention spilled registers
+# in the attention kernels; a reciprocal refined by a Newton step does not. The interpreter's
+# division is already exact and its fma is not fused, so it skips the step.
+REFINE_RCP = tl.constexpr(not INTERPRET)
+LN2_HI = tl.constexpr(0.693145751953125)      # 15 significant bits: k·LN2_HI is exact for k < 2⁹
+LN2_LO = tl.constexpr(1.428606765330187e-06)  # ln 2 − LN2_HI
+
+
 @triton.jit
 def _tanh(x):
-    """(tanh x, 1 − tanh² x) without cancellation. With a = |x|, t = e^(−2a):
-    tanh a = (1 − t)/(1 + t) = −e/(2 + e), e = expm1(−2a) = (t − 1)·(−2a)/log t (Kahan: exact up to a
-    few ulps for any rounding of t, since the same t enters both), and 1 − tanh² a = 4t/(1 + t)²."""
-    y = -2.0 * tl.abs(x)
-    t = tl.exp(y)
-    inside = (t > 0.0) & (t < 1.0)           # else t = 1 (tiny |x|: e = y) or t = 0 (e = −1)
-    em1 = tl.where(inside, (t - 1.0) * y / tl.log(tl.where(inside, t, 0.5)), tl.where(t == 0.0, -1.0, y))
-    th = -em1 / (2.0 + em1)
+    """(tanh x, 1 − tanh² x), fp32 to ≤ 2 ulp (mean 0.26; torch.tanh: ≤ 0.51, mean 0.23), fp64 to
+    a few fp64 ulps. fp32 avoids the GPU's approximate instructions that tl.exp / tl.log / "/"
+    lower to (ex2.approx, lg2.approx, div.full), which cost the previous Kahan-style formula up to
+    6 ulp (mean 0.93) and the softcap output 2–3× eager's error: +, ×, fma, and a reciprocal
+    refined by a Newton step. One expm1 serves both forms below (a version with a separate
+    polynomial branch, ≤ 1.05 ulp, spilled registers in the attention kernels). a = |x|:
+      M = e^{2a} − 1 = (2^k − 1) + 2^k·expm1 r with 2a = k·ln 2 + r, |r| ≤ ln2/2 (Cody–Waite),
+          expm1 r by its Taylor series to r⁷ (truncation < 0.05 ulp), 2^k built from its exponent
+          bits (k ≤ 126: finite; a = ∞ gives r = ∞, M = ∞, tanh = 1 and derivative 0);
+      u = M/2, w = 1/(1 + u) = 1 − tanh a;  tanh a = u − u²·w when u < 1 (tanh < ½: no
+      cancellation), else 1 − w;  1 − tanh² a = w·(2 − w), without cancellation. NaN stays NaN."""
+    if x.dtype == tl.float64:
+        # fp64 (the testing dtype): t = e^(−2a), tanh a = −e/(2 + e) with e = expm1(−2a) =
+        # (t − 1)·(−2a)/log t (Kahan), 1 − tanh² a = 4t/(1 + t)²: exact to a few fp64 ulps
+        y = -2.0 * tl.abs(x)
+        t = tl.exp(y)
+        inside = (t > 0.0) & (t < 1.0)       # else t = 1 (tiny |x|: e = y) or t = 0 (e = −1)
+        em1 = tl.where(inside, (t - 1.0) * y / tl.log(tl.where(inside, t, 0.5)), tl.where(t == 0.0, -1.0, y))
+        th = -em1 / (2.0 + em1)
+        one_t = 1.0 + t
+        dth = 4.0 * t / (one_t * one_t)
+    else:
+        z = 2.0 * tl.abs(x)
+        k = tl.minimum(tl.floor(z * LOG2E + 0.5), 126.0)
+        r = (z - k * LN2_HI) - k * LN2_LO    # z − k·LN2_HI is exact (Sterbenz)
+        q = 1.984126984126984e-04           # 1/7!, then 1/6! … 1/2!: e^r − 1 = r + r²·q
+        q = q * r + 1.388888888888889e-03
+        q = q * r + 8.333333333333333e-03
+        q = q * r + 4.166666666666666e-02
+        q = q * r + 1.666666666666667e-01
+        q = q * r + 0.5
+        two_k = ((k.to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
+        u = 0.5 * ((two_k - 1.0) + two_k * (r + r * r * q))
+        d = 1.0 + u
+        w = 1.0 / d                          # GPU: div.full (≤ 2 ulp); the interpreter: exact
+        if REFINE_RCP:                       # one Newton step with fused multiply-adds: ≤ ½ ulp
+            w = tl.fma(w, tl.fma(-d, w, 1.0), w)
+        th = tl.where(u < 1.0, u - u * u * w, 1.0 - w)
+        dth = w * (2.0 - w)
     th = tl.where(x < 0, -th, th)
-    one_t = 1.0 + t
-    return th, 4.0 * t / (one_t * one_t)
+    return th, dth
 
 
 @triton.jit
@@ -505,6 +543,42 @@ def _attn_bwd_dq(Q, K, V, DO, M2, L2, DELTA, DQ, CU_Q, CU_K,
     tl.store(ptrs, dq.to(DQ.dtype.element_ty), mask=(rows[:, None] < T) & (dims[None, :] < HEAD_DIM))
 
 
+@triton.jit
+def _nan_outside(X, CU, n_seq, N, stride_r, stride_c, W, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Rows of a packed tensor that lie outside every sequence — before CU[0] or from CU[n_seq] on,
+    both clamped into [0, N] as the kernels clamp them — set to NaN (row r, column c < W at
+    X + r·stride_r + c·stride_c). Well-formed cu_seqlens cover every row: each program then reads
+    two offsets and writes nothing. Malformed ones (refused eagerly for CPU tensors and under
+    RLHF_OPS_DEBUG=1; on CUDA tensors only a host sync could see them) give NaN there, never
+    unwritten memory or a plausible number: the contract of the CUDA kernels too."""
+    r0 = tl.program_id(0) * BLOCK_R
+    first = tl.minimum(tl.maximum(tl.load(CU), 0), N)
+    last = tl.minimum(tl.maximum(tl.load(CU + n_seq), first), N)
+    if (r0 < first) | (r0 + BLOCK_R > last):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        out = ((rows < first) | (rows >= last)) & (rows < N)
+        for c0 in range(0, W, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            ptr = X + rows[:, None].to(tl.int64) * stride_r + cols[None, :].to(tl.int64) * stride_c
+            tl.store(ptr, tl.full((BLOCK_R, BLOCK_C), float("nan"), X.dtype.element_ty),
+                     mask=out[:, None] & (cols[None, :] < W))
+
+
+def _fill_outside(x, cu, rows_dim: int):
+    """NaN in the rows (along ``rows_dim``) of ``x`` outside every sequence of ``cu``."""
+    N = x.shape[rows_dim]
+    if x.numel() == 0:
+        return x
+    cols = [d for d in range(x.dim()) if d != rows_dim]
+    W = x.numel() // N
+    # the non-row dims of every tensor passed here are contiguous among themselves
+    stride_c = min(x.stride(d) for d in cols)
+    block_r = 16 if INTERPRET else 64
+    _nan_outside[(triton.cdiv(N, block_r),)](x, cu, cu.shape[0] - 1, N, x.stride(rows_dim), stride_c, W,
+                                             BLOCK_R=block_r, BLOCK_C=min(256, triton.next_power_of_2(W)))
+    return x
+
+
 # ------------------------------------------------------------------------------- autotuning ---
 # One row per config: (BLOCK_M, BLOCK_N, warps, stages, widest BLOCK_D for 16-bit inputs, widest
 # BLOCK_D for fp32 inputs), 0 = never for that dtype. The widest BLOCK_D is where the config was
@@ -525,7 +599,13 @@ DKDV_TABLE = [(32, 64, 8, 1, 64, 0), (32, 32, 4, 2, 64, 0), (16, 64, 4, 1, 128, 
 DQ_TABLE = [(128, 32, 8, 2, 256, 0), (64, 64, 8, 2, 64, 0), (32, 32, 4, 2, 256, 0),
             (32, 16, 4, 1, 256, 64), (32, 16, 8, 1, 0, 256)]
 TABLES = {"fwd": FWD_TABLE, "dkdv": DKDV_TABLE, "dq": DQ_TABLE}
-SPILL_BUDGET = 64          # bytes of register spill per thread a selectable config may have
+# bytes of register spill per thread a selectable config may have (in the heaviest variant). 64
+# until the softcap path's tanh became accurate (≤ 2 ulp, was 6): at 255 registers that costs up
+# to 8 B more in four rows at their widest head dim, softcap only (measured offline: dK/dV 16×32
+# w4 at D=256 and 16×64 w4 at D=128 on sm_80 60 → 68 B, 16×64 on sm_90 44 → 64-68 B; fwd 128×64
+# w8 s3 at D=128 on sm_80 20 → 68 B, 64×32 w4 s2 at D=256 on sm_90 32 → 72 B); the variants
+# without softcap are unchanged. Rejected configs spill 10× and more (764 B, 1.5 KB, 41 KB).
+SPILL_BUDGET = 96
 SMEM_HEADROOM = 8 * 1024   # scratch Triton adds beyond the tiles (layout conversions, row vectors)
 SMEM_LIMIT = 99 * 1024     # per-block limit of the smallest GPU targeted (sm_86/89), if unknown
 _KEY = ["HEAD_DIM", "TB", "SB", "IS_VARLEN", "HAS_LEFT", "HAS_RIGHT", "SOFTCAP", "PREC"]
@@ -692,10 +772,10 @@ def varlen_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float, le
     n = cu_q.shape[0] - 1
     out = _empty((Nq, Hq, D), dtype=q.dtype, device=q.device)
     lse = _empty((2, Hq, Nq), dtype=_acc(q.dtype), device=q.device)
-    if Nq * Hq * n * max_q == 0:
-        return out, lse
-    _fwd(q, k, v, out, lse, cu_q, cu_k, n, max_q, max_k, _s3, (0, Nq), scale, left, right, softcap)
-    return out, lse
+    if Nq * Hq * n * max_q > 0:
+        _fwd(q, k, v, out, lse, cu_q, cu_k, n, max_q, max_k, _s3, (0, Nq), scale, left, right, softcap)
+    # tokens in no sequence (malformed cu_seqlens_q): NaN in out and both lse planes
+    return _fill_outside(out, cu_q, 0), _fill_outside(lse, cu_q, 2)
 
 
 def _bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, n, T, S, strides, lse_strides, scale,
@@ -751,9 +831,11 @@ def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int,
     dk = _empty((Nk, Hkv, D), dtype=k.dtype, device=k.device)
     dv = _empty((Nk, Hkv, D), dtype=v.dtype, device=v.device)
     if Nq * max_q == 0:  # no query: no gradient flows into k or v
-        return dq, dk.zero_(), dv.zero_()
-    if Nk * max_k == 0:  # no key: every row output 0
-        return dq.zero_(), dk, dv
-    _bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, n, max_q, max_k, _s3, (0, Nq), scale, left,
-         right, softcap)
-    return dq, dk, dv
+        dk.zero_(), dv.zero_()
+    elif Nk * max_k == 0:  # no key: every row output 0
+        dq.zero_()
+    else:
+        _bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, n, max_q, max_k, _s3, (0, Nq), scale, left,
+             right, softcap)
+    # tokens in no sequence (malformed cu_seqlens, as the forward): NaN in their dq, dk, dv rows
+    return _fill_outside(dq, cu_q, 0), _fill_outside(dk, cu_k, 0), _fill_outside(dv, cu_k, 0)

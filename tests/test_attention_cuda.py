@@ -507,6 +507,34 @@ def test_varlen_max_seqlen_too_small_gives_nan():
 
 
 @gpu
+def test_varlen_tokens_outside_every_sequence_give_nan():
+    # cu_seqlens that start after token 0 or end before the last token (malformed input that
+    # RLHF_OPS_DEBUG=1 makes the Python layer refuse): the tokens in no sequence get NaN in out,
+    # both lse planes and dq (queries) and in dk, dv (keys), never stale memory; every sequence is
+    # computed as if it were alone. (The Triton launchers: tests/test_attention_edges.py.)
+    lens_q, lens_k = [10, 70], [66, 12]
+    pre_q, post_q, pre_k, post_k = 3, 5, 2, 4
+    q, k, v, dout = _varlen_inputs([pre_q, *lens_q, post_q], [pre_k, *lens_k, post_k], 4, 2, 64,
+                                   torch.float16)
+    cu_q, cu_k = _cu(lens_q) + pre_q, _cu(lens_k) + pre_k
+    _poison_cache(q, torch.stack([q[..., 0].float().t()] * 2))
+    out, lse = torch.ops.rlhf_ops_cuda.attention_varlen_fwd(q, k, v, cu_q, cu_k, 70, 66, True, 0.125)
+    _poison_cache(q, k, v, q[..., 0].float())
+    dq, dk, dv = torch.ops.rlhf_ops_cuda.attention_varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, 70,
+                                                              66, True, 0.125)
+    torch.cuda.synchronize()
+    iq, ik = slice(pre_q, pre_q + sum(lens_q)), slice(pre_k, pre_k + sum(lens_k))
+    for x, i, n in ((out, iq, q.shape[0]), (dq, iq, q.shape[0]), (dk, ik, k.shape[0]), (dv, ik, k.shape[0])):
+        assert torch.isnan(x[:i.start]).all() and torch.isnan(x[i.stop:]).all()
+        assert not torch.isnan(x[i]).any()
+    assert torch.isnan(lse[:, :, :pre_q]).all() and torch.isnan(lse[:, :, iq.stop:]).all()
+    alone = _run_varlen(q[iq].contiguous(), k[ik].contiguous(), v[ik].contiguous(),
+                        dout[iq].contiguous(), lens_q, lens_k, True, 0.125)
+    for x, y in zip((out[iq], lse[:, :, iq], dq[iq], dk[ik], dv[ik]), alone):
+        assert torch.equal(x, y)
+
+
+@gpu
 def test_varlen_bad_inputs_name_the_argument():
     lens = [3, 5]
     q, k, v, _ = _varlen_inputs(lens, lens, 4, 2, 64, torch.float16)
