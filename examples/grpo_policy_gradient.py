@@ -10,8 +10,9 @@ policy-gradient term plus β·KL to a frozen reference, token-averaged. The per-
 and entropies come from ``model(..., labels=labels, fused_lm_head=True)`` — TRL's fused-LM-head
 contract, here ``rlhf_ops.integrations.trl.add_fused_lm_head`` (``linear_token_logprobs``: no
 [tokens, vocab] logits, runs on the CPU too); the reference log-probs are computed once and the
-KL is ``per_token_kl`` (``kl_from_logprobs``, GRPO's k3). Nothing is downloaded. CPU, about a
-minute (a GPU is used when there is one). The lines that matter:
+KL is ``per_token_kl`` (``kl_from_logprobs``, GRPO's k3). Nothing is downloaded. On a 2-core CPU
+it takes about 2 minutes (126 s measured); that run shows the loop learns (the mean reward
+rises), it says nothing about speed (a GPU is used when there is one). The lines that matter:
 
     apply_rlhf_ops(policy, loss=False)                          # attention (+ generation)
     add_fused_lm_head(policy, outputs=("log_probs", "entropy"))
