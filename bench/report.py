@@ -87,12 +87,14 @@ def _result_view(res: dict, case: harness.Case, mode: str, roof: dict | None) ->
 
 
 def run_benchmarks(device, size, ops=None, budget_s=None, roof=None, log=print,
-                   progress=None) -> list[dict]:
+                   progress=None, cases=None, modes=None) -> list[dict]:
     """Measure every (case, mode, impl); ``progress(entries)`` is called after each (case, mode)
-    so that a run cut short still leaves its results behind."""
+    so that a run cut short still leaves its results behind. ``cases`` (a list of harness
+    cases) replaces the ones of ``size``; ``modes`` restricts the modes (bench/headline.py)."""
     device = torch.device(device)
     fams, keep = _families(ops)
-    all_cases = [c for f in fams for c in harness.cases(f, size) if keep is None or c.op in keep]
+    all_cases = list(cases) if cases is not None else [
+        c for f in fams for c in harness.cases(f, size) if keep is None or c.op in keep]
     all_cases.sort(key=lambda c: not c.priority)  # goal shapes first (stable otherwise)
     smoke = size == "smoke"
     jobs = [(c, False) for c in all_cases]
@@ -101,8 +103,7 @@ def run_benchmarks(device, size, ops=None, budget_s=None, roof=None, log=print,
     t_start = time.time()
     entries = []
     for case, triton_smoke in jobs:
-        modes = ("fwd+bwd",) if triton_smoke else harness.MODES
-        for mode in modes:
+        for mode in ("fwd+bwd",) if triton_smoke else (modes or harness.MODES):
             results = {}
             # compile last: its first call compiles (tens of seconds), so a run short of time
             # still gets our backends, eager and the peers
