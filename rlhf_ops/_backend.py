@@ -131,8 +131,8 @@ def load_extension(build: bool = False) -> bool:
                         "first use is cached (python -m rlhf_ops.build compiles one)")
     if _C_loaded:
         return True
-    from . import build as jit
     if build and not _C_jit_tried:
+        from . import build as jit
         _C_jit_tried = _C_cache_checked = True
         if not torch.cuda.is_available():
             _C_error = "rlhf_ops._C was not built at install time and no CUDA device is visible to compile it for"
@@ -143,6 +143,7 @@ def load_extension(build: bool = False) -> bool:
         except jit.BuildError as e:
             _C_error = f"rlhf_ops._C was not built at install time and compiling it on first use failed: {e}"
     elif not _C_cache_checked and (os.environ.get("TORCH_CUDA_ARCH_LIST") or torch.cuda.is_initialized()):
+        from . import build as jit
         _C_cache_checked = True
         try:
             jit.load(compile=False)
