@@ -5,6 +5,9 @@ element (dense: q [B, Hq, T, D], k/v [B, Hkv, S, D]) or one packed sequence (var
 k/v [Nk, Hkv, D], sequence b = rows cu_q[b]:cu_q[b+1] of q and cu_k[b]:cu_k[b+1] of k/v). With
 ``IS_VARLEN`` a program reads its sequence's start and lengths (T, S) from cu_seqlens; dense
 sequences start at b·stride with the T, S passed in. Everything after that is shared.
+``IS_TREE`` (shared-prefix attention, with ``IS_VARLEN``): the packed segments form a forest in
+depth-first pre-order (PARENT[s] < s, −1 for a root); a query of segment s also sees every key of
+every ancestor (see "Tree" below).
 G = Hq / Hkv query heads share one k/v head (GQA; MQA at Hkv = 1): kv head of query head h is
 h // G, k/v are indexed, never repeated.
 
@@ -36,6 +39,16 @@ its group and over the query blocks that see its keys (``_query_range``), so it 
 alone. ``_attn_bwd_dq``: one program per (query block, query head, sequence) loops over key blocks.
 Neither uses atomics, and each output element is summed in a fixed order: the backward is
 deterministic (bitwise reproducible for a given config).
+
+Tree (``IS_TREE``; causal within a segment, T = S = its length). Forward and dQ: a query block
+of segment s first walks its ancestors, a = PARENT[s], PARENT[a], … until −1, each a segment that
+every row sees whole (one masked loop over its key blocks: row < T, key < its length), then its own
+causal key ranges. dK/dV: the queries that see a key of s are s's own (causal) and those of its
+descendants — segments s + 1 … e − 1, e the first j > s whose parent is < s (``_tree_end``) — which
+pre-order puts right after s's: one query range of T + n_d rows where row i sees key j iff j ≤ i,
+the bottom-right window with T' = T + n_d and WR = n_d, so ``_query_range`` and the masks of the
+dense/varlen kernel serve it unchanged. No host metadata, no atomics, sums in a fixed order. The
+walks stop at a parent ≥ the child (malformed input, refused eagerly on CPU tensors): they end.
 
 Block sizes: one fixed small config under TRITON_INTERPRET=1 (tests run every GPU block shape
 through ``launch_config``); on a GPU ``triton.autotune`` over ≤ 5 configs per kernel keyed on
@@ -193,6 +206,25 @@ def _sequence(CU_Q, CU_K, b, T, S, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _tree_up(PARENT, s):
+    """Parent of segment s, or −1 for a root (also for an entry ≥ s, which would not end a walk)."""
+    p = tl.load(PARENT + s)
+    return tl.where((p >= 0) & (p < s), p, -1)
+
+
+@triton.jit
+def _tree_end(PARENT, s, n_seg):
+    """End of segment s's subtree in pre-order: the first j > s with PARENT[j] < s, else n_seg."""
+    e = s + 1
+    go = e < n_seg
+    while go:
+        inside = tl.load(PARENT + e) >= s
+        e = tl.where(inside, e + 1, e)
+        go = inside & (e < n_seg)
+    return e
+
+
+@triton.jit
 def _key_range(r0, T, S, WL, WR, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Key ranges of the query block with rows r0 … r1 = r0 + BLOCK_M − 1: [lo, a) masked, [a, b)
@@ -285,10 +317,11 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, rows, lo,
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, M2, L2, CU_Q, CU_K,
+def _attn_fwd(Q, K, V, O, M2, L2, CU_Q, CU_K, PARENT,
               sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sob, soh, sot, slb, slh,
               G, T, S, TB, SB, WL, WR, scale_hi, scale_lo, cap_hi, cap_lo,
-              HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr,
+              HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, IS_TREE: tl.constexpr,
+              HAS_LEFT: tl.constexpr,
               HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
               FP64: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -319,6 +352,17 @@ def _attn_fwd(Q, K, V, O, M2, L2, CU_Q, CU_K,
     qk_scale = scale * LOG2E
     x_scale = scale / cap
     cap_log2e = cap * LOG2E
+    if IS_TREE:  # every key of every ancestor (one masked loop: rows < T, keys < its length)
+        anc = _tree_up(PARENT, b)
+        while anc >= 0:
+            a0 = tl.load(CU_K + anc)
+            n_a = tl.load(CU_K + anc + 1) - a0
+            ka = K + hk.to(tl.int64) * skh + a0.to(tl.int64) * sks
+            va = V + hk.to(tl.int64) * svh + a0.to(tl.int64) * svs
+            acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, ka, va, sks, svs, rows, n_a * 0, n_a, T, n_a, WL,
+                                       WR, qk_scale, x_scale, cap_log2e, HEAD_DIM, BLOCK_N, BLOCK_D,
+                                       True, False, False, SOFTCAP, FP64, PREC)
+            anc = _tree_up(PARENT, anc)
     lo, a, bb, hi = _key_range(start_m * BLOCK_M, T, S, WL, WR, HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
     if HAS_LEFT:
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, sks, svs, rows, lo, a, T, S, WL,
@@ -404,11 +448,12 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, m_base, l_base, delta_base, sqt, 
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, M2, L2, DELTA, DK, DV, CU_Q, CU_K,
+def _attn_bwd_dkdv(Q, K, V, DO, M2, L2, DELTA, DK, DV, CU_Q, CU_K, PARENT,
                    sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sdb, sdh, sdt,
                    sdkb, sdkh, sdks, sdvb, sdvh, sdvs, slb, slh,
-                   G, T, S, TB, SB, WL, WR, scale_hi, scale_lo, cap_hi, cap_lo,
-                   HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr,
+                   G, T, S, TB, SB, WL, WR, scale_hi, scale_lo, cap_hi, cap_lo, n_seg,
+                   HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, IS_TREE: tl.constexpr,
+                   HAS_LEFT: tl.constexpr,
                    HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
                    FP64: tl.constexpr, FWD_ORIENT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -434,6 +479,15 @@ def _attn_bwd_dkdv(Q, K, V, DO, M2, L2, DELTA, DK, DV, CU_Q, CU_K,
     qk_scale = scale * LOG2E
     x_scale = scale / cap
     cap_log2e = cap * LOG2E
+    if IS_TREE:
+        # Pre-order puts the descendants' n_d queries right after this segment's T: one query
+        # range of T + n_d rows in which row i sees key j iff j ≤ i (causal for this segment's
+        # rows, every key for the descendants'). That is the bottom-right window with T' = T + n_d
+        # rows and right bound WR = n_d (j ≤ i + (S − T') + WR with S = T), so the loop bounds and
+        # masks below serve it unchanged.
+        n_d = tl.load(CU_Q + _tree_end(PARENT, b, n_seg)) - tl.load(CU_Q + b + 1)
+        T = T + n_d
+        WR = n_d
     lo, a, bb, hi = _query_range(start_n, T, S, WL, WR, HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
     for g in range(G):
         h = hk * G + g
@@ -491,10 +545,11 @@ def _dq_inner(dq, q, do, m2, l2, delta, k_base, v_base, sks, svs, rows, lo, hi, 
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, M2, L2, DELTA, DQ, CU_Q, CU_K,
+def _attn_bwd_dq(Q, K, V, DO, M2, L2, DELTA, DQ, CU_Q, CU_K, PARENT,
                  sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sdb, sdh, sdt, sdqb, sdqh, sdqt,
-                 slb, slh, G, T, S, TB, SB, WL, WR, scale_hi, scale_lo, cap_hi, cap_lo,
-                 HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr,
+                 slb, slh, G, T, S, TB, SB, WL, WR, scale_hi, scale_lo, cap_hi, cap_lo, n_seg,
+                 HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, IS_TREE: tl.constexpr,
+                 HAS_LEFT: tl.constexpr,
                  HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
                  FP64: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -526,6 +581,17 @@ def _attn_bwd_dq(Q, K, V, DO, M2, L2, DELTA, DQ, CU_Q, CU_K,
     qk_scale = scale * LOG2E
     x_scale = scale / cap
     cap_log2e = cap * LOG2E
+    if IS_TREE:  # the ancestors, as in the forward
+        anc = _tree_up(PARENT, b)
+        while anc >= 0:
+            a0 = tl.load(CU_K + anc)
+            n_a = tl.load(CU_K + anc + 1) - a0
+            ka = K + hk.to(tl.int64) * skh + a0.to(tl.int64) * sks
+            va = V + hk.to(tl.int64) * svh + a0.to(tl.int64) * svs
+            dq = _dq_inner(dq, q, do, m2, l2, delta, ka, va, sks, svs, rows, n_a * 0, n_a, T, n_a, WL, WR,
+                           qk_scale, x_scale, cap_log2e, HEAD_DIM, BLOCK_N, BLOCK_D, True, False,
+                           False, SOFTCAP, FP64, PREC)
+            anc = _tree_up(PARENT, anc)
     lo, a, bb, hi = _key_range(start_m * BLOCK_M, T, S, WL, WR, HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
     if HAS_LEFT:
         dq = _dq_inner(dq, q, do, m2, l2, delta, k_base, v_base, sks, svs, rows, lo, a, T, S, WL, WR,
@@ -599,6 +665,10 @@ DKDV_TABLE = [(32, 64, 8, 1, 64, 0), (32, 32, 4, 2, 64, 0), (16, 64, 4, 1, 128, 
 DQ_TABLE = [(128, 32, 8, 2, 256, 0), (64, 64, 8, 2, 64, 0), (32, 32, 4, 2, 256, 0),
             (32, 16, 4, 1, 256, 64), (32, 16, 8, 1, 0, 256)]
 TABLES = {"fwd": FWD_TABLE, "dkdv": DKDV_TABLE, "dq": DQ_TABLE}
+# The tree variant (IS_TREE) audited separately (bf16, fp32 IEEE and TF32): it fits every row's
+# limits but one, which spills at D = 256 there (316 B on sm_80, 160 B on sm_90; varlen: 0 / 72 B).
+# (kernel, BLOCK_M, BLOCK_N, warps, stages) → widest BLOCK_D for 16-bit inputs with IS_TREE.
+TREE_WIDEST_16 = {("fwd", 64, 32, 4, 2): 128}
 # bytes of register spill per thread a selectable config may have (in the heaviest variant). 64
 # until the softcap path's tanh became accurate (≤ 2 ulp, was 6): at 255 registers that costs up
 # to 8 B more in four rows at their widest head dim, softcap only (measured offline: dK/dV 16×32
@@ -608,7 +678,7 @@ TABLES = {"fwd": FWD_TABLE, "dkdv": DKDV_TABLE, "dq": DQ_TABLE}
 SPILL_BUDGET = 96
 SMEM_HEADROOM = 8 * 1024   # scratch Triton adds beyond the tiles (layout conversions, row vectors)
 SMEM_LIMIT = 99 * 1024     # per-block limit of the smallest GPU targeted (sm_86/89), if unknown
-_KEY = ["HEAD_DIM", "TB", "SB", "IS_VARLEN", "HAS_LEFT", "HAS_RIGHT", "SOFTCAP", "PREC"]
+_KEY = ["HEAD_DIM", "TB", "SB", "IS_VARLEN", "IS_TREE", "HAS_LEFT", "HAS_RIGHT", "SOFTCAP", "PREC"]
 
 
 def length_bucket(n: int) -> int:
@@ -626,13 +696,17 @@ def smem_bytes(kernel: str, bm: int, bn: int, stages: int, block_d: int, elem: i
     return (once + max(stages, 1) * per_stage) * block_d * elem
 
 
-def select(kernel: str, block_d: int, elem: int, smem_limit: int) -> list:
-    """Rows of TABLES[kernel] the autotuner may try for this head width and element size."""
+def select(kernel: str, block_d: int, elem: int, smem_limit: int, tree: bool = False) -> list:
+    """Rows of TABLES[kernel] the autotuner may try for this head width and element size (and
+    for the tree variant, ``TREE_WIDEST_16``)."""
     rows = TABLES[kernel]
     if elem > 4:
         return rows[-1:]
     col = 4 if elem == 2 else 5
-    keep = [r for r in rows if block_d <= r[col]
+
+    def widest(r):
+        return min(r[col], TREE_WIDEST_16.get((kernel,) + r[:4], r[col])) if tree and elem == 2 else r[col]
+    keep = [r for r in rows if block_d <= widest(r)
             and smem_bytes(kernel, r[0], r[1], r[3], block_d, elem) + SMEM_HEADROOM <= smem_limit]
     return keep or rows[-1:]
 
@@ -645,7 +719,8 @@ def _smem_limit(device) -> int:
 def _prune(kernel: str):
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        rows = select(kernel, args["BLOCK_D"], args["Q"].element_size(), _smem_limit(args["Q"].device))
+        rows = select(kernel, args["BLOCK_D"], args["Q"].element_size(), _smem_limit(args["Q"].device),
+                      bool(args.get("IS_TREE", False)))
         keys = {r[:4] for r in rows}
         return [c for c in configs
                 if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keys]
@@ -694,9 +769,9 @@ def _split(x: float):
     return hi, float(x) - hi
 
 
-def _meta(q: torch.Tensor, left: int, right: int, softcap: float, varlen: bool):
+def _meta(q: torch.Tensor, left: int, right: int, softcap: float, varlen: bool, tree: bool = False):
     D = q.shape[-1]
-    return dict(HEAD_DIM=D, IS_VARLEN=varlen, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
+    return dict(HEAD_DIM=D, IS_VARLEN=varlen, IS_TREE=tree, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
                 SOFTCAP=softcap > 0, PREC=_precision(q.dtype), FP64=q.dtype == torch.float64,
                 BLOCK_D=max(16, triton.next_power_of_2(D)))
 
@@ -739,14 +814,16 @@ def _check_strides(**tensors):
                              f"{t.stride()})")
 
 
-def _fwd(q, k, v, out, lse, cu_q, cu_k, n, T, S, strides, lse_strides, scale, left, right, softcap):
+def _fwd(q, k, v, out, lse, cu_q, cu_k, n, T, S, strides, lse_strides, scale, left, right, softcap,
+         parent=None):
     _check_strides(q=q, k=k, v=v)
     Hq, Hkv = q.shape[1], k.shape[1]       # [B, H, T, D] or [N, H, D]
     _launch(_attn_fwd, None if INTERPRET else _attn_fwd_tuned, "fwd",
             lambda m: (triton.cdiv(T, m["BLOCK_M"]), Hq, n),
-            q, k, v, out, lse[0], lse[1], cu_q, cu_k, *strides(q), *strides(k), *strides(v),
+            q, k, v, out, lse[0], lse[1], cu_q, cu_k, parent, *strides(q), *strides(k), *strides(v),
             *strides(out), *lse_strides, Hq // Hkv, T, S, length_bucket(T), length_bucket(S),
-            *_scalars(scale, left, right, softcap), **_meta(q, left, right, softcap, cu_q is not None))
+            *_scalars(scale, left, right, softcap),
+            **_meta(q, left, right, softcap, cu_q is not None, parent is not None))
 
 
 def forward(q, k, v, scale: float, left: int, right: int, softcap: float):
@@ -779,12 +856,12 @@ def varlen_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float, le
 
 
 def _bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, n, T, S, strides, lse_strides, scale,
-         left, right, softcap):
+         left, right, softcap, parent=None):
     varlen = cu_q is not None
     _check_strides(q=q, k=k, v=v, out=out, dout=dout)
     Hq, Hkv = q.shape[1], k.shape[1]
     D = q.shape[-1]
-    meta = _meta(q, left, right, softcap, varlen)
+    meta = _meta(q, left, right, softcap, varlen, parent is not None)
     delta = _empty(lse.shape[1:], dtype=lse.dtype, device=lse.device)
     # delta per row, in lse's row layout: dense [B, Hq, T]; varlen [Hq, Nq] (one "batch" of Nq rows)
     B1, T1 = (1, q.shape[0]) if varlen else (q.shape[0], T)
@@ -792,15 +869,16 @@ def _bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, n, T, S, strides, lse_
     _attn_bwd_delta[(triton.cdiv(T1, bm), Hq, B1)](
         out, dout, delta, *strides(out), *strides(dout), Hq, T1,
         HEAD_DIM=D, BLOCK_M=bm, BLOCK_D=meta["BLOCK_D"], FP64=meta["FP64"])
-    common = (Hq // Hkv, T, S, length_bucket(T), length_bucket(S), *_scalars(scale, left, right, softcap))
+    common = (Hq // Hkv, T, S, length_bucket(T), length_bucket(S), *_scalars(scale, left, right, softcap),
+              n)
     _launch(_attn_bwd_dkdv, None if INTERPRET else _attn_bwd_dkdv_tuned, "dkdv",
             lambda m: (triton.cdiv(S, m["BLOCK_N"]), Hkv, n),
-            q, k, v, dout, lse[0], lse[1], delta, dk, dv, cu_q, cu_k,
+            q, k, v, dout, lse[0], lse[1], delta, dk, dv, cu_q, cu_k, parent,
             *strides(q), *strides(k), *strides(v), *strides(dout), *strides(dk), *strides(dv),
             *lse_strides, *common, FWD_ORIENT=FWD_ORIENT, **meta)
     _launch(_attn_bwd_dq, None if INTERPRET else _attn_bwd_dq_tuned, "dq",
             lambda m: (triton.cdiv(T, m["BLOCK_M"]), Hq, n),
-            q, k, v, dout, lse[0], lse[1], delta, dq, cu_q, cu_k,
+            q, k, v, dout, lse[0], lse[1], delta, dq, cu_q, cu_k, parent,
             *strides(q), *strides(k), *strides(v), *strides(dout), *strides(dq),
             *lse_strides, *common, **meta)
 
@@ -839,3 +917,32 @@ def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int,
              right, softcap)
     # tokens in no sequence (malformed cu_seqlens, as the forward): NaN in their dq, dk, dv rows
     return _fill_outside(dq, cu_q, 0), _fill_outside(dk, cu_k, 0), _fill_outside(dv, cu_k, 0)
+
+
+def tree_forward(q, k, v, cu, parent, max_seqlen: int, scale: float, softcap: float):
+    """Shared-prefix attention: q [N, Hq, D], k/v [N, Hkv, D] packed in the segments of cu (int32
+    [n + 1]) that form a forest in pre-order (parent int32 [n]); each segment causal, plus every
+    key of its ancestors → (out like q, lse [2, Hq, N]). ``max_seqlen`` ≥ every segment's length
+    (it sizes the grid)."""
+    N, Hq, D = q.shape
+    n = parent.shape[0]
+    out = _empty((N, Hq, D), dtype=q.dtype, device=q.device)
+    lse = _empty((2, Hq, N), dtype=_acc(q.dtype), device=q.device)
+    if N * Hq * n * max_seqlen > 0:
+        _fwd(q, k, v, out, lse, cu, cu, n, max_seqlen, max_seqlen, _s3, (0, N), scale, -1, 0, softcap,
+             parent=parent)
+    # tokens in no segment (malformed cu_seqlens): NaN, as the varlen op
+    return _fill_outside(out, cu, 0), _fill_outside(lse, cu, 2)
+
+
+def tree_backward(dout, q, k, v, out, lse, cu, parent, max_seqlen: int, scale: float, softcap: float):
+    """Gradients of ``tree_forward`` (dq like q, dk/dv like k/v)."""
+    N, Hq, D = q.shape
+    Hkv, n = k.shape[1], parent.shape[0]
+    dq = _empty((N, Hq, D), dtype=q.dtype, device=q.device)
+    dk = _empty((N, Hkv, D), dtype=k.dtype, device=k.device)
+    dv = _empty((N, Hkv, D), dtype=v.dtype, device=v.device)
+    if N * n * max_seqlen > 0:
+        _bwd(dout, q, k, v, out, lse, dq, dk, dv, cu, cu, n, max_seqlen, max_seqlen, _s3, (0, N), scale,
+             -1, 0, softcap, parent=parent)
+    return _fill_outside(dq, cu, 0), _fill_outside(dk, cu, 0), _fill_outside(dv, cu, 0)
