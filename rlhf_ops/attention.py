@@ -10,6 +10,12 @@
     q[cu_q[b]:cu_q[b+1]] against k/v[cu_k[b]:cu_k[b+1]]; max_seqlen_* are Python ints (≥ every
     length: they size the launch grid, so the op never reads the lengths on the host).
 
+    out = rlhf_ops.attention_tree(q, k, v, cu_seqlens, parent, max_seqlen, scale=None, softcap=0.0)
+    shared-prefix (tree) attention: q, k, v [N, H, D] pack n segments (cu_seqlens int32 [n + 1])
+    that form a forest in depth-first pre-order (parent int32 [n], −1 for a root, parent[s] < s);
+    a token of segment s sees every token of every ancestor of s and, causally, s up to itself.
+    A GRPO group is a prompt (root) and its G completions (children): the prompt runs once.
+
 Backends: ``reference`` runs the eager math of ``reference.attention`` / ``attention_varlen`` in
 the input dtype; ``triton`` runs ``rlhf_ops.kernels.attention`` (any head dim that is a multiple of
 16 up to 256; fp16, bf16, fp32 — with TF32 matmuls on a GPU when
@@ -47,6 +53,7 @@ from . import _backend, _checks, reference
 
 OP = "attention"
 OP_VARLEN = "attention_varlen"
+OP_TREE = "attention_tree"
 
 
 def _unit_last(t: Tensor, backend: str) -> Tensor:
@@ -183,6 +190,67 @@ def _backward_varlen(ctx, dout, dlse):
 attention_varlen_fwd.register_autograd(_backward_varlen, setup_context=_setup_context_varlen)
 
 
+# Tree attention: one packed token set, so q and k share cu_seqlens; ``backend`` is "triton" (the
+# only fused backend that implements it; kept as an argument so that traces show the backend).
+
+@torch.library.custom_op("rlhf_ops::attention_tree_fwd", mutates_args=())
+def attention_tree_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, parent: Tensor,
+                       max_seqlen: int, scale: float, softcap: float,
+                       backend: str) -> tuple[Tensor, Tensor]:
+    """q [N, Hq, D], k/v [N, Hkv, D], cu_seqlens int32 [n + 1], parent int32 [n] → (out [N, Hq, D]
+    contiguous, lse [2, Hq, N]: the base-2 pair (m, log2 l) per row, as the varlen op)."""
+    _tree_backend(backend)
+    q, k, v = (_unit_last(t, backend) for t in (q, k, v))
+    return _backend.triton_kernels("attention").tree_forward(
+        q, k, v, cu_seqlens.contiguous(), parent.contiguous(), max_seqlen, scale, softcap)
+
+
+@attention_tree_fwd.register_fake
+def _(q, k, v, cu_seqlens, parent, max_seqlen, scale, softcap, backend):
+    N, Hq, D = q.shape
+    return q.new_empty((N, Hq, D)), q.new_empty((2, Hq, N), dtype=_checks.acc_dtype(q.dtype))
+
+
+@torch.library.custom_op("rlhf_ops::attention_tree_bwd", mutates_args=())
+def attention_tree_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                       cu_seqlens: Tensor, parent: Tensor, max_seqlen: int, scale: float,
+                       softcap: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """→ (dq like q, dk like k, dv like v), new contiguous tensors."""
+    _tree_backend(backend)
+    dout, q, k, v, out = (_unit_last(t, backend) for t in (dout, q, k, v, out))
+    return _backend.triton_kernels("attention").tree_backward(
+        dout, q, k, v, out, lse, cu_seqlens.contiguous(), parent.contiguous(), max_seqlen, scale,
+        softcap)
+
+
+@attention_tree_bwd.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens, parent, max_seqlen, scale, softcap, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _tree_backend(backend: str) -> None:
+    if backend != "triton":
+        raise NotImplementedError(f"rlhf_ops::attention_tree: no {backend!r} kernels (the capability "
+                           f"table refuses this backend before the op is called)")
+
+
+def _setup_context_tree(ctx, inputs, output):
+    q, k, v, cu, parent, *args = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu, parent)
+    ctx.args = args
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward_tree(ctx, dout, dlse):
+    q, k, v, out, lse, cu, parent = ctx.saved_tensors
+    dq, dk, dv = torch.ops.rlhf_ops.attention_tree_bwd(dout, q, k, v, out, lse, cu, parent, *ctx.args)
+    return (dq, dk, dv, None, None) + (None,) * len(ctx.args)
+
+
+attention_tree_fwd.register_autograd(_backward_tree, setup_context=_setup_context_tree)
+
+
 # -------------------------------------------------------------------------------- validation ---
 
 def _validate_qkv(op: str, q: Tensor, k: Tensor, v: Tensor, layout: str) -> None:
@@ -311,6 +379,67 @@ def _check_cu_seqlens(cu_q: Tensor, cu_k: Tensor, q: Tensor, k: Tensor, max_q, m
                              f"{name} ({int(lens.max())})")
 
 
+def _check_tree(cu: Tensor, parent: Tensor, q: Tensor, k: Tensor, max_seqlen) -> None:
+    """Types and shapes of the tree description; its values (cu_seqlens covers the N tokens,
+    parent[s] < s, depth-first pre-order, max_seqlen ≥ every "ancestors ‖ s" length) eagerly for
+    CPU tensors and with RLHF_OPS_DEBUG=1 for CUDA tensors (a host sync)."""
+    op = OP_TREE
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"rlhf_ops.{op}: q, k and v must hold the same N packed tokens (shape[0]), "
+                         f"got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    for name, t, what in (("cu_seqlens", cu, "[n + 1] (0, then the cumulative segment lengths)"),
+                          ("parent", parent, "[n] (each segment's parent, −1 for a root)")):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"rlhf_ops.{op}: {name} must be a torch.Tensor (int32 {what}), got "
+                            f"{type(t).__name__}")
+        if t.dtype != torch.int32:
+            raise TypeError(f"rlhf_ops.{op}: {name} must have dtype int32, got "
+                            f"{str(t.dtype).replace('torch.', '')}")
+        if t.dim() != 1:
+            raise ValueError(f"rlhf_ops.{op}: {name} must be 1-D {what}, got shape {tuple(t.shape)}")
+    if cu.shape[0] != parent.shape[0] + 1:
+        raise ValueError(f"rlhf_ops.{op}: cu_seqlens must have one entry more than parent (n + 1 "
+                         f"and n for n segments), got {cu.shape[0]} and {parent.shape[0]}")
+    _checks.same_device(op, "q", q, cu_seqlens=cu, parent=parent)
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, (int, torch.SymInt)):
+        raise TypeError(f"rlhf_ops.{op}: max_seqlen must be a Python int (the longest "
+                        f"\"ancestors ‖ segment\" length), got {type(max_seqlen).__name__}")
+    if max_seqlen < 0:
+        raise ValueError(f"rlhf_ops.{op}: max_seqlen must be ≥ 0, got {max_seqlen}")
+    if q.device.type == "meta" or not _backend.debug_checks(q.device) or torch.compiler.is_compiling():
+        return
+    c, par = cu.cpu().tolist(), parent.cpu().tolist()
+    if c[0] != 0:
+        raise ValueError(f"rlhf_ops.{op}: cu_seqlens must start at 0, got {c[0]}")
+    for s in range(len(par)):
+        if c[s + 1] < c[s]:
+            raise ValueError(f"rlhf_ops.{op}: cu_seqlens must be non-decreasing, but entry {s + 1} "
+                             f"({c[s + 1]}) is smaller than entry {s} ({c[s]})")
+    if c[-1] != q.shape[0]:
+        raise ValueError(f"rlhf_ops.{op}: the last entry of cu_seqlens ({c[-1]}) must equal the "
+                         f"number of packed tokens q.shape[0] = {q.shape[0]}: the segments must "
+                         f"cover every token")
+    path: list[int] = []            # the ancestors of the previous segment and itself, root first
+    total = [0] * len(par)          # "ancestors ‖ s" lengths
+    for s, p in enumerate(par):
+        if not -1 <= p < s:
+            raise ValueError(f"rlhf_ops.{op}: parent[{s}] = {p}: a segment's parent must be an "
+                             f"earlier segment (0 ≤ parent[s] < s) or −1 for a root")
+        # pre-order: s is a child of the previous segment or of one of its ancestors (so that
+        # every segment's descendants come right after it)
+        if p != -1 and p not in path:
+            raise ValueError(f"rlhf_ops.{op}: the segments are not in depth-first pre-order: "
+                             f"segment {s}'s parent {p} is neither segment {s - 1} nor one of its "
+                             f"ancestors (a segment's descendants must come right after it)")
+        path = path[:path.index(p) + 1] if p != -1 else []
+        path.append(s)
+        total[s] = c[s + 1] - c[s] + (total[p] if p != -1 else 0)
+    if total and max(total) > max_seqlen:
+        s = total.index(max(total))
+        raise ValueError(f"rlhf_ops.{op}: max_seqlen = {max_seqlen} is smaller than the longest "
+                         f"\"ancestors ‖ segment\" length ({total[s]}, segment {s})")
+
+
 # ------------------------------------------------------------------------------ public API ---
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: float | None = None,
@@ -380,4 +509,41 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     out, _ = torch.ops.rlhf_ops.attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k,
                                                      int(max_seqlen_q), int(max_seqlen_k), bool(causal),
                                                      scale, left, right, softcap, be)
+    return out
+
+
+def attention_tree(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, parent: Tensor,
+                   max_seqlen: int, *, scale: float | None = None, softcap: float = 0.0,
+                   backend: str | None = None) -> Tensor:
+    """Shared-prefix (tree) attention: packed segments that form a forest, each token attending to
+    its ancestors' tokens and, causally, to its own segment.
+
+    q [N, Hq, D]; k, v [N, Hkv, D] (GQA as ``attention``). ``cu_seqlens`` int32 [n + 1] cuts the N
+    tokens into n segments (empty ones allowed); ``parent`` int32 [n]: parent[s] is the segment
+    that s continues (−1 for a root), parent[s] < s, and the segments come in depth-first
+    pre-order (the descendants of s are the segments right after it). ``max_seqlen``: a Python int
+    ≥ the longest "ancestors ‖ s" length. A token of segment s attends to every token of every
+    ancestor of s and to the tokens of s up to itself: equal, forward and backward, to
+    ``attention_varlen`` on the sequences "ancestors ‖ s" (root first) of every s, with each
+    token's output taken once and its k/v gradients summed over every sequence that holds it.
+    A GRPO group is a prompt (root) with G completions (children): the prompt is computed once
+    instead of G times. ``scale``, ``softcap`` as in ``attention``. Returns [N, Hq, D] like q.
+
+    The tree's values are checked eagerly for CPU tensors (RLHF_OPS_DEBUG=1 for CUDA ones). The
+    Triton kernels visit keys by loop bounds: a query block walks its ancestors (parent[] in the
+    kernel) and its own segment's causal blocks; the dK/dV program of a key block walks the
+    queries of its segment and the one contiguous token range of its descendants, so the
+    backward is deterministic (no atomics) and needs no host-side metadata. The cuda backend does
+    not implement it (the capability table refuses it).
+    """
+    _validate_qkv(OP_TREE, q, k, v, "NHD")
+    _check_tree(cu_seqlens, parent, q, k, max_seqlen)
+    scale = _scale_arg(OP_TREE, scale, q.shape[-1])
+    softcap = _softcap_arg(OP_TREE, softcap)
+    be = _backend.resolve(OP_TREE, backend, q.device)
+    if be == "reference":
+        return reference.attention_tree(q, k, v, cu_seqlens, parent, max_seqlen, scale, softcap)
+    _check_backend_support(OP_TREE, be, q, parent.shape[0], None, True, softcap)
+    out, _ = torch.ops.rlhf_ops.attention_tree_fwd(q, k, v, cu_seqlens, parent, int(max_seqlen),
+                                                   scale, softcap, be)
     return out
