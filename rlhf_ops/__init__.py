@@ -14,7 +14,7 @@ see ``available_backends()`` and ``use_backend()``.
 """
 from ._backend import available_backends, use_backend
 from .batch_invariant import ParityReport, batch_invariant, is_batch_invariant, logprob_parity
-from .attention import attention, attention_varlen
+from .attention import attention, attention_tree, attention_varlen
 from .cross_entropy import cross_entropy, linear_cross_entropy
 from .kl import kl_from_logprobs, kl_penalty, ppo_rewards
 from .logprobs import linear_token_logprobs, token_logprobs
@@ -27,7 +27,7 @@ from .reward import pairwise_reward_loss, reward_at_last_token
 __version__ = "0.1.0"
 
 __all__ = [
-    "available_backends", "use_backend", "attention", "attention_varlen", "unpad", "pad",
+    "available_backends", "use_backend", "attention", "attention_varlen", "attention_tree", "unpad", "pad",
     "cross_entropy", "linear_cross_entropy",
     "pairwise_reward_loss", "reward_at_last_token", "token_logprobs", "kl_penalty", "ppo_rewards",
     "linear_token_logprobs", "kl_from_logprobs",

@@ -43,6 +43,7 @@ AUTO_PREFERENCE = {
     "linear_cross_entropy": ("triton", "cuda", "reference"),
     "attention": ("triton", "cuda", "reference"),
     "attention_varlen": ("triton", "cuda", "reference"),
+    "attention_tree": ("triton", "reference"),          # no cuda kernels (LIMITS refuses it)
     "pairwise_reward_loss": ("triton", "cuda", "reference"),
     "token_logprobs": ("triton", "cuda", "reference"),
     "linear_token_logprobs": ("triton", "cuda", "reference"),
@@ -300,10 +301,19 @@ _ATTENTION_LIMITS = (
           exact=True),
 )
 
+# attention_tree: the cuda backend has no tree kernels; triton's limits (grid, head dims, the
+# interpreter's bf16 tl.dot) as for attention
+_TREE_LIMITS = (
+    Limit(("cuda",), ValueError, lambda x: True,
+          lambda x: "the cuda backend does not support attention_tree (shared-prefix tree "
+                    "attention has Triton kernels only); use backend='triton' or 'reference'"),
+) + tuple(limit for limit in _ATTENTION_LIMITS if limit.backends != ("cuda",))
+
 # op -> its limits beyond availability (ops not named here run whatever their backends get)
 LIMITS: dict[str, tuple[Limit, ...]] = {
     "attention": _ATTENTION_LIMITS,
     "attention_varlen": _ATTENTION_LIMITS,
+    "attention_tree": _TREE_LIMITS,
 }
 
 

@@ -85,6 +85,9 @@ def _softmax_attend(q, k, v, visible, scale, softcap):
         v = v.repeat_interleave(Hq // Hkv, dim=-3)
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
     if softcap > 0:                          # Gemma-2: s → c·tanh(s / c), before the mask
+        # pairs outside the mask (the packed ops' padding: q = 0 against a key holding ±inf is
+        # 0·∞ = NaN) are scored 0 first, so that tanh's backward never multiplies 0 by NaN
+        s = torch.where(visible, s, torch.zeros((), dtype=s.dtype, device=s.device))
         s = softcap * torch.tanh(s / softcap)
     s = s.masked_fill(~visible, float("-inf"))
     p = torch.softmax(s, dim=-1)
@@ -143,6 +146,59 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     t = torch.arange(Nq, device=q.device)
     b = torch.searchsorted(cu_q[1:], t, right=True).clamp(max=max(n - 1, 0))
     return o[b, :, t - cu_q[b]]              # [Nq, Hq, D]
+
+
+def tree_ancestry(parent):
+    """anc [n, n] bool, anc[s, a]: segment a is s or an ancestor of s, for a forest in depth-first
+    pre-order (parent[s] < s). a's subtree is the segments a … end(a) − 1, where end(a) is the first
+    j > a with parent[j] < a (else n): a ≤ s < end(a)."""
+    n = parent.shape[0]
+    j = torch.arange(n, device=parent.device)
+    if n == 0:
+        return torch.zeros((0, 0), dtype=torch.bool, device=parent.device)
+    leaves = (j[None, :] > j[:, None]) & (parent.long()[None, :] < j[:, None])     # [a, j]
+    end = torch.where(leaves, j[None, :], torch.full_like(j[None, :], n)).amin(1)   # [a]
+    return (j[None, :] <= j[:, None]) & (j[:, None] < end[None, :])
+
+
+def attention_tree(q, k, v, cu_seqlens, parent, max_seqlen, scale=None, softcap=0.0):
+    """Shared-prefix (tree) attention as attention over the sequences "ancestors ‖ s": q, k, v
+    [N, H, D] pack n segments (cu_seqlens int32 [n + 1]) that form a forest in depth-first
+    pre-order (parent int32 [n], −1 for a root, parent[s] < s). Query i of segment s sees every
+    token of every ancestor of s and the tokens 0 … i of s: bottom-right causal attention of the
+    L_s queries of s against its A_s + L_s keys "ancestors (root first) ‖ s".
+
+    Each segment's key sequence is gathered into a [n, max_seqlen] block (max_seqlen, a Python
+    int ≥ every A_s + L_s, fixes the shapes: no host sync); the gradient of a token's k/v is the
+    sum over every sequence that holds it (the gather's backward).
+    """
+    N, Hq, D = q.shape
+    n = parent.shape[0]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    dev = q.device
+    cu = cu_seqlens.long()
+    L = cu[1:] - cu[:-1]                                             # [n] segment lengths
+    held = tree_ancestry(parent).to(L.dtype) * L[None, :]            # [s, a] tokens of a in s's keys
+    ends = held.cumsum(1)                                            # [s, a] end of a's run in them
+    total = ends[:, -1:] if n else ends.new_zeros((0, 1))            # [s, 1] A_s + L_s
+    slot = torch.arange(max_seqlen, device=dev).expand(n, max_seqlen).contiguous()   # [n, max]
+    seg = torch.searchsorted(ends, slot, right=True).clamp(max=max(n - 1, 0))   # segment of a slot
+    key_tok = cu[seg] + slot - (ends - held).gather(1, seg)          # its packed token
+    key_tok = torch.where(slot < total, key_tok, N)                  # past the end: a zero row
+    q_tok = torch.where(slot < L[:, None], cu[:-1, None] + slot, N)
+    # query slot i sees key slot j iff i < L_s and j ≤ i + A_s (bottom-right causal, S − T = A_s)
+    visible = (slot[:, :, None] < L[:, None, None]) & \
+        (slot[:, None, :] <= slot[:, :, None] + (total - L[:, None])[:, :, None])
+
+    def blocks(x, idx):                      # [N, H, D] → [n, H, max_seqlen, D]
+        x = torch.cat([x, x.new_zeros((1,) + tuple(x.shape[1:]))])
+        return x[idx].transpose(1, 2)
+
+    o = _softmax_attend(blocks(q, q_tok), blocks(k, key_tok), blocks(v, key_tok), visible[:, None],
+                        scale, softcap)
+    t = torch.arange(N, device=dev)
+    b = torch.searchsorted(cu[1:], t, right=True).clamp(max=max(n - 1, 0))
+    return o[b, :, t - cu[b]]                # [N, Hq, D]
 
 
 # ---------------------------------------------------------------------- pairwise reward loss ---
