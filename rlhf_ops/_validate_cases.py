@@ -337,6 +337,17 @@ def _tree(gen, big):
                   names=("q", "k", "v", "cu_seqlens", "parent"))
 
 
+def _tree_chain(gen, big):      # multi-turn: prompt → answer → user turn → two answers (one empty); a branch
+    lens = [11, 6, 5, 7, 0, 3, 5] if not big else [300, 120, 65, 200, 0, 97, 150]
+    parent = [-1, 0, 1, 2, 2, 0, 5]
+    total = [0] * len(lens)
+    for s, p in enumerate(parent):
+        total[s] = lens[s] + (total[p] if p >= 0 else 0)
+    q, k, v = _qkv(gen, (sum(lens), 4, 64), (sum(lens), 1, 64))
+    return Inputs((q, k, v, _cu(lens), torch.tensor(parent, dtype=torch.int32), max(total)), grad=(0, 1, 2),
+                  names=("q", "k", "v", "cu_seqlens", "parent"))
+
+
 # gae(rewards, values, mask) -> (advantages, returns): forward only (a return, not a loss)
 def _gae_dense(gen, big):
     B, T = 3, _size(big, 37, 2049)
@@ -446,6 +457,7 @@ OPS = (
     )),
     Op("attention_tree", _plain_call, (
         Case("a prompt and 3 completions (one empty), GQA", _tree, quick=True),
+        Case("depth 3: turns with branches, an empty one, MQA, softcap 30", _tree_chain, dict(softcap=30.0)),
     )),
     Op("gae", _plain_call, (
         Case("[B, T], masks with gaps, a fully masked row", _gae_dense, dict(gamma=0.99, lam=0.95), quick=True),

@@ -168,6 +168,12 @@ def _compile_cases(be):
         "attention_varlen": (lambda q, k, v, cu, m: ro.attention_varlen(q, k, v, cu, cu, m, m, backend=be),
                              lambda n: (rows(2 * n + 1, 2, 16), rows(2 * n + 1, 1, 16), rows(2 * n + 1, 1, 16),
                                         torch.tensor([0, n, 2 * n + 1], dtype=torch.int32, device=dev), n + 1)),
+        # a prompt of n tokens, two completions (n + 1 and n − 2 tokens) and a grandchild of one token
+        "attention_tree": (lambda q, k, v, cu, p, m: ro.attention_tree(q, k, v, cu, p, m, backend=be),
+                           lambda n: (rows(3 * n, 2, 16), rows(3 * n, 1, 16), rows(3 * n, 1, 16),
+                                      torch.tensor([0, n, 2 * n + 1, 3 * n - 1, 3 * n], dtype=torch.int32,
+                                                   device=dev),
+                                      torch.tensor([-1, 0, 0, 2], dtype=torch.int32, device=dev), 3 * n)),
         "kl_from_logprobs": (lambda a, b: ro.kl_from_logprobs(a, b, beta=0.1, estimator="k3").kl,
                              lambda n: (rows(2, n), torch.randn(2, n, device=dev))),
         "ppo_rewards": (lambda p, s, m: ro.ppo_rewards(p, s, m),

@@ -41,6 +41,9 @@ def valid(name):
                                  cu_seqlens_q=torch.tensor([0, 3, 8], dtype=i32),
                                  cu_seqlens_k=torch.tensor([0, 4, 10], dtype=i32),
                                  max_seqlen_q=5, max_seqlen_k=6),
+        "attention_tree": dict(q=_f(8, 2, 16), k=_f(8, 1, 16), v=_f(8, 1, 16),
+                               cu_seqlens=torch.tensor([0, 3, 5, 8], dtype=i32),
+                               parent=torch.tensor([-1, 0, 0], dtype=i32), max_seqlen=6),
         "unpad": dict(x=_f(2, 4, 3), attention_mask=torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])),
         "pad": dict(x_packed=_f(5, 3), indices=torch.tensor([0, 1, 4, 5, 6]), batch=2, seqlen=4),
         "cross_entropy": dict(logits=_f(3, 11), target=torch.tensor([0, 5, 10])),
@@ -114,6 +117,16 @@ CASES = [
     _row("attention_varlen", "negative_size", "max_seqlen_q", lambda a: dict(max_seqlen_q=-1), ValueError),
     _row("attention_varlen", "negative_size", "window", lambda a: dict(window=(0, -3)), ValueError),
     _row("attention_varlen", "unknown_string", "backend", lambda a: dict(backend="Triton"), ValueError),
+    # ---- attention_tree
+    _row("attention_tree", "dtype", "q", lambda a: dict(q=a["q"].long()), TypeError),
+    _row("attention_tree", "dtype", "parent", lambda a: dict(parent=a["parent"].long()), TypeError),
+    _row("attention_tree", "shape", "q", lambda a: dict(q=a["q"][None]), ValueError),
+    _row("attention_tree", "shape", "parent", lambda a: dict(parent=a["parent"][:2]), ValueError),
+    _row("attention_tree", "device", "parent", lambda a: dict(parent=_meta(a["parent"])), ValueError),
+    _row("attention_tree", "nonfinite", "scale", lambda a: dict(scale=math.nan), ValueError),
+    _row("attention_tree", "nonfinite", "softcap", lambda a: dict(softcap=math.inf), ValueError),
+    _row("attention_tree", "negative_size", "max_seqlen", lambda a: dict(max_seqlen=-1), ValueError),
+    _row("attention_tree", "unknown_string", "backend", lambda a: dict(backend="flash"), ValueError),
     # ---- unpad / pad
     _row("unpad", "dtype", "attention_mask", lambda a: dict(attention_mask=a["attention_mask"].float()), TypeError),
     _row("unpad", "shape", "attention_mask", lambda a: dict(attention_mask=a["attention_mask"][:, :3]), ValueError),
@@ -277,6 +290,7 @@ CASES += [_row(fn, "negative_size", "vocab_offset", lambda a: dict(vocab_offset=
 NOT_APPLICABLE = {
     "attention": {"requires_grad": "q, k, v all take gradients"},
     "attention_varlen": {"requires_grad": "cu_seqlens are int32 (cannot require grad)"},
+    "attention_tree": {"requires_grad": "cu_seqlens and parent are int32 (cannot require grad)"},
     "unpad": {"nonfinite": "no scalar option", "negative_size": "no size argument",
               "unknown_string": "no string option", "requires_grad": "x takes a gradient, the mask is integer"},
     "pad": {"nonfinite": "no scalar option", "unknown_string": "no string option",
@@ -341,7 +355,7 @@ def test_use_backend_unknown_name():
 
 def test_non_tensor_arguments_are_type_errors():
     # a list where a tensor belongs: TypeError naming the argument, for each function's first tensor
-    firsts = {"attention": "q", "attention_varlen": "q", "unpad": "x", "pad": "x_packed",
+    firsts = {"attention": "q", "attention_varlen": "q", "attention_tree": "q", "unpad": "x", "pad": "x_packed",
               "cross_entropy": "logits", "linear_cross_entropy": "hidden", "pairwise_reward_loss": "rewards",
               "reward_at_last_token": "hidden", "token_logprobs": "logits", "kl_penalty": "logits",
               "ppo_rewards": "penalty", "linear_token_logprobs": "hidden", "kl_from_logprobs": "logprobs",

@@ -141,6 +141,16 @@ def _case_attention_varlen():
         lambda o: _is(o, (13, 4, 64), torch.float16)
 
 
+def _case_attention_tree():
+    def build():
+        cu = torch.tensor([0, 5, 9, 9, 13], dtype=torch.int32, device=CUDA)
+        parent = torch.tensor([-1, 0, 0, 2], dtype=torch.int32, device=CUDA)
+        return _r(13, 4, 64, dtype=torch.bfloat16), _r(13, 2, 64, dtype=torch.bfloat16), \
+            _r(13, 2, 64, dtype=torch.bfloat16), cu, parent
+    return build, lambda q, k, v, cu, p, be: ro.attention_tree(q, k, v, cu, p, 9, softcap=20.0, backend=be), \
+        lambda o: _is(o, (13, 4, 64), torch.bfloat16)
+
+
 def _case_pad():
     def build():
         return _r(7, 3, 16), torch.tensor([0, 1, 2, 5, 6, 8, 9], device=CUDA)
@@ -258,6 +268,7 @@ CASES = {
     "linear_cross_entropy": _case_linear_cross_entropy,
     "attention": _case_attention,
     "attention_varlen": _case_attention_varlen,
+    "attention_tree": _case_attention_tree,
     "pad": _case_pad,
     "pairwise_reward_loss": _case_pairwise_reward_loss,
     "reward_at_last_token": _case_reward_at_last_token,
@@ -278,8 +289,8 @@ NO_BACKEND = {"pad", "reward_at_last_token", "ppo_rewards", "kl_from_logprobs", 
               "group_advantages", "sequence_logprobs", "preference_loss"}
 # Documented host syncs: unpad reads the row lengths once (the packed size is data-dependent).
 SYNCS = {"unpad"}
-# What the cuda backend refuses by design (DESIGN: window/softcap are reference + Triton).
-CUDA_REFUSES = {"attention_window"}
+# What the cuda backend refuses by design (DESIGN: window/softcap and the tree op are reference + Triton).
+CUDA_REFUSES = {"attention_window", "attention_tree"}
 EXTRA = {"attention_window": _case_attention_window, "token_logprobs_k_entropy": _case_token_logprobs_k_entropy}
 
 

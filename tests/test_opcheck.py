@@ -155,6 +155,29 @@ def _varlen_bwd(be, dev):
     return out
 
 
+def _tree_inputs(be, dev, grad):
+    # a prompt with two completions (one empty) and a grandchild: ancestors walked, descendants' range
+    _, Hq, Hkv, _, _, D, dt = _attn_shape(be)
+    cu = torch.tensor([0, 4, 7, 7, 9], dtype=torch.int32, device=dev)
+    parent = torch.tensor([-1, 0, 0, 2], dtype=torch.int32, device=dev)
+    q = _f(9, Hq, D, dtype=dt, device=dev, grad=grad)
+    k, v = (_f(9, Hkv, D, dtype=dt, device=dev, grad=grad) for _ in range(2))
+    return q, k, v, cu, parent, 7
+
+
+def _tree_fwd(be, dev):
+    q, k, v, cu, parent, m = _tree_inputs(be, dev, True)
+    return [dict(q=q, k=k, v=v, cu_seqlens=cu, parent=parent, max_seqlen=m, scale=0.25, softcap=cap,
+                 backend=be) for cap in (0.0, 5.0)]
+
+
+def _tree_bwd(be, dev):
+    q, k, v, cu, parent, m = _tree_inputs(be, dev, False)
+    o, lse = torch.ops.rlhf_ops.attention_tree_fwd(q, k, v, cu, parent, m, 0.25, 5.0, be)
+    return [dict(dout=torch.randn_like(o), q=q, k=k, v=v, out=o, lse=lse, cu_seqlens=cu, parent=parent,
+                 max_seqlen=m, scale=0.25, softcap=5.0, backend=be)]
+
+
 def _call(name, **named):
     """Call rlhf_ops::<name> with named arguments (schema order, defaults filled)."""
     op = getattr(torch.ops.rlhf_ops, name).default
@@ -246,6 +269,8 @@ SAMPLES = {
     "attention_bwd": _attn_bwd,
     "attention_varlen_fwd": _varlen_fwd,
     "attention_varlen_bwd": _varlen_bwd,
+    "attention_tree_fwd": _tree_fwd,
+    "attention_tree_bwd": _tree_bwd,
     "pairwise_reward_fwd": _reward_fwd,
     "token_logprobs_fwd": _tl_fwd,
     "token_logprobs_bwd": _tl_bwd,
