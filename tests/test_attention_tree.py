@@ -352,7 +352,12 @@ def test_meta_backward_and_lse_shape():
 def test_bench_shape_flops_and_bytes():
     """The bench shape (P = 4,096, R = 1,024, G = 8, H = 32, D = 128, bf16): attention FLOPs and
     bytes kept for backward of one layer, tree vs the expanded varlen batch, on the meta device."""
-    from bench.bench_attention_tree import costs
+    import os
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:          # bench/ lives beside tests/, not installed
+        sys.path.insert(0, root)
+    from bench.bench_attention_tree import costs, main
 
     c = costs(P=4096, R=1024, G=8, H=32, D=128)
     # causal pairs: prompt P(P+1)/2, each completion R·P + R(R+1)/2; 4·D flops per pair forward
@@ -365,6 +370,13 @@ def test_bench_shape_flops_and_bytes():
     ratio = c["varlen"]["saved_bytes"] / c["tree"]["saved_bytes"]
     assert abs(ratio - 40960 / 12288) < 1e-9, ratio
     assert c["varlen"]["fwd_flops"] / c["tree"]["fwd_flops"] > 1.5
+    # the bench script's CPU smoke run: every implementation runs (reference backend, tiny shapes)
+    import importlib.util
+    rows, _ = main(["--size", "smoke"])
+    expect = {("attention_tree", "tree_reference"), ("attention_tree", "expanded_reference")}
+    if importlib.util.find_spec("transformers"):      # the GRPO step runs a transformers Llama
+        expect |= {("grpo_step", "shared"), ("grpo_step", "unshared")}
+    assert {(r["op"], r["impl"]) for r in rows if r["status"] == "ok"} == expect, rows
 
 
 # ------------------------------------------------------------------------------ bad inputs ---
