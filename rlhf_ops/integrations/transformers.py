@@ -395,6 +395,10 @@ def _attention_forward(module, query: Tensor, key: Tensor, value: Tensor,
     if dt is not None:     # under autocast, attention runs in its dtype (as SDPA and flash-attn do)
         q, k, v = q.to(dt), k.to(dt), v.to(dt)
 
+    if kwargs.get("rlhf_ops_tree") is not None:     # a shared-prefix batch (integrations.tree)
+        from .tree import tree_attention
+        return tree_attention(q, k, v, kwargs["rlhf_ops_tree"], module_name=name, **opts), None
+
     if attention_mask is not None:
         if attention_mask.dim() != 2:
             raise ValueError(_err(f"{name}: got a {attention_mask.dim()}-D attention mask of shape "
