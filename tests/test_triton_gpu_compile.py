@@ -100,6 +100,12 @@ def _all_ops():
             cu = torch.tensor([0, 7, 20], dtype=torch.int32)
             ro.attention_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), k[0].transpose(0, 1), cu, cu, 13, 13,
                                 window=(4, 0), softcap=2.0, backend="triton").sum().backward()
+        if dt in (torch.float64, torch.float16):  # the tree variant (IS_TREE): ancestors walked, descendants' range
+            cu = torch.tensor([0, 7, 12, 12, 20], dtype=torch.int32)
+            parent = torch.tensor([-1, 0, 0, 2], dtype=torch.int32)
+            qt, kt = q[0].transpose(0, 1), k[0].transpose(0, 1)
+            ro.attention_tree(qt, kt, kt, cu, parent, 15, softcap=2.0 if dt == torch.float64 else 0.0,
+                              backend="triton").sum().backward()
 
 
 def _compile(specs, cc):
@@ -157,7 +163,11 @@ def test_triton_kernels_compile_for_gpu(tmp_path):
 
 ARCH_SMEM = {80: 163 * 1024, 90: 227 * 1024}     # opt-in shared memory per block
 AUDIT_CLASSES = (("bf16", "ieee", 2), ("fp32", "ieee", 4), ("fp32", "tf32", 4))
-_NOT_DIVISIBLE = {"G", "T", "S", "H", "WL", "WR", "slb", "slh"}     # lengths, window, lse strides
+_NOT_DIVISIBLE = {"G", "T", "S", "H", "WL", "WR", "slb", "slh", "n_seg"}     # lengths, window, lse strides
+# The tree variant (IS_TREE: shared-prefix attention, causal with softcap, no window) is audited
+# as well, at the widest head each config may run it (ka.select(tree=True)): the ancestor walk adds
+# a copy of the inner loop to the forward and dQ kernels.
+TREE_CLASSES = AUDIT_CLASSES
 
 
 def attention_audit_tasks():
@@ -167,12 +177,13 @@ def attention_audit_tasks():
     for cc, limit in ARCH_SMEM.items():
         for kernel in ka.TABLES:
             for dtype, prec, elem in AUDIT_CLASSES:
-                widest = {}
-                for block_d in (16, 32, 64, 128, 256):
-                    for row in ka.select(kernel, block_d, elem, limit):
-                        widest[row] = block_d
-                tasks += [dict(kernel=kernel, cfg=list(row[:4]), dtype=dtype, prec=prec, D=d, cc=cc)
-                          for row, d in widest.items()]
+                for tree in ((False, True) if (dtype, prec, elem) in TREE_CLASSES else (False,)):
+                    widest = {}
+                    for block_d in (16, 32, 64, 128, 256):
+                        for row in ka.select(kernel, block_d, elem, limit, tree=tree):
+                            widest[row] = block_d
+                    tasks += [dict(kernel=kernel, cfg=list(row[:4]), dtype=dtype, prec=prec, D=d, cc=cc,
+                                   **({"tree": True} if tree else {})) for row, d in widest.items()]
         for dtype in ("bf16", "fp32"):
             tasks.append(dict(kernel="delta", cfg=[64, 0, 4, 1], dtype=dtype, prec="ieee", D=256, cc=cc))
     return tasks
@@ -188,8 +199,10 @@ def _attention_source(task):
           "delta": ka._attn_bwd_delta}[task["kernel"]]
     bm, bn = task["cfg"][:2]
     block_d = max(16, 1 << (task["D"] - 1).bit_length())
-    consts = dict(HEAD_DIM=task["D"], IS_VARLEN=True, HAS_LEFT=True, HAS_RIGHT=True, SOFTCAP=True,
-                  PREC=task["prec"], FP64=False, FWD_ORIENT=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d)
+    tree = task.get("tree", False)
+    consts = dict(HEAD_DIM=task["D"], IS_VARLEN=True, IS_TREE=tree, HAS_LEFT=not tree, HAS_RIGHT=True,
+                  SOFTCAP=True, PREC=task["prec"], FP64=False, FWD_ORIENT=False, BLOCK_M=bm, BLOCK_N=bn,
+                  BLOCK_D=block_d)
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -197,7 +210,7 @@ def _attention_source(task):
             sig[name] = "constexpr"
         elif name in ("M2", "L2", "DELTA"):
             sig[name] = "*fp32"
-        elif name in ("CU_Q", "CU_K"):
+        elif name in ("CU_Q", "CU_K", "PARENT"):
             sig[name] = "*i32"
         elif name in ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ"):
             sig[name] = "*" + task["dtype"]
@@ -248,10 +261,12 @@ def run_attention_audit(jobs: int):
 def format_audit(results):
     rows = ["| kernel | arch | BLOCK_M×BLOCK_N, warps, stages | dtype | D | regs | spill B | smem KB |",
             "|---|---|---|---|---|---|---|---|"]
-    for r in sorted(results, key=lambda r: (r["kernel"], r["cc"], r["dtype"] + r["prec"], r["cfg"], r["D"])):
+    for r in sorted(results, key=lambda r: (r["kernel"], r.get("tree", False), r["cc"], r["dtype"] + r["prec"],
+                                            r["cfg"], r["D"])):
         bm, bn, w, st = r["cfg"]
         dt = r["dtype"] if r["dtype"] == "bf16" else f"fp32 ({r['prec']})"
-        rows.append(f"| {r['kernel']} | sm_{r['cc']} | {bm}×{bn}, w{w}, s{st} | {dt} | {r['D']} | "
+        kernel = r["kernel"] + (" (tree)" if r.get("tree") else "")
+        rows.append(f"| {kernel} | sm_{r['cc']} | {bm}×{bn}, w{w}, s{st} | {dt} | {r['D']} | "
                     + (f"{r['regs']} | {r['spill']} | {r['smem'] / 1024:.1f} |" if "error" not in r
                        else f"error: {r['error'][:80]} | | |"))
     return "\n".join(rows)
