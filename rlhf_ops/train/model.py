@@ -7,11 +7,18 @@
 The LM loss never materialises a softmax here: it goes through ``rlhf_ops.linear_cross_entropy``.
 ``ScalarHeadGPT`` is the same trunk with the unembedding replaced by a scalar head: the reward model
 reads it at each response's last real token, the PPO value model at every token.
+
+Shared-prefix batches (``TreeBatch``, ``pack_rollout``): the rows of a rollout packed as a forest —
+per group of rows with one prompt, the prompt once (a root) and each row's response (a child) —
+run with ``rlhf_ops.attention_tree``, positions continuing from the prompt's length. The
+log-probs (``GPT.forward(tree=..., logprobs_of=...)``) and values (``ScalarHeadGPT``) are taken
+at the response's action positions only: the same numbers as the dense padded forward there.
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -44,6 +51,80 @@ class MLP(nn.Module):
         return self.proj(F.gelu(self.fc(x)))
 
 
+class TreeBatch(NamedTuple):
+    """Packed tokens that form a forest (``rlhf_ops.attention_tree``) and where a dense rollout's
+    action positions are in it."""
+    idx: torch.Tensor        # [N] tokens, segment after segment
+    pos: torch.Tensor        # [N] positions: the ancestors' total length + index in the segment
+    cu: torch.Tensor         # int32 [n + 1] segment offsets
+    parent: torch.Tensor     # int32 [n] (−1: a root)
+    max_seqlen: int          # the longest "ancestors ‖ segment"
+    sel: torch.Tensor        # bool [B, T] the dense positions that are taken (the mask's)
+    rows: torch.Tensor       # [M] the packed row of each taken position, in sel's row-major order
+
+    @property
+    def tokens(self) -> int:
+        return int(self.idx.shape[0])
+
+    def scatter(self, values: torch.Tensor) -> torch.Tensor:
+        """values [M] at the taken positions → [B, T], 0 elsewhere (differentiable)."""
+        out = values.new_zeros(self.sel.shape)
+        return out.masked_scatter(self.sel, values)
+
+
+def pack_rollout(inp: torch.Tensor, mask: torch.Tensor, group: int = 1) -> TreeBatch:
+    """Rows of a right-padded rollout → a tree batch. Row b of ``inp`` [B, T] is its prompt and
+    then its response (actions at the positions where ``mask`` [B, T] is set: n_b − 1 …
+    n_b + r_b − 2 for a prompt of n_b tokens and a response of r_b); every ``group`` consecutive
+    rows share one prompt. A group becomes a root (the prompt's n tokens) and one child per row
+    (its r_b − 1 response tokens that are inputs); action position n − 1 reads the prompt's last
+    token, shared by the group's rows. Host reads of the lengths (training-loop code, not an op)."""
+    B, T = inp.shape
+    if B % group:
+        raise ValueError(f"pack_rollout: {B} rows do not split into groups of {group}")
+    sel = mask.bool()
+    r = sel.sum(1).tolist()
+    first = torch.where(sel.any(1), sel.float().argmax(1), torch.zeros_like(sel[:, 0], dtype=torch.long)).tolist()
+    idx, pos, cu, parent, rows, total = [], [], [0], [], [], []
+    dev = inp.device
+    for g0 in range(0, B, group):
+        n = first[g0] + 1 if r[g0] else T       # prompt length (a row without actions: all prompt)
+        if any((first[b] + 1 if r[b] else T) != n for b in range(g0, g0 + group)) or \
+                any(not torch.equal(inp[b, :n], inp[g0, :n]) for b in range(g0 + 1, g0 + group)):
+            raise ValueError(f"pack_rollout: rows {g0}..{g0 + group - 1} of a group must share one prompt")
+        root, root_start = len(parent), cu[-1]
+        idx.append(inp[g0, :n])
+        pos.append(torch.arange(n, device=dev))
+        parent.append(-1)
+        cu.append(root_start + n)
+        total.append(n)
+        for b in range(g0, g0 + group):
+            m = max(r[b] - 1, 0)                # response tokens that are inputs
+            start = cu[-1]
+            idx.append(inp[b, n:n + m])
+            pos.append(torch.arange(n, n + m, device=dev))
+            parent.append(root)
+            cu.append(start + m)
+            total.append(n + m)
+            if r[b]:                            # action n − 1 reads the prompt's last token
+                rows.append(torch.cat([torch.tensor([root_start + n - 1], device=dev),
+                                       torch.arange(start, start + m, device=dev)]))
+    i32 = dict(dtype=torch.int32, device=dev)
+    return TreeBatch(torch.cat(idx), torch.cat(pos), torch.tensor(cu, **i32), torch.tensor(parent, **i32),
+                     max(total, default=0), sel,
+                     torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long, device=dev))
+
+
+def _tree_attention(attn: CausalSelfAttention, x: torch.Tensor, tree: TreeBatch) -> torch.Tensor:
+    """The block's attention on packed x [N, d] over the tree (its QKV and output projections)."""
+    N = x.shape[0]
+    D, Hq, Hkv = attn.head_dim, attn.n_heads, attn.n_kv_heads
+    q, k, v = attn.qkv(x).split([Hq * D, Hkv * D, Hkv * D], dim=-1)
+    y = ro.attention_tree(q.view(N, Hq, D), k.view(N, Hkv, D), v.view(N, Hkv, D), tree.cu, tree.parent,
+                          tree.max_seqlen, backend=attn.backend)
+    return attn.proj(y.reshape(N, Hq * D))
+
+
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -51,8 +132,11 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg.d_model, cfg.n_head, backend=cfg.backend)
         self.mlp = MLP(cfg.d_model)
 
-    def forward(self, x, cp_group=None):
-        x = x + self.attn(self.ln1(x), cp_group=cp_group)
+    def forward(self, x, cp_group=None, tree: TreeBatch | None = None):
+        if tree is not None:
+            x = x + _tree_attention(self.attn, self.ln1(x), tree)
+        else:
+            x = x + self.attn(self.ln1(x), cp_group=cp_group)
         return x + self.mlp(self.ln2(x))
 
 
@@ -80,9 +164,18 @@ class Trunk(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, 0.0, 0.02)
 
-    def forward(self, idx, pos=None, cp_group=None):
+    def forward(self, idx, pos=None, cp_group=None, tree: TreeBatch | None = None):
         """``pos``: the tokens' positions (default 0..T−1); ``cp_group``: idx is this rank's zigzag
-        part of every sequence (context parallelism: ring attention over the group)."""
+        part of every sequence (context parallelism: ring attention over the group); ``tree``: the
+        packed tree batch instead of idx (→ h [N, d])."""
+        if tree is not None:
+            if tree.tokens and int(tree.pos.max()) >= self.cfg.block_size:
+                raise ValueError(f"GPT: a tree position reaches {int(tree.pos.max())}, past "
+                                 f"block_size={self.cfg.block_size}")
+            x = self.wte(tree.idx) + self.wpe(tree.pos)
+            for b in self.blocks:
+                x = b(x, tree=tree)
+            return self.ln_f(x)
         T = idx.shape[1]
         if pos is None:
             if T > self.cfg.block_size:
@@ -119,11 +212,20 @@ class GPT(nn.Module):
         self.trunk = Trunk(cfg)
 
     def forward(self, idx, targets=None, reduction: str = "mean", *, logprobs_of=None,
-                temperature: float = 1.0, entropy: bool = False):
+                temperature: float = 1.0, entropy: bool = False, tree: TreeBatch | None = None):
         """idx [B, T] → logits [B, T, V]; with ``targets``: the LM loss (linear_cross_entropy);
         with ``logprobs_of`` (tokens [B, T]): log π(token) [B, T] (and the entropy [B, T] with
         ``entropy=True``) of softmax(logits / temperature) straight from the hidden states
-        (linear_token_logprobs: the fused backends never hold the [B, T, V] logits)."""
+        (linear_token_logprobs: the fused backends never hold the [B, T, V] logits). With
+        ``tree`` (idx unused): the trunk on the tree batch and ``logprobs_of`` = the tokens [M]
+        of its taken positions → their log-probs [M] (``tree.scatter`` makes them [B, T])."""
+        if tree is not None:
+            if logprobs_of is None:
+                raise ValueError("GPT: a tree batch gives log-probs only: pass logprobs_of")
+            _no_cp(self.cfg, "the log-probs of PPO")
+            h = self.trunk(None, tree=tree)[tree.rows]
+            return ro.linear_token_logprobs(h, self.trunk.wte.weight, logprobs_of, temperature=temperature,
+                                            return_entropy=entropy, backend=self.cfg.backend)
         if targets is not None and cp_group(self.cfg) is not None:
             return self._cp_lm_loss(idx, targets, reduction)
         h = self.trunk(idx)
@@ -417,7 +519,8 @@ class ScalarHeadGPT(nn.Module):
     """The trunk with a scalar head r = h·w + b in place of the unembedding.
 
     ``forward(idx)`` → per-token values [B, T] (PPO value model);
-    ``forward(idx, last)`` → one reward per row read at token ``last[i]`` (reward model).
+    ``forward(idx, last)`` → one reward per row read at token ``last[i]`` (reward model);
+    ``forward(None, tree=tree)`` → the values [M] at the tree batch's taken positions.
     """
 
     def __init__(self, cfg: GPTConfig):
@@ -434,8 +537,10 @@ class ScalarHeadGPT(nn.Module):
         m.trunk.load_state_dict(lm.trunk.state_dict())
         return m
 
-    def forward(self, idx, last=None):
+    def forward(self, idx, last=None, tree: TreeBatch | None = None):
         _no_cp(self.cfg, "the reward / value model")
+        if tree is not None:
+            return self.head(self.trunk(None, tree=tree)[tree.rows]).squeeze(-1)
         h = self.trunk(idx)
         if last is None:
             return self.head(h).squeeze(-1)
