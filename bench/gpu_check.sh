@@ -79,8 +79,9 @@ add triton_tests 60 'pytest_groups triton_tests \
   "losses: tests/test_losses*.py | -k triton"'
 
 add triton_attention 55 'pytest_groups triton_attention \
-  "dense: tests/test_attention.py tests/test_attention_edges.py | -k \"triton or tanh\"" \
-  "varlen: tests/test_attention_varlen.py | -k triton"'
+  "dense: tests/test_attention.py | -k triton" \
+  "varlen: tests/test_attention_varlen.py | -k triton" \
+  "edges: tests/test_attention_edges.py"'
 
 add train_tiny 30 '
   $PY -m rlhf_ops.train all --preset tiny --device cuda --out "$LOGS/train_tiny" --set run.progress=false \
