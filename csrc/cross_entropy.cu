@@ -5,7 +5,7 @@
 // its strided share of the row; the block merges them, then
 //   loss = lse − (1−ε)·x_t − ε·Σx/V = log s + (1−ε)·(m − x_t) + ε·(m − x_0 − Σ(x − x_0)/V)
 // (0 if ignored, NaN if t is out of range). lse = m + log s is saved as the pair (m, log s),
-// [N, 2]: rounding m + log s to float would cost ulp(m)/2 (5e-4 at |x| ~ 1e4) in every
+// [2, N]: rounding m + log s to float would cost ulp(m)/2 (5e-4 at |x| ~ 1e4) in every
 // exp(x − lse) of the backward, while x − m is exact for the logits that matter.
 // Backward per element: dx_j = g · (exp((x_j − m) − log s) − (1−ε)·[j = t] − ε/V), written in the
 // logits dtype; ``out`` may alias ``logits`` (in-place backward), so neither is __restrict__.
@@ -89,8 +89,8 @@ ce_fwd_kernel(const scalar_t* __restrict__ x, int64_t stride, const int64_t* __r
       }
     }
     loss[row] = l;
-    lse_out[2 * row] = shift;
-    lse_out[2 * row + 1] = log_s;
+    lse_out[row] = shift;  // lse [2, N]
+    lse_out[N + row] = log_s;
   }
 }
 
@@ -108,7 +108,8 @@ ce_bwd_kernel(const scalar_t* x, int64_t stride_x, scalar_t* dx, int64_t stride_
   const bool valid = t != ignore_index;
   const bool in_range = t >= 0 && t < V_g;
   const acc_t g = grad[row * stride_g];
-  const acc_t shift = lse_in[2 * row], log_s = lse_in[2 * row + 1];
+  // lse [2, N], one block per row: N = gridDim.x
+  const acc_t shift = lse_in[row], log_s = lse_in[static_cast<int64_t>(gridDim.x) + row];
   const acc_t off = eps / static_cast<acc_t>(V_g);
   const scalar_t* xr = x + row * stride_x;
   scalar_t* dr = dx + row * stride_dx;
@@ -177,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits, c
   const int64_t N = logits.size(0);
   const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor loss = at::empty({N}, logits.options().dtype(acc));
-  at::Tensor lse = at::empty({N, 2}, logits.options().dtype(acc));  // (m, log s) per row
+  at::Tensor lse = at::empty({2, N}, logits.options().dtype(acc));  // (m, log s) per row
   if (N == 0) return {loss, lse};
   at::Tensor no_offset, no_stats;
   launch_fwd(logits, target, loss, lse, ignore_index, label_smoothing, no_offset, no_stats);
@@ -225,9 +226,9 @@ void cross_entropy_bwd(const at::Tensor& grad, const at::Tensor& logits, const a
   TORCH_CHECK(grad.dim() == 1 && grad.size(0) == logits.size(0),
               "rlhf_ops_cuda.cross_entropy_bwd: grad must have shape [N] = [", logits.size(0),
               "], got ", grad.sizes());
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == logits.size(0) && lse.size(1) == 2,
-              "rlhf_ops_cuda.cross_entropy_bwd: lse must have shape [N, 2] = [", logits.size(0),
-              ", 2], got ", lse.sizes());
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == 2 && lse.size(1) == logits.size(0),
+              "rlhf_ops_cuda.cross_entropy_bwd: lse must have shape [2, N] = [2, ", logits.size(0),
+              "], got ", lse.sizes());
   TORCH_CHECK(out.sizes() == logits.sizes() && out.scalar_type() == logits.scalar_type() &&
                   (out.size(0) == 0 || out.stride(1) == 1),
               "rlhf_ops_cuda.cross_entropy_bwd: out must match logits in shape and dtype");

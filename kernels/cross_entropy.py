@@ -11,7 +11,7 @@ Forward, two launches and no host sync:
          lse = M + log S,  S = Σ_c s_c·exp(m_c − M),
      reads the target logit and writes
          loss = lse − (1−ε)·x_t − ε·Σx/V = log S + (1−ε)·(M − x_t) + ε·(M − x_0 − Σ(x − x_0)/V)
-     (0 when ignored, NaN when the target is out of range) and lse as the pair (M, log S), [N, 2]:
+     (0 when ignored, NaN when the target is out of range) and lse as the pair (M, log S), [2, N]:
      in fp32, M + log S rounded would cost ulp(M)/2 (5e-4 at |x| ~ 1e4) in every exp(x − lse)
      of the backward, while x − M is exact for the logits that carry the probability.
 Backward, one launch, grid (rows, V / BLOCK):
@@ -94,8 +94,8 @@ def _ce_combine(x_ptr, stride_x, t_ptr, m_ptr, s_ptr, sx_ptr, loss_ptr, lse_ptr,
     loss = tl.where(in_range, loss, float("nan"))
     loss = tl.where(valid, loss, 0.0)
     tl.store(loss_ptr + row, loss)
-    tl.store(lse_ptr + 2 * row, shift)
-    tl.store(lse_ptr + 2 * row + 1, log_s)
+    tl.store(lse_ptr + row, shift)                          # lse [2, N], N = the grid's rows
+    tl.store(lse_ptr + tl.num_programs(0) + row, log_s)
 
 
 @triton.jit
@@ -142,8 +142,8 @@ def _ce_backward(x_ptr, stride_x, dx_ptr, stride_dx, t_ptr, lse_ptr, g_ptr, stri
         off = 0
         V_g = V
     in_range = (t >= 0) & (t < V_g)
-    shift = tl.load(lse_ptr + 2 * row)
-    log_s = tl.load(lse_ptr + 2 * row + 1)
+    shift = tl.load(lse_ptr + row)                          # lse [2, N], N = the grid's rows
+    log_s = tl.load(lse_ptr + tl.num_programs(0) + row)
     g = to_acc(tl.load(g_ptr + row * stride_g), ACC_FP64)
     x = to_acc(tl.load(x_ptr + row * stride_x + cols, mask=inside, other=float("-inf")), ACC_FP64)
     # ∂loss/∂x_j = softmax_j − (1−ε)·[j = t] − ε/V
@@ -167,12 +167,12 @@ def _partials(logits: torch.Tensor, acc: torch.dtype):
 
 
 def forward(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, label_smoothing: float):
-    """logits [N, V] (unit column stride), target [N] → (loss [N], lse [N, 2] = (M, log S)),
+    """logits [N, V] (unit column stride), target [N] → (loss [N], lse [2, N] = (M, log S)),
     fp32 (fp64 for fp64 logits)."""
     N, V = logits.shape
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     loss = torch.empty(N, dtype=acc, device=logits.device)
-    lse = torch.empty(N, 2, dtype=acc, device=logits.device)
+    lse = torch.empty(2, N, dtype=acc, device=logits.device)
     if N == 0:
         return loss, lse
     part, n_chunks, fp64 = _partials(logits, acc)
@@ -207,10 +207,11 @@ def backward(grad_loss, logits, target, lse, out, ignore_index: int, label_smoot
              shard=None):
     """Write d loss / d logits [N, V] into ``out`` (which may be ``logits`` itself). ``shard``:
     None, or int64 [2] = (offset, V_g) on the device when ``logits`` is a vocabulary slice and
-    ``lse`` the combined (global) one."""
+    ``lse`` the combined (global) one; lse [2, N]."""
     N, V = logits.shape
     if N == 0 or V == 0:
         return out
+    lse = lse.contiguous()
     block = min(4096, triton.next_power_of_2(max(V, 16)))
     _ce_backward[(N, triton.cdiv(V, block))](
         logits, logits.stride(0), out, out.stride(0), target, lse, grad_loss, grad_loss.stride(0),

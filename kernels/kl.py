@@ -42,8 +42,6 @@ import triton.language as tl
 
 from ._common import cast_out, row_blocks
 
-ESTIMATOR_IDS = {"k1": 1, "k2": 2, "k3": 3}
-
 
 @triton.jit
 def _epilogue(row, M, S, H, RM, RS, x_ptr, stride_x, r_ptr, stride_r, t_ptr, K, mask_ptr, prm_ptr,
@@ -255,9 +253,10 @@ def _params(logits: torch.Tensor, acc: torch.dtype, temperature: float, beta: fl
 
 
 def forward(logits, ref_logits, tokens, mask, temperature: float, beta: float = 0.0,
-            estimator: str = "k1"):
+            estimator: int = 1):
     """logits (and ref_logits) [N, V] with unit column stride; tokens [N] or [N, K] int64
-    (contiguous; [N] with ref_logits); mask [N] in the accumulation dtype or None.
+    (contiguous; [N] with ref_logits); mask [N] in the accumulation dtype or None; estimator
+    the KL estimator's id (1 = k1, 2 = k2, 3 = k3: rlhf_ops.reference.ESTIMATOR_IDS).
     Returns (logprobs (tokens' shape), entropy [N], lse [2, N]) without ref_logits, else
     (logprobs, ref_logprobs, log_ratio, kl, penalty, entropy, lse), each [N]; fp32 (fp64)."""
     N, V = logits.shape
@@ -282,7 +281,7 @@ def forward(logits, ref_logits, tokens, mask, temperature: float, beta: float = 
         msk = mask if mask is not None else prm
         split = n_chunks > 1
         common = dict(HAS_REF=has_ref, HAS_MASK=mask is not None,
-                      ESTIMATOR=ESTIMATOR_IDS[estimator], ACC_FP64=fp64)
+                      ESTIMATOR=int(estimator), ACC_FP64=fp64)
         tok = tokens if tokens.numel() else torch.zeros(1, dtype=tokens.dtype, device=dev)  # K = 0
         ptrs = (logits, logits.stride(0), r, r.stride(0), tok, K, msk, part, prm,
                 logp, lse, o[0], o[1], o[2], o[3], ent, N, V, n_chunks)

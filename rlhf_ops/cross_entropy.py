@@ -11,7 +11,7 @@ Op pattern (every op module follows it):
 Forward per row (fp32 accumulation, fp64 for fp64 logits):
     lse  = m + log Σ_j exp(x_j − m), m = max_j x_j     (online softmax, one read of the row)
     loss = lse − (1−ε)·x_t − ε·mean_j x_j              (label smoothing ε; 0 for ignored rows)
-saving lse as the pair (m, log Σ) per row, [N, 2], so that neither the loss nor the backward's
+saving lse as the pair (m, log Σ) per row, [2, N] (``_layout``), so that neither the loss nor the backward's
 softmax_j = exp((x_j − m) − log Σ) pays for rounding m + log Σ (ulp(m)/2 in fp32).
 Backward per element:
     ∂loss/∂x_j = g · (softmax_j − (1−ε)·[j = t] − ε/V)
@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _backend, _checks, distributed, reference
+from . import _backend, _checks, _layout, distributed, reference
 
 OP = "cross_entropy"
 
@@ -56,7 +56,7 @@ def _impl_bwd(backend: str):
 @torch.library.custom_op("rlhf_ops::cross_entropy_fwd", mutates_args=())
 def cross_entropy_fwd(logits: Tensor, target: Tensor, ignore_index: int, label_smoothing: float,
                       inplace_backward: bool, backend: str) -> tuple[Tensor, Tensor]:
-    """logits [N, V] (unit stride over V), target [N] int64 → (loss [N], lse [N, 2]) in acc dtype.
+    """logits [N, V] (unit stride over V), target [N] int64 → (loss [N], lse [2, N]) in acc dtype.
     ``inplace_backward`` only tells the backward where to write."""
     if _backend.debug_checks(logits.device):
         _checks.in_range(OP, "target", target, 0, logits.shape[1], ignore=ignore_index)
@@ -67,7 +67,7 @@ def cross_entropy_fwd(logits: Tensor, target: Tensor, ignore_index: int, label_s
 def _(logits, target, ignore_index, label_smoothing, inplace_backward, backend):
     acc = _checks.acc_dtype(logits.dtype)
     n = logits.shape[0]
-    return logits.new_empty((n,), dtype=acc), logits.new_empty((n, 2), dtype=acc)
+    return logits.new_empty((n,), dtype=acc), logits.new_empty((2, n), dtype=acc)
 
 
 @torch.library.custom_op("rlhf_ops::cross_entropy_bwd", mutates_args=())
@@ -124,7 +124,7 @@ def cross_entropy_vp_fwd(logits: Tensor, target: Tensor, offset: Tensor, ignore_
                          label_smoothing: float, inplace_backward: bool, backend: str, group: str
                          ) -> tuple[Tensor, Tensor, Tensor]:
     """Vocabulary parallel: logits [N, V_r] = this rank's slice from global id ``offset`` (int64
-    [1]) → (loss [N], global lse [N, 2], shard = (offset, V) int64 [2]), the same on every rank
+    [1]) → (loss [N], global lse [2, N], shard = (offset, V) int64 [2]), the same on every rank
     of the process group named ``group``."""
     stats = _impl_stats(backend)(logits, target, offset, ignore_index, label_smoothing > 0)
     G, sizes = distributed.gather_stats(stats, logits.shape[1], group)
@@ -136,7 +136,7 @@ def cross_entropy_vp_fwd(logits: Tensor, target: Tensor, offset: Tensor, ignore_
 def _(logits, target, offset, ignore_index, label_smoothing, inplace_backward, backend, group):
     acc = _checks.acc_dtype(logits.dtype)
     n = logits.shape[0]
-    return (logits.new_empty((n,), dtype=acc), logits.new_empty((n, 2), dtype=acc),
+    return (logits.new_empty((n,), dtype=acc), logits.new_empty((2, n), dtype=acc),
             logits.new_empty((2,), dtype=torch.int64))
 
 
@@ -217,9 +217,7 @@ def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100,
         _checks.eager_in_range(OP, "target", target, 0, logits.shape[-1], ignore=ignore_index)
         return reference.cross_entropy(logits, target, ignore_index, reduction, label_smoothing)
     V = logits.shape[-1]
-    x = logits.reshape(-1, V)
-    if x.shape[0] > 0 and x.stride(-1) != 1:
-        x = x.contiguous()
+    x = _layout.rows(logits)
     if inplace_backward and x.shape[0] > 1 and x.stride(0) < V:
         # rows share memory (an expand()ed view): one buffer cannot hold every row's gradient
         raise ValueError(f"rlhf_ops.{OP}: inplace_backward=True needs logits whose rows do not overlap "
@@ -240,7 +238,7 @@ def _vp_config(op, lead_shape, dtype, ignore_index, reduction, label_smoothing, 
 def _cross_entropy_vp(logits, target, ignore_index, reduction, label_smoothing, be, inplace,
                       group, vocab_offset):
     V_r = logits.shape[-1]
-    x = logits.reshape(-1, V_r)
+    x = _layout.rows(logits)
     t = target.reshape(-1).contiguous()
     config = _vp_config(OP, target.shape, logits.dtype, ignore_index, reduction, label_smoothing)
     gname, offset = distributed.locate(OP, "target", group, t, V_r, ignore_index=ignore_index,
@@ -251,8 +249,6 @@ def _cross_entropy_vp(logits, target, ignore_index, reduction, label_smoothing, 
         G, sizes = distributed.gather_stats(stats, V_r, group)
         loss, _ = distributed.cross_entropy_combine(G, sizes, t, ignore_index, label_smoothing)
     else:
-        if x.shape[0] > 0 and x.stride(-1) != 1:
-            x = x.contiguous()
         loss, _, _ = torch.ops.rlhf_ops.cross_entropy_vp_fwd(x, t, offset, ignore_index,
                                                              label_smoothing, inplace, be, gname)
     return _reduce(loss, t, ignore_index, reduction, target.shape)
@@ -260,27 +256,23 @@ def _cross_entropy_vp(logits, target, ignore_index, reduction, label_smoothing, 
 
 # ------------------------------------------------------------------- linear cross entropy ---
 
-def _chunk_rows(n_rows: int, vocab: int, budget_bytes: int = 256 << 20) -> int:
-    """Rows per chunk so that one chunk's fp32 logits stay under ``budget_bytes``."""
-    return max(1, min(max(n_rows, 1), budget_bytes // (4 * max(vocab, 1))))
-
-
 @torch.library.custom_op("rlhf_ops::linear_cross_entropy_fwd", mutates_args=())
 def linear_cross_entropy_fwd(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
                              ignore_index: int, label_smoothing: float, backend: str
                              ) -> tuple[Tensor, Tensor]:
-    """hidden [N, d], weight [V, d] → (loss [N], lse [N, 2]); logits exist one row-chunk at a time."""
+    """hidden [N, d], weight [V, d] → (loss [N], lse [2, N]); logits exist one row chunk at a time."""
     N, V = hidden.shape[0], weight.shape[0]
     if _backend.debug_checks(hidden.device):
         _checks.in_range("linear_cross_entropy", "target", target, 0, V, ignore=ignore_index)
     acc = _checks.acc_dtype(hidden.dtype)
     loss = hidden.new_empty((N,), dtype=acc)
-    lse = hidden.new_empty((N, 2), dtype=acc)
+    lse = hidden.new_empty((2, N), dtype=acc)
     fwd = _impl_fwd(backend)
-    step = _chunk_rows(N, V)
+    step = _layout.block_len(V, hidden.element_size(), N)
     for s in range(0, N, step):
         logits = torch.nn.functional.linear(hidden[s:s + step], weight, bias)
-        loss[s:s + step], lse[s:s + step] = fwd(logits, target[s:s + step], ignore_index, label_smoothing)
+        loss[s:s + step], lse[:, s:s + step] = fwd(logits, target[s:s + step], ignore_index,
+                                                   label_smoothing)
     return loss, lse
 
 
@@ -288,7 +280,7 @@ def linear_cross_entropy_fwd(hidden: Tensor, weight: Tensor, bias: Tensor | None
 def _(hidden, weight, bias, target, ignore_index, label_smoothing, backend):
     acc = _checks.acc_dtype(hidden.dtype)
     n = hidden.shape[0]
-    return hidden.new_empty((n,), dtype=acc), hidden.new_empty((n, 2), dtype=acc)
+    return hidden.new_empty((n,), dtype=acc), hidden.new_empty((2, n), dtype=acc)
 
 
 @torch.library.custom_op("rlhf_ops::linear_cross_entropy_bwd", mutates_args=())
@@ -306,12 +298,12 @@ def linear_cross_entropy_bwd(grad_loss: Tensor, hidden: Tensor, weight: Tensor, 
     d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
     d_bias = torch.zeros((V,), dtype=acc, device=weight.device)
     bwd = _impl_bwd(backend)
-    step = _chunk_rows(N, V)
+    step = _layout.block_len(V, hidden.element_size(), N)
     for s in range(0, N, step):
         h = hidden[s:s + step]
         logits = torch.nn.functional.linear(h, weight, bias)
-        bwd(grad_loss[s:s + step], logits, target[s:s + step], lse[s:s + step], logits,
-            ignore_index, label_smoothing, shard)
+        bwd(grad_loss[s:s + step], logits, target[s:s + step], lse[:, s:s + step].contiguous(),
+            logits, ignore_index, label_smoothing, shard)
         d_hidden[s:s + step] = logits @ weight
         d_weight.addmm_(logits.t().to(acc), h.to(acc))
         d_bias += logits.sum(0, dtype=acc)
@@ -348,11 +340,11 @@ def linear_cross_entropy_vp_fwd(hidden: Tensor, weight: Tensor, bias: Tensor | N
                                 offset: Tensor, ignore_index: int, label_smoothing: float,
                                 backend: str, group: str) -> tuple[Tensor, Tensor, Tensor]:
     """Vocabulary parallel: weight [V_r, d] (bias [V_r]) = this rank's slice from global id
-    ``offset`` → (loss [N], global lse [N, 2], shard int64 [2]); logits one row-chunk at a time."""
+    ``offset`` → (loss [N], global lse [2, N], shard int64 [2]); logits one row chunk at a time."""
     N, V_r = hidden.shape[0], weight.shape[0]
     stats = hidden.new_empty((5, N), dtype=_checks.acc_dtype(hidden.dtype))
     fn = _impl_stats(backend)
-    step = _chunk_rows(N, V_r)
+    step = _layout.block_len(V_r, hidden.element_size(), N)
     for s in range(0, N, step):
         logits = torch.nn.functional.linear(hidden[s:s + step], weight, bias)
         stats[:, s:s + step] = fn(logits, target[s:s + step], offset, ignore_index, label_smoothing > 0)
@@ -365,7 +357,7 @@ def linear_cross_entropy_vp_fwd(hidden: Tensor, weight: Tensor, bias: Tensor | N
 def _(hidden, weight, bias, target, offset, ignore_index, label_smoothing, backend, group):
     acc = _checks.acc_dtype(hidden.dtype)
     n = hidden.shape[0]
-    return (hidden.new_empty((n,), dtype=acc), hidden.new_empty((n, 2), dtype=acc),
+    return (hidden.new_empty((n,), dtype=acc), hidden.new_empty((2, n), dtype=acc),
             hidden.new_empty((2,), dtype=torch.int64))
 
 
@@ -394,7 +386,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, *, bias
     """``cross_entropy(hidden @ weight.T + bias, target)`` without holding all [N, V] logits.
 
     hidden [..., d], weight [V, d], bias [V] or None, target [...] int64. The fused backends
-    compute the logits one chunk of rows at a time (at most 256 MiB of fp32 logits), keep only
+    compute the logits one chunk of rows at a time (``_layout.block_len``), keep only
     the per-row log-sum-exp for backward, and recompute each chunk's logits in backward
     (the matmuls run on cuBLAS, the softmax/gradient on the chosen backend's kernels).
 

@@ -56,7 +56,7 @@ import zlib
 import torch
 from torch import Tensor
 
-from . import _backend, _checks
+from . import _backend, _checks, _layout
 from .context_parallel import ulysses_attention, zigzag_merge, zigzag_split  # noqa: F401
 
 # ----------------------------------------------------------------------------- the group ---
@@ -372,7 +372,7 @@ def _owned_sum(owned: Tensor, value: Tensor) -> Tensor:
 
 def cross_entropy_combine(G: Tensor, sizes: Tensor, target: Tensor, ignore_index: int,
                           label_smoothing: float) -> tuple[Tensor, Tensor]:
-    """G [R, 5, N] (``CE_STATS``) → (loss [N], lse [N, 2] = (M, log Z)).
+    """G [R, 5, N] (``CE_STATS``) → (loss [N], lse [2, N] = (M, log Z)).
 
     loss = log Z + (1−ε)·(M − x_t) + ε·Σ_j (M − x_j)/V; 0 for ignored rows, NaN for a target
     that no rank owns (out of [0, V): the CUDA rule; CPU tensors were checked before)."""
@@ -386,7 +386,7 @@ def cross_entropy_combine(G: Tensor, sizes: Tensor, target: Tensor, ignore_index
     nan = torch.full_like(loss, float("nan"))
     loss = torch.where(owned.sum(0) == 1, loss, nan)
     loss = torch.where(valid, loss, torch.zeros_like(loss))
-    return loss, torch.stack([M, log_z], 1).detach()
+    return loss, _layout.lse_pair(M, log_z).detach()
 
 
 def logprobs_combine(G: Tensor, K: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -404,7 +404,7 @@ def logprobs_combine(G: Tensor, K: int) -> tuple[Tensor, Tensor, Tensor]:
     ent = torch.where(log_z == float("-inf"), nan, log_z - (w * (E - dM)).sum(0))
     logp = -_owned_sum(owned, dM[:, None] + rel) - log_z          # [K, N]
     logp = torch.where(owned.sum(0) == 1, logp, nan.expand_as(logp))
-    return logp.t(), ent, torch.stack([M, log_z]).detach()
+    return logp.t(), ent, _layout.lse_pair(M, log_z).detach()
 
 
 def logprob_stats(lse: Tensor, ent: Tensor, logp: Tensor, owned: Tensor) -> Tensor:

@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _backend, _checks, distributed, logprobs, reference
-from .logprobs import _fwd_impl, _grads, _lp_config, _rows, _slice_stats, _wrap
+from . import _backend, _checks, _layout, distributed, logprobs, reference
+from .logprobs import _fwd_impl, _grads, _lp_config, _slice_stats, _wrap
 from .reference import ESTIMATORS, KLPenalty
 
 
@@ -204,7 +204,7 @@ def kl_penalty(logits: Tensor, ref_logits: Tensor, tokens: Tensor, *, beta: floa
         return reference.kl_penalty(logits, ref_logits, tokens, beta, estimator, mask, temperature)
     acc = _checks.acc_dtype(logits.dtype)
     m = None if mask is None else mask.reshape(-1).to(acc).contiguous()
-    out = torch.ops.rlhf_ops.kl_penalty_fwd(_rows(logits), _rows(ref_logits),
+    out = torch.ops.rlhf_ops.kl_penalty_fwd(_layout.rows(logits), _layout.rows(ref_logits),
                                             tokens.reshape(-1).contiguous(), m,
                                             float(beta), estimator, float(temperature), be)
     return KLPenalty(*(o.reshape(tokens.shape) for o in out[:6]))
@@ -215,7 +215,7 @@ def _kl_penalty_vp(logits, ref_logits, tokens, mask, beta, estimator, temperatur
                    vocab_offset):
     op = "kl_penalty"
     V_r = logits.shape[-1]
-    x, r = _rows(logits), _rows(ref_logits)
+    x, r = _layout.rows(logits), _layout.rows(ref_logits)
     t = tokens.reshape(-1).contiguous()
     acc = _checks.acc_dtype(logits.dtype)
     m = None if mask is None else mask.reshape(-1).to(acc).contiguous()

@@ -41,22 +41,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _backend, _checks, distributed, reference
-
-_EST_ID = {"k1": 1, "k2": 2, "k3": 3}
-
-# Bytes of logits (in their own dtype) one block of linear_token_logprobs holds: a forward row
-# chunk [rows, V] or a backward vocabulary slice [N, cols].
-LINEAR_BLOCK_BYTES = 64 << 20
+from . import _backend, _checks, _layout, distributed, reference
 
 
 def _fwd_impl(backend: str, logits: Tensor, ref_logits: Tensor | None, tokens: Tensor,
               mask: Tensor | None, temperature: float, beta: float, estimator: str):
+    est = reference.ESTIMATOR_IDS[estimator]   # the kernels take the estimator's id
     if backend == "triton":
         return _backend.triton_kernels("kl").forward(logits, ref_logits, tokens, mask, temperature,
-                                                     beta, estimator)
+                                                     beta, est)
     return tuple(torch.ops.rlhf_ops_cuda.kl_fwd(logits, ref_logits, tokens, mask, temperature, beta,
-                                                _EST_ID[estimator]))
+                                                est))
 
 
 def _bwd_impl(backend: str, grad, grad_entropy, logits, tokens, lse, entropy, temperature: float,
@@ -142,14 +137,6 @@ token_logprobs_fwd.register_autograd(_tl_backward, setup_context=_tl_setup)
 
 # --------------------------------------------------------------- linear token log-probs ops ---
 
-def _block_len(n_other: int, itemsize: int, total: int) -> int:
-    """How many rows (or columns) of ``n_other`` logits each fit in LINEAR_BLOCK_BYTES: at least
-    128 (or ``total``), a multiple of 128 when above it (whole GEMM tiles)."""
-    n = LINEAR_BLOCK_BYTES // max(1, n_other * itemsize)
-    n = max(128, n - n % 128)
-    return max(1, min(total, n))
-
-
 @torch.library.custom_op("rlhf_ops::linear_token_logprobs_fwd", mutates_args=())
 def linear_token_logprobs_fwd(hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tensor,
                               temperature: float, with_entropy: bool, backend: str
@@ -163,7 +150,7 @@ def linear_token_logprobs_fwd(hidden: Tensor, weight: Tensor, bias: Tensor | Non
     logp = hidden.new_empty(tokens.shape, dtype=acc)
     ent = hidden.new_empty((N,), dtype=acc)
     lse = hidden.new_empty((2, N), dtype=acc)
-    step = _block_len(V, hidden.element_size(), N)
+    step = _layout.block_len(V, hidden.element_size(), N)
     for s in range(0, N, step):
         logits = F.linear(hidden[s:s + step], weight, bias)
         logp[s:s + step], ent[s:s + step], lse[:, s:s + step] = _fwd_impl(
@@ -196,7 +183,7 @@ def linear_token_logprobs_bwd(grad: Tensor, grad_entropy: Tensor | None, hidden:
     # when hidden is in the accumulation dtype
     d_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device)
     if N > 0:
-        step = _block_len(N, hidden.element_size(), V)
+        step = _layout.block_len(N, hidden.element_size(), V)
         for v0 in range(0, V, step):
             w = weight[v0:v0 + step]
             logits = F.linear(hidden, w, None if bias is None else bias[v0:v0 + step])
@@ -316,7 +303,7 @@ def linear_token_logprobs_vp_fwd(hidden: Tensor, weight: Tensor, bias: Tensor | 
     N, V_r = hidden.shape[0], weight.shape[0]
     K = tokens.shape[1]
     stats = hidden.new_empty((3 + 2 * K, N), dtype=_checks.acc_dtype(hidden.dtype))
-    step = _block_len(V_r, hidden.element_size(), N)
+    step = _layout.block_len(V_r, hidden.element_size(), N)
     for s in range(0, N, step):
         logits = F.linear(hidden[s:s + step], weight, bias)
         stats[:, s:s + step] = _slice_stats(backend, logits, tokens[s:s + step], offset, temperature)
@@ -356,12 +343,6 @@ linear_token_logprobs_vp_fwd.register_autograd(_ltl_vp_backward, setup_context=_
 
 
 # ------------------------------------------------------------------------------ public API ---
-
-def _rows(x: Tensor) -> Tensor:
-    """[..., V] → [N, V] with unit stride over V (a copy only when the layout needs one)."""
-    x = x.reshape(-1, x.shape[-1])
-    return x.contiguous() if x.shape[0] > 0 and x.stride(-1) != 1 else x
-
 
 def _check_common(op, logits, tokens, temperature, multi_ok=False):
     _checks.floating(op, "logits", logits, min_ndim=1)
@@ -414,7 +395,7 @@ def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
     if be == "reference":
         _checks.eager_in_range(op, "tokens", tokens, 0, logits.shape[-1])
         return reference.token_logprobs(logits, tokens, temperature, return_entropy)
-    x = _rows(logits)
+    x = _layout.rows(logits)
     t = tokens.reshape(x.shape[0], tokens.shape[-1] if multi else 1).contiguous()
     logp, ent, _ = torch.ops.rlhf_ops.token_logprobs_fwd(x, t, float(temperature), be,
                                                          return_entropy)
@@ -433,7 +414,7 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bia
     ``token_logprobs``. Returns logprobs shaped like tokens, fp32 (fp64 for fp64 inputs), and
     with ``return_entropy=True`` the tuple ``(logprobs, entropy [...])``; both are differentiable
     w.r.t. hidden, weight and bias. The fused backends compute the logits in blocks of
-    ``LINEAR_BLOCK_BYTES`` (row chunks forward, vocabulary slices backward, cuBLAS matmuls,
+    ``_layout.LINEAR_BLOCK_BYTES`` (row chunks forward, vocabulary slices backward, cuBLAS matmuls,
     the chosen backend's kernels on each block) and keep for backward only hidden, weight, bias,
     tokens, lse (two numbers per row) and the entropy (one, when asked for). The backward
     holds an fp32 [N, d] accumulator for d hidden; d weight is written slice by slice.
@@ -496,7 +477,6 @@ def _check_linear(op, hidden, weight, tokens, bias, temperature, return_entropy,
     return multi, _backend.resolve(op, backend, hidden.device)
 
 
-
 def _wrap(out, mesh):
     """Results as replicated DTensors when the inputs were DTensors (as loss_parallel())."""
     if isinstance(out, tuple):
@@ -518,7 +498,7 @@ def _lp_results(logp, ent, tokens, lead, return_entropy):
 def _token_logprobs_vp(logits, tokens, multi, temperature, return_entropy, be, group, vocab_offset):
     op = "token_logprobs"
     V_r = logits.shape[-1]
-    x = _rows(logits)
+    x = _layout.rows(logits)
     t = tokens.reshape(x.shape[0], tokens.shape[-1] if multi else 1).contiguous()
     config = _lp_config(op, tokens, logits.dtype, temperature, f", return_entropy={return_entropy}")
     gname, offset = distributed.locate(op, "tokens", group, t, V_r, vocab_offset=vocab_offset,

@@ -245,7 +245,10 @@ class KLPenalty(NamedTuple):
     entropy: torch.Tensor       # policy entropy, differentiable (None from kl_from_logprobs)
 
 
-ESTIMATORS = ("k1", "k2", "k3")
+# Schulman's KL estimators and the ids the kernels take for them (kernels/kl.py and csrc/kl.cu
+# compare against these literals; tests/test_kl.py checks that they agree with this table).
+ESTIMATOR_IDS = {"k1": 1, "k2": 2, "k3": 3}
+ESTIMATORS = tuple(ESTIMATOR_IDS)
 
 
 def _log_softmax(logits, temperature):

@@ -295,7 +295,7 @@ def linear_ce(ctx):
     against the full head; the fused path in several row chunks."""
     import rlhf_ops as ro
     import importlib
-    ce_mod = importlib.import_module("rlhf_ops.cross_entropy")
+    layout_mod = importlib.import_module("rlhf_ops._layout")
     N, d = 9, 16
     h = torch.randn(N, d, dtype=torch.float64)
     w = torch.randn(V, d, dtype=torch.float64) * 0.5
@@ -303,8 +303,8 @@ def linear_ce(ctx):
     t = torch.randint(0, V, (N,))
     t[::4] = -100
     t[1], t[2] = ctx.sizes[0] - 1, ctx.sizes[0]
-    chunk_rows = ce_mod._chunk_rows
-    ce_mod._chunk_rows = lambda n, v, budget_bytes=0: 4
+    block_len = layout_mod.block_len
+    layout_mod.block_len = lambda n_other, itemsize, total: 4
     try:
         for be, ls in [("reference", 0.125)] + [(be, ls) for be in ctx.fused for ls in (0.125, 0.0)]:
             args = [h.clone().requires_grad_(), ctx.shard(w, 0).clone().requires_grad_(),
@@ -321,7 +321,7 @@ def linear_ce(ctx):
             ctx.same_on_every_rank(out, "loss")
             ctx.same_on_every_rank(g[0], "d hidden")
     finally:
-        ce_mod._chunk_rows = chunk_rows
+        layout_mod.block_len = block_len
 
 
 @case(2, 3)
@@ -489,7 +489,7 @@ def linear_token_logprobs_against_full(ctx):
     several vocabulary slices."""
     import importlib
     import rlhf_ops as ro
-    lp_mod = importlib.import_module("rlhf_ops.logprobs")
+    layout_mod = importlib.import_module("rlhf_ops._layout")
     N, d = 7, 16
     h = torch.randn(N, d, dtype=torch.float64)
     w = torch.randn(V, d, dtype=torch.float64) * 0.5
@@ -497,8 +497,8 @@ def linear_token_logprobs_against_full(ctx):
     t = torch.randint(0, V, (N, 2))
     t[1] = torch.tensor([ctx.sizes[0] - 1, ctx.sizes[0]])
     t[2, 1] = t[2, 0]
-    block = lp_mod.LINEAR_BLOCK_BYTES
-    lp_mod.LINEAR_BLOCK_BYTES = 8192 * N * 8          # ~8k columns per backward slice
+    block = layout_mod.LINEAR_BLOCK_BYTES
+    layout_mod.LINEAR_BLOCK_BYTES = 8192 * N * 8          # ~8k columns per backward slice
     try:
         for be in ctx.backends:
             args = [h.clone().requires_grad_(), ctx.shard(w, 0).clone().requires_grad_(),
@@ -518,7 +518,7 @@ def linear_token_logprobs_against_full(ctx):
             ctx.same_on_every_rank(lp, "logprobs")
             ctx.same_on_every_rank(gs[0], "d hidden")
     finally:
-        lp_mod.LINEAR_BLOCK_BYTES = block
+        layout_mod.LINEAR_BLOCK_BYTES = block
 
 
 @case(2, 3)

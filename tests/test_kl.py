@@ -777,3 +777,27 @@ def test_kl_from_logprobs_errors(device):
         f(lp, ref, beta=0.1, mask=torch.ones(2, 3, dtype=torch.complex64, device=device))
     with pytest.raises(TypeError, match="positional"):
         f(lp, ref, 0.1)                          # beta is keyword-only
+
+
+def test_estimator_ids_agree_with_the_kernels():
+    """One table (reference.ESTIMATOR_IDS) names the estimators' ids; the Triton and CUDA kernels
+    compare against literals, which must give each id its own formula (k1 = d, k2 = ½d², k3 the
+    rest) and accept exactly the table's ids."""
+    import os
+    import re
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    formula = {"d": "k1", "0.5 * d * d": "k2", "acc_t(0.5) * d * d": "k2"}
+    triton_src = open(os.path.join(root, "kernels", "kl.py")).read()
+    got = {formula[f]: int(i) for i, f in
+           re.findall(r"ESTIMATOR == (\d+):\s*\n\s*kl = ([^\n]+)", triton_src)}
+    cuda_src = open(os.path.join(root, "csrc", "kl.cu")).read()
+    m = re.search(r"estimator == (\d+) \? (d) : estimator == (\d+) \? ([^:]+?) : k3\(d\)", cuda_src)
+    assert m, "csrc/kl.cu: the estimator selection was not found"
+    cuda = {formula[m.group(2)]: int(m.group(1)), formula[m.group(4).strip()]: int(m.group(3))}
+    lo, hi = map(int, re.search(r"estimator >= (\d+) && estimator <= (\d+)", cuda_src).groups())
+    ids = reference.ESTIMATOR_IDS
+    assert got == {k: ids[k] for k in ("k1", "k2")}, f"kernels/kl.py: {got} vs {ids}"
+    assert cuda == {k: ids[k] for k in ("k1", "k2")}, f"csrc/kl.cu: {cuda} vs {ids}"
+    assert (lo, hi) == (min(ids.values()), max(ids.values())) and ids["k3"] not in (ids["k1"], ids["k2"])
+    assert reference.ESTIMATORS == tuple(ids)
+

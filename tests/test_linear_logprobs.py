@@ -22,13 +22,13 @@ from rlhf_ops import reference
 
 from _util import assert_matches, poison_, saved_tensors
 
-lp_mod = importlib.import_module("rlhf_ops.logprobs")
+layout_mod = importlib.import_module("rlhf_ops._layout")
 
 
 def _small_blocks(monkeypatch, rows, cols, V):
     """Forward row chunks of ``rows`` rows, backward vocabulary slices of ``cols`` columns (the
     op asks for rows with total = N and for columns with total = V)."""
-    monkeypatch.setattr(lp_mod, "_block_len",
+    monkeypatch.setattr(layout_mod, "block_len",
                         lambda n_other, itemsize, total: min(total, cols if total == V else rows))
 
 
