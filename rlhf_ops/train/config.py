@@ -49,6 +49,9 @@ DEFAULTS: dict = {
     "grpo.steps": 60, "grpo.prompts": 16, "grpo.group": 4, "grpo.minibatch_prompts": 4, "grpo.lr": 3e-4,
     "grpo.beta": 0.04, "grpo.clip": 0.2, "grpo.clip_high": 0.2, "grpo.loss_type": "grpo",
     "grpo.scale": "group_std", "grpo.temperature": 1.0, "grpo.eval_every": 20, "grpo.grad_clip": 1.0,
+    # PPO's and GRPO's log-prob / value forwards on shared-prefix (tree) batches: a group's prompt
+    # once, its completions as children (rlhf_ops.attention_tree); false: the dense padded rows
+    "train.shared_prefix": True,
     # run control
     "run.log_every": 10, "run.ckpt_every": 100, "run.grad_clip": 1.0, "run.progress": True,
     "run.threads": 1,            # torch CPU threads (0: torch's default); 1 avoids oversubscription

@@ -11,6 +11,8 @@ Per update (Shao et al. 2024, DeepSeekMath; no value model):
      rollout. The reference policy is the frozen SFT model, the same as PPO's KL penalty.
 The policy starts from SFT. Evaluation as PPO's: greedy decodes of the same held-out prompts,
 scored by the judge, and the paired difference with SFT on them.
+With ``train.shared_prefix`` (default) each group's prompt runs once for its G completions
+(``model.pack_rollout``, rlhf_ops.attention_tree) in the log-prob forwards.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ import rlhf_ops as ro
 from . import data as D
 from .config import section
 from .model import ScalarHeadGPT, frozen_copy
-from .ppo import rm_score, rollout
+from .model import pack_rollout
+from .ppo import forward_tokens, logprobs, rm_score, rollout, step_costs
 from .run import (Run, SimulatedCrash, filler_rate, judge_scores, mean_se, paired_difference, pretrain_loss,
                   rng_state, set_rng_state, throughput)
 
@@ -75,6 +78,7 @@ def train_grpo(run: Run, ref, rm, held: list[str], sft_scores: list[float]):
         opt.load_state_dict(ck["opt"])
         set_rng_state(ck["rng"])
         start, hist, window = ck["step"], ck["hist"], list(ck["window"])
+    fwd_tokens, cpu_s, n_steps = list(ck["costs"]) if ck is not None else [0, 0.0, 0]   # log-prob forwards
     run.trim_metrics("grpo", start)
     pol = run.wrap(policy)
     policy.train()
@@ -83,6 +87,7 @@ def train_grpo(run: Run, ref, rm, held: list[str], sft_scores: list[float]):
     if c["loss_type"] == "dr_grpo":
         loss_kw["max_len"] = run.cfg["ppo.max_new"]             # the longest completion
     tokens, t_loop = 0, time.time()
+    shared = run.cfg["train.shared_prefix"]
     log_every = run.cfg["run.log_every"]
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
@@ -97,8 +102,11 @@ def train_grpo(run: Run, ref, rm, held: list[str], sft_scores: list[float]):
             policy.eval()
             seq, inp, act, mask, last, resp = rollout(run, policy, group_prompts, gen, temp)
             policy.train()
-            old_lp = policy(inp, logprobs_of=act, temperature=temp)
-            ref_lp = ref(inp, logprobs_of=act, temperature=temp)
+            cpu0 = time.process_time()
+            tree = pack_rollout(inp, mask, G) if shared else None
+            old_lp = logprobs(policy, inp, act, mask, temp, tree)
+            ref_lp = logprobs(ref, inp, act, mask, temp, tree)
+            fwd_tokens += 2 * forward_tokens(inp, tree)
             score = rm(seq, last)
             adv = ro.group_advantages(score, G, scale=c["scale"])
         tokens += inp.numel() * run.world
@@ -114,7 +122,9 @@ def train_grpo(run: Run, ref, rm, held: list[str], sft_scores: list[float]):
             kw = {}
             if c["loss_type"] in ro.losses.TOKEN_MEAN_TYPES:            # the global minibatch's tokens
                 kw["num_tokens"] = run.all_sum(m.sum()).clamp(min=1)
-            lp = pol(inp[rows], logprobs_of=act[rows], temperature=temp)
+            tree = pack_rollout(inp[rows], m, G) if shared else None
+            lp = logprobs(pol, inp[rows], act[rows], m, temp, tree)
+            fwd_tokens += forward_tokens(inp[rows], tree)
             out = ro.policy_loss(lp, old_lp[rows], adv[rows], m, ref_logprobs=ref_lp[rows], **loss_kw, **kw)
             # DDP averages the ranks' gradients: sequence means already are global means; a
             # token sum over the global count is multiplied back by the world size
@@ -124,6 +134,8 @@ def train_grpo(run: Run, ref, rm, held: list[str], sft_scores: list[float]):
             torch.nn.utils.clip_grad_norm_(policy.parameters(), c["grad_clip"])
             opt.step()
             stats += torch.stack([out.loss.detach() * scale, out.clip_fraction, out.approx_kl]) / n_mb
+        cpu_s += time.process_time() - cpu0
+        n_steps += 1
         # ---- statistics of this batch (global)
         n_seq = len(group_prompts) * run.world
         sums = run.all_sum(torch.stack([score.sum(), ((old_lp - ref_lp) * mask).sum(), mask.sum(),
@@ -146,6 +158,7 @@ def train_grpo(run: Run, ref, rm, held: list[str], sft_scores: list[float]):
         if (step + 1) % run.cfg["run.ckpt_every"] == 0 and step + 1 < steps:
             run.save("grpo", "resume", {"models": {"policy": policy.state_dict()}, "opt": opt.state_dict(),
                                         "step": step + 1, "rng": rng_state(), "hist": hist, "window": window,
+                                        "costs": [fwd_tokens, cpu_s, n_steps],
                                         "seconds": run.elapsed(), "cpu_seconds": run.elapsed_cpu()})
     policy.eval()
     speed = throughput(run, tokens, time.time() - t_loop)
@@ -159,5 +172,5 @@ def train_grpo(run: Run, ref, rm, held: list[str], sft_scores: list[float]):
            "rm_score_start": rm_start, "rm_score_end": rm_score(run, policy, rm, held, "ppo_eval"),
            "kl_mean": sum(hist["kl"]) / max(len(hist["kl"]), 1), "kl_end": sum(hist["kl"][-tail:]) / tail,
            "pretrain_loss": pretrain_loss(run, policy), "filler_rate": filler_rate(resp_held),
-           "group": G, **speed}
+           "group": G, **speed, **step_costs(shared, fwd_tokens, cpu_s, n_steps)}
     return res, policy.state_dict()

@@ -78,41 +78,37 @@ def pack_rollout(inp: torch.Tensor, mask: torch.Tensor, group: int = 1) -> TreeB
     n_b + r_b − 2 for a prompt of n_b tokens and a response of r_b); every ``group`` consecutive
     rows share one prompt. A group becomes a root (the prompt's n tokens) and one child per row
     (its r_b − 1 response tokens that are inputs); action position n − 1 reads the prompt's last
-    token, shared by the group's rows. Host reads of the lengths (training-loop code, not an op)."""
+    token, shared by the group's rows. ``group=1`` (PPO: a prompt per row, nothing to share): each
+    row is one root segment, the rows without their padding. Packed row-major from a keep-mask
+    (the first row of a group keeps its prompt and response, the others their response), so the
+    segments come in order: root, child 0, child 1, …. Two host reads (the prompt check,
+    max_seqlen): training-loop code, not an op."""
     B, T = inp.shape
     if B % group:
         raise ValueError(f"pack_rollout: {B} rows do not split into groups of {group}")
-    sel = mask.bool()
-    r = sel.sum(1).tolist()
-    first = torch.where(sel.any(1), sel.float().argmax(1), torch.zeros_like(sel[:, 0], dtype=torch.long)).tolist()
-    idx, pos, cu, parent, rows, total = [], [], [0], [], [], []
     dev = inp.device
-    for g0 in range(0, B, group):
-        n = first[g0] + 1 if r[g0] else T       # prompt length (a row without actions: all prompt)
-        if any((first[b] + 1 if r[b] else T) != n for b in range(g0, g0 + group)) or \
-                any(not torch.equal(inp[b, :n], inp[g0, :n]) for b in range(g0 + 1, g0 + group)):
-            raise ValueError(f"pack_rollout: rows {g0}..{g0 + group - 1} of a group must share one prompt")
-        root, root_start = len(parent), cu[-1]
-        idx.append(inp[g0, :n])
-        pos.append(torch.arange(n, device=dev))
-        parent.append(-1)
-        cu.append(root_start + n)
-        total.append(n)
-        for b in range(g0, g0 + group):
-            m = max(r[b] - 1, 0)                # response tokens that are inputs
-            start = cu[-1]
-            idx.append(inp[b, n:n + m])
-            pos.append(torch.arange(n, n + m, device=dev))
-            parent.append(root)
-            cu.append(start + m)
-            total.append(n + m)
-            if r[b]:                            # action n − 1 reads the prompt's last token
-                rows.append(torch.cat([torch.tensor([root_start + n - 1], device=dev),
-                                       torch.arange(start, start + m, device=dev)]))
-    i32 = dict(dtype=torch.int32, device=dev)
-    return TreeBatch(torch.cat(idx), torch.cat(pos), torch.tensor(cu, **i32), torch.tensor(parent, **i32),
-                     max(total, default=0), sel,
-                     torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long, device=dev))
+    sel = mask.bool()
+    r = sel.sum(1)
+    t = torch.arange(T, device=dev)
+    n = torch.where(r > 0, sel.float().argmax(1) + 1, T)                  # prompt lengths [B]
+    m = (r - 1).clamp(min=0)                                               # response inputs [B]
+    lead = torch.arange(B, device=dev) // group * group                    # each row's group's first row
+    prompt = t[None, :] < n[:, None]
+    if bool(((n != n[lead]) | ((inp != inp[lead]) & prompt).any(1)).any()):
+        raise ValueError(f"pack_rollout: the rows of each group of {group} must share one prompt")
+    first = (torch.arange(B, device=dev) == lead)[:, None]
+    keep = (t[None, :] < (n + m)[:, None]) & (first | ~prompt)
+    flat = keep.reshape(-1).long().cumsum(0).view(B, T) - 1              # packed row of a kept token
+    flat = torch.where(keep, flat, flat[lead])          # a prompt token: its copy in the group's root
+    if group == 1:                                                         # [B] whole rows, roots
+        lengths, parent = n + m, torch.full_like(n, -1)
+    else:                                                                  # [groups, 1 + G]
+        lengths = torch.cat([n.view(-1, group)[:, :1], m.view(-1, group)], 1)
+        parent = torch.full_like(lengths, -1)
+        parent[:, 1:] = (torch.arange(lengths.shape[0], device=dev) * (group + 1))[:, None]
+    cu = torch.cat([lengths.new_zeros(1), lengths.reshape(-1).cumsum(0)]).to(torch.int32)
+    return TreeBatch(inp[keep], t.expand(B, T)[keep], cu, parent.reshape(-1).to(torch.int32),
+                     int((n + m).max()) if B else 0, sel, flat[sel])
 
 
 def _tree_attention(attn: CausalSelfAttention, x: torch.Tensor, tree: TreeBatch) -> torch.Tensor:

@@ -14,6 +14,10 @@ Per RL batch (one episode = one prompt and its sampled response):
      sequences, all in the same optimizer step.
 The policy starts from SFT, the value model from the RM (whose bias makes SFT demos score 0).
 β is fixed, or adapted towards ``kl_target`` (Ziegler et al.): β ← β·(1 + clip(KL/target − 1, ±0.2)·n/horizon).
+With ``train.shared_prefix`` (default) the log-prob and value forwards run on packed tree batches
+(``model.pack_rollout``; GRPO's G completions of a prompt share it, PPO has one response per prompt,
+so its batch is the rows without their padding), taken at the response positions only: the same
+numbers as the dense padded rows. ``tokens_per_step`` counts the tokens those forwards process.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import torch
 
 import rlhf_ops as ro
 from . import data as D
-from .model import ScalarHeadGPT, frozen_copy
+from .model import ScalarHeadGPT, frozen_copy, pack_rollout
 
 from .run import (Run, SimulatedCrash, filler_rate, judge_score, judge_scores, mean_se, paired_difference,
                      pretrain_loss, prompt_tensors, responses, rng_state, set_rng_state, throughput)
@@ -38,6 +42,25 @@ def whiten(x, mask, all_sum, eps: float = 1e-8):
     mean = all_sum((x * mask).sum()) / n
     var = all_sum((((x - mean) * mask) ** 2).sum()) / n
     return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def logprobs(model, inp, act, mask, temperature: float, tree=None, entropy: bool = False):
+    """log π(act) [B, T] (and the entropy with ``entropy``) from the dense rows, or from the tree
+    batch ``tree`` (``pack_rollout`` of these rows) at the mask's positions, 0 elsewhere."""
+    if tree is None:
+        return model(inp, logprobs_of=act, temperature=temperature, entropy=entropy)
+    out = model(None, tree=tree, logprobs_of=act[tree.sel], temperature=temperature, entropy=entropy)
+    return tuple(tree.scatter(x) for x in out) if entropy else tree.scatter(out)
+
+
+def values(model, inp, tree=None):
+    """The value model's V [B, T] (from the tree batch: at the mask's positions, 0 elsewhere)."""
+    return model(inp) if tree is None else tree.scatter(model(None, tree=tree))
+
+
+def forward_tokens(inp, tree) -> int:
+    """Tokens one forward over these rows processes: the dense rows, or the tree batch."""
+    return inp.numel() if tree is None else tree.tokens
 
 
 def minibatch_backward(run: Run, pol, val, roll: dict, ptx, c: dict) -> torch.Tensor:
@@ -59,9 +82,11 @@ def minibatch_backward(run: Run, pol, val, roll: dict, ptx, c: dict) -> torch.Te
             l1 = pol(x, y, reduction="sum") / n_global
             (c["ptx_coef"] * l1 * run.world).backward()
     # log π(a_t) straight from the hidden states (linear_token_logprobs: no [B, T, V] logits)
-    lp = pol(roll["inp"], logprobs_of=roll["act"], temperature=temp)
+    tree = roll.get("tree")
+    lp = logprobs(pol, roll["inp"], roll["act"], m, temp, tree)
     pg = ro.policy_loss(lp, roll["old_lp"], roll["adv"], m, loss_type="ppo", clip=c["clip"], num_tokens=ntok)
-    vf = ro.value_loss(val(roll["inp"]), roll["old_v"], roll["ret"], m, clip=c["value_clip"], num_tokens=ntok)
+    vf = ro.value_loss(values(val, roll["inp"], tree), roll["old_v"], roll["ret"], m, clip=c["value_clip"],
+                       num_tokens=ntok)
     ((pg.loss + c["vf_coef"] * vf) * run.world).backward()
     clipped = pg.clip_fraction * m.sum() / ntok
     return torch.stack([pg.loss.detach(), vf.detach(), l1.detach(), clipped])
@@ -79,6 +104,14 @@ def rollout(run: Run, policy, prompts: list[str], gen: torch.Generator, temperat
     # action t is token t+1: the response occupies tokens n .. n+rl−1, i.e. actions n−1 .. n+rl−2
     mask = ((pos >= (n - 1)[:, None]) & (pos < (n + rl - 1)[:, None])).float()
     return seq, inp, act, mask, n + rl - 1, responses(seq, n)
+
+
+def step_costs(shared: bool, fwd_tokens: int, cpu_s: float, n_steps: int) -> dict:
+    """Per update of this invocation: the tokens the log-prob / value forwards processed (this
+    rank's) and the CPU seconds from the rollout's end to the last optimizer step (log-probs,
+    RM, values, advantages, the minibatch updates: what the shared prefix changes)."""
+    n = max(n_steps, 1)
+    return {"shared_prefix": bool(shared), "tokens_per_step": fwd_tokens / n, "train_cpu_s_per_step": cpu_s / n}
 
 
 @torch.no_grad()
@@ -156,10 +189,13 @@ def train_policy(run: Run, phase: str, ptx_coef: float, ref, rm, held: list[str]
         opt.load_state_dict(ck["opt"])
         set_rng_state(ck["rng"])
         beta, start, hist, window = ck["beta"], ck["step"], ck["hist"], list(ck["window"])
+    costs = list(ck["costs"]) if ck is not None else [0, 0.0, 0]
+    fwd_tokens, cpu_s, n_steps = costs          # the log-prob / value forwards of the updates
     run.trim_metrics(phase, start)
     pol, val = run.wrap(policy), run.wrap(value)
     policy.train(), value.train()
     temp, log_every = c["temperature"], run.cfg["run.log_every"]
+    shared = run.cfg["train.shared_prefix"]
     tokens, t_loop = 0, time.time()
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
@@ -175,12 +211,15 @@ def train_policy(run: Run, phase: str, ptx_coef: float, ref, rm, held: list[str]
             policy.eval()
             seq, inp, act, mask, last, resp = rollout(run, policy, prompts, gen, temp)
             policy.train()
+            cpu0 = time.process_time()
+            tree = pack_rollout(inp, mask) if shared else None
             # log-probs of the policy and of the SFT reference (and the policy's entropy) from
             # hidden states; the per-token KL penalty from the two log-probs
-            lp, ent = policy(inp, logprobs_of=act, temperature=temp, entropy=True)
-            kp = ro.kl_from_logprobs(lp, ref(inp, logprobs_of=act, temperature=temp), beta=beta, mask=mask)
+            lp, ent = logprobs(policy, inp, act, mask, temp, tree, entropy=True)
+            kp = ro.kl_from_logprobs(lp, logprobs(ref, inp, act, mask, temp, tree), beta=beta, mask=mask)
             score = rm(seq, last)
-            old_v = value(inp)
+            old_v = values(value, inp, tree)
+            fwd_tokens += 3 * forward_tokens(inp, tree)
             rewards = ro.ppo_rewards(kp.penalty, score, mask)
             adv, ret = ro.gae(rewards, old_v, mask, gamma=c["gamma"], lam=c["lam"], backend=run.backend)
             adv = whiten(adv, mask, run.all_sum)
@@ -205,13 +244,17 @@ def train_policy(run: Run, phase: str, ptx_coef: float, ref, rm, held: list[str]
                     sl = run.local(ptx_rows)
                     ptx = (x[sl].to(run.device), y[sl].to(run.device), y.numel())
                 roll = {"inp": inp[mb], "act": act[mb], "mask": mask[mb], "adv": adv[mb], "ret": ret[mb],
-                        "old_lp": old_lp[mb], "old_v": old_v[mb]}
+                        "old_lp": old_lp[mb], "old_v": old_v[mb],
+                        "tree": pack_rollout(inp[mb], mask[mb]) if shared else None}
+                fwd_tokens += 2 * forward_tokens(roll["inp"], roll["tree"])
                 opt.zero_grad(set_to_none=True)
                 stats += minibatch_backward(run, pol, val, roll, ptx, cw)
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), c["grad_clip"])   # each model on
                 torch.nn.utils.clip_grad_norm_(value.parameters(), c["grad_clip"])    # its own norm
                 opt.step()
                 k += 1
+        cpu_s += time.process_time() - cpu0
+        n_steps += 1
         # ---- statistics of this batch (global)
         n_seq = len(prompts) * run.world
         kl_seq = run.all_sum((kp.kl * mask).sum()) / n_seq              # KL(π‖π_SFT) per response
@@ -240,6 +283,7 @@ def train_policy(run: Run, phase: str, ptx_coef: float, ref, rm, held: list[str]
             run.save(phase, "resume", {"models": {"policy": policy.state_dict(), "value": value.state_dict()},
                                        "opt": opt.state_dict(), "step": step + 1, "rng": rng_state(),
                                        "beta": beta, "hist": hist, "window": window,
+                                       "costs": [fwd_tokens, cpu_s, n_steps],
                                        "seconds": run.elapsed(), "cpu_seconds": run.elapsed_cpu()})
     policy.eval(), value.eval()
     speed = throughput(run, tokens, time.time() - t_loop)
@@ -258,5 +302,6 @@ def train_policy(run: Run, phase: str, ptx_coef: float, ref, rm, held: list[str]
            "kl_end": sum(hist["kl"][-tail:]) / tail,
            "pretrain_loss": pretrain_loss(run, policy),
            "filler_rate": filler_rate(resp_held),
-           "beta_final": beta, "ptx_coef": ptx_coef, "ptx_rows_per_minibatch": ptx_rows, **speed}
+           "beta_final": beta, "ptx_coef": ptx_coef, "ptx_rows_per_minibatch": ptx_rows, **speed,
+           **step_costs(shared, fwd_tokens, cpu_s, n_steps)}
     return res, {"lm": policy.state_dict(), "value": value.state_dict()}

@@ -21,7 +21,8 @@ from .run import read_jsonl, write_text_atomic
 STAGE_ORDER = ("pretrain", "sft", "rm", "ppo", "ppo_ptx", "grpo")
 RECORD_KEYS = ("config", "args", "seconds", "cpu_seconds")      # per-stage record
 # keys that measure time or speed: they differ between two runs of the same commit and seed
-TIMING_KEYS = ("seconds", "cpu_seconds", "wall_seconds", "train_tokens_per_s", "peak_mem_bytes")
+TIMING_KEYS = ("seconds", "cpu_seconds", "wall_seconds", "train_tokens_per_s", "peak_mem_bytes",
+               "train_cpu_s_per_step")
 
 SUMMARY_KEYS = {
     "pretrain": ("final_loss", "judge_score", "pretrain_loss"),

@@ -92,6 +92,12 @@ def rows(s: dict) -> list[tuple[str, str, bool | None]]:
         out.append(("grpo − SFT, paired over the same prompts", cell,
                     None if None in (d, se) else d > 0 and d >= 3 * se))
         out.append(("grpo.filler_rate", _f(g("grpo.filler_rate"), 3), None))
+    for stage in ("ppo", "grpo"):
+        tok, sec = g(f"{stage}.tokens_per_step"), g(f"{stage}.train_cpu_s_per_step")
+        if tok is not None and sec is not None:
+            how = "shared prefix" if g(f"{stage}.shared_prefix") else "unshared"
+            out.append((f"{stage}: tokens / CPU s per step (log-prob and value forwards, updates)",
+                        f"{tok:,.0f} / {sec:.3f} s ({how})", None))
     wall, cpu = g("wall_seconds"), cpu_seconds(s)
     out.append(("wall time, all stages (measured)", f"{wall:.0f} s" if wall is not None else "—",
                 None if wall is None else wall <= TIME_GOAL_S))
