@@ -166,7 +166,8 @@ def step_case(P: int, R: int, G: int, size: str) -> harness.Case:
             except ImportError as err:
                 raise harness.Missing(f"transformers is not installed ({err})") from None
             torch.manual_seed(0)
-            m = LlamaForCausalLM(LlamaConfig(max_position_embeddings=P + R, **cfg)).to(dev, dtype)
+            with torch.device(dev):                 # initialised on the device (1.2B parameters)
+                m = LlamaForCausalLM(LlamaConfig(max_position_embeddings=P + R, **cfg)).to(dtype)
             state["model"] = apply_rlhf_ops(m, backend=backend)
         return state["model"]
 
