@@ -153,8 +153,8 @@ def step_case(P: int, R: int, G: int, size: str) -> harness.Case:
     dtype = torch.bfloat16 if size != "smoke" else torch.float32
     backend = "triton" if size != "smoke" else "reference"
     d, L, V, F_ = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"], cfg["intermediate_size"]
-    n_params = V * d + L * (4 * d * d * (1 + 2 * cfg["num_key_value_heads"] / cfg["num_attention_heads"]) / 2
-                            + 3 * d * F_)
+    # q, o: d² each; k, v: d²·Hkv/H each; gate, up, down: d·F each; the tied embedding V·d
+    n_params = V * d + L * (2 * d * d * (1 + cfg["num_key_value_heads"] / cfg["num_attention_heads"]) + 3 * d * F_)
     state = {}
 
     def model(dev):
