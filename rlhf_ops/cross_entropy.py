@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _backend, _checks, _layout, distributed, reference
+from . import _backend, _checks, _layout, _vocab_stats, distributed, reference
 
 OP = "cross_entropy"
 
@@ -127,9 +127,16 @@ def cross_entropy_vp_fwd(logits: Tensor, target: Tensor, offset: Tensor, ignore_
     [1]) → (loss [N], global lse [2, N], shard = (offset, V) int64 [2]), the same on every rank
     of the process group named ``group``."""
     stats = _impl_stats(backend)(logits, target, offset, ignore_index, label_smoothing > 0)
-    G, sizes = distributed.gather_stats(stats, logits.shape[1], group)
-    loss, lse = distributed.cross_entropy_combine(G, sizes, target, ignore_index, label_smoothing)
-    return loss, lse, distributed.shard_tensor(offset, sizes)
+    return distributed.combine_slices(stats, logits.shape[1], group,
+                                      _combine_with_shard(target, offset, ignore_index, label_smoothing))
+
+
+def _combine_with_shard(target, offset, ignore_index, label_smoothing):
+    """The combination of the fused vocabulary-parallel forwards: (loss, global lse, shard)."""
+    def combine(G, sizes):
+        loss, lse = _vocab_stats.cross_entropy_combine(G, sizes, target, ignore_index, label_smoothing)
+        return loss, lse, _vocab_stats.shard_tensor(offset, sizes)
+    return combine
 
 
 @cross_entropy_vp_fwd.register_fake
@@ -203,16 +210,15 @@ def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100,
     on a 1-D mesh is accepted instead, and gives a replicated DTensor, as ``loss_parallel()``.
     Per row, k numbers per rank cross the network, never a V-sized tensor (``rlhf_ops.distributed``).
     """
-    logits, process_group, mesh = distributed.unwrap(OP, "logits", logits, process_group, -1)
-    with distributed.rejects_together(OP, process_group, getattr(logits, "device", None)):
-        target = distributed.replicated_local(OP, "target", target)
+    call = distributed.VocabCall(OP, "logits", logits, -1, process_group, vocab_offset)
+    logits = call.local
+    with call.checks():
+        target = call.replicated("target", target)
         _check_args(OP, logits, target, ignore_index, reduction, label_smoothing)
-        distributed.check_vocab_offset(OP, vocab_offset, process_group)
         be = _backend.resolve(OP, backend, logits.device)
-    if process_group is not None:
-        out = _cross_entropy_vp(logits, target, ignore_index, reduction, float(label_smoothing), be,
-                                bool(inplace_backward), process_group, vocab_offset)
-        return distributed.wrap(out, mesh)
+    if call.parallel:
+        return call.wrap(_cross_entropy_vp(call, logits, target, ignore_index, reduction,
+                                           float(label_smoothing), be, bool(inplace_backward)))
     if be == "reference":
         _checks.eager_in_range(OP, "target", target, 0, logits.shape[-1], ignore=ignore_index)
         return reference.cross_entropy(logits, target, ignore_index, reduction, label_smoothing)
@@ -229,28 +235,28 @@ def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100,
     return _reduce(loss, t, ignore_index, reduction, target.shape)
 
 
-def _vp_config(op, lead_shape, dtype, ignore_index, reduction, label_smoothing, extra="") -> str:
-    """What every rank must pass alike (checked by ``distributed.shard_offset``)."""
-    return (f"{op}(leading shape {tuple(lead_shape)}, {str(dtype).replace('torch.', '')}{extra}, "
-            f"ignore_index={ignore_index}, reduction={reduction}, label_smoothing={label_smoothing})")
+def _vp_settings(op, target, dtype, ignore_index, reduction, label_smoothing, **extra) -> str:
+    return distributed.settings(op, "leading", target.shape, dtype, **extra, ignore_index=ignore_index,
+                                reduction=reduction, label_smoothing=label_smoothing)
 
 
-def _cross_entropy_vp(logits, target, ignore_index, reduction, label_smoothing, be, inplace,
-                      group, vocab_offset):
-    V_r = logits.shape[-1]
+def _reference_combine(t, ignore_index, label_smoothing):
+    return lambda G, sizes: _vocab_stats.cross_entropy_combine(G, sizes, t, ignore_index,
+                                                               label_smoothing)[0]
+
+
+def _cross_entropy_vp(call, logits, target, ignore_index, reduction, label_smoothing, be, inplace):
     x = _layout.rows(logits)
     t = target.reshape(-1).contiguous()
-    config = _vp_config(OP, target.shape, logits.dtype, ignore_index, reduction, label_smoothing)
-    gname, offset = distributed.locate(OP, "target", group, t, V_r, ignore_index=ignore_index,
-                                       vocab_offset=vocab_offset, config=config)
-    if be == "reference":  # eager statistics of the slice, then the same combination
-        stats = distributed.cross_entropy_stats_reference(x, t, offset, ignore_index,
-                                                          label_smoothing > 0)
-        G, sizes = distributed.gather_stats(stats, V_r, group)
-        loss, _ = distributed.cross_entropy_combine(G, sizes, t, ignore_index, label_smoothing)
-    else:
-        loss, _, _ = torch.ops.rlhf_ops.cross_entropy_vp_fwd(x, t, offset, ignore_index,
-                                                             label_smoothing, inplace, be, gname)
+    loss = call.run(
+        be, "target", t, x.shape[1],
+        _vp_settings(OP, target, logits.dtype, ignore_index, reduction, label_smoothing),
+        ignore_index=ignore_index,
+        reference=lambda offset: _vocab_stats.cross_entropy_stats_reference(
+            x, t, offset, ignore_index, label_smoothing > 0),
+        combine=_reference_combine(t, ignore_index, label_smoothing),
+        fused=lambda gname, offset: torch.ops.rlhf_ops.cross_entropy_vp_fwd(
+            x, t, offset, ignore_index, label_smoothing, inplace, be, gname)[0])
     return _reduce(loss, t, ignore_index, reduction, target.shape)
 
 
@@ -348,9 +354,8 @@ def linear_cross_entropy_vp_fwd(hidden: Tensor, weight: Tensor, bias: Tensor | N
     for s in range(0, N, step):
         logits = torch.nn.functional.linear(hidden[s:s + step], weight, bias)
         stats[:, s:s + step] = fn(logits, target[s:s + step], offset, ignore_index, label_smoothing > 0)
-    G, sizes = distributed.gather_stats(stats, V_r, group)
-    loss, lse = distributed.cross_entropy_combine(G, sizes, target, ignore_index, label_smoothing)
-    return loss, lse, distributed.shard_tensor(offset, sizes)
+    return distributed.combine_slices(stats, V_r, group,
+                                      _combine_with_shard(target, offset, ignore_index, label_smoothing))
 
 
 @linear_cross_entropy_vp_fwd.register_fake
@@ -398,18 +403,16 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, *, bias
     1-D mesh (``bias`` ``Shard(0)`` too) is accepted instead of ``process_group``.
     """
     op = "linear_cross_entropy"
-    weight, process_group, mesh = distributed.unwrap(op, "weight", weight, process_group, 0)
-    if mesh is not None and bias is not None:
-        bias, _, _ = distributed.unwrap(op, "bias", bias, None, 0)
-    with distributed.rejects_together(op, process_group, getattr(weight, "device", None)):
+    call = distributed.VocabCall(op, "weight", weight, 0, process_group, vocab_offset)
+    weight, bias = call.local, call.sharded("bias", bias)
+    with call.checks():
+        hidden = call.replicated("hidden", hidden)
+        target = call.replicated("target", target)
         be = _check_linear(op, hidden, weight, target, bias, ignore_index, reduction,
-                           label_smoothing, backend, process_group, vocab_offset)
-    hidden = distributed.replicated_local(op, "hidden", hidden)
-    target = distributed.replicated_local(op, "target", target)
-    if process_group is not None:
-        out = _linear_cross_entropy_vp(hidden, weight, target, bias, ignore_index, reduction,
-                                       float(label_smoothing), be, process_group, vocab_offset)
-        return distributed.wrap(out, mesh)
+                           label_smoothing, backend)
+    if call.parallel:
+        return call.wrap(_linear_cross_entropy_vp(call, hidden, weight, target, bias, ignore_index,
+                                                  reduction, float(label_smoothing), be))
     if be == "reference":
         _checks.eager_in_range(op, "target", target, 0, weight.shape[0], ignore=ignore_index)
         return reference.linear_cross_entropy(hidden, weight, target, bias, ignore_index,
@@ -422,10 +425,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, *, bias
 
 
 def _check_linear(op, hidden, weight, target, bias, ignore_index, reduction, label_smoothing,
-                  backend, process_group, vocab_offset) -> str:
+                  backend) -> str:
     """Validate linear_cross_entropy's inputs; the backend that runs it."""
-    hidden = distributed.replicated_local(op, "hidden", hidden)
-    target = distributed.replicated_local(op, "target", target)
     _checks.floating(op, "hidden", hidden, min_ndim=1)
     _checks.floating(op, "weight", weight, ndim=2)
     _checks.index(op, "target", target)
@@ -442,27 +443,26 @@ def _check_linear(op, hidden, weight, target, bias, ignore_index, reduction, lab
                          f"{tuple(hidden.shape[:-1])}, got {tuple(target.shape)}")
     _checks.label_smoothing(op, label_smoothing)
     _checks.ignore_index(op, ignore_index)
-    distributed.check_vocab_offset(op, vocab_offset, process_group)
     return _backend.resolve(op, backend, hidden.device)
 
 
-def _linear_cross_entropy_vp(hidden, weight, target, bias, ignore_index, reduction,
-                             label_smoothing, be, group, vocab_offset):
+def _linear_cross_entropy_vp(call, hidden, weight, target, bias, ignore_index, reduction,
+                             label_smoothing, be):
     op = "linear_cross_entropy"
-    V_r = weight.shape[0]
     h = hidden.reshape(-1, hidden.shape[-1])
     t = target.reshape(-1).contiguous()
-    config = _vp_config(op, target.shape, hidden.dtype, ignore_index, reduction, label_smoothing,
-                        f", d={hidden.shape[-1]}, bias={bias is not None}")
-    gname, offset = distributed.locate(op, "target", group, t, V_r, ignore_index=ignore_index,
-                                       vocab_offset=vocab_offset, config=config)
-    if be == "reference":  # eager logits of the slice; hidden's gradient summed over the ranks
-        logits = torch.nn.functional.linear(distributed.replicated_input(h, group), weight, bias)
-        stats = distributed.cross_entropy_stats_reference(logits, t, offset, ignore_index,
-                                                          label_smoothing > 0)
-        G, sizes = distributed.gather_stats(stats, V_r, group)
-        loss, _ = distributed.cross_entropy_combine(G, sizes, t, ignore_index, label_smoothing)
-    else:
-        loss, _, _ = torch.ops.rlhf_ops.linear_cross_entropy_vp_fwd(
-            h, weight, bias, t, offset, ignore_index, label_smoothing, be, gname)
+
+    def reference_stats(offset):  # eager logits of the slice; hidden's gradient summed over ranks
+        logits = torch.nn.functional.linear(distributed.replicated_input(h, call.group), weight, bias)
+        return _vocab_stats.cross_entropy_stats_reference(logits, t, offset, ignore_index,
+                                                         label_smoothing > 0)
+
+    loss = call.run(
+        be, "target", t, weight.shape[0],
+        _vp_settings(op, target, hidden.dtype, ignore_index, reduction, label_smoothing,
+                     d=hidden.shape[-1], bias=bias is not None),
+        ignore_index=ignore_index, reference=reference_stats,
+        combine=_reference_combine(t, ignore_index, label_smoothing),
+        fused=lambda gname, offset: torch.ops.rlhf_ops.linear_cross_entropy_vp_fwd(
+            h, weight, bias, t, offset, ignore_index, label_smoothing, be, gname)[0])
     return _reduce(loss, t, ignore_index, reduction, target.shape)

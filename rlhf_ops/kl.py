@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _backend, _checks, _layout, distributed, logprobs, reference
-from .logprobs import _fwd_impl, _grads, _lp_config, _slice_stats, _wrap
+from . import _backend, _checks, _layout, _vocab_stats, distributed, logprobs, reference
+from .logprobs import _fwd_impl, _grads, _slice_stats
 from .reference import ESTIMATORS, KLPenalty
 
 
@@ -85,18 +85,6 @@ def _kl_backward(ctx, g_logp, g_ref, g_ratio, g_kl, g_pen, g_ent, g_lse):
 kl_penalty_fwd.register_autograd(_kl_backward, setup_context=_kl_setup)
 
 
-def _kl_combine(G, beta, estimator, mask):
-    """Gathered [R, 8, N] = the policy's LP_STATS (K = 1) and the reference model's shift, log S
-    and shift − r_t (its entropy is not needed) → (logprobs, ref_logprobs, log_ratio, kl,
-    penalty, entropy, lse); the estimators as ``kl_from_logprobs`` (the kernels' formulas)."""
-    logp, ent, lse = distributed.logprobs_combine(G[:, :5], 1)
-    zero = torch.zeros_like(G[:, 0])
-    ref_G = torch.stack([G[:, 5], G[:, 6], zero, G[:, 3], G[:, 7]], 1)
-    ref_logp, _, _ = distributed.logprobs_combine(ref_G, 1)
-    r = reference.kl_from_logprobs(logp[:, 0], ref_logp[:, 0], beta, estimator, mask)
-    return r.logprobs, r.ref_logprobs, r.log_ratio, r.kl, r.penalty, ent, lse
-
-
 @torch.library.custom_op("rlhf_ops::kl_penalty_vp_fwd", mutates_args=())
 def kl_penalty_vp_fwd(logits: Tensor, ref_logits: Tensor, tokens: Tensor, offset: Tensor,
                       mask: Tensor | None, beta: float, estimator: str, temperature: float,
@@ -109,11 +97,13 @@ def kl_penalty_vp_fwd(logits: Tensor, ref_logits: Tensor, tokens: Tensor, offset
     V_r = logits.shape[1]
     pol = _slice_stats(backend, logits, t, offset, temperature)          # 5 rows
     ref = _slice_stats(backend, ref_logits, t, offset, temperature)
-    G, sizes = distributed.gather_stats(torch.cat([pol, ref[[0, 1, 4]]]), V_r, group)
-    out = _kl_combine(G, beta, estimator, mask)
-    # clones: k1's kl is log_ratio itself, and outputs of a custom op may not alias each other
-    return tuple(o.clone(memory_format=torch.contiguous_format) for o in out) + (
-        distributed.backward_tokens(t, offset, V_r, sizes),)
+
+    def combine(G, sizes):
+        out = _vocab_stats.kl_combine(G, beta, estimator, mask)
+        # clones: k1's kl is log_ratio itself, and outputs of a custom op may not alias each other
+        return tuple(o.clone(memory_format=torch.contiguous_format) for o in out) + (
+            _vocab_stats.backward_tokens(t, offset, V_r, sizes),)
+    return distributed.combine_slices(torch.cat([pol, ref[[0, 1, 4]]]), V_r, group, combine)
 
 
 @kl_penalty_vp_fwd.register_fake
@@ -175,16 +165,12 @@ def kl_penalty(logits: Tensor, ref_logits: Tensor, tokens: Tensor, *, beta: floa
     fields come back as replicated DTensors).
     """
     op = "kl_penalty"
-    dt = distributed.is_dtensor(logits)
-    logits, process_group, mesh = distributed.unwrap(op, "logits", logits, process_group, -1)
-    with distributed.rejects_together(op, process_group, getattr(logits, "device", None)):
-        if dt != distributed.is_dtensor(ref_logits):
-            raise ValueError(f"rlhf_ops.{op}: logits and ref_logits must both be DTensors "
-                             f"(sharded Shard(-1) on one mesh) or both plain tensors")
-        if dt:
-            ref_logits, _, _ = distributed.unwrap(op, "ref_logits", ref_logits, None, -1)
-        tokens = distributed.replicated_local(op, "tokens", tokens)
-        mask = distributed.replicated_local(op, "mask", mask)
+    call = distributed.VocabCall(op, "logits", logits, -1, process_group, vocab_offset)
+    logits = call.local
+    with call.checks():
+        ref_logits = call.sharded("ref_logits", ref_logits, together=True)
+        tokens = call.replicated("tokens", tokens)
+        mask = call.replicated("mask", mask)
         logprobs._check_common(op, logits, tokens, temperature)
         _checks.floating(op, "ref_logits", ref_logits)
         _checks.same_device(op, "logits", logits, ref_logits=ref_logits, mask=mask)
@@ -193,12 +179,10 @@ def kl_penalty(logits: Tensor, ref_logits: Tensor, tokens: Tensor, *, beta: floa
         _checks.mask(op, mask, tokens.shape, "tokens.shape")
         _checks.choice(op, "estimator", estimator, ESTIMATORS)
         _checks.beta(op, beta)
-        distributed.check_vocab_offset(op, vocab_offset, process_group)
         be = _backend.resolve(op, backend, logits.device)
-    if process_group is not None:
-        out = _kl_penalty_vp(logits, ref_logits, tokens, mask, float(beta), estimator,
-                             float(temperature), be, process_group, vocab_offset)
-        return KLPenalty(*_wrap(tuple(out), mesh))
+    if call.parallel:
+        return call.wrap(_kl_penalty_vp(call, logits, ref_logits, tokens, mask, float(beta),
+                                        estimator, float(temperature), be))
     if be == "reference":
         _checks.eager_in_range(op, "tokens", tokens, 0, logits.shape[-1])
         return reference.kl_penalty(logits, ref_logits, tokens, beta, estimator, mask, temperature)
@@ -210,29 +194,28 @@ def kl_penalty(logits: Tensor, ref_logits: Tensor, tokens: Tensor, *, beta: floa
     return KLPenalty(*(o.reshape(tokens.shape) for o in out[:6]))
 
 
-
-def _kl_penalty_vp(logits, ref_logits, tokens, mask, beta, estimator, temperature, be, group,
-                   vocab_offset):
+def _kl_penalty_vp(call, logits, ref_logits, tokens, mask, beta, estimator, temperature, be):
     op = "kl_penalty"
-    V_r = logits.shape[-1]
     x, r = _layout.rows(logits), _layout.rows(ref_logits)
     t = tokens.reshape(-1).contiguous()
     acc = _checks.acc_dtype(logits.dtype)
     m = None if mask is None else mask.reshape(-1).to(acc).contiguous()
-    config = _lp_config(op, tokens, logits.dtype, temperature,
-                        f", beta={beta}, estimator={estimator}, mask={mask is not None}")
-    gname, offset = distributed.locate(op, "tokens", group, t, V_r, vocab_offset=vocab_offset,
-                                       config=config)
-    if be == "reference":
-        pol = distributed.logprob_stats_reference(x, t[:, None], offset, temperature)
+
+    def reference_stats(offset):  # one gather carries both models' statistics
+        pol = _vocab_stats.logprob_stats_reference(x, t[:, None], offset, temperature)
         with torch.no_grad():  # ref_logits get no gradient
-            ref = distributed.logprob_stats_reference(r, t[:, None], offset, temperature)
-        G, _ = distributed.gather_stats(torch.cat([pol, ref[[0, 1, 4]]]), V_r, group)
-        out = _kl_combine(G, beta, estimator, m)[:6]
-    else:
-        out = torch.ops.rlhf_ops.kl_penalty_vp_fwd(x, r, t, offset, m, beta, estimator,
-                                                   temperature, be, gname)[:6]
-    return [o.reshape(tokens.shape) for o in out]
+            ref = _vocab_stats.logprob_stats_reference(r, t[:, None], offset, temperature)
+        return torch.cat([pol, ref[[0, 1, 4]]])
+
+    out = call.run(
+        be, "tokens", t, x.shape[1],
+        distributed.settings(op, "tokens", tokens.shape, logits.dtype, temperature=temperature,
+                             beta=beta, estimator=estimator, mask=mask is not None),
+        reference=reference_stats,
+        combine=lambda G, sizes: _vocab_stats.kl_combine(G, beta, estimator, m),
+        fused=lambda gname, offset: torch.ops.rlhf_ops.kl_penalty_vp_fwd(
+            x, r, t, offset, m, beta, estimator, temperature, be, gname))
+    return KLPenalty(*(o.reshape(tokens.shape) for o in out[:6]))
 
 
 def kl_from_logprobs(logprobs: Tensor, ref_logprobs: Tensor, *, beta: float, estimator: str = "k1",

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _backend, _checks, _layout, distributed, reference
+from . import _backend, _checks, _layout, _vocab_stats, distributed, reference
 
 
 def _fwd_impl(backend: str, logits: Tensor, ref_logits: Tensor | None, tokens: Tensor,
@@ -233,22 +233,23 @@ linear_token_logprobs_fwd.register_autograd(_ltl_backward, setup_context=_ltl_se
 
 
 # ------------------------------------------------------------ vocabulary-parallel ops ---
-# Each runs the fused forward on this rank's slice, gathers the slice statistics over the group
-# named ``group`` and combines them (rlhf_ops.distributed); the last output holds the token ids
-# for the sharded backward (``distributed.backward_tokens``).
+# Each runs the fused forward on this rank's slice and hands the slice statistics to
+# ``distributed.combine_slices`` (gathered over the group named ``group``, combined by
+# ``_vocab_stats``); the last output holds the token ids for the sharded backward
+# (``_vocab_stats.backward_tokens``).
 
 def _slice_stats(backend, logits, tokens, offset, temperature):
     """LP_STATS [3 + 2K, N] of a slice [N, V_r] from the fused forward."""
-    owned, t_fwd = distributed.local_tokens(tokens, offset, logits.shape[1])
+    owned, t_fwd = _vocab_stats.local_tokens(tokens, offset, logits.shape[1])
     logp, ent, lse = _fwd_impl(backend, logits, None, t_fwd, None, temperature, 0.0, "k1")
-    return distributed.logprob_stats(lse, ent, logp, owned)
+    return _vocab_stats.logprob_stats(lse, ent, logp, owned)
 
 
 def _vp_combine(stats, V_r, K, tokens, offset, group):
-    G, sizes = distributed.gather_stats(stats, V_r, group)
-    logp, ent, lse = distributed.logprobs_combine(G, K)
-    return (logp.contiguous(), ent, lse.contiguous(),
-            distributed.backward_tokens(tokens, offset, V_r, sizes))
+    def combine(G, sizes):
+        logp, ent, lse = _vocab_stats.logprobs_combine(G, K)
+        return (logp.contiguous(), ent, lse, _vocab_stats.backward_tokens(tokens, offset, V_r, sizes))
+    return distributed.combine_slices(stats, V_r, group, combine)
 
 
 @torch.library.custom_op("rlhf_ops::token_logprobs_vp_fwd", mutates_args=())
@@ -381,17 +382,16 @@ def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
     as in ``cross_entropy``).
     """
     op = "token_logprobs"
-    logits, process_group, mesh = distributed.unwrap(op, "logits", logits, process_group, -1)
-    with distributed.rejects_together(op, process_group, getattr(logits, "device", None)):
-        tokens = distributed.replicated_local(op, "tokens", tokens)
+    call = distributed.VocabCall(op, "logits", logits, -1, process_group, vocab_offset)
+    logits = call.local
+    with call.checks():
+        tokens = call.replicated("tokens", tokens)
         multi = _check_common(op, logits, tokens, temperature, multi_ok=True)
         _checks.flag(op, "return_entropy", return_entropy)
-        distributed.check_vocab_offset(op, vocab_offset, process_group)
         be = _backend.resolve(op, backend, logits.device)
-    if process_group is not None:
-        out = _token_logprobs_vp(logits, tokens, multi, float(temperature), return_entropy, be,
-                                 process_group, vocab_offset)
-        return _wrap(out, mesh)
+    if call.parallel:
+        return call.wrap(_token_logprobs_vp(call, logits, tokens, multi, float(temperature),
+                                            return_entropy, be))
     if be == "reference":
         _checks.eager_in_range(op, "tokens", tokens, 0, logits.shape[-1])
         return reference.token_logprobs(logits, tokens, temperature, return_entropy)
@@ -427,19 +427,16 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bia
     mesh is accepted instead of ``process_group``.
     """
     op = "linear_token_logprobs"
-    weight, process_group, mesh = distributed.unwrap(op, "weight", weight, process_group, 0)
-    if mesh is not None and bias is not None:
-        bias, _, _ = distributed.unwrap(op, "bias", bias, None, 0)
-    with distributed.rejects_together(op, process_group, getattr(weight, "device", None)):
-        hidden = distributed.replicated_local(op, "hidden", hidden)
-        tokens = distributed.replicated_local(op, "tokens", tokens)
+    call = distributed.VocabCall(op, "weight", weight, 0, process_group, vocab_offset)
+    weight, bias = call.local, call.sharded("bias", bias)
+    with call.checks():
+        hidden = call.replicated("hidden", hidden)
+        tokens = call.replicated("tokens", tokens)
         multi, be = _check_linear(op, hidden, weight, tokens, bias, temperature, return_entropy,
                                   backend)
-        distributed.check_vocab_offset(op, vocab_offset, process_group)
-    if process_group is not None:
-        out = _linear_token_logprobs_vp(hidden, weight, tokens, bias, multi, float(temperature),
-                                        return_entropy, be, process_group, vocab_offset)
-        return _wrap(out, mesh)
+    if call.parallel:
+        return call.wrap(_linear_token_logprobs_vp(call, hidden, weight, tokens, bias, multi,
+                                                   float(temperature), return_entropy, be))
     V = weight.shape[0]
     if be == "reference":
         _checks.eager_in_range(op, "tokens", tokens, 0, V)
@@ -477,61 +474,47 @@ def _check_linear(op, hidden, weight, tokens, bias, temperature, return_entropy,
     return multi, _backend.resolve(op, backend, hidden.device)
 
 
-def _wrap(out, mesh):
-    """Results as replicated DTensors when the inputs were DTensors (as loss_parallel())."""
-    if isinstance(out, tuple):
-        return tuple(distributed.wrap(o, mesh) for o in out)
-    return distributed.wrap(out, mesh)
-
-
-def _lp_config(op, tokens, dtype, temperature, extra=""):
-    """What every rank must pass alike (checked by ``distributed.shard_offset``)."""
-    return (f"{op}(tokens shape {tuple(tokens.shape)}, {str(dtype).replace('torch.', '')}, "
-            f"temperature={temperature}{extra})")
-
-
 def _lp_results(logp, ent, tokens, lead, return_entropy):
     logp = logp.reshape(tokens.shape)
     return (logp, ent.reshape(lead)) if return_entropy else logp
 
 
-def _token_logprobs_vp(logits, tokens, multi, temperature, return_entropy, be, group, vocab_offset):
+def _logprobs_combine(K):
+    """The reference path's combination: (logprobs [N, K], entropy [N])."""
+    return lambda G, sizes: _vocab_stats.logprobs_combine(G, K)[:2]
+
+
+def _token_logprobs_vp(call, logits, tokens, multi, temperature, return_entropy, be):
     op = "token_logprobs"
-    V_r = logits.shape[-1]
     x = _layout.rows(logits)
     t = tokens.reshape(x.shape[0], tokens.shape[-1] if multi else 1).contiguous()
-    config = _lp_config(op, tokens, logits.dtype, temperature, f", return_entropy={return_entropy}")
-    gname, offset = distributed.locate(op, "tokens", group, t, V_r, vocab_offset=vocab_offset,
-                                       config=config)
-    if be == "reference":  # eager statistics of the slice, then the same combination
-        stats = distributed.logprob_stats_reference(x, t, offset, temperature)
-        G, _ = distributed.gather_stats(stats, V_r, group)
-        logp, ent, _ = distributed.logprobs_combine(G, t.shape[1])
-    else:
-        logp, ent, _, _ = torch.ops.rlhf_ops.token_logprobs_vp_fwd(x, t, offset, temperature, be,
-                                                                   gname, return_entropy)
+    logp, ent = call.run(
+        be, "tokens", t, x.shape[1],
+        distributed.settings(op, "tokens", tokens.shape, logits.dtype, temperature=temperature,
+                             return_entropy=return_entropy),
+        reference=lambda offset: _vocab_stats.logprob_stats_reference(x, t, offset, temperature),
+        combine=_logprobs_combine(t.shape[1]),
+        fused=lambda gname, offset: torch.ops.rlhf_ops.token_logprobs_vp_fwd(
+            x, t, offset, temperature, be, gname, return_entropy)[:2])
     return _lp_results(logp, ent, tokens, logits.shape[:-1], return_entropy)
 
 
-def _linear_token_logprobs_vp(hidden, weight, tokens, bias, multi, temperature, return_entropy,
-                              be, group, vocab_offset):
+def _linear_token_logprobs_vp(call, hidden, weight, tokens, bias, multi, temperature,
+                              return_entropy, be):
     op = "linear_token_logprobs"
-    V_r = weight.shape[0]
     h = hidden.reshape(-1, hidden.shape[-1])
     t = tokens.reshape(h.shape[0], tokens.shape[-1] if multi else 1).contiguous()
-    config = _lp_config(op, tokens, hidden.dtype, temperature,
-                        f", return_entropy={return_entropy}, d={hidden.shape[-1]}, "
-                        f"bias={bias is not None}")
-    gname, offset = distributed.locate(op, "tokens", group, t, V_r, vocab_offset=vocab_offset,
-                                       config=config)
-    if be == "reference":  # eager logits of the slice; hidden's gradient summed over the ranks
-        logits = F.linear(distributed.replicated_input(h, group), weight, bias)
-        stats = distributed.logprob_stats_reference(logits, t, offset, temperature)
-        G, _ = distributed.gather_stats(stats, V_r, group)
-        logp, ent, _ = distributed.logprobs_combine(G, t.shape[1])
-    else:
-        logp, ent, _, _ = torch.ops.rlhf_ops.linear_token_logprobs_vp_fwd(
-            h, weight, bias, t, offset, temperature, return_entropy, be, gname)
+
+    def reference_stats(offset):  # eager logits of the slice; hidden's gradient summed over ranks
+        logits = F.linear(distributed.replicated_input(h, call.group), weight, bias)
+        return _vocab_stats.logprob_stats_reference(logits, t, offset, temperature)
+
+    logp, ent = call.run(
+        be, "tokens", t, weight.shape[0],
+        distributed.settings(op, "tokens", tokens.shape, hidden.dtype, temperature=temperature,
+                             return_entropy=return_entropy, d=hidden.shape[-1],
+                             bias=bias is not None),
+        reference=reference_stats, combine=_logprobs_combine(t.shape[1]),
+        fused=lambda gname, offset: torch.ops.rlhf_ops.linear_token_logprobs_vp_fwd(
+            h, weight, bias, t, offset, temperature, return_entropy, be, gname)[:2])
     return _lp_results(logp, ent, tokens, hidden.shape[:-1], return_entropy)
-
-
