@@ -9,7 +9,8 @@ those files (their commit and date included) untouched. ``--out DIR`` always wri
 Measured on the ``meta`` device, so it runs anywhere in seconds: a meta tensor has a shape,
 a dtype and a storage size but no data; the reference backend runs its eager code on meta
 tensors, a fused backend runs its custom op's fake implementation, and autograd records what
-the real op would keep. Two things are counted:
+the real op would keep. Two things are counted (``rlhf_ops._memory.saved_for_backward``, the one
+count the tests and the training report use too):
 
 * saved tensors: every tensor autograd packs for backward (``saved_tensors_hooks``), counted
   once per underlying storage (``untyped_storage()._cdata`` identifies a storage, meta ones
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import os
 import subprocess
@@ -37,6 +37,7 @@ import torch
 
 import bench  # noqa: F401  (sets TRITON_INTERPRET on a CPU-only machine)
 import rlhf_ops as ro
+from rlhf_ops._memory import saved_for_backward
 
 from .harness import DTYPE_NAMES
 
@@ -87,60 +88,6 @@ def _specs():
                                  lambda: [_m(16384, 9, dtype=torch.float32, grad=True), _idx(16384, 9)],
                                  lambda a, b: ro.pairwise_reward_loss(*a, backend=b)),
     }
-
-
-def _key(t: torch.Tensor) -> int:
-    return t.untyped_storage()._cdata
-
-
-def _flat(out) -> list:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _flat(o)]
-    return []
-
-
-def saved_for_backward(call, make_inputs) -> dict:
-    """Run ``call(inputs)`` on meta tensors and count what it keeps for backward."""
-    inputs = make_inputs()
-    packed: list = []
-
-    def pack(t):
-        packed.append(t)
-        return t
-
-    # After a full collection every surviving object sits in the oldest generation. With the
-    # automatic collector off, every object the forward creates is in generation 0; collecting
-    # generation 0 afterwards frees the dead ones (cycles included) and moves the survivors to
-    # generation 1, so generation 1 then holds exactly the objects the op created and kept alive.
-    gc.collect()
-    gc.disable()
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = call(inputs)
-        outs = _flat(out)
-        gc.collect(0)
-        created = [o for o in gc.get_objects(generation=1) if issubclass(type(o), torch.Tensor)]
-    finally:
-        gc.enable()
-    if not any(t.requires_grad for t in outs):
-        raise RuntimeError("the op's output does not require grad: nothing would be saved")
-    input_keys = {_key(t) for t in inputs}
-    saved = {}
-    for t in packed:
-        saved[_key(t)] = t.untyped_storage().nbytes()
-    skip = input_keys | set(saved) | {_key(t) for t in outs}
-    elsewhere = {}
-    for t in created:
-        if t.device.type == "meta" and _key(t) not in skip:
-            elsewhere[_key(t)] = t.untyped_storage().nbytes()
-    new_saved = sum(v for k, v in saved.items() if k not in input_keys)
-    return {"saved_bytes": new_saved + sum(elsewhere.values()),
-            "saved_tensor_bytes": new_saved,
-            "kept_elsewhere_bytes": sum(elsewhere.values()),
-            "saved_bytes_incl_inputs": sum(saved.values()) + sum(elsewhere.values()),
-            "n_saved_storages": len(saved)}
 
 
 def measure(ops=None) -> list[dict]:

@@ -6,6 +6,8 @@ plus a small tolerance. For fp32/fp64 inputs a fixed tight tolerance applies.
 """
 import torch
 
+from rlhf_ops._memory import packed_for_backward
+
 TIGHT = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
@@ -83,16 +85,11 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
 
 
 def saved_tensors(fn):
-    """Every distinct tensor autograd saves for backward while ``fn`` runs (works on meta tensors)."""
-    seen = {}
-
-    def pack(t):
-        seen[id(t)] = t
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    """Every distinct tensor autograd saves for backward while ``fn`` runs (works on meta tensors;
+    the recorder is rlhf_ops._memory's, the one bench.memory counts with)."""
+    with packed_for_backward() as packed:
         fn()
-    return list(seen.values())
+    return list({id(t): t for t in packed}.values())
 
 
 def saved_bytes(fn) -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 import rlhf_ops as ro
+from rlhf_ops._memory import saved_for_backward
 
 from . import data as D
 from .config import make_config, section
@@ -172,21 +173,11 @@ def logprob_memory(cfg: dict, backend: str = "triton") -> dict:
     d, V = cfg["model.d_model"], D.VOCAB_SIZE
     meta = torch.device("meta")
 
-    def kept(fn) -> int:
-        h = torch.empty(MB, T, d, device=meta, requires_grad=True)
-        W = torch.empty(V, d, device=meta, requires_grad=True)
-        act = torch.empty(MB, T, dtype=torch.long, device=meta)
-        inputs = {t.untyped_storage()._cdata for t in (h, W, act)}
-        saved: dict = {}
-
-        def pack(t):
-            if t.untyped_storage()._cdata not in inputs:
-                saved[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn(h, W, act)
-        return sum(saved.values())
+    def kept(fn) -> int:                   # new storages autograd saves, inputs excluded
+        return saved_for_backward(lambda a: fn(*a), lambda: [
+            torch.empty(MB, T, d, device=meta, requires_grad=True),
+            torch.empty(V, d, device=meta, requires_grad=True),
+            torch.empty(MB, T, dtype=torch.long, device=meta)])["saved_tensor_bytes"]
 
     return {"MB": MB, "T": T, "d": d, "V": V, "backend": backend,
             "logits": kept(lambda h, W, a: ro.token_logprobs(torch.nn.functional.linear(h, W), a,
