@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import rlhf_ops as ro
+from rlhf_ops import _registry
 
 from .roofline import time_once
 
@@ -371,7 +372,56 @@ def _liger_kl(inp):
 
 # --- the case lists ------------------------------------------------------------------------
 
-FAMILIES = ("cross_entropy", "attention", "reward_loss", "kl_penalty")
+# The bench_<family>.py files whose cases ``cases`` builds: the ``bench`` families of the op
+# registry (rlhf_ops/_registry.py), in its order.
+FAMILIES = _registry.bench_families()
+
+
+def _cross_entropy_cases(size, bf16):
+    if size == "smoke":
+        return [_ce_case(32, 500, bf16, size), _lce_case(32, 64, 500, torch.float32, size)]
+    out = [_ce_case(8192, 128256, bf16, size, True), _lce_case(8192, 4096, 128256, bf16, size, True)]
+    if size == "llm":
+        out += [_ce_case(8192, 32000, bf16, size), _lce_case(8192, 4096, 32000, bf16, size)]
+    return out
+
+
+def _attention_cases(size, bf16):
+    if size == "smoke":
+        return [_attn_case(2, 2, 33, 16, True, torch.float32, size),
+                _attn_case(1, 2, 33, 16, False, torch.float32, size)]
+    out = [_attn_case(4, 16, 4096, 128, True, bf16, size, True)]
+    if size == "llm":
+        for D in (128, 64):
+            for causal in (True, False):
+                for T in (512, 1024, 2048, 4096, 8192, 16384):
+                    if (D, causal, T) != (128, True, 4096):
+                        out.append(_attn_case(16384 // T, 2048 // D, T, D, causal, bf16, size))
+    return out
+
+
+def _reward_loss_cases(size, bf16):
+    if size == "smoke":
+        return [_reward_case(8, 4, torch.float32, size), _reward_case(5, 9, torch.float32, size)]
+    out = [_reward_case(1024, 9, torch.float32, size, True)]
+    if size == "llm":
+        out += [_reward_case(B, K, torch.float32, size) for K in (4, 9) for B in (64, 1024, 16384)
+                if (B, K) != (1024, 9)]
+    return out
+
+
+def _kl_penalty_cases(size, bf16):
+    if size == "smoke":
+        return [_tlp_case(2, 8, 300, bf16, size), _kl_case(2, 8, 300, bf16, size)]
+    out = [_kl_case(4, 2048, 128256, bf16, size, True), _tlp_case(4, 2048, 128256, bf16, size, True)]
+    if size == "llm":
+        out += [_kl_case(4, 2048, 32000, bf16, size), _tlp_case(4, 2048, 32000, bf16, size)]
+    return out
+
+
+# family -> its case builder (size, the low-precision dtype) -> cases; one per FAMILIES entry
+_BUILDERS = {"cross_entropy": _cross_entropy_cases, "attention": _attention_cases,
+             "reward_loss": _reward_loss_cases, "kl_penalty": _kl_penalty_cases}
 
 
 def cases(family: str, size: str) -> list[Case]:
@@ -379,41 +429,12 @@ def cases(family: str, size: str) -> list[Case]:
     issues) or llm (the full LLM-scale sweep; goal shapes first)."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {SIZES}, got {size!r}")
-    bf16 = torch.bfloat16
-    out: list[Case] = []
-    if family == "cross_entropy":
-        if size == "smoke":
-            return [_ce_case(32, 500, bf16, size), _lce_case(32, 64, 500, torch.float32, size)]
-        out = [_ce_case(8192, 128256, bf16, size, True), _lce_case(8192, 4096, 128256, bf16, size, True)]
-        if size == "llm":
-            out += [_ce_case(8192, 32000, bf16, size), _lce_case(8192, 4096, 32000, bf16, size)]
-    elif family == "attention":
-        if size == "smoke":
-            return [_attn_case(2, 2, 33, 16, True, torch.float32, size),
-                    _attn_case(1, 2, 33, 16, False, torch.float32, size)]
-        out = [_attn_case(4, 16, 4096, 128, True, bf16, size, True)]
-        if size == "llm":
-            for D in (128, 64):
-                for causal in (True, False):
-                    for T in (512, 1024, 2048, 4096, 8192, 16384):
-                        if (D, causal, T) != (128, True, 4096):
-                            out.append(_attn_case(16384 // T, 2048 // D, T, D, causal, bf16, size))
-    elif family == "reward_loss":
-        if size == "smoke":
-            return [_reward_case(8, 4, torch.float32, size), _reward_case(5, 9, torch.float32, size)]
-        out = [_reward_case(1024, 9, torch.float32, size, True)]
-        if size == "llm":
-            out += [_reward_case(B, K, torch.float32, size) for K in (4, 9) for B in (64, 1024, 16384)
-                    if (B, K) != (1024, 9)]
-    elif family == "kl_penalty":
-        if size == "smoke":
-            return [_tlp_case(2, 8, 300, bf16, size), _kl_case(2, 8, 300, bf16, size)]
-        out = [_kl_case(4, 2048, 128256, bf16, size, True), _tlp_case(4, 2048, 128256, bf16, size, True)]
-        if size == "llm":
-            out += [_kl_case(4, 2048, 32000, bf16, size), _tlp_case(4, 2048, 32000, bf16, size)]
-    else:
+    if family not in FAMILIES:
         raise ValueError(f"unknown bench family {family!r}; expected one of {FAMILIES}")
-    return out
+    if family not in _BUILDERS:
+        raise ValueError(f"bench family {family!r} (rlhf_ops/_registry.py) has no case builder in "
+                         f"bench/harness.py _BUILDERS")
+    return _BUILDERS[family](size, torch.bfloat16)
 
 
 def triton_smoke_case() -> Case:

@@ -37,11 +37,11 @@ import torch
 
 import bench  # noqa: F401  (sets TRITON_INTERPRET on a CPU-only machine)
 import rlhf_ops as ro
+from rlhf_ops import _registry
 from rlhf_ops._memory import saved_for_backward
 
 from .harness import DTYPE_NAMES
 
-BACKENDS = ("reference", "triton", "cuda")
 META = torch.device("meta")
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -90,13 +90,24 @@ def _specs():
     }
 
 
+def _registered_specs() -> dict:
+    """The specs, one for every op the registry (rlhf_ops/_registry.py) marks ``memory=True``."""
+    specs = _specs()
+    want = {op.name for op in _registry.OPS if op.memory}
+    if want != set(specs):
+        raise RuntimeError(f"bench/memory.py _specs() and the op registry disagree: missing "
+                           f"{sorted(want - set(specs))}, not registered with memory=True "
+                           f"{sorted(set(specs) - want)}")
+    return specs
+
+
 def measure(ops=None) -> list[dict]:
     rows = []
-    specs = _specs()
+    specs = _registered_specs()
     for op in ops or list(specs):
         shape, dtype, make, call = specs[op]
         eager = None
-        for b in BACKENDS:
+        for b in _registry.backends(_registry.BY_NAME[op]):
             row = {"op": op, "backend": b, "shape": shape, "dtype": DTYPE_NAMES[dtype]}
             try:
                 row.update(status="ok", **saved_for_backward(lambda a: call(a, b), make))

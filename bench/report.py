@@ -38,6 +38,8 @@ import torch
 
 import bench  # noqa: F401  (sets TRITON_INTERPRET on a CPU-only machine)
 
+from rlhf_ops import _registry
+
 from . import harness, roofline
 from .memory import git_commit
 
@@ -63,9 +65,9 @@ def device_slug(name: str) -> str:
     return base
 
 
-FAMILY_OF = {"cross_entropy": "cross_entropy", "linear_cross_entropy": "cross_entropy",
-             "attention": "attention", "pairwise_reward_loss": "reward_loss",
-             "token_logprobs": "kl_penalty", "kl_penalty": "kl_penalty"}
+# op -> its bench family, and the shape key of its plots' x axis (the op registry's entries)
+FAMILY_OF = {op.name: op.bench for op in _registry.OPS if op.bench}
+_X = {op.name: op.bench_x for op in _registry.OPS if op.bench}
 
 
 def _families(ops):
@@ -343,10 +345,6 @@ def plots(res: dict, out_dir: str, slug: str) -> list[str]:
         plt.close(fig)
         files.append(path)
     return files
-
-
-_X = {"cross_entropy": "V", "linear_cross_entropy": "V", "attention": "T",
-      "pairwise_reward_loss": "B", "token_logprobs": "V", "kl_penalty": "V"}
 
 
 def _x_of(e):

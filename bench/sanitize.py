@@ -30,6 +30,7 @@ import time
 import torch
 
 import rlhf_ops as ro
+from rlhf_ops import _registry
 
 
 def _cases(dev: str):
@@ -114,16 +115,36 @@ def _cases(dev: str):
             back(ro.attention_varlen(q, k, v, cu_q, cu_k, 17, 18, backend=be))
         return run
 
+    # the registry's ``sanitize`` name -> the cases that run it (a name may have several)
+    drivers = {"cross_entropy": {"cross_entropy": ce, "cross_entropy_bad_target": ce_bad_target},
+               "logprobs_kl": {"logprobs_kl": logprobs}, "pairwise_reward": {"pairwise_reward": reward},
+               "attention": {"attention": attention}}
     cases = {}
     for be in ("triton", "cuda"):
-        cases[f"{be}/cross_entropy"] = ce(be)
-        cases[f"{be}/cross_entropy_bad_target"] = ce_bad_target(be)
-        cases[f"{be}/logprobs_kl"] = logprobs(be)
-        cases[f"{be}/pairwise_reward"] = reward(be)
-    cases["triton/attention"] = attention("triton")
+        for name, runs in drivers.items():
+            if be in sanitized_backends().get(name, ()) and (name, be) not in ELSEWHERE:
+                cases.update({f"{be}/{case}": make(be) for case, make in runs.items()})
+    missing = set(sanitized_backends()) - set(drivers)
+    if missing:
+        raise RuntimeError(f"bench/sanitize.py has no driver for {sorted(missing)} (named by the "
+                           f"op registry, rlhf_ops/_registry.py)")
     if dev != "cuda":                       # CPU: only what runs there (triton, under the interpreter)
         cases = {k: v for k, v in cases.items() if k.startswith("triton/") and "bad_target" not in k}
     return cases
+
+
+# (driver, backend) pairs whose kernels another driver runs under the sanitizer
+ELSEWHERE = {("attention", "cuda"): "bench/sanitize_cuda.py (the CUDA attention kernels)"}
+
+
+def sanitized_backends() -> dict:
+    """The registry's sanitize driver names -> the fused backends of the ops that name them."""
+    out: dict = {}
+    for op in _registry.OPS:
+        if op.sanitize:
+            fused = [b for b in _registry.backends(op) if b != "reference"]
+            out[op.sanitize] = tuple(dict.fromkeys(out.get(op.sanitize, ()) + tuple(fused)))
+    return out
 
 
 def limit_autotune(n: int) -> None:
@@ -132,7 +153,7 @@ def limit_autotune(n: int) -> None:
         return
     import importlib
     import triton.runtime.autotuner as at
-    for name in ("attention", "cross_entropy", "kl", "reward"):
+    for name in sorted({op.kernels for op in _registry.OPS}):
         try:
             mod = importlib.import_module(f"rlhf_ops.kernels.{name}")
         except ImportError:

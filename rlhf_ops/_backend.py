@@ -33,23 +33,13 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from . import _registry
+
 BACKENDS = ("reference", "triton", "cuda")
 
-# Order in which ``auto`` tries backends for CUDA tensors. Update from measured bench results
-# (bench/results/<device>.json); until an op has been measured on a GPU, Triton comes first
-# because it is the backend validated in CI under the interpreter.
-AUTO_PREFERENCE = {
-    "cross_entropy": ("triton", "cuda", "reference"),
-    "linear_cross_entropy": ("triton", "cuda", "reference"),
-    "attention": ("triton", "cuda", "reference"),
-    "attention_varlen": ("triton", "cuda", "reference"),
-    "attention_tree": ("triton", "reference"),          # no cuda kernels (LIMITS refuses it)
-    "pairwise_reward_loss": ("triton", "cuda", "reference"),
-    "token_logprobs": ("triton", "cuda", "reference"),
-    "linear_token_logprobs": ("triton", "cuda", "reference"),
-    "kl_penalty": ("triton", "cuda", "reference"),
-    "gae": ("triton", "cuda", "reference"),
-}
+# Order in which ``auto`` tries backends for CUDA tensors, per op: each op's ``auto`` in the op
+# registry (rlhf_ops/_registry.py), where it is registered once.
+AUTO_PREFERENCE = {op.name: op.auto for op in _registry.OPS}
 
 _local = threading.local()
 
@@ -198,8 +188,8 @@ def requested(backend: str | None) -> str:
 
 def _preference(op: str) -> tuple[str, ...]:
     if op not in AUTO_PREFERENCE:
-        raise KeyError(f"rlhf_ops: op {op!r} has no AUTO_PREFERENCE entry (rlhf_ops/_backend.py); "
-                       f"every op that resolves a backend needs one")
+        raise KeyError(f"rlhf_ops: op {op!r} is not registered (rlhf_ops/_registry.py OPS): every "
+                       f"op that resolves a backend needs an entry there")
     return AUTO_PREFERENCE[op]
 
 
