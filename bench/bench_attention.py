@@ -1,7 +1,7 @@
-"""Micro-benchmarks of attention (issue 3): eager math (reference), torch.compile, SDPA flash / efficient / cuDNN / math,
+"""Micro-benchmarks of attention: eager math (reference), torch.compile, SDPA flash / efficient / cuDNN / math,
 FlexAttention with a causal block mask; B*T = 16k tokens, T in {512..16k}, D in {64, 128}, causal and not, bf16.
 
-Varlen (issue 13): one packed row of 16k tokens whose document lengths are log-normal (the mix an
+Varlen: one packed row of 16k tokens whose document lengths are log-normal (the mix an
 SFT/GRPO trainer packs), causal, bf16, D = 128, 16 heads. Implementations on the same tokens:
   varlen_triton / varlen_cuda   rlhf_ops.attention_varlen on the packed row
   padded_triton                 rlhf_ops.attention on the documents right-padded to the longest

@@ -1,4 +1,4 @@
-"""Micro-benchmarks of cross_entropy and linear_cross_entropy (issue 2): eager (reference), torch.compile, F.cross_entropy,
+"""Micro-benchmarks of cross_entropy and linear_cross_entropy: eager (reference), torch.compile, F.cross_entropy,
 F.linear_cross_entropy (chunked), Liger-Kernel and Cut Cross-Entropy; 8192 tokens x V in {32000, 128256} bf16.
 
 Run:  pytest bench/bench_cross_entropy.py --benchmark-enable [--bench-size smoke|quick|llm]

@@ -16,7 +16,7 @@ config (nothing downloaded). Variants, each on a freshly built model with the sa
 
 Reported per variant: median step time, tokens/s, peak memory added by the step (CUDA
 ``max_memory_allocated`` minus what was allocated before it: activations, logits, gradients),
-and the ratios to sdpa. The goals of issue 15: rlhf_ops ≥ 1.3× sdpa's tokens/s, ≤ 0.6× its peak
+and the ratios to sdpa. The goals of the end-to-end step: rlhf_ops ≥ 1.3× sdpa's tokens/s, ≤ 0.6× its peak
 memory, and less memory than Liger. A variant that cannot run is reported as missing or failed
 with its reason. Batches are full (no padding) unless --pad, which right-pads a quarter of each
 row in half of the rows (the varlen route).

@@ -1,4 +1,4 @@
-"""Micro-benchmarks of token_logprobs and kl_penalty (issue 6): eager (two log_softmax + gather), torch.compile, Liger's fused
+"""Micro-benchmarks of token_logprobs and kl_penalty: eager (two log_softmax + gather), torch.compile, Liger's fused
 cross entropy as per-token log-prob op; B*T = 8k tokens, V in {32k, 128k}, bf16.
 
 Run:  pytest bench/bench_kl_penalty.py --benchmark-enable [--bench-size smoke|quick|llm]

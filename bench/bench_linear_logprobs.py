@@ -1,4 +1,4 @@
-"""Micro-benchmarks of linear_token_logprobs with the entropy (issue 14): per-token log-probs and
+"""Micro-benchmarks of linear_token_logprobs with the entropy: per-token log-probs and
 entropy straight from hidden states [N, d] and an LM head [V, d], against
   eager    log_softmax(F.linear(h, W).float()).gather + entropy (the reference backend),
   compile  torch.compile of it,

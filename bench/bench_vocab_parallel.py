@@ -1,4 +1,4 @@
-"""Vocabulary-parallel cross_entropy / linear_cross_entropy / token_logprobs (issue 16): time and bytes
+"""Vocabulary-parallel cross_entropy / linear_cross_entropy / token_logprobs: time and bytes
 communicated per row, against gathering the logits and running the unsharded op.
 
 Each rank holds V/R of the vocabulary. Three implementations, fwd+bwd, timed on every rank (the

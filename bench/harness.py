@@ -74,7 +74,7 @@ def _ours(op: str, backend: str, call: Callable) -> Callable:
         except NotImplementedError as e:
             raise Missing(f"not implemented: {e}") from None
         except RuntimeError as e:
-            # DESIGN.md: naming a backend that cannot run here is an error that says why
+            # docs/design.md: naming a backend that cannot run here is an error that says why
             if backend not in ro.available_backends() or (backend == "cuda" and inp["device"].type != "cuda"):
                 raise Missing(str(e)) from None
             raise

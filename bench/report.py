@@ -4,7 +4,7 @@
                            [--budget-s 420] [--size smoke|quick|llm]
 
 * Device: the GPU when one is visible, else the CPU. The results go to
-  ``<out>/<slug>.json`` (slug: h100-sxm, h100-pcie, h200, a100-sxm, ..., cpu) in DESIGN.md's
+  ``<out>/<slug>.json`` (slug: h100-sxm, h100-pcie, h200, a100-sxm, ..., cpu) in docs/design.md's
   "Results format", ``<out>/<slug>.md`` (a table) and ``<out>/<slug>-<op>.png`` (time and memory
   vs size, one line per backend/peer).
 * Sizes: on a GPU the full LLM-scale sweep (``--quick``: only the goal shapes of the issues); on
@@ -362,7 +362,7 @@ def _series_of(e):
 
 
 def validate(res: dict) -> None:
-    """Check ``res`` against DESIGN.md's results format (raises ValueError)."""
+    """Check ``res`` against docs/design.md's results format (raises ValueError)."""
     def need(d, keys, where):
         missing = [k for k in keys if k not in d]
         if missing:

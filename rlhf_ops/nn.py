@@ -141,9 +141,10 @@ class PairwiseRewardLoss(nn.Module):
                                     backend=self.backend)
 
 
-class KLPenalty(nn.Module):
-    """Module form of ``rlhf_ops.kl_penalty``; returns the ``KLPenalty`` named tuple (its
-    ``entropy`` is differentiable, for an entropy bonus)."""
+class KLPenaltyModule(nn.Module):
+    """Module form of ``rlhf_ops.kl_penalty``; returns the ``rlhf_ops.KLPenalty`` named tuple (its
+    ``entropy`` is differentiable, for an entropy bonus). Named apart from that result type;
+    ``rlhf_ops.nn.KLPenalty`` is the same class under its earlier name."""
 
     def __init__(self, beta: float, estimator: str = "k1", temperature: float = 1.0,
                  backend: str | None = None):
@@ -154,3 +155,6 @@ class KLPenalty(nn.Module):
         from .kl import kl_penalty
         return kl_penalty(logits, ref_logits, tokens, beta=self.beta, estimator=self.estimator,
                           mask=mask, temperature=self.temperature, backend=self.backend)
+
+
+KLPenalty = KLPenaltyModule   # the earlier name (it clashed with the result type rlhf_ops.KLPenalty)

@@ -8,6 +8,7 @@ same tests run on CUDA tensors. Fixtures:
               skipped with the reason rlhf_ops gives.
 """
 import os
+import zlib
 
 import pytest
 import torch
@@ -69,9 +70,24 @@ def fused_backend(request):
     return request.param
 
 
+def seed_of(nodeid: str) -> int:
+    """The seed of a test: a stable hash (crc32) of its id, the same in every process and run
+    (Python's hash() of a string is salted per process, so a failure could not be replayed)."""
+    return zlib.crc32(nodeid.encode()) % (2**31)
+
+
 @pytest.fixture(autouse=True)
 def _seed(request):
-    # A fresh seed per test (derived from its name) so that each check draws its own inputs,
-    # reproducibly.
-    torch.manual_seed(hash(request.node.nodeid) % (2**31))
+    # A fresh seed per test (derived from its id) so that each check draws its own inputs,
+    # reproducibly; a failure report names it (pytest_runtest_makereport below).
+    torch.manual_seed(seed_of(request.node.nodeid))
     yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        report.sections.append(("torch seed", f"torch.manual_seed({seed_of(item.nodeid)})  # "
+                                              f"zlib.crc32 of {item.nodeid!r}, set before the test"))

@@ -477,7 +477,7 @@ def test_autotune_selection_fits_and_prunes_known_spills():
                         if not (arch == "sm_86" and elem == 4 and block_d == 256 and kernel != "fwd"):
                             assert ka.smem_bytes(kernel, bm, bn, st, block_d, elem) <= limit, (
                                 kernel, arch, block_d, elem, (bm, bn, w, st))
-    # issue 13 / 18: sm_80 D=256 fwd 128×32 w4 (23 KB of spills), sm_90 fp32 fwd 64×64, D=128 dK/dV
+    # configs the offline resource audit rejected: sm_80 D=256 fwd 128×32 w4 (23 KB of spills), sm_90 fp32 fwd 64×64, D=128 dK/dV
     # 64×64 w4 (736 B on sm_90)
     assert not any(r[:3] == (128, 32, 4) for r in ka.select("fwd", 256, 2, limits["sm_80"]))
     assert not any(r[:2] == (64, 64) for r in ka.select("fwd", 128, 4, limits["sm_90"]))

@@ -2,7 +2,7 @@
 
 Timings from these runs are never looked at as speed; what is checked is that every bench file,
 the memory accounting and the report run, and that what they write is right: the results JSON
-follows DESIGN.md's format, and the fused ops keep less for backward than eager.
+follows docs/design.md's format, and the fused ops keep less for backward than eager.
 """
 import json
 import os
@@ -104,7 +104,7 @@ def test_memory_counts_tensors_kept_outside_autograd():
 
 
 def test_report_smoke(tmp_path):
-    """bench.report at smoke size writes a results JSON in DESIGN.md's format, a table, plots."""
+    """bench.report at smoke size writes a results JSON in docs/design.md's format, a table, plots."""
     res = report.main(["--size", "smoke", "--out", str(tmp_path)])
     slug = report.device_slug(res["device"])
     with open(tmp_path / f"{slug}.json") as f:

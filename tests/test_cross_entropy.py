@@ -210,7 +210,7 @@ def test_non_contiguous_targets(backend, device):
 
 
 def test_ignored_rows_of_minus_inf_get_zero_gradient(backend, device):
-    """DESIGN.md: mean over zero non-ignored targets is 0 with a zero gradient — also when those
+    """docs/design.md: mean over zero non-ignored targets is 0 with a zero gradient — also when those
     rows' logits are all −inf."""
     x = torch.full((2, 30), float("-inf"), device=device, requires_grad=True)
     loss = ro.cross_entropy(x, torch.tensor([-100, -100], device=device), backend=backend)

@@ -422,7 +422,7 @@ def test_nn_modules(gpu_env, backend):
             lce = rnn.LinearCrossEntropyLoss(backend=backend)(h, w, th)
             y = attn(a)
             rl = rnn.PairwiseRewardLoss(backend=backend)(r, k)
-            kl = rnn.KLPenalty(beta=0.05, estimator="k2", backend=backend)(x, x.detach(), t)
+            kl = rnn.KLPenaltyModule(beta=0.05, estimator="k2", backend=backend)(x, x.detach(), t)
     assert not rec.host_copies, rec.host_copies
     _is(ce, (), F32), _is(lce, (), F32), _is(y, (2, 11, 256), bf), _is(rl, (), F32)
     [_is(f, (3, 7), F32) for f in kl if f is not None]

@@ -9,7 +9,7 @@ import torch
 
 import rlhf_ops as ro
 from rlhf_ops import reference
-from rlhf_ops.nn import KLPenalty as KLPenaltyModule
+from rlhf_ops.nn import KLPenaltyModule
 
 from _util import assert_matches, poison_, saved_tensors
 
@@ -490,6 +490,8 @@ def test_module(backend, device):
     out = mod(x, r, t, mask)
     _check_fields(out, _ref64(x, r, t, 0.2, "k2", mask, 1.1)[0], eager=_eager(x, r, t, 0.2, "k2", mask, 1.1),
                   what="module")
+    import rlhf_ops.nn
+    assert rlhf_ops.nn.KLPenalty is KLPenaltyModule and isinstance(out, ro.KLPenalty)
 
 
 # ---------------------------------------------------------------------------- ppo_rewards ---

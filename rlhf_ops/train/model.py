@@ -1,4 +1,4 @@
-"""A minimal GPT in the notation of DESIGN.md, built on the rlhf_ops public ops.
+"""A minimal GPT in the notation of docs/design.md, built on the rlhf_ops public ops.
 
     h_0 = U·W_e + W_p                       token embedding + learned positions
     h_l = block(h_{l−1}),  l = 1..n         pre-LN: x + attn(LN(x)), x + mlp(LN(x))
