@@ -416,8 +416,7 @@ def _gpu_launch_configs():
             for i in range(n)]
 
 
-@pytest.mark.parametrize("cfg", _gpu_launch_configs(), ids=lambda c: "-".join(
-    f"{k}{v[0]}x{v[1]}" for k, v in c.items() if k != "delta"))
+@pytest.mark.parametrize("cfg", _gpu_launch_configs(), ids=lambda c: f"triton-{_cfg_id(c)}")
 def test_gpu_block_shapes_under_interpreter(device, monkeypatch, cfg):
     """The interpreter runs the GPU's block shapes and its dK/dV orientation (k·qᵀ), on shapes
     with S − T ≡ 1 and ≡ BLOCK_N − 1 modulo each block size, dense and varlen, window, softcap."""
@@ -451,6 +450,45 @@ def test_gpu_block_shapes_under_interpreter(device, monkeypatch, cfg):
         assert_matches(out, ref, what=f"varlen out {kw}")
         for name, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
             assert_matches(a, b, what=f"varlen {name} {kw}")
+
+
+# The sliding window's left bound: an off-by-one in the first key a query block sees, or in the
+# last query a key block is seen by, is wrong only where WL − (S − T) ≡ 1 (mod the block size) —
+# the left-window twin of the causal bound above. Windows (1, 0) and (17, 0) put that residue at
+# every block size of 16 and more (T = S), (0, 0) the residue 0; T, S ∈ {17, 32, 48} move it.
+_WINDOW_SHAPES = [(T, S) for T in (17, 32, 48) for S in (17, 32, 48)]
+
+
+def _window_configs():
+    """("interp16", None): the interpreter's 16×16 blocks; then every GPU table block shape."""
+    return [pytest.param("interp16", None, id="triton-interp16")] + [
+        pytest.param(_cfg_id(c), c, id=f"triton-{_cfg_id(c)}") for c in _gpu_launch_configs()]
+
+
+def _cfg_id(cfg) -> str:
+    return "-".join(f"{k}{v[0]}x{v[1]}" for k, v in cfg.items() if k != "delta")
+
+
+@pytest.mark.parametrize("name,cfg", _window_configs())
+def test_window_left_bound(device, monkeypatch, name, cfg):
+    """triton vs the fp64 reference, out and dq/dk/dv, at windows (1, 0), (0, 0), (17, 0) and
+    T, S ∈ {17, 32, 48}, at the interpreter's blocks and at each GPU block shape."""
+    why = backend_problem("triton")
+    if why:
+        pytest.skip(why)
+    if cfg is not None:
+        if ON_GPU:
+            pytest.skip("on a GPU the autotuner runs these configs")
+        ka = _kernels_module()
+        monkeypatch.setattr(ka, "launch_config", cfg)
+        monkeypatch.setattr(ka, "FWD_ORIENT", False)
+    for T, S in _WINDOW_SHAPES:
+        q, k, v = _inputs(1, 2, 1, T, S, 16, torch.float64, device)
+        for window in ((1, 0), (0, 0), (17, 0)):
+            try:
+                _check(q, k, v, "triton", causal=True, window=window)
+            except AssertionError as e:
+                raise AssertionError(f"T={T} S={S} window={window} blocks {name}: {e}") from None
 
 
 def test_autotune_selection_fits_and_prunes_known_spills():

@@ -300,7 +300,7 @@ def test_dense_gradcheck_window_softcap(wide_backend, device):
     assert torch.autograd.gradcheck(fn, (q, k[:, :1], v), fast_mode=True)
 
 
-def test_varlen_backward_is_deterministic(device):
+def test_triton_varlen_backward_is_deterministic(device):
     if backend_problem("triton"):
         pytest.skip(backend_problem("triton"))
     q, k, v, meta = _packed([17, 40, 5], [20, 33, 5], 2, 1, 16, torch.float32, device)

@@ -15,10 +15,14 @@ Triton kernels (slice statistics, the backward with an offset) run there; the er
 set RLHF_OPS_DEBUG=1, the checks' switch for CUDA tensors.
 
 The group has a timeout (``GROUP_TIMEOUT_S``), and the whole spawn a deadline, so a case that
-would hang fails instead.
+would hang fails instead. A check inside a case never raises on one rank alone (which would leave
+the others waiting in the case's next collective until the deadline, without saying what
+differed): every check (``_agree``, ``_close``, ``_raises``, ``same_on_every_rank``) first
+gathers every rank's outcome, then raises on every rank with each failing rank's message.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -40,6 +44,7 @@ GROUP_TIMEOUT_S = 60
 # ~1 min (RLHF_DIST_DEADLINE_S overrides it on a loaded one)
 DEADLINE_S = float(os.environ.get("RLHF_DIST_DEADLINE_S", 400))
 CASES: list = []   # (name, worlds, fn)
+_GROUP = None      # the process group of the case running on this rank (set by _worker)
 
 
 def case(*worlds):
@@ -75,16 +80,40 @@ class Ctx:
 
     def same_on_every_rank(self, t: torch.Tensor, what: str):
         t = t.detach().cpu()
-        for r, o in enumerate(self.gather(t)):
-            same = torch.equal(o.isnan(), t.isnan()) and torch.equal(o.nan_to_num(), t.nan_to_num())
-            assert same, f"{what}: rank {r} differs from rank {self.rank}"
+        differ = [r for r, o in enumerate(self.gather(t)) if not (
+            torch.equal(o.isnan(), t.isnan()) and torch.equal(o.nan_to_num(), t.nan_to_num()))]
+        _agree(not differ, f"{what}: rank(s) {differ} differ from rank {self.rank}")
+
+
+def _agree(ok, msg) -> None:
+    """A check of a case, agreed by every rank of its group before anyone raises: each rank
+    takes part in one gather of (ok, msg) whatever its outcome, and all raise the same error,
+    naming each failing rank and its message, when any failed."""
+    import torch.distributed as dist
+    out = [None] * dist.get_world_size(_GROUP)
+    dist.all_gather_object(out, (bool(ok), str(msg)), group=_GROUP)
+    failed = [f"rank {r}: {m}" for r, (o, m) in enumerate(out) if not o]
+    if failed:
+        raise AssertionError("; ".join(failed))
+
+
+@contextlib.contextmanager
+def _raises(exc, match=None):
+    """``pytest.raises``, agreed across the ranks (see ``_agree``); yields its ExceptionInfo."""
+    failure = None
+    try:
+        with pytest.raises(exc, match=match) as info:
+            yield info
+    except (Exception, pytest.fail.Exception) as e:   # not raised, no match, or another error
+        failure = f"{type(e).__name__}: {e}"
+    _agree(failure is None, failure)
 
 
 def _close(ours, ref, what, tol=1e-10):
     from _util import rel_err
     ours = ours.full_tensor() if hasattr(ours, "full_tensor") else ours
     err = rel_err(ours, ref)
-    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+    _agree(err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}")
 
 
 def _grads(out, inputs, g):
@@ -109,6 +138,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, only: str | Non
             if (only and only not in key) or (w == 2 and rank == 0):
                 continue
             ctx = Ctx(groups[w], w, fused)
+            global _GROUP
+            _GROUP = ctx.group
             torch.manual_seed(zlib.crc32(key.encode()))   # the same inputs on every rank
             t0 = time.time()
             try:
@@ -243,7 +274,7 @@ def ce_fused_inplace_backward(ctx):
         xf = full.clone().requires_grad_()
         ro.cross_entropy(xf, t, backend="reference").backward()
         _close(leaf.grad, ctx.shard(xf.grad), "in-place grad")
-        assert torch.equal(buf, leaf.grad)
+        _agree(torch.equal(buf, leaf.grad), 'torch.equal(buf, leaf.grad)')
 
 
 @case(2, 3)
@@ -260,8 +291,8 @@ def ce_fp32_near_1e4_no_worse_than_unsharded(ctx):
     for be in ctx.backends:
         out = ro.cross_entropy(ctx.shard(x32), t, reduction="none", label_smoothing=0.1, backend=be,
                                process_group=ctx.group)
-        assert rel_err(out, ref) <= rel_err(eager, ref) * 1.05 + 1e-6, (be, rel_err(out, ref),
-                                                                        rel_err(eager, ref))
+        _agree(rel_err(out, ref) <= rel_err(eager, ref) * 1.05 + 1e-6, (be, rel_err(out, ref),
+                                                                         rel_err(eager, ref)))
 
 
 @case(2, 3)
@@ -271,7 +302,7 @@ def ce_edge_cases(ctx):
     for be in ctx.backends:
         e = torch.zeros(0, ctx.V_r, dtype=torch.float64, requires_grad=True)
         out = ro.cross_entropy(e, torch.zeros(0, dtype=torch.long), backend=be, process_group=ctx.group)
-        assert out.item() == 0.0
+        _agree(out.item() == 0.0, 'out.item() == 0.0')
         out.backward()
         full = torch.randn(1, V, dtype=torch.float64)
         t = torch.tensor([V - 1])
@@ -281,12 +312,13 @@ def ce_edge_cases(ctx):
         x = ctx.shard(torch.randn(3, V, dtype=torch.float64)).clone().requires_grad_()
         out = ro.cross_entropy(x, torch.full((3,), -100), backend=be, process_group=ctx.group)
         out.backward()
-        assert out.item() == 0.0 and torch.equal(x.grad, torch.zeros_like(x))
+        _agree(out.item() == 0.0 and torch.equal(x.grad, torch.zeros_like(x)),
+               "all targets ignored: loss 0 and a zero gradient")
         full = torch.randn(2, V, dtype=torch.float64)
         full[0, V - 2] = float("nan")                       # in the last slice only
         out = ro.cross_entropy(ctx.shard(full), torch.tensor([3, 4]), reduction="none", backend=be,
                                process_group=ctx.group)
-        assert out[0].isnan() and out[1].isfinite(), out
+        _agree(out[0].isnan() and out[1].isfinite(), out)
 
 
 @case(2, 3)
@@ -332,9 +364,9 @@ def vocab_offset_given(ctx):
     x = ctx.shard(full)
     a = ro.cross_entropy(x, t, backend=ctx.fused[0], process_group=ctx.group)
     b = ro.cross_entropy(x, t, backend=ctx.fused[0], process_group=ctx.group, vocab_offset=ctx.off)
-    assert torch.equal(a, b)
+    _agree(torch.equal(a, b), 'torch.equal(a, b)')
     wrong = ctx.off + 1 if ctx.rank == 0 else ctx.off
-    with _debug_checks(), pytest.raises(ValueError, match="vocab_offset=1 on rank 0, but the slice sizes"):
+    with _debug_checks(), _raises(ValueError, match="vocab_offset=1 on rank 0, but the slice sizes"):
         ro.cross_entropy(x, t, process_group=ctx.group, vocab_offset=wrong)
 
 
@@ -364,7 +396,7 @@ def out_of_range_target_is_the_unsharded_error(ctx):
         for be in ctx.backends:
             out = ro.cross_entropy(ctx.shard(full), torch.tensor([1, V, 2]), reduction="none",
                                    backend=be, process_group=ctx.group)
-            assert out[1].isnan() and out[[0, 2]].isfinite().all(), (be, out)
+            _agree(out[1].isnan() and out[[0, 2]].isfinite().all(), (be, out))
     with _debug_checks():
         _out_of_range_errors(ctx, ro, full)
 
@@ -372,18 +404,19 @@ def out_of_range_target_is_the_unsharded_error(ctx):
 def _out_of_range_errors(ctx, ro, full):
     for bad in (V, -5):
         t = torch.tensor([1, bad, 2])
-        with pytest.raises(ValueError) as unsharded:
+        with _raises(ValueError) as unsharded:
             ro.cross_entropy(full, t)
-        assert f"target holds {bad}, out of range [0, {V}) or -100" in str(unsharded.value)
+        _agree(f"target holds {bad}, out of range [0, {V}) or -100" in str(unsharded.value),
+               f"unsharded message: {unsharded.value}")
         for be in ctx.backends:
-            with pytest.raises(ValueError) as sharded:
+            with _raises(ValueError) as sharded:
                 ro.cross_entropy(ctx.shard(full), t, backend=be, process_group=ctx.group)
-            assert str(sharded.value) == str(unsharded.value)
-            with pytest.raises(ValueError, match=f"linear_cross_entropy: target holds {bad}"):
+            _agree(str(sharded.value) == str(unsharded.value), 'str(sharded.value) == str(unsharded.value)')
+            with _raises(ValueError, match=f"linear_cross_entropy: target holds {bad}"):
                 ro.linear_cross_entropy(full[:, :4], ctx.shard(torch.randn(V, 4, dtype=torch.float64), 0),
                                         t, backend=be, process_group=ctx.group)
     t = torch.tensor([1, V + 7 if ctx.rank == 1 else 3, 2])
-    with pytest.raises(ValueError, match=rf"target holds {V + 7}( \(on rank 1\))?, out of range"):
+    with _raises(ValueError, match=rf"target holds {V + 7}( \(on rank 1\))?, out of range"):
         ro.cross_entropy(ctx.shard(full), t, process_group=ctx.group)
 
 
@@ -401,36 +434,49 @@ def _mismatched(ctx, ro):
     t = torch.randint(0, V, (4,))
     last = ctx.rank == ctx.world - 1
     x = ctx.shard(full)
-    with pytest.raises(ValueError, match=r"different shapes or settings .*rank 0: cross_entropy\(leading "
+    with _raises(ValueError, match=r"different shapes or settings .*rank 0: cross_entropy\(leading "
                                          r"shape \(4,\).*rank \d: cross_entropy\(leading shape \(3,\)"):
         ro.cross_entropy(x[:3] if last else x, t[:3] if last else t, process_group=ctx.group)
-    with pytest.raises(ValueError, match="label_smoothing=0.1"):
+    with _raises(ValueError, match="label_smoothing=0.1"):
         ro.cross_entropy(x, t, process_group=ctx.group, label_smoothing=0.1 if last else 0.0,
                          backend=ctx.fused[0])
     t2 = t.clone()
     t2[0] = (t2[0] + 1) % V if last else t2[0]
-    with pytest.raises(ValueError, match="target differs between the ranks"):
+    with _raises(ValueError, match="target differs between the ranks"):
         ro.cross_entropy(x, t2, process_group=ctx.group)
     # one rank's own inputs are inconsistent (target [3] for logits [4, V_r]): it raises its
     # error, the others one that points at it
     msg = "target must have shape" if last else f"rank {ctx.world - 1} of process_group rejected its inputs"
     for be in ctx.backends:
-        with pytest.raises(ValueError, match=msg):
+        with _raises(ValueError, match=msg):
             ro.cross_entropy(x, t[:3] if last else t, process_group=ctx.group, backend=be)
-        with pytest.raises((ValueError, TypeError), match=msg if not last else "target"):
+        with _raises((ValueError, TypeError), match=msg if not last else "target"):
             ro.linear_cross_entropy(full[:, :4], ctx.shard(torch.randn(V, 4, dtype=torch.float64), 0),
                                     t.int() if last else t, process_group=ctx.group, backend=be)
+
+
+@case(3)
+def a_check_failing_on_one_rank_fails_on_every_rank(ctx):
+    """The agreement itself: a check that fails on rank 1 only raises on every rank, naming rank 1
+    and its message, and the ranks meet at the next collective (no rank left waiting)."""
+    with pytest.raises(AssertionError, match=r"^rank 1: only rank 1 fails$"):
+        _agree(ctx.rank != 1, "only rank 1 fails")
+    with pytest.raises(AssertionError, match=r"^rank 0: Failed: DID NOT RAISE"):
+        with _raises(ValueError):
+            if ctx.rank != 0:
+                raise ValueError("ranks 1 and 2 raise")
+    assert [int(t) for t in ctx.gather(torch.tensor([ctx.rank]))] == [0, 1, 2]
 
 
 @case(2)
 def bad_arguments(ctx):
     import rlhf_ops as ro
     x, t = torch.randn(2, ctx.V_r), torch.tensor([0, 1])
-    with pytest.raises(TypeError, match="process_group must be a torch.distributed.ProcessGroup"):
+    with _raises(TypeError, match="process_group must be a torch.distributed.ProcessGroup"):
         ro.cross_entropy(x, t, process_group="world")
-    with pytest.raises(ValueError, match="vocab_offset must be None or an int >= 0"):
+    with _raises(ValueError, match="vocab_offset must be None or an int >= 0"):
         ro.cross_entropy(x, t, process_group=ctx.group, vocab_offset=-1)
-    with pytest.raises(ValueError, match="vocab_offset needs a process_group"):
+    with _raises(ValueError, match="vocab_offset needs a process_group"):
         ro.cross_entropy(x, t, vocab_offset=0)
 
 
@@ -563,19 +609,19 @@ def logprob_ops_errors(ctx):
     with _debug_checks():
         full = torch.randn(3, V, dtype=torch.float64)
         t = torch.tensor([1, V, 2])
-        with pytest.raises(ValueError) as unsharded:
+        with _raises(ValueError) as unsharded:
             ro.token_logprobs(full, t)
         for be in ctx.backends:
-            with pytest.raises(ValueError) as sharded:
+            with _raises(ValueError) as sharded:
                 ro.token_logprobs(ctx.shard(full), t, backend=be, process_group=ctx.group)
-            assert str(sharded.value) == str(unsharded.value)
-            with pytest.raises(ValueError, match=f"kl_penalty: tokens holds {V}, out of range"):
+            _agree(str(sharded.value) == str(unsharded.value), 'str(sharded.value) == str(unsharded.value)')
+            with _raises(ValueError, match=f"kl_penalty: tokens holds {V}, out of range"):
                 ro.kl_penalty(ctx.shard(full), ctx.shard(full), t, beta=0.1, backend=be,
                               process_group=ctx.group)
-            with pytest.raises(ValueError, match=f"linear_token_logprobs: tokens holds {V}"):
+            with _raises(ValueError, match=f"linear_token_logprobs: tokens holds {V}"):
                 ro.linear_token_logprobs(full[:, :4], ctx.shard(torch.randn(V, 4, dtype=torch.float64), 0),
                                          t, backend=be, process_group=ctx.group)
-        with pytest.raises(ValueError, match="temperature=0.5"):
+        with _raises(ValueError, match="temperature=0.5"):
             ro.token_logprobs(ctx.shard(full), torch.tensor([1, 2, 3]), process_group=ctx.group,
                               temperature=0.5 if ctx.rank == 1 else 1.0)
 
@@ -602,13 +648,13 @@ def _dtensor(ctx, backends):
             ours_x = distribute_tensor(full, mesh, [Shard(-1)]).requires_grad_()
             theirs_x = distribute_tensor(full, mesh, [Shard(-1)]).requires_grad_()
             ours = ro.cross_entropy(ours_x, t, reduction=red, backend=be)
-            assert ours.placements == (Replicate(),), ours.placements
+            _agree(ours.placements == (Replicate(),), ours.placements)
             with loss_parallel():
                 theirs = F.cross_entropy(theirs_x, t, reduction=red)
                 theirs.backward(torch.ones_like(theirs))
             ours.backward(torch.ones_like(ours))
             _close(ours.full_tensor(), theirs.full_tensor(), f"{be} {red} loss")
-            assert ours_x.grad.placements == (Shard(1),)
+            _agree(ours_x.grad.placements == (Shard(1),), 'ours_x.grad.placements == (Shard(1),)')
             _close(ours_x.grad.full_tensor(), theirs_x.grad.full_tensor(), f"{be} {red} grad")
     # token_logprobs and kl_penalty on DTensors: replicated DTensors back, the full results
     tk = torch.randint(0, V, (5,))
@@ -617,7 +663,7 @@ def _dtensor(ctx, backends):
         xd = distribute_tensor(full, mesh, [Shard(-1)]).requires_grad_()
         lp, ent = ro.token_logprobs(xd, tk, return_entropy=True, backend=be)
         rlp, rent = ro.token_logprobs(full, tk, return_entropy=True)
-        assert lp.placements == (Replicate(),)
+        _agree(lp.placements == (Replicate(),), 'lp.placements == (Replicate(),)')
         _close(lp.full_tensor(), rlp, f"{be} DTensor logprobs")
         _close(ent.full_tensor(), rent, f"{be} DTensor entropy")
         res = ro.kl_penalty(xd, distribute_tensor(ref_full, mesh, [Shard(-1)]), tk, beta=0.2,
@@ -699,7 +745,7 @@ def opcheck_vocab_parallel_ops(ctx):
         for name, kw in samples:
             op = getattr(torch.ops.rlhf_ops, name).default
             res = opcheck(op, tuple(kw[a.name] for a in op._schema.arguments))
-            assert all(v == "SUCCESS" for v in res.values()), (name, be, res)
+            _agree(all(v == "SUCCESS" for v in res.values()), (name, be, res))
 
 
 @case(3)
@@ -734,7 +780,7 @@ def gpt_vocab_parallel_lm_loss(ctx):
                 ctx.same_on_every_rank(p.grad, f"grad {name}")
     finally:
         M.split_replicated = split
-    assert len(calls) == 1
+    _agree(len(calls) == 1, 'len(calls) == 1')
 
 
 # ------------------------------------------------------------------------------ the tests ---

@@ -184,7 +184,7 @@ def test_margin_per_prompt_fp16_grad_no_worse_than_eager(backend, device):
 
 
 @pytest.mark.parametrize("K, tile", [(9, 4), (17, 8)])
-def test_tiled_path_with_small_tiles(device, monkeypatch, K, tile):
+def test_triton_tiled_path_with_small_tiles(device, monkeypatch, K, tile):
     """The large-K Triton kernel, forced on small K with tiles that do not divide K."""
     kr = _kernels()
     monkeypatch.setattr(kr, "MAX_SMALL_K", 2)
@@ -349,7 +349,7 @@ def test_gradcheck(fused_backend, device):
                                               backend=fused_backend), (rewards,))
 
 
-def test_gradcheck_tiled_path(device, monkeypatch):
+def test_triton_gradcheck_tiled_path(device, monkeypatch):
     kr = _kernels()
     monkeypatch.setattr(kr, "MAX_SMALL_K", 2)
     monkeypatch.setattr(kr, "TILE", 4)
