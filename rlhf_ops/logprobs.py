@@ -113,15 +113,22 @@ def _(grad, logits, tokens, lse, temperature, backend, grad_entropy=None, entrop
     return torch.empty_like(logits)
 
 
+def _mark_outputs(ctx, output, with_entropy: bool) -> None:
+    """What every log-prob custom op tells autograd about its outputs (logprobs, entropy, lse[,
+    backward token ids]): an unused output's gradient arrives as None; lse and the token ids get
+    none; the entropy only when it was asked for (``with_entropy``)."""
+    ctx.with_entropy = with_entropy
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(*output[2:])
+    if not with_entropy:
+        ctx.mark_non_differentiable(output[1])
+
+
 def _tl_setup(ctx, inputs, output):
     logits, tokens, temperature, backend, with_entropy = inputs
     ctx.save_for_backward(logits, tokens, output[2], output[1] if with_entropy else None)
     ctx.args = (temperature, backend)
-    ctx.with_entropy = with_entropy
-    ctx.set_materialize_grads(False)   # an unused output's gradient arrives as None
-    ctx.mark_non_differentiable(output[2])
-    if not with_entropy:
-        ctx.mark_non_differentiable(output[1])
+    _mark_outputs(ctx, output, with_entropy)
 
 
 def _tl_backward(ctx, g_logp, g_ent, g_lse):
@@ -213,11 +220,7 @@ def _ltl_setup(ctx, inputs, output):
     ctx.save_for_backward(hidden, weight, bias, tokens, output[2],
                           output[1] if with_entropy else None)
     ctx.args = (temperature, backend)
-    ctx.with_entropy = with_entropy
-    ctx.set_materialize_grads(False)
-    ctx.mark_non_differentiable(output[2])
-    if not with_entropy:
-        ctx.mark_non_differentiable(output[1])
+    _mark_outputs(ctx, output, with_entropy)
 
 
 def _ltl_backward(ctx, g_logp, g_ent, g_lse):
@@ -274,11 +277,7 @@ def _tl_vp_setup(ctx, inputs, output):
     logits, tokens, offset, temperature, backend, group, with_entropy = inputs
     ctx.save_for_backward(logits, output[3], output[2], output[1] if with_entropy else None)
     ctx.args = (temperature, backend)
-    ctx.with_entropy = with_entropy
-    ctx.set_materialize_grads(False)
-    ctx.mark_non_differentiable(output[2], output[3])
-    if not with_entropy:
-        ctx.mark_non_differentiable(output[1])
+    _mark_outputs(ctx, output, with_entropy)
 
 
 def _tl_vp_backward(ctx, g_logp, g_ent, g_lse, g_tok):
@@ -324,11 +323,7 @@ def _ltl_vp_setup(ctx, inputs, output):
     ctx.save_for_backward(hidden, weight, bias, output[3], output[2],
                           output[1] if with_entropy else None)
     ctx.args = (temperature, backend, weight.shape[0] + 1, group)
-    ctx.with_entropy = with_entropy
-    ctx.set_materialize_grads(False)
-    ctx.mark_non_differentiable(output[2], output[3])
-    if not with_entropy:
-        ctx.mark_non_differentiable(output[1])
+    _mark_outputs(ctx, output, with_entropy)
 
 
 def _ltl_vp_backward(ctx, g_logp, g_ent, g_lse, g_tok):
