@@ -25,7 +25,7 @@ blocks only add guarantees: ``aten`` stays on inside an inner ``batch_invariant(
 Routing (``aten=True``), registered with ``torch.library.Library("aten", "IMPL")`` for the CUDA
 dispatch key (and CPU under the interpreter), below autograd, so torch's derivative formulas run
 and their matmuls, softmax backwards and sums come back through these kernels:
-  mm, addmm, bmm                          rlhf_ops.kernels.batch_invariant.matmul
+  mm, addmm, bmm, baddbmm, mv             rlhf_ops.kernels.batch_invariant.matmul
   _softmax, _log_softmax (+ _backward_data)  .softmax / .softmax_backward
   sum.dim_IntList, mean.dim               .sum_rows
 Floating inputs (fp16, bf16, fp32, fp64) run the kernels. Integer and bool inputs run torch's own
@@ -81,7 +81,7 @@ def aten_routed() -> bool:
 @contextlib.contextmanager
 def batch_invariant(*, aten: bool = False):
     """Run rlhf_ops' ops batch-invariant and deterministic inside the block; with ``aten=True``
-    also torch's mm/addmm/bmm (matmul, linear), softmax/log_softmax and sum/mean over dims,
+    also torch's mm/addmm/bmm/baddbmm/mv (matmul, linear), softmax/log_softmax and sum/mean over dims,
     forward and backward (CUDA tensors, and CPU tensors under TRITON_INTERPRET=1). Leaving the
     block, also by an exception, restores the previous state. Usable as a decorator too."""
     if not isinstance(aten, bool):
@@ -183,6 +183,34 @@ def _bmm(a: Tensor, b: Tensor) -> Tensor:
     return _kernels().matmul(a, b)
 
 
+def _mv(a: Tensor, v: Tensor) -> Tensor:
+    if a.dim() != 2 or v.dim() != 1 or a.shape[1] != v.shape[0]:
+        raise RuntimeError(f"mv: expected a matrix and a vector of matching size, got shapes "
+                           f"{tuple(a.shape)} and {tuple(v.shape)}")
+    _check_mm("mv", a, v[:, None], 2)
+    if not _routed("mv", a, v):
+        return torch.ops.aten.mv.out(a, v, out=a.new_empty(a.shape[0]))
+    return _kernels().matmul(a[None], v[None, :, None])[0, :, 0]
+
+
+def _baddbmm(bias: Tensor, a: Tensor, b: Tensor, *, beta=1, alpha=1) -> Tensor:
+    _check_mm("baddbmm", a, b, 3)
+    if bias.dtype != a.dtype:
+        raise RuntimeError(f"baddbmm: self has dtype {_name(bias.dtype)} but batch1 has {_name(a.dtype)}")
+    shape = (a.shape[0], a.shape[1], b.shape[2])
+    if not _routed("baddbmm", bias, a, b):
+        return torch.ops.aten.baddbmm.out(bias, a, b, beta=beta, alpha=alpha, out=a.new_empty(shape))
+    return _kernels().matmul(a, b, _expand(bias, shape, "baddbmm"), float(alpha), float(beta))
+
+
+def _expand(bias: Tensor, shape, op: str) -> Tensor:
+    try:
+        return bias.expand(shape)
+    except RuntimeError as e:
+        raise RuntimeError(f"{op}: self of shape {tuple(bias.shape)} does not broadcast to "
+                           f"{tuple(shape)}") from e
+
+
 def _addmm(bias: Tensor, a: Tensor, b: Tensor, *, beta=1, alpha=1) -> Tensor:
     _check_mm("addmm", a, b, 2)
     if bias.dtype != a.dtype:
@@ -190,11 +218,7 @@ def _addmm(bias: Tensor, a: Tensor, b: Tensor, *, beta=1, alpha=1) -> Tensor:
     if not _routed("addmm", bias, a, b):
         out = a.new_empty(a.shape[0], b.shape[1])
         return torch.ops.aten.addmm.out(bias, a, b, beta=beta, alpha=alpha, out=out)
-    try:
-        x = bias.expand(a.shape[0], b.shape[1])
-    except RuntimeError as e:
-        raise RuntimeError(f"addmm: self of shape {tuple(bias.shape)} does not broadcast to "
-                           f"{(a.shape[0], b.shape[1])}") from e
+    x = _expand(bias, (a.shape[0], b.shape[1]), "addmm")
     return _kernels().matmul(a[None], b[None], x[None], float(alpha), float(beta))[0]
 
 
@@ -282,6 +306,8 @@ _ATEN_IMPLS = {
     "mm": _mm,
     "bmm": _bmm,
     "addmm": _addmm,
+    "baddbmm": _baddbmm,
+    "mv": _mv,
     "_softmax": lambda x, dim, half_to_float: _softmax_impl(x, dim, half_to_float, log=False),
     "_log_softmax": lambda x, dim, half_to_float: _softmax_impl(x, dim, half_to_float, log=True),
     "_softmax_backward_data": lambda g, y, dim, input_dtype: _softmax_bwd_impl(g, y, dim, input_dtype, False),

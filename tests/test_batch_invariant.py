@@ -137,7 +137,7 @@ def test_matmuls_match_torch(dtype):
     g = dict(dtype=dtype, device=DEVICE)
     a, b = torch.randn(37, 21, **g), torch.randn(21, 19, **g)
     bias_row, bias_col = torch.randn(19, **g), torch.randn(37, 1, **g)
-    A3, B3 = torch.randn(3, 9, 21, **g), torch.randn(3, 21, 5, **g)
+    A3, B3, bias3 = torch.randn(3, 9, 21, **g), torch.randn(3, 21, 5, **g), torch.randn(1, 1, 5, **g)
     x3, W = torch.randn(2, 7, 21, **g), torch.randn(11, 21, **g)
     cases = {
         "mm": lambda: a @ b,
@@ -146,6 +146,8 @@ def test_matmuls_match_torch(dtype):
         "addmm column bias": lambda: torch.addmm(bias_col, a, b),
         "addmm beta=0 ignores NaN": lambda: torch.addmm(torch.full_like(bias_row, float("nan")), a, b, beta=0),
         "bmm": lambda: torch.bmm(A3, B3),
+        "baddbmm": lambda: torch.baddbmm(bias3.expand(3, 9, 5), A3, B3, beta=2.0, alpha=0.5),
+        "mv (matmul with a vector)": lambda: a @ b[:, 0],
         "matmul 3D@2D": lambda: x3 @ W.T,
         "linear": lambda: F.linear(x3, W, W[:, 0]),
         "empty K": lambda: a[:, :0] @ b[:0],
@@ -378,3 +380,23 @@ def test_logprob_parity_bad_input():
         ro.logprob_parity(a, a, torch.ones(3, dtype=torch.bool))
     with pytest.raises(TypeError, match="logprobs_a must have dtype"):
         ro.logprob_parity(torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64))
+
+
+# ======================================================================== benchmark ===
+
+def test_bench_smoke(tmp_path):
+    """bench/bench_batch_invariant.py runs every case with the mode off and on (CPU: tiny shapes
+    under the interpreter, one timed run each: a check that the code runs, not a speed)."""
+    import json
+    import os
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from bench import bench_batch_invariant as bb
+    out = tmp_path / "rows.json"
+    rows = bb.main(["--size", "smoke", "--out", str(out)])
+    want = {c.op for c in bb.aten_cases("smoke") + bb.op_cases("smoke")}
+    assert {r["op"] for r in rows} == want
+    assert all(r["off"]["status"] == "ok" and r["on"]["status"] == "ok" for r in rows), rows
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(rows))
