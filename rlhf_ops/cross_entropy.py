@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _backend, _checks, _layout, _vocab_stats, distributed, reference
+from . import _backend, _checks, _layout, _vocab_stats, context_parallel, distributed, reference
 
 OP = "cross_entropy"
 
@@ -387,7 +387,8 @@ linear_cross_entropy_vp_fwd.register_autograd(_lce_vp_backward, setup_context=_l
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, *, bias: Tensor | None = None,
                          ignore_index: int = -100, reduction: str = "mean",
                          label_smoothing: float = 0.0, backend: str | None = None,
-                         process_group=None, vocab_offset: int | None = None) -> Tensor:
+                         process_group=None, vocab_offset: int | None = None,
+                         weight_shard: str = "vocab") -> Tensor:
     """``cross_entropy(hidden @ weight.T + bias, target)`` without holding all [N, V] logits.
 
     hidden [..., d], weight [V, d], bias [V] or None, target [...] int64. The fused backends
@@ -401,8 +402,12 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, *, bias
     every rank; ``weight``/``bias`` get their slice's gradient, ``hidden`` the sum over the ranks
     (one all_reduce of [N, d] in the backward). A DTensor ``weight`` sharded ``Shard(0)`` on a
     1-D mesh (``bias`` ``Shard(0)`` too) is accepted instead of ``process_group``.
+    ``weight_shard="fsdp"``: such a weight is FSDP2's data-parallel shard instead (fully_shard; each
+    rank its own rows of data): the op runs on the gathered weight and its gradient comes back as
+    a Shard(0) DTensor holding the mean over the ranks (``context_parallel.head_weights``).
     """
     op = "linear_cross_entropy"
+    weight, bias = context_parallel.head_weights(op, hidden, weight, bias, weight_shard, process_group)
     call = distributed.VocabCall(op, "weight", weight, 0, process_group, vocab_offset)
     weight, bias = call.local, call.sharded("bias", bias)
     with call.checks():

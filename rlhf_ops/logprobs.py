@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _backend, _checks, _layout, _vocab_stats, distributed, reference
+from . import _backend, _checks, _layout, _vocab_stats, context_parallel, distributed, reference
 
 
 def _fwd_impl(backend: str, logits: Tensor, ref_logits: Tensor | None, tokens: Tensor,
@@ -401,7 +401,7 @@ def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
 def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bias: Tensor | None = None,
                           temperature: float = 1.0, return_entropy: bool = False,
                           backend: str | None = None, process_group=None,
-                          vocab_offset: int | None = None):
+                          vocab_offset: int | None = None, weight_shard: str = "vocab"):
     """``token_logprobs(hidden @ weight.T + bias, tokens, ...)`` without holding all [N, V] logits.
 
     hidden [..., d]; weight [V, d] (an lm_head or a tied embedding); bias [V] or None; tokens
@@ -419,9 +419,12 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bia
     the same on every rank; the results are the full-vocabulary ones on every rank, ``weight``
     and ``bias`` get their slice's gradient, ``hidden`` the sum over the ranks (one all_reduce
     of [N, d] in the backward). A DTensor ``weight`` (and ``bias``) sharded Shard(0) on a 1-D
-    mesh is accepted instead of ``process_group``.
+    mesh is accepted instead of ``process_group``. ``weight_shard="fsdp"``: such a weight is
+    FSDP2's data-parallel shard instead (fully_shard): the op runs on the gathered weight and its
+    gradient comes back as a Shard(0) DTensor holding the mean over the ranks.
     """
     op = "linear_token_logprobs"
+    weight, bias = context_parallel.head_weights(op, hidden, weight, bias, weight_shard, process_group)
     call = distributed.VocabCall(op, "weight", weight, 0, process_group, vocab_offset)
     weight, bias = call.local, call.sharded("bias", bias)
     with call.checks():

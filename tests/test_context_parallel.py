@@ -626,6 +626,53 @@ def gpt_context_parallel_lm_loss(ctx):
     _expect(lambda: ScalarHeadGPT(cpm.cfg)(x), ValueError, "context_parallel")
 
 
+@case(4)
+def fsdp_lm_heads(ctx):
+    """weight_shard="fsdp" on fully_shard's LM head (V = 7 over 4 ranks: 2, 2, 2, 1 rows; a bias),
+    each rank with its own hidden rows and targets: linear_cross_entropy and linear_token_logprobs
+    (+ entropy, K = 2 tokens) equal the op on the whole weight, d hidden too, and the weight's and
+    bias' gradients are Shard(0) DTensors holding the mean over the ranks of each rank's
+    gradient; reference and Triton. The default reading (weight_shard="vocab") of the same weight
+    raises on every rank, asking for weight_shard."""
+    import rlhf_ops as ro
+    torch.set_default_device("cpu")
+    try:
+        torch.manual_seed(7)
+        lin, full_w, full_b = _fsdp_linear(ctx, 7, 16, True)
+        torch.manual_seed(200 + ctx.rank)                         # each rank its own rows
+        h = torch.randn(5, 16, dtype=torch.float64)
+        t = torch.randint(0, 7, (5,))
+        t[1] = -100
+        tok = torch.randint(0, 7, (5, 2))
+        ops = {"ce": lambda hh, w, b, **kw: ro.linear_cross_entropy(hh, w, t, bias=b, reduction="sum", **kw),
+               "lp": lambda hh, w, b, **kw: sum(x.sum() for x in ro.linear_token_logprobs(
+                   hh, w, tok, bias=b, return_entropy=True, **kw))}
+        for be in ("reference", "triton"):
+            for name, f in ops.items():
+                hl = _leaf(h)
+                ours = f(hl, lin.weight, lin.bias, weight_shard="fsdp", backend=be)
+                ours.backward()
+                hr, wr, br = _leaf(h), _leaf(full_w), _leaf(full_b)
+                want = f(hr, wr, br, backend="reference")
+                want.backward()
+                what = f"{be} {name}"
+                _close(ours, want, f"{what} value")
+                _close(hl.grad, hr.grad, f"{what} d hidden")
+                for p, g in ((lin.weight, wr.grad), (lin.bias, br.grad)):
+                    mean = sum(ctx.gather(g)) / ctx.world
+                    assert p.grad.placements == lin.weight.placements, p.grad
+                    _close(p.grad.full_tensor(), mean, f"{what} FSDP2 gradient (mean over ranks)")
+                    p.grad = None
+        for name, f in ops.items():
+            _expect(lambda: f(h, lin.weight, lin.bias), ValueError, "weight_shard='fsdp'")
+        _expect(lambda: ro.linear_cross_entropy(h, lin.weight, t, weight_shard="fsdp",
+                                                process_group=ctx.group), ValueError, "one or the other")
+        _expect(lambda: ro.linear_cross_entropy(h, lin.weight, t, weight_shard="data"), ValueError,
+                "weight_shard must be one of")
+    finally:
+        torch.set_default_device(ctx.device)
+
+
 # ------------------------------------------------------------------------------ the tests ---
 
 @pytest.mark.parametrize("key", _keys())
