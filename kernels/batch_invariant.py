@@ -10,9 +10,9 @@ Matmul, C[b] = alpha·A[b]·B[b] + beta·bias (A [M, K], B [K, N], any strides):
   * one persistent kernel: a grid of at most one program per SM (the interpreter: a few); program
     p computes the output tiles p, p + P, p + 2P, … of a fixed (batch, grouped-M, N) tile order.
     A tile is always computed whole by one program, so which program runs it changes nothing;
-  * tile shapes come from the dtype (and the GPU's shared memory, a property of the device), never
-    from M, N or K; K is never split: each C element is Σ_k over K in BLOCK_K steps in ascending
-    k, one tensor-core dot per step accumulated in fp32 (fp64 for fp64);
+  * tile shapes come from the dtype only, never from M, N or K; K is never split: each C element
+    is Σ_k over K in BLOCK_K steps of ascending k, one ``tl.dot`` per step accumulated in fp32
+    (fp64 for fp64);
   * a row of C therefore depends on its row of A, on B, and on nothing else: the same bits
     whatever M is and wherever the row sits (in which tile, at which position in it).
   Under the Triton interpreter (CPU tensors, the tests) a tile is formed by K rank-1 updates,
@@ -50,12 +50,13 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 @triton.jit
 def _mm_persistent(A, B, C, X, PRM, M, N, K, n_batch,
                    s_ab, s_am, s_ak, s_bb, s_bk, s_bn, s_cb, s_cm, s_cn, s_xb, s_xm, s_xn,
-                   HAS_BIAS: tl.constexpr, SCALED: tl.constexpr, DOT: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, BIAS_ROW: tl.constexpr, SCALED: tl.constexpr, DOT: tl.constexpr,
                    PREC: tl.constexpr, ACC_FP64: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    GROUP_M: tl.constexpr):
     """C[b] = A[b]·B[b] (SCALED: alpha·A[b]·B[b]; HAS_BIAS: + beta·X[b], X broadcast by its
-    strides), alpha and beta read from PRM in the accumulation dtype."""
+    strides; BIAS_ROW: its stride over M is 0), alpha and beta read from PRM in the accumulation
+    dtype."""
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
     per_batch = tiles_m * tiles_n
@@ -72,7 +73,7 @@ def _mm_persistent(A, B, C, X, PRM, M, N, K, n_batch,
         pn = (t % group_width) // size_m
         m0 = pm * BLOCK_M
         n0 = pn * BLOCK_N
-        # 64-bit tile origins, 32-bit offsets inside a tile
+        # 64-bit tile origins; 32-bit offsets inside a tile and along K (``_fit`` checks them)
         a_t = A + tl.cast(bt, tl.int64) * s_ab + tl.cast(m0, tl.int64) * s_am
         b_t = B + tl.cast(bt, tl.int64) * s_bb + tl.cast(n0, tl.int64) * s_bn
         row_ok = m0 + rm < M
@@ -85,55 +86,57 @@ def _mm_persistent(A, B, C, X, PRM, M, N, K, n_batch,
             rk = tl.arange(0, BLOCK_K)
             for k0 in range(0, K, BLOCK_K):
                 k_ok = k0 + rk < K
-                a = tl.load(a_t + tl.cast(k0, tl.int64) * s_ak + (rm[:, None] * s_am + rk[None, :] * s_ak),
+                a = tl.load(a_t + (rm[:, None] * s_am + (k0 + rk)[None, :] * s_ak),
                             mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                b = tl.load(b_t + tl.cast(k0, tl.int64) * s_bk + (rk[:, None] * s_bk + rn[None, :] * s_bn),
+                b = tl.load(b_t + ((k0 + rk)[:, None] * s_bk + rn[None, :] * s_bn),
                             mask=k_ok[:, None] & col_ok[None, :], other=0.0)
                 acc = tl.dot(a, b, acc, input_precision=PREC)
         else:
             # the interpreter: K rank-1 updates in ascending k, each element's sum in that order
             for k in range(0, K):
-                a = tl.load(a_t + tl.cast(k, tl.int64) * s_ak + rm * s_am, mask=row_ok, other=0.0)
-                b = tl.load(b_t + tl.cast(k, tl.int64) * s_bk + rn * s_bn, mask=col_ok, other=0.0)
+                a = tl.load(a_t + (rm * s_am + k * s_ak), mask=row_ok, other=0.0)
+                b = tl.load(b_t + (k * s_bk + rn * s_bn), mask=col_ok, other=0.0)
                 acc += a.to(acc.dtype)[:, None] * b.to(acc.dtype)[None, :]
         if SCALED:
             acc = acc * tl.load(PRM)
         if HAS_BIAS:
-            x = tl.load(X + tl.cast(bt, tl.int64) * s_xb + tl.cast(m0, tl.int64) * s_xm
-                        + tl.cast(n0, tl.int64) * s_xn + (rm[:, None] * s_xm + rn[None, :] * s_xn),
-                        mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            x_t = X + tl.cast(bt, tl.int64) * s_xb + tl.cast(m0, tl.int64) * s_xm + tl.cast(n0, tl.int64) * s_xn
+            if BIAS_ROW:   # one bias row for every output row (linear's bias): load [BLOCK_N] only
+                x = tl.load(x_t + rn * s_xn, mask=col_ok, other=0.0)[None, :]
+            else:
+                x = tl.load(x_t + (rm[:, None] * s_xm + rn[None, :] * s_xn),
+                            mask=row_ok[:, None] & col_ok[None, :], other=0.0)
             acc += tl.load(PRM + 1) * x.to(acc.dtype)
         c = C + tl.cast(bt, tl.int64) * s_cb + tl.cast(m0, tl.int64) * s_cm + tl.cast(n0, tl.int64) * s_cn
         tl.store(c + (rm[:, None] * s_cm + rn[None, :] * s_cn), cast_out(acc, C.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
 
 
-# Tile configs: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages), by dtype only (and,
-# for 16-bit inputs, by whether the GPU has the shared memory of sm_80/sm_90 for 128×256 tiles).
-_BIG_SMEM = 160 * 1024
+# Tile configs: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages), by dtype only. Each
+# compiles for sm_80 and sm_90 without register spills (tests/test_batch_invariant.py,
+# ``test_kernels_compile_for_gpu_without_spills``; 16-bit 128×256 and 128×128 tiles spilled there,
+# 128×128 in the epilogue with a bias).
 MM_CONFIGS = {
-    "16bit_big": (128, 256, 64, 8, 8, 3),     # (128·64 + 64·256)·2 B·3 stages = 144 KiB
-    "16bit": (128, 128, 64, 8, 8, 2),         # 64 KiB: sm_86/sm_89 (99 KiB per block)
-    "tf32": (128, 128, 32, 8, 8, 3),
-    "fp32": (64, 64, 32, 8, 4, 3),            # IEEE fp32: FMA dots, no tensor cores
+    "16bit": (128, 64, 64, 8, 8, 3),
+    "tf32": (128, 64, 32, 8, 8, 3),
+    "fp32": (64, 64, 32, 8, 8, 3),            # IEEE fp32: FMA dots, no tensor cores
     "fp64": (64, 64, 16, 8, 4, 2),
     "interpret": (32, 32, 16, 4, 1, 1),
 }
 # Under the interpreter ``DOT=False`` (rank-1 updates; see the module docstring). Tests set it.
 INTERPRET_DOT = False
 _sm_count: dict = {}
-_smem: dict = {}
 
 
-def _device_props(device):
+def _programs(device) -> int:
+    """Programs of the persistent grid: one per SM (the interpreter: 4). Which program computes
+    a tile changes nothing in its bits."""
     if device.type != "cuda":
-        return 4, 0                        # the interpreter: a few programs, as on a small GPU
+        return 4
     i = device.index if device.index is not None else torch.cuda.current_device()
     if i not in _sm_count:
-        p = torch.cuda.get_device_properties(i)
-        _sm_count[i] = p.multi_processor_count
-        _smem[i] = int(getattr(p, "shared_memory_per_block_optin", 0))
-    return _sm_count[i], _smem[i]
+        _sm_count[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return _sm_count[i]
 
 
 def _tf32() -> bool:
@@ -141,23 +144,34 @@ def _tf32() -> bool:
 
 
 def mm_config(dtype: torch.dtype, device) -> tuple:
-    """The tile config of the batch-invariant matmul for this dtype on this device: a function of
-    the dtype and the device only (M, N and K play no part)."""
+    """The tile config of the batch-invariant matmul: a function of the dtype (and, for fp32, of
+    torch's allow_tf32 switch) only — M, N and K play no part."""
     if device.type != "cuda":
         return MM_CONFIGS["interpret"]
     if dtype in (torch.float16, torch.bfloat16):
-        return MM_CONFIGS["16bit_big" if _device_props(device)[1] >= _BIG_SMEM else "16bit"]
+        return MM_CONFIGS["16bit"]
     if dtype == torch.float32:
         return MM_CONFIGS["tf32" if _tf32() else "fp32"]
     return MM_CONFIGS["fp64"]
 
 
-_MAX_TILE_OFFSET = 2**31 // 512   # per-element offsets inside a tile are 32-bit: ≤ 512·stride
+_INT32 = 2**31
+_MAX_TILE = 512          # no tile side of MM_CONFIGS is longer
 
 
-def _fit(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself, or a contiguous copy when a stride is too large for 32-bit tile offsets."""
-    return t.contiguous() if max(t.stride(), default=0) > _MAX_TILE_OFFSET else t
+def _fit(t: torch.Tensor, k_dim: int) -> torch.Tensor:
+    """``t`` [Bt, rows, cols], or a contiguous copy, such that the kernel's 32-bit offsets hold:
+    within a tile (≤ 512 along the other dim) plus the whole reduction dim ``k_dim``."""
+    def ok(x):
+        other = 3 - k_dim
+        return _MAX_TILE * abs(x.stride(other)) + x.shape[k_dim] * abs(x.stride(k_dim)) < _INT32
+    if ok(t):
+        return t
+    t = t.contiguous()
+    if not ok(t):
+        raise ValueError(f"rlhf_ops.batch_invariant: a matmul operand of shape {tuple(t.shape)} is too "
+                         f"large for the kernel's 32-bit offsets within a batch element")
+    return t
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
@@ -180,15 +194,18 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
         prm = torch.empty(2, dtype=acc, device=a.device)
         prm[0] = alpha
         prm[1] = beta
-    x = _fit(bias.expand(Bt, M, N)) if has_bias else c
-    a, b = _fit(a), _fit(b)
+    x = bias.expand(Bt, M, N) if has_bias else c
+    if has_bias and _MAX_TILE * (abs(x.stride(1)) + abs(x.stride(2))) >= _INT32:
+        x = x.contiguous()
+    a, b = _fit(a, 2), _fit(b, 1)
     bm, bn, bk, gm, warps, stages = mm_config(a.dtype, a.device)
     n_tiles = Bt * triton.cdiv(M, bm) * triton.cdiv(N, bn)
     interp = a.device.type != "cuda"
     prec = "tf32" if (a.dtype == torch.float32 and not interp and _tf32()) else "ieee"
-    grid = (min(n_tiles, _device_props(a.device)[0]),)
+    grid = (min(n_tiles, _programs(a.device)),)
     _mm_persistent[grid](a, b, c, x, prm, M, N, K, Bt, *a.stride(), *b.stride(), *c.stride(),
-                         *x.stride(), HAS_BIAS=has_bias, SCALED=scaled,
+                         *x.stride(), HAS_BIAS=has_bias, BIAS_ROW=has_bias and x.stride(1) == 0,
+                         SCALED=scaled,
                          DOT=(not interp) or INTERPRET_DOT, PREC=prec, ACC_FP64=acc == torch.float64,
                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm,
                          num_warps=warps, num_stages=stages)

@@ -15,6 +15,7 @@ What is checked is what docs/batch_invariant.md claims:
   * outside the mode nothing changes: torch's own kernels run (no call reaches ours) and give the
     bits they gave before.
 """
+import sys
 import threading
 
 import pytest
@@ -382,6 +383,102 @@ def test_logprob_parity_bad_input():
         ro.logprob_parity(torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64))
 
 
+# ================================================================ GPU code, compiled here ===
+# The kernels' GPU form (tl.dot, the configs of MM_CONFIGS, 4096-wide row blocks) is compiled for
+# sm_80 and sm_90 with ptxas (no GPU needed) in a subprocess without TRITON_INTERPRET: every
+# config must compile without register spills. Matmul layouts: A row-major with B = Wᵀ (a linear
+# layer, "NT") or B row-major ("NN"); biases: none, one row (F.linear's), a full [M, N] tile.
+
+def _gpu_compile_tasks():
+    tasks = []
+    for cc in (80, 90):
+        for cfg, dt, prec in (("16bit", "bf16", "ieee"), ("tf32", "fp32", "tf32"), ("fp32", "fp32", "ieee"),
+                              ("fp64", "fp64", "ieee")):
+            for layout, bias in (("NT", "row"), ("NN", "none"), ("NT", "full")):
+                tasks.append(dict(kind="mm", cc=cc, cfg=cfg, dt=dt, prec=prec, layout=layout, bias=bias))
+        for dt in ("bf16", "fp32"):
+            for kernel in ("softmax_fwd", "softmax_bwd"):
+                for log in (True, False):
+                    tasks.append(dict(kind=kernel, cc=cc, dt=dt, log=log))
+            tasks.append(dict(kind="sum_rows", cc=cc, dt=dt))
+    return tasks
+
+
+def _gpu_compile_one(task):
+    """Compile one task; registers and spills from ptxas's report."""
+    import contextlib
+    import io
+    import os
+    import re
+
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from rlhf_ops.kernels import batch_invariant as KB
+
+    if task["kind"] == "mm":
+        fn = KB._mm_persistent
+        bm, bn, bk, gm, warps, stages = KB.MM_CONFIGS[task["cfg"]]
+        consts = dict(HAS_BIAS=task["bias"] != "none", BIAS_ROW=task["bias"] == "row", SCALED=True, DOT=True,
+                      PREC=task["prec"], ACC_FP64=task["dt"] == "fp64", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                      GROUP_M=gm, s_ak=1, s_cn=1, s_xn=1, **({"s_bk": 1} if task["layout"] == "NT" else {"s_bn": 1}))
+        ptrs = {"A": task["dt"], "B": task["dt"], "C": task["dt"], "X": task["dt"],
+                "PRM": "fp64" if task["dt"] == "fp64" else "fp32"}
+    else:
+        fn = {"softmax_fwd": KB._softmax_fwd, "softmax_bwd": KB._softmax_bwd, "sum_rows": KB._sum_rows}[task["kind"]]
+        warps, stages = KB._warps(4096), 1
+        consts = dict(BLOCK=4096, ACC_FP64=False, **({"MEAN": True} if task["kind"] == "sum_rows" else {"LOG": task["log"]}))
+        ptrs = {n: task["dt"] for n in ("X", "Y", "G", "Yf", "DX")}
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in ptrs:
+            sig[name] = "*" + ptrs[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "i32"
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):
+            triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                           target=GPUTarget("cuda", task["cc"], 32), options=dict(num_warps=warps, num_stages=stages))
+    except Exception as e:  # noqa: BLE001 - reported as this task's failure
+        return {**task, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+    spill = re.search(r"(\d+) bytes spill stores", log.getvalue())
+    regs = re.search(r"Used (\d+) registers", log.getvalue())
+    return {**task, "spill": int(spill.group(1)) if spill else -1, "regs": int(regs.group(1)) if regs else -1}
+
+
+def _gpu_compile_main():
+    import json
+    import sys
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(2) as ex:
+        res = list(ex.map(_gpu_compile_one, _gpu_compile_tasks()))
+    json.dump(res, open(sys.argv[2], "w"))
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the kernels are compiled and run by the other tests")
+def test_kernels_compile_for_gpu_without_spills(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    out = tmp_path / "res.json"
+    p = subprocess.run([sys.executable, __file__, "compile", str(out)], env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert len(res) == len(_gpu_compile_tasks())
+    bad = [r for r in res if "error" in r or r["spill"] != 0]
+    assert not bad, bad
+
+
 # ======================================================================== benchmark ===
 
 def test_bench_smoke(tmp_path):
@@ -400,3 +497,7 @@ def test_bench_smoke(tmp_path):
     assert {r["op"] for r in rows} == want
     assert all(r["off"]["status"] == "ok" and r["on"]["status"] == "ok" for r in rows), rows
     assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(rows))
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["compile"]:
+    _gpu_compile_main()
