@@ -115,8 +115,9 @@ def _(grad, logits, tokens, lse, temperature, backend, grad_entropy=None, entrop
 
 def _mark_outputs(ctx, output, with_entropy: bool) -> None:
     """What every log-prob custom op tells autograd about its outputs (logprobs, entropy, lse[,
-    backward token ids]): an unused output's gradient arrives as None; lse and the token ids get
-    none; the entropy only when it was asked for (``with_entropy``)."""
+    backward token ids | logit statistics]): an unused output's gradient arrives as None; lse,
+    the token ids and the statistics get none; the entropy only when it was asked for
+    (``with_entropy``)."""
     ctx.with_entropy = with_entropy
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(*output[2:])
@@ -146,10 +147,13 @@ token_logprobs_fwd.register_autograd(_tl_backward, setup_context=_tl_setup)
 
 @torch.library.custom_op("rlhf_ops::linear_token_logprobs_fwd", mutates_args=())
 def linear_token_logprobs_fwd(hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tensor,
-                              temperature: float, with_entropy: bool, backend: str
-                              ) -> tuple[Tensor, Tensor, Tensor]:
-    """hidden [N, d], weight [V, d], tokens [N, K] → (logprobs [N, K], entropy [N], lse [2, N]);
-    logits exist one row chunk [rows, V] at a time."""
+                              temperature: float, with_entropy: bool, backend: str,
+                              with_stats: bool = False
+                              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """hidden [N, d], weight [V, d], tokens [N, K] → (logprobs [N, K], entropy [N], lse [2, N],
+    is_top1 [N, K] bool, mean_logit [N]); logits exist one row chunk [rows, V] at a time. The last
+    two (empty, [0, K] and [0], unless ``with_stats``) are reductions of the same chunk on every
+    backend (reference.logit_stats: the token is the chunk row's first argmax; Σ logits / (V·T))."""
     N, V = hidden.shape[0], weight.shape[0]
     if _backend.debug_checks(hidden.device):
         _checks.in_range("linear_token_logprobs", "tokens", tokens, 0, V)
@@ -157,20 +161,29 @@ def linear_token_logprobs_fwd(hidden: Tensor, weight: Tensor, bias: Tensor | Non
     logp = hidden.new_empty(tokens.shape, dtype=acc)
     ent = hidden.new_empty((N,), dtype=acc)
     lse = hidden.new_empty((2, N), dtype=acc)
+    n_stats = N if with_stats else 0
+    top1 = hidden.new_empty((n_stats, tokens.shape[1]), dtype=torch.bool)
+    mean = hidden.new_empty((n_stats,), dtype=acc)
     step = _layout.block_len(V, hidden.element_size(), N)
     for s in range(0, N, step):
         logits = F.linear(hidden[s:s + step], weight, bias)
+        if with_stats:
+            top1[s:s + step], mean[s:s + step] = reference.logit_stats(logits, tokens[s:s + step],
+                                                                       temperature)
         logp[s:s + step], ent[s:s + step], lse[:, s:s + step] = _fwd_impl(
             backend, logits, None, tokens[s:s + step], None, temperature, 0.0, "k1")
-    return logp, ent, lse
+    return logp, ent, lse, top1, mean
 
 
 @linear_token_logprobs_fwd.register_fake
-def _(hidden, weight, bias, tokens, temperature, with_entropy, backend):
+def _(hidden, weight, bias, tokens, temperature, with_entropy, backend, with_stats=False):
     acc = _checks.acc_dtype(hidden.dtype)
     n = hidden.shape[0]
+    n_stats = n if with_stats else 0
     return (hidden.new_empty(tokens.shape, dtype=acc), hidden.new_empty((n,), dtype=acc),
-            hidden.new_empty((2, n), dtype=acc))
+            hidden.new_empty((2, n), dtype=acc),
+            hidden.new_empty((n_stats, tokens.shape[1]), dtype=torch.bool),
+            hidden.new_empty((n_stats,), dtype=acc))
 
 
 @torch.library.custom_op("rlhf_ops::linear_token_logprobs_bwd", mutates_args=())
@@ -216,20 +229,20 @@ def _(grad, grad_entropy, hidden, weight, bias, tokens, lse, entropy, temperatur
 
 
 def _ltl_setup(ctx, inputs, output):
-    hidden, weight, bias, tokens, temperature, with_entropy, backend = inputs
+    hidden, weight, bias, tokens, temperature, with_entropy, backend, *_ = inputs   # with_stats
     ctx.save_for_backward(hidden, weight, bias, tokens, output[2],
                           output[1] if with_entropy else None)
     ctx.args = (temperature, backend)
     _mark_outputs(ctx, output, with_entropy)
 
 
-def _ltl_backward(ctx, g_logp, g_ent, g_lse):
+def _ltl_backward(ctx, g_logp, g_ent, g_lse, g_top1, g_mean):
     hidden, weight, bias, tokens, lse, ent = ctx.saved_tensors
     g_logp, g_ent = _grads(g_logp, g_ent, tokens, lse, ctx.with_entropy)
     dh, dw, db = torch.ops.rlhf_ops.linear_token_logprobs_bwd(
         g_logp, g_ent, hidden, weight, bias, tokens, lse, ent if g_ent is not None else None,
         *ctx.args)
-    return dh, dw, (db if bias is not None else None), None, None, None, None
+    return dh, dw, (db if bias is not None else None), None, None, None, None, None
 
 
 linear_token_logprobs_fwd.register_autograd(_ltl_backward, setup_context=_ltl_setup)
@@ -400,8 +413,9 @@ def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
 
 def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bias: Tensor | None = None,
                           temperature: float = 1.0, return_entropy: bool = False,
-                          backend: str | None = None, process_group=None,
-                          vocab_offset: int | None = None, weight_shard: str = "vocab"):
+                          return_stats: bool = False, backend: str | None = None,
+                          process_group=None, vocab_offset: int | None = None,
+                          weight_shard: str = "vocab"):
     """``token_logprobs(hidden @ weight.T + bias, tokens, ...)`` without holding all [N, V] logits.
 
     hidden [..., d]; weight [V, d] (an lm_head or a tied embedding); bias [V] or None; tokens
@@ -413,6 +427,13 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bia
     the chosen backend's kernels on each block) and keep for backward only hidden, weight, bias,
     tokens, lse (two numbers per row) and the entropy (one, when asked for). The backward
     holds an fp32 [N, d] accumulator for d hidden; d weight is written slice by slice.
+
+    ``return_stats=True`` appends two per-token/per-row statistics of the same logits, computed
+    in the same forward sweep (reductions of each row chunk, no second matmul), without
+    gradient: ``is_top1`` (tokens' shape, bool: the token is its row's first maximum logit, as
+    argmax) and ``mean_logit`` [...] (the mean over the vocabulary of logits / temperature) —
+    what TRL's fused head reports as token accuracy and mean logits. Not with vocabulary
+    parallelism.
 
     Vocabulary parallel (``process_group``, ``vocab_offset``): ``weight`` [V_r, d] and ``bias``
     [V_r] are this rank's rows of the head (a column-parallel layer), ``hidden`` and ``tokens``
@@ -432,21 +453,26 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bia
         tokens = call.replicated("tokens", tokens)
         multi, be = _check_linear(op, hidden, weight, tokens, bias, temperature, return_entropy,
                                   backend)
+        _checks.flag(op, "return_stats", return_stats)
     if call.parallel:
+        if return_stats:
+            raise ValueError(f"rlhf_ops.{op}: return_stats=True is not supported with vocabulary "
+                             f"parallelism (process_group / a sharded weight)")
         return call.wrap(_linear_token_logprobs_vp(call, hidden, weight, tokens, bias, multi,
                                                    float(temperature), return_entropy, be))
     V = weight.shape[0]
     if be == "reference":
         _checks.eager_in_range(op, "tokens", tokens, 0, V)
         return reference.linear_token_logprobs(hidden, weight, tokens, bias, temperature,
-                                               return_entropy)
+                                               return_entropy, return_stats)
     h = hidden.reshape(-1, hidden.shape[-1])
     t = tokens.reshape(h.shape[0], tokens.shape[-1] if multi else 1).contiguous()
-    logp, ent, _ = torch.ops.rlhf_ops.linear_token_logprobs_fwd(h, weight, bias, t,
-                                                                float(temperature),
-                                                                return_entropy, be)
-    logp = logp.reshape(tokens.shape)
-    return (logp, ent.reshape(hidden.shape[:-1])) if return_entropy else logp
+    logp, ent, _, top1, mean = torch.ops.rlhf_ops.linear_token_logprobs_fwd(
+        h, weight, bias, t, float(temperature), return_entropy, be, return_stats)
+    out = (logp.reshape(tokens.shape),) + ((ent.reshape(hidden.shape[:-1]),) if return_entropy else ())
+    if return_stats:
+        out += (top1.reshape(tokens.shape), mean.reshape(hidden.shape[:-1]))
+    return out if len(out) > 1 else out[0]
 
 
 def _check_linear(op, hidden, weight, tokens, bias, temperature, return_entropy, backend):

@@ -284,10 +284,26 @@ def token_logprobs(logits, tokens, temperature=1.0, return_entropy=False):
     return (logprobs, entropy_of(logp_all)) if return_entropy else logprobs
 
 
-def linear_token_logprobs(hidden, weight, tokens, bias=None, temperature=1.0, return_entropy=False):
+def logit_stats(logits, tokens, temperature=1.0):
+    """(is_top1, mean_logit) of logits [..., V] (no gradient): is_top1 (tokens' shape, bool)
+    says that the token is the row's argmax — its first maximum, as torch.argmax —, mean_logit
+    [...] is the mean over the vocabulary of logits / temperature, accumulated in fp32 (fp64)."""
+    with torch.no_grad():
+        top = logits.argmax(-1, keepdim=True)
+        is_top1 = (top == tokens) if tokens.dim() == logits.dim() else (top.squeeze(-1) == tokens)
+        mean = logits.sum(-1, dtype=acc_dtype(logits.dtype)) / (logits.shape[-1] * temperature)
+    return is_top1, mean
+
+
+def linear_token_logprobs(hidden, weight, tokens, bias=None, temperature=1.0, return_entropy=False,
+                          return_stats=False):
     """token_logprobs(hidden @ weight.T + bias, ...): the logits are materialised, in the input
-    dtype, exactly as eager model code does."""
-    return token_logprobs(F.linear(hidden, weight, bias), tokens, temperature, return_entropy)
+    dtype, exactly as eager model code does; ``return_stats`` appends ``logit_stats``."""
+    logits = F.linear(hidden, weight, bias)
+    out = token_logprobs(logits, tokens, temperature, return_entropy)
+    if not return_stats:
+        return out
+    return (*(out if return_entropy else (out,)), *logit_stats(logits, tokens, temperature))
 
 
 def _k3(d):

@@ -204,29 +204,18 @@ def test_fused_lm_head_matches_trls(backend):
     assert 0 < int(out.is_top1.sum()) < int(out.label_mask.sum())   # both outcomes occur
 
 
-def test_logit_stats_against_fp64_definition():
-    """The extra outputs from their eager definition in fp64: mean_j y_j, first argmax == label,
-    log Σ p² with y = (h Wᵀ + b) / T; row blocks smaller than the batch; a tie at the maximum
-    goes to the first index, as argmax."""
+def test_log_sum_sq_probs_against_fp64_definition():
+    """log Σ p² with y = (h Wᵀ + b) / T from its definition in fp64, over row blocks smaller than
+    the batch (is_top1 and mean_logits come from linear_token_logprobs: test_linear_logprobs_stats)."""
     g = torch.Generator().manual_seed(0)
     n, d, V = 13, 8, 37
     h = torch.randn(n, d, generator=g, dtype=torch.float64)
     w = torch.randn(V, d, generator=g, dtype=torch.float64)
     b = torch.randn(V, generator=g, dtype=torch.float64)
-    w[5] = w[3]                                       # tokens 3 and 5: equal logits everywhere
-    b[5] = b[3] = 20.0                                # ... and the largest
-    labels = torch.randint(0, V, (n,), generator=g)
-    labels[:4] = 3                                    # the first maximum: top-1
-    labels[4:8] = 5                                   # tied with 3 but later: not top-1
-    y = (h @ w.T + b) / 0.7
-    p = y.softmax(-1)
+    p = ((h @ w.T + b) / 0.7).softmax(-1)
     with mock.patch.object(trl_integration, "STATS_BLOCK_BYTES", 5 * V * 8):  # blocks of 5 rows
-        got = trl_integration._logit_stats(h, w, b, labels, 0.7, ALL_OUTPUTS)
-    assert torch.equal(got["is_top1"], y.argmax(-1) == labels)
-    assert got["is_top1"][:4].all() and not got["is_top1"][4:8].any()
-    assert rel_err(got["mean_logits"], y.mean(-1)) <= 1e-12
-    assert rel_err(got["log_sum_sq_probs"], (p * p).sum(-1).log()) <= 1e-12
-    assert got["mean_logits"].dtype == got["log_sum_sq_probs"].dtype == torch.float64
+        got = trl_integration._log_sum_sq_probs(h, w, b, 0.7)
+    assert got.dtype == torch.float64 and rel_err(got, (p * p).sum(-1).log()) <= 1e-12
 
 
 def test_fused_lm_head_options_match_trls():

@@ -226,8 +226,8 @@ def _tl_bwd(be, dev):
 def _ltl_fwd(be, dev):
     t = torch.tensor([[0, 18], [5, 5], [7, 1]], device=dev)
     return [dict(hidden=_f(3, 8, device=dev), weight=_f(19, 8, device=dev), bias=b, tokens=t, temperature=0.9,
-                 with_entropy=e, backend=be)
-            for b, e in ((None, False), (_f(19, device=dev), True))]
+                 with_entropy=e, backend=be, with_stats=st)
+            for b, e, st in ((None, False, False), (_f(19, device=dev), True, True))]
 
 
 def _ltl_bwd(be, dev):
@@ -235,8 +235,8 @@ def _ltl_bwd(be, dev):
     for bias, e in ((None, False), (torch.randn(19, device=dev), True)):
         h, w = torch.randn(3, 8, device=dev), torch.randn(19, 8, device=dev)
         t = torch.tensor([[0, 18], [5, 5], [7, 1]], device=dev)
-        _, ent, lse = _call("linear_token_logprobs_fwd", hidden=h, weight=w, bias=bias, tokens=t, temperature=0.9,
-                            with_entropy=e, backend=be)
+        _, ent, lse, _, _ = _call("linear_token_logprobs_fwd", hidden=h, weight=w, bias=bias, tokens=t,
+                                  temperature=0.9, with_entropy=e, backend=be)
         out.append(dict(grad=torch.randn(3, 2, device=dev), grad_entropy=torch.randn(3, device=dev) if e else None,
                         hidden=h, weight=w, bias=bias, tokens=t, lse=lse, entropy=ent if e else None,
                         temperature=0.9, backend=be))

@@ -30,12 +30,12 @@ with ``shift_labels``) is log softmax(logits / temperature)[next label], zero wh
 −100, ``label_mask`` the labels ≠ −100, ``loss`` = −Σ log_probs / (num_items_in_batch or the
 count), and — each when named in ``outputs`` — ``entropy`` (differentiable), ``mean_logits``
 (mean over the vocabulary of logits / T), ``is_top1`` (the label is the first maximum of the
-logits) and ``log_sum_sq_probs`` (log Σ p²), the last three without gradient. Log-probs and
-entropy come from ``rlhf_ops.linear_token_logprobs`` on the positions that have a label (the
-[tokens, vocab] logits are never formed), on every backend, the CPU included (TRL's own head has
-a Triton path on CUDA/XPU only); ``mean_logits`` from the identity mean_j (h·W_j + b_j) = h·mean_j
-W_j + mean_j b_j (no logits); ``is_top1`` and ``log_sum_sq_probs``, when asked for, from a second
-pass over the labelled rows' logits in blocks of ``STATS_BLOCK_BYTES`` that are reduced and
+logits) and ``log_sum_sq_probs`` (log Σ p²), the last three without gradient. Log-probs,
+entropy, top-1 and mean logits come from one sweep of ``rlhf_ops.linear_token_logprobs(...,
+return_stats=...)`` on the positions that have a label (the [tokens, vocab] logits are never
+formed), on every backend, the CPU included (TRL's own head has a Triton path on CUDA/XPU only);
+``log_sum_sq_probs`` (DPO's WPO weighting only), when asked for, from a second pass over the
+labelled rows' logits in blocks of ``STATS_BLOCK_BYTES`` that are reduced and
 dropped (no gradient, nothing kept: one extra head GEMM in the forward). Without
 ``fused_lm_head=True`` the forward is the previous one (generation is unchanged). A
 ``logit_scale``-type multiplier is folded into the temperature; Gemma-style
@@ -241,7 +241,7 @@ def _is_ranked(dataset) -> bool:
 
 # ---------------------------------------------------------------------------- fused LM head ---
 
-# Bytes of one block of logits of the second pass that TRL's is_top1 / log_sum_sq_probs need.
+# Bytes of one block of logits of the second pass that TRL's log_sum_sq_probs needs.
 STATS_BLOCK_BYTES = 64 << 20
 
 # While a FusedLMHeadMixin trainer computes its loss, the fused heads append their outputs here.
@@ -249,32 +249,19 @@ _RECORD: contextvars.ContextVar[list | None] = contextvars.ContextVar("rlhf_ops_
                                                                       default=None)
 
 
-def _logit_stats(h: Tensor, w: Tensor, b: Tensor | None, labels: Tensor, temperature: float,
-                 outputs: tuple[str, ...]) -> dict:
-    """TRL's extra per-token outputs for the rows h [n, d] (no gradient), y = (h Wᵀ + b) / T:
-    mean_logits = mean_j y_j = (h·mean_j W_j + mean_j b_j) / T (no logits needed);
-    is_top1 = (first argmax_j y_j == label) and log_sum_sq_probs = log Σ_j p_j² =
-    logsumexp(2y) − 2·logsumexp(y), from a second pass over the logits in row blocks of
-    STATS_BLOCK_BYTES (a block is dropped once reduced; nothing is kept for backward)."""
-    out = {}
+def _log_sum_sq_probs(h: Tensor, w: Tensor, b: Tensor | None, temperature: float) -> Tensor:
+    """log Σ_j p_j² = logsumexp(2y) − 2·logsumexp(y) with y = (h Wᵀ + b) / T, for the rows h
+    [n, d] (no gradient), from a second pass over their logits in row blocks of
+    STATS_BLOCK_BYTES (a block is dropped once reduced; nothing is kept for backward). Only
+    DPO's WPO weighting asks for it."""
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    n, V = h.shape[0], w.shape[0]
+    out = torch.empty(n, dtype=acc, device=h.device)
+    step = max(1, STATS_BLOCK_BYTES // (max(V, 1) * torch.finfo(acc).bits // 8))
     with torch.no_grad():
-        if "mean_logits" in outputs:
-            mean_b = 0.0 if b is None else b.mean(dtype=acc)
-            out["mean_logits"] = (h.to(acc) @ w.mean(0, dtype=acc) + mean_b) / temperature
-        if "is_top1" in outputs or "log_sum_sq_probs" in outputs:
-            n, V = h.shape[0], w.shape[0]
-            top1 = torch.empty(n, dtype=torch.bool, device=h.device)
-            lssp = torch.empty(n, dtype=acc, device=h.device)
-            step = max(1, STATS_BLOCK_BYTES // (max(V, 1) * torch.finfo(acc).bits // 8))
-            for s in range(0, n, step):
-                y = torch.nn.functional.linear(h[s:s + step], w, b).to(acc) / temperature
-                top1[s:s + step] = y.argmax(-1) == labels[s:s + step]   # argmax: the first maximum
-                lssp[s:s + step] = torch.logsumexp(2 * y, -1) - 2 * torch.logsumexp(y, -1)
-            if "is_top1" in outputs:
-                out["is_top1"] = top1
-            if "log_sum_sq_probs" in outputs:
-                out["log_sum_sq_probs"] = lssp
+        for s in range(0, n, step):
+            y = torch.nn.functional.linear(h[s:s + step], w, b).to(acc) / temperature
+            out[s:s + step] = torch.logsumexp(2 * y, -1) - 2 * torch.logsumexp(y, -1)
     return out
 
 
@@ -307,6 +294,7 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
         raise ValueError(_err(f"add_fused_lm_head: temperature must be a number > 0, got {temperature!r}"))
     eff_temperature = float(temperature) / scale          # logits·scale / T = logits / (T / scale)
     want_entropy = "entropy" in outputs
+    want_stats = "is_top1" in outputs or "mean_logits" in outputs
     previous = model.forward
 
     @functools.wraps(type(model).forward)                 # generate() validates kwargs against it
@@ -342,14 +330,20 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
         _backend.require("linear_token_logprobs", backend, h.device, exact=True,
                          where=_err("add_fused_lm_head"), dtype=h.dtype)
         with torch.autocast(h.device.type, enabled=False):
+            # log-probs, entropy, top-1 and mean logit in one sweep (linear_token_logprobs)
             res = linear_token_logprobs(h, w, targets, bias=b, temperature=eff_temperature,
-                                        return_entropy=want_entropy, backend=backend)
-            extra = _logit_stats(h, w, b, targets, eff_temperature, outputs)
-        logp, ent = res if want_entropy else (res, None)
+                                        return_entropy=want_entropy, return_stats=want_stats,
+                                        backend=backend)
+            res = list(res) if isinstance(res, tuple) else [res]
+            got = {"log_probs": res.pop(0), "entropy": res.pop(0) if want_entropy else None}
+            if want_stats:
+                got["is_top1"], got["mean_logits"] = res
+            if "log_sum_sq_probs" in outputs:
+                got["log_sum_sq_probs"] = _log_sum_sq_probs(h, w, b, eff_temperature)
         # scatter back to [B, T'] with zeros at ignored labels; masked_scatter keeps an all-ignored
         # batch connected to the graph (a differentiable zero), as TRL's head does
         per_token = {k: v.new_zeros(mask.shape).masked_scatter(mask, v)
-                     for k, v in dict(extra, log_probs=logp, entropy=ent).items() if v is not None}
+                     for k, v in got.items() if v is not None and k in outputs + ("log_probs",)}
         denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         if isinstance(denom, Tensor):
             denom = denom.to(per_token["log_probs"].device)
