@@ -38,6 +38,7 @@ import contextlib
 import math
 import os
 import threading
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -122,9 +123,11 @@ def _aten_acquire() -> None:
                 raise RuntimeError(f"rlhf_ops.batch_invariant(aten=True) cannot run here: {why}")
             lib = torch.library.Library("aten", "IMPL")
             keys = ("CPU",) if _backend.triton_interpret() else ("CUDA",)
-            for name, fn in _ATEN_IMPLS.items():
-                for key in keys:
-                    lib.impl(name, fn, key)
+            with warnings.catch_warnings():   # overriding aten's kernel is the point here
+                warnings.filterwarnings("ignore", message=".*[Oo]verrid.*registered kernel")
+                for name, fn in _ATEN_IMPLS.items():
+                    for key in keys:
+                        lib.impl(name, fn, key)
             _aten_lib = lib
         _aten_count += 1
 
