@@ -204,7 +204,10 @@ def _compile_cases(be):
 
 # unpad reads the row lengths on the host by design (the packed size is data-dependent)
 COMPILE_OPS = sorted(set(ro.__all__) - {"available_backends", "use_backend", "KLPenalty", "PolicyLoss",
-                                         "PreferenceLoss", "unpad"})
+                                         "PreferenceLoss", "unpad",
+                                         # the batch-invariant mode and its host-side parity report
+                                         "batch_invariant", "is_batch_invariant", "logprob_parity",
+                                         "ParityReport"})
 LENGTHS = (5, 8, 13)
 
 

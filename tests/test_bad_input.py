@@ -20,7 +20,9 @@ import torch
 import rlhf_ops as ro
 
 KINDS = ("dtype", "shape", "device", "nonfinite", "negative_size", "unknown_string", "requires_grad")
-NOT_OPS = {"available_backends", "use_backend", "KLPenalty", "PolicyLoss", "PreferenceLoss"}
+NOT_OPS = {"available_backends", "use_backend", "KLPenalty", "PolicyLoss", "PreferenceLoss",
+           # the batch-invariant mode and its host-side parity report (tests/test_batch_invariant.py)
+           "batch_invariant", "is_batch_invariant", "logprob_parity", "ParityReport"}
 PUBLIC = sorted(set(ro.__all__) - NOT_OPS)
 
 

@@ -23,7 +23,9 @@ from rlhf_ops import _backend
 from conftest import ON_GPU
 from test_opcheck import NEEDS_GROUP, OPS, SAMPLES, positional
 
-NOT_OPS = {"available_backends", "use_backend", "KLPenalty", "PolicyLoss", "PreferenceLoss"}
+NOT_OPS = {"available_backends", "use_backend", "KLPenalty", "PolicyLoss", "PreferenceLoss",
+           # the batch-invariant mode and its host-side parity report (tests/test_batch_invariant.py)
+           "batch_invariant", "is_batch_invariant", "logprob_parity", "ParityReport"}
 PUBLIC = sorted(set(ro.__all__) - NOT_OPS)
 CUDA = torch.device("cuda", 0)
 HAS_EXT = _backend.load_extension()
