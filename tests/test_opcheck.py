@@ -257,6 +257,9 @@ def _kl_fwd(be, dev):
 # test_every_op_has_samples checks that file still names each of them.
 NEEDS_GROUP = {"cross_entropy_vp_fwd", "linear_cross_entropy_vp_fwd", "vocab_shard_offset",
                "token_logprobs_vp_fwd", "linear_token_logprobs_vp_fwd", "kl_penalty_vp_fwd"}
+# context-parallel ops: opcheck'ed inside the gloo spawn of test_context_parallel
+NEEDS_CP_GROUP = {"ring_attention_fwd", "ring_attention_bwd", "cp_attention_varlen_fwd",
+                  "cp_attention_varlen_bwd", "cp_all_to_all"}
 
 
 SAMPLES = {
@@ -306,23 +309,26 @@ def test_namespace_is_found():
 
 
 def test_every_op_has_samples():
-    missing = [op for op in OPS if op not in SAMPLES and op not in NEEDS_GROUP]
+    missing = [op for op in OPS if op not in SAMPLES and op not in NEEDS_GROUP | NEEDS_CP_GROUP]
     assert not missing, (f"custom ops in the {NAMESPACE} namespace without an opcheck sample: "
                          f"{missing}; add them to SAMPLES in tests/test_opcheck.py")
     import os
     dist_tests = open(os.path.join(os.path.dirname(__file__), "test_distributed.py")).read()
     unchecked = [op for op in NEEDS_GROUP & set(OPS) if f'"{op}"' not in dist_tests]
     assert not unchecked, f"ops that need a process group and are not opcheck'ed in test_distributed: {unchecked}"
+    cp_tests = open(os.path.join(os.path.dirname(__file__), "test_context_parallel.py")).read()
+    unchecked = [op for op in NEEDS_CP_GROUP & set(OPS) if f"torch.ops.rlhf_ops.{op}.default" not in cp_tests]
+    assert not unchecked, f"context-parallel ops not opcheck'ed in test_context_parallel: {unchecked}"
 
 
 @pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("name", OPS)
+@pytest.mark.parametrize("name", [op for op in OPS if op not in NEEDS_GROUP | NEEDS_CP_GROUP])
 def test_opcheck(name, backend):
+    # ops that need a process group are opcheck'ed in the spawns of test_distributed.py and
+    # test_context_parallel.py (test_every_op_has_samples holds both lists to that)
     why = backend_problem(backend)
     if why:
         pytest.skip(why)
-    if name in NEEDS_GROUP:
-        pytest.skip(f"rlhf_ops::{name} needs a process group: opcheck'ed in tests/test_distributed.py")
     assert name in SAMPLES, f"no opcheck sample for rlhf_ops::{name} (see test_every_op_has_samples)"
     op = getattr(torch.ops.rlhf_ops, name).default
     torch.manual_seed(0)
