@@ -202,7 +202,7 @@ run_blocks() {
       sum=$(( sum + B_BUDGETS[i] ))
       printf "  %-22s %4s s   worst-case total %4s s\n" "${B_NAMES[i]}" "${B_BUDGETS[i]}" "$sum"
       note=$(printf '%s' "${B_CMDS[i]}" | tr '\n\t' '  ' | tr -s ' ' | cut -c1-120)
-      if [ "${COLLECT:-0}" = 1 ] && [[ ${B_CMDS[i]} == pytest_groups* ]]; then
+      if [ "${COLLECT:-0}" = 1 ] && [[ ${B_CMDS[i]} == *pytest_groups* ]]; then
         # collect the block's tests here (CPU, interpreter): collection errors show before a GPU call
         TRITON_INTERPRET=1 BLOCK_S=300 DRY_COLLECT=1 bash -c "${B_CMDS[i]}" >/dev/null 2>&1
         note="collect-only: $(cat "$LOGS/${B_NAMES[i]}".*.log 2>/dev/null | grep -Eo '[0-9]+(/[0-9]+)? tests? collected' | awk -F'[ /]' '{s += $1} END {print s + 0}') tests selected"

@@ -1,4 +1,4 @@
-"""Small-shape runs of every Triton kernel and of the cross-entropy / KL / reward CUDA kernels,
+"""Small-shape runs of every Triton kernel and of the cross-entropy / KL / reward / gae CUDA kernels,
 forward and backward, for compute-sanitizer (memcheck, racecheck, synccheck, initcheck).
 
     python bench/sanitize.py --plan                       # the cases, nothing run
@@ -14,7 +14,8 @@ shapes cover the kernels' edge paths: rows wider than one program's chunk (V > 6
 split and combine kernels), sizes one past a block, ignored rows, out-of-range targets (the
 NaN path that must not read out of bounds), several tokens per row, the entropy gradient,
 k1/k3 with a mask, the pairwise kernel's single-tile and tiled paths, attention with GQA, T ≠ S
-both ways (rows that see no key), a window with a softcap, and varlen with an empty sequence.
+both ways (rows that see no key), a window with a softcap, varlen with an empty sequence, and
+gae's scan dense (a row with no step) and packed (an empty sequence).
 The CUDA attention kernels have their own driver in gpu_check.sh (owner: attention CUDA).
 
 Autotuned Triton kernels keep only their first ``--configs`` configs (default 1): a sanitized
@@ -115,10 +116,22 @@ def _cases(dev: str):
             back(ro.attention_varlen(q, k, v, cu_q, cu_k, 17, 18, backend=be))
         return run
 
+    def gae(be):
+        def run():                       # forward only: advantages and returns are not differentiated
+            B, T = 3, 1029                                      # past a block; several runs per row
+            mask = torch.rand(B, T, device=dev, generator=gen()) < 0.8
+            mask[2] = False                                     # a row with no step
+            ro.gae(rnd(B, T, grad=False), rnd(B, T, grad=False), mask, gamma=0.99, lam=0.95, backend=be)
+            cu = torch.tensor([0, 0, 517, 700, 1029], dtype=torch.int32, device=dev)   # packed, one empty
+            ro.gae(rnd(1029, grad=False), rnd(1029, grad=False), mask[0], cu_seqlens=cu, backend=be)
+            ro.gae(rnd(2, 33, dtype=torch.float64, grad=False), rnd(2, 33, dtype=torch.float64, grad=False),
+                   None, backend=be)
+        return run
+
     # the registry's ``sanitize`` name -> the cases that run it (a name may have several)
     drivers = {"cross_entropy": {"cross_entropy": ce, "cross_entropy_bad_target": ce_bad_target},
                "logprobs_kl": {"logprobs_kl": logprobs}, "pairwise_reward": {"pairwise_reward": reward},
-               "attention": {"attention": attention}}
+               "attention": {"attention": attention}, "gae": {"gae": gae}}
     cases = {}
     for be in ("triton", "cuda"):
         for name, runs in drivers.items():
@@ -163,6 +176,29 @@ def limit_autotune(n: int) -> None:
                 obj.configs = obj.configs[:n]
 
 
+def run_cases(cases: dict, sync: bool, have: set | None = None, what: str = "sanitize driver") -> int:
+    """Run every case (backends not in ``have`` are reported, not run), one line each — the
+    "name: ok" lines gpu_check.sh counts — then a last line; the number of cases that raised.
+    A failing case does not stop the others."""
+    failed = 0
+    for name, run in cases.items():
+        be = name.split("/")[0]
+        if have is not None and be not in have:
+            print(f"{name}: NOT run (backend {be} not available)", flush=True)
+            continue
+        t0 = time.time()
+        try:
+            run()
+            if sync:
+                torch.cuda.synchronize()
+            print(f"{name}: ok ({time.time() - t0:.1f} s)", flush=True)
+        except Exception as e:  # noqa: BLE001 - report every case, fail at the end
+            failed += 1
+            print(f"{name}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+    print(f"{what} done: {len(cases) - failed} of {len(cases)} cases ran")
+    return failed
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--plan", action="store_true", help="list the cases and exit")
@@ -180,24 +216,7 @@ def main(argv=None) -> int:
             return 2
         limit_autotune(a.configs)
     have = set(ro.available_backends()) if a.device == "cuda" else {"triton"}
-    failed = 0
-    for name, run in cases.items():
-        be = name.split("/")[0]
-        if be not in have:
-            print(f"{name}: NOT run (backend {be} not available)", flush=True)
-            continue
-        t0 = time.time()
-        try:
-            run()
-            if a.device == "cuda":
-                torch.cuda.synchronize()
-            print(f"{name}: ok ({time.time() - t0:.1f} s)", flush=True)
-        except Exception as e:  # noqa: BLE001 - report every case, fail at the end
-            failed += 1
-            print(f"{name}: FAILED {type(e).__name__}: {e}", flush=True)
-    print(f"sanitize driver done: {len(cases) - failed} of {len(cases)} cases ran")
-    return 1 if failed else 0
-
+    return 1 if run_cases(cases, a.device == "cuda", have, "sanitize driver") else 0
 
 if __name__ == "__main__":
     sys.exit(main())

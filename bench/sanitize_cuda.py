@@ -6,25 +6,25 @@
 
 bench/gpu_check.sh runs it under memcheck, racecheck, initcheck and synccheck side by side,
 instrumenting only our kernels (they all live in namespace ``rlhf``). Cases: the cross-entropy,
-log-prob/KL and pairwise-reward kernels through the public API (bench/sanitize.py's ``cuda/``
-cases: wide rows, out-of-range targets, several tokens per row, the entropy gradient, tiled
-pairs), and the attention kernels called directly: dense fp16/bf16 at D 64 and 128 with GQA and
-T ≠ S both ways, and varlen with ragged and empty sequences, a max_seqlen below a real length
-(the NaN rows beyond the grid) and tokens before the first and after the last sequence (the NaN
-rows of tokens in no sequence, forward and backward). Prints one line per case.
+log-prob/KL, pairwise-reward and gae kernels through the public API (bench/sanitize.py's
+``cuda/`` cases: wide rows, out-of-range targets, several tokens per row, the entropy gradient,
+tiled pairs, gae dense and packed), and the attention kernels called directly: dense fp16/bf16
+at D 64 and 128 with GQA and T ≠ S both ways, and varlen with ragged and empty sequences, a
+max_seqlen below a real length (the NaN rows beyond the grid) and tokens before the first and
+after the last sequence (the NaN rows of tokens in no sequence, forward and backward). Prints
+one line per case.
 """
 from __future__ import annotations
 
 import itertools
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.sanitize import _cases  # noqa: E402
+from bench.sanitize import _cases, run_cases  # noqa: E402
 
 import rlhf_ops  # noqa: E402,F401  (loads the extension: torch.ops.rlhf_ops_cuda)
 
@@ -74,18 +74,7 @@ def main() -> int:
         return 2
     cases = {k: v for k, v in _cases("cuda").items() if k.startswith("cuda/")}
     cases.update(attention_cases())
-    failed = 0
-    for name, run in cases.items():
-        t0 = time.time()
-        try:
-            run()
-            torch.cuda.synchronize()
-            print(f"{name}: ok ({time.time() - t0:.1f} s)", flush=True)
-        except Exception as e:  # noqa: BLE001 - report every case, fail at the end
-            failed += 1
-            print(f"{name}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
-    print(f"cuda sanitize driver done: {len(cases) - failed} of {len(cases)} cases ran")
-    return 1 if failed else 0
+    return 1 if run_cases(cases, sync=True, what="cuda sanitize driver") else 0
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ OPS: tuple[Op, ...] = (
        vocab_parallel=True),
     Op("kl_penalty", "kl", "kl", "kl", bench="kl_penalty", bench_x="V", memory=True,
        sanitize="logprobs_kl", vocab_parallel=True),
-    Op("gae", "losses", "losses", "losses"),
+    Op("gae", "losses", "losses", "losses", sanitize="gae"),
 )
 
 BY_NAME: dict[str, Op] = {op.name: op for op in OPS}

@@ -1,7 +1,8 @@
 """bench/gpu_check.sh and bench/gpu_bench.sh, as far as a CPU machine can run them.
 
 * DRY_RUN=1: the plan fits the device tool's limits (≤ 540 s for the first call, ≤ 480 s for the
-  second), ends with "plan: N s", and $OUT gets the layout a real run returns (≤ 8 files).
+  second), ends with "plan: N s", keeps the blocks' order of value, and $OUT gets the layout a
+  real run returns (≤ 8 files).
 * bench/gpu_lib.sh's mechanics on stand-in blocks: a block that passes, one that fails, one that
   runs past its budget (cut by timeout), one that no longer fits TOTAL_S (recorded as cut), and a
   pytest group with a failing test and one with a collection error: summary.txt says each,
@@ -39,6 +40,8 @@ def test_dry_run_plan_fits(tmp_path, script, limit):
     assert blocks and all(re.search(rf"^{b}\s+planned", summary, re.M) for b in blocks), summary
     if script == "gpu_check.sh":   # the order of value the first call must keep
         assert blocks[:5] == ["machine", "build", "validate", "cuda_tests", "cuda_sanitize"], blocks
+    else:                          # the headline shapes before the other benchmarks
+        assert blocks[:4] == ["machine", "build", "peers", "headline"], blocks
 
 
 def test_blocks_report_ok_failed_timeout_cut_and_tests(tmp_path):
