@@ -12,7 +12,7 @@ wheels that bench/fetch_peers.sh downloads and gpu_bench.sh puts on the path). A
 cannot run is recorded as missing or failed with the reason; cases run in the order below and a
 case that the budget no longer allows is recorded as skipped.
 
-Writes ``<out>/<slug>.json`` (DESIGN.md's results format, the device named; slug h100-sxm, h200,
+Writes ``<out>/<slug>.json`` (docs/design.md's results format, the device named; slug h100-sxm, h200,
 ...) and ``<out>/<slug>.md`` (the table). Adding a case is one line in HEADLINE.
 """
 from __future__ import annotations

@@ -4,7 +4,7 @@
     assert_matches_reference(my_fused_ce, lambda x, t: F.cross_entropy(x, t), logits, target,
                              dtype=torch.bfloat16)
 
-The rule (DESIGN "Numerics", as Cut Cross-Entropy tests it). The same inputs, rounded to
+The rule (docs/design.md, "Numerics", as Cut Cross-Entropy tests it). The same inputs, rounded to
 ``dtype``, go three ways: the fused function, the reference function on them (eager PyTorch in the
 same dtype) and the reference function on their float64 upcast (the truth). Then, for every output
 and for the gradient of every differentiable input,

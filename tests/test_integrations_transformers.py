@@ -516,7 +516,7 @@ def test_trainer_evaluate_with_compute_metrics():
     """A real transformers Trainer: training on the fused loss (the same per-step losses as the
     unpatched model), then evaluate(compute_metrics=...) gets logits (the same eval loss and
     token accuracy as the unpatched model) and predict() returns them."""
-    from datasets import Dataset
+    Dataset = pytest.importorskip("datasets", reason="a test extra (not on the GPU image)").Dataset
 
     g = torch.Generator().manual_seed(3)
     rows = []
@@ -662,6 +662,7 @@ def test_e2e_bench_smoke():
 def test_sft_example_matches_unpatched(packed):
     """examples/sft_llama.py with the Trainer (gradient accumulation: num_items_in_batch), padded
     or padding-free batches: the same per-step losses as without rlhf_ops (SGD keeps it tight)."""
+    pytest.importorskip("datasets", reason="examples/sft_llama.py builds its data with datasets")
     import importlib.util
     import pathlib
     path = pathlib.Path(__file__).resolve().parent.parent / "examples" / "sft_llama.py"

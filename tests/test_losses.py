@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # =========================================================================== transcriptions ===
-# Scalar code, one token at a time, straight from the equations of DESIGN.md / the docstrings.
+# Scalar code, one token at a time, straight from the equations in rlhf_ops/losses.py's docstrings.
 
 def _logsig(x):
     return -torch.log1p(torch.exp(-x))
@@ -884,7 +884,8 @@ def test_no_silent_drift():
     ignored = [f"{name} #{i}" for name, (base, alts) in cases.items() for i, alt in enumerate(alts)
                if not _differs(base, alt)]
     assert not ignored, f"options that change neither the loss nor the gradient: {ignored}"
-    # the token-mean synonyms are one formula (DESIGN: ppo, dapo, bnpo: Σℓ / (num_tokens or count))
+    # the token-mean synonyms are one formula (TOKEN_MEAN_TYPES in rlhf_ops/losses.py: ppo, dapo,
+    # bnpo: Σℓ / (num_tokens or count))
     c = policy_case(dev="cpu")
     ref = ro.policy_loss(c["lp"], c["old"], c["adv"], c["mask"]).loss
     for t in ("dapo", "bnpo"):
