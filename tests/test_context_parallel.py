@@ -17,21 +17,19 @@ deadline, so a hang fails instead of stalling CI; the slowest cases are printed.
 """
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import subprocess
 import sys
 import time
-import traceback
-import zlib
 from pathlib import Path
 
 import pytest
 import torch
 
+import _spawn
+
 WORLD = 4
-GROUP_TIMEOUT_S = 60
 DEADLINE_S = float(os.environ.get("RLHF_CP_DEADLINE_S", 600))
 CASES: list = []   # (name, worlds, fn)
 
@@ -79,9 +77,7 @@ def _leaf(x):
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str, only: str | None):
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
+    dist = _spawn.init(rank, world, init_file)
     groups = {4: dist.group.WORLD, 3: dist.new_group([1, 2, 3]), 2: dist.new_group([2, 3])}
     import rlhf_ops as ro
     device = "cpu"
@@ -89,85 +85,19 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, only: str | Non
         device = "cuda"
         torch.set_default_device("cuda")
     fused = ["triton"] + (["cuda"] if "cuda" in ro.available_backends() else [])
-    results = {}
-    for name, worlds, fn in CASES:
-        for w in worlds:
-            key = f"{name}[{w}]"
-            if (only and only not in key) or rank < WORLD - w:
-                continue
-            ctx = Ctx(groups[w], w, fused, device)
-            torch.manual_seed(zlib.crc32(key.encode()))    # the same inputs on every rank
-            t0 = time.time()
-            try:
-                fn(ctx)
-                res = "ok"
-            except Exception:
-                res = traceback.format_exc()
-            flag = torch.tensor([0 if res == "ok" else 1])
-            dist.all_reduce(flag, group=ctx.group)        # the group finishes the case together
-            results[key] = {"result": res, "others_failed": int(flag) - (res != "ok"),
-                            "seconds": round(time.time() - t0, 2)}
-            print(f"rank {rank}: {key} {res.splitlines()[-1][:200]} in {time.time() - t0:.1f} s",
-                  flush=True)
-            Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-    import resource
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    results["_cpu_seconds"] = ru.ru_utime + ru.ru_stime
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-    dist.destroy_process_group()
+    _spawn.run_cases(rank, CASES, lambda w: Ctx(groups[w], w, fused, device), lambda w: rank >= WORLD - w,
+                     out_dir, only)
 
 
 # --------------------------------------------------------------------------- the pytest side ---
 
-def _spawn(tmp: Path, only: str | None = None) -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    if not torch.cuda.is_available():
-        env["TRITON_INTERPRET"] = "1"
-    here = str(Path(__file__).parent)
-    code = ("import sys; sys.path.insert(0, {here!r}); import test_context_parallel as m; "
-            "m._worker({rank}, {world}, {init!r}, {out!r}, {only!r})")
-    procs = [subprocess.Popen([sys.executable, "-c", code.format(here=here, rank=r, world=WORLD,
-                                                                  init=str(tmp / "store"),
-                                                                  out=str(tmp), only=only)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(WORLD)]
-    deadline = time.time() + DEADLINE_S
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=max(1.0, deadline - time.time()))[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            tails = "\n".join(f"--- rank {r}:\n" + q.communicate()[0][-3000:] for r, q in enumerate(procs))
-            pytest.fail(f"the context-parallel cases did not finish within {DEADLINE_S} s\n{tails}")
-    per_rank = []
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        f = tmp / f"rank{r}.json"
-        if p.returncode != 0 or not f.exists():
-            pytest.fail(f"rank {r} exited with {p.returncode}:\n{log[-4000:]}")
-        per_rank.append(json.loads(f.read_text()))
-    merged: dict = {}
-    for res in per_rank:
-        for k, v in res.items():
-            merged.setdefault(k, []).append(v)
-    cpu = merged.pop("_cpu_seconds")
-    print(f"\nworker CPU seconds: {[round(c, 1) for c in cpu]} (sum {sum(cpu):.1f})")
-    slow = sorted(((max(r["seconds"] for r in v), k) for k, v in merged.items()), reverse=True)
-    print("slowest cases (wall s): " + ", ".join(f"{k} {t:.1f}" for t, k in slow[:10]))
-    return merged
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     t0 = time.time()
-    out = _spawn(tmp_path_factory.mktemp("cp"), os.environ.get("RLHF_CP_ONLY"))
+    out = _spawn.spawn("test_context_parallel", WORLD, tmp_path_factory.mktemp("cp"), os.environ.get("RLHF_CP_ONLY"),
+                       DEADLINE_S, "context-parallel")
     print(f"\ncontext-parallel cases: {time.time() - t0:.1f} s for one {WORLD}-process spawn")
     return out
-
-
-def _keys():
-    return [f"{name}[{w}]" for name, worlds, _ in CASES for w in worlds]
 
 
 # --------------------------------------------------------------------------------- the cases ---
@@ -675,7 +605,7 @@ def fsdp_lm_heads(ctx):
 
 # ------------------------------------------------------------------------------ the tests ---
 
-@pytest.mark.parametrize("key", _keys())
+@pytest.mark.parametrize("key", _spawn.keys(CASES))
 def test_context_parallel(results, key):
     if key not in results:
         pytest.skip(f"{key} not run (RLHF_CP_ONLY={os.environ.get('RLHF_CP_ONLY')})")

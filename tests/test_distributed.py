@@ -14,7 +14,7 @@ collectives take CPU copies) with the reference, Triton and CUDA backends: the s
 Triton kernels (slice statistics, the backward with an offset) run there; the error cases then
 set RLHF_OPS_DEBUG=1, the checks' switch for CUDA tensors.
 
-The group has a timeout (``GROUP_TIMEOUT_S``), and the whole spawn a deadline, so a case that
+The group has a timeout (``_spawn.GROUP_TIMEOUT_S``), and the whole spawn a deadline, so a case that
 would hang fails instead. A check inside a case never raises on one rank alone (which would leave
 the others waiting in the case's next collective until the deadline, without saying what
 differed): every check (``_agree``, ``_close``, ``_raises``, ``same_on_every_rank``) first
@@ -23,23 +23,20 @@ gathers every rank's outcome, then raises on every rank with each failing rank's
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import os
 import subprocess
 import sys
 import time
-import traceback
-import zlib
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import _spawn
+
 V = 70001
 SIZES = {2: [40000, 30001], 3: [23000, 1, 47000]}
-GROUP_TIMEOUT_S = 60
 # a guard against a hang, not the time budget: on the idle 2-core CI machine the spawn takes
 # ~1 min (RLHF_DIST_DEADLINE_S overrides it on a loaded one)
 DEADLINE_S = float(os.environ.get("RLHF_DIST_DEADLINE_S", 400))
@@ -121,9 +118,7 @@ def _grads(out, inputs, g):
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str, only: str | None):
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
+    dist = _spawn.init(rank, world, init_file)
     groups = {3: dist.group.WORLD, 2: dist.new_group([1, 2])}
     import rlhf_ops as ro
     if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
@@ -131,87 +126,24 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, only: str | Non
         fused = ["triton"] + (["cuda"] if "cuda" in ro.available_backends() else [])
     else:
         fused = ["triton"]
-    results = {}
-    for name, worlds, fn in CASES:
-        for w in worlds:
-            key = f"{name}[{w}]"
-            if (only and only not in key) or (w == 2 and rank == 0):
-                continue
-            ctx = Ctx(groups[w], w, fused)
-            global _GROUP
-            _GROUP = ctx.group
-            torch.manual_seed(zlib.crc32(key.encode()))   # the same inputs on every rank
-            t0 = time.time()
-            try:
-                fn(ctx)
-                res = "ok"
-            except Exception:
-                res = traceback.format_exc()
-            # every rank of the group reaches this point before the next case starts
-            flag = torch.tensor([0 if res == "ok" else 1], device="cpu")
-            dist.all_reduce(flag, group=ctx.group)
-            results[key] = {"result": res, "others_failed": int(flag) - (res != "ok"),
-                            "seconds": round(time.time() - t0, 2)}
-            print(f"rank {rank}: {key} {res.splitlines()[-1][:200]} in {time.time() - t0:.1f} s", flush=True)
-            Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-    import resource
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    results["_cpu_seconds"] = ru.ru_utime + ru.ru_stime
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-    dist.destroy_process_group()
+
+    def make_ctx(w):
+        global _GROUP
+        ctx = Ctx(groups[w], w, fused)
+        _GROUP = ctx.group
+        return ctx
+    _spawn.run_cases(rank, CASES, make_ctx, lambda w: not (w == 2 and rank == 0), out_dir, only)
 
 
 # --------------------------------------------------------------------------- the pytest side ---
 
-def _spawn(tmp: Path, only: str | None = None) -> dict:
-    """Run ``_worker`` on 3 processes; {case key: [per-rank result dicts]}."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    if not torch.cuda.is_available():
-        env["TRITON_INTERPRET"] = "1"
-    here = str(Path(__file__).parent)
-    code = ("import sys; sys.path.insert(0, {here!r}); import test_distributed as m; "
-            "m._worker({rank}, 3, {init!r}, {out!r}, {only!r})")
-    procs = [subprocess.Popen([sys.executable, "-c", code.format(here=here, rank=r, init=str(tmp / "store"),
-                                                                  out=str(tmp), only=only)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(3)]
-    deadline = time.time() + DEADLINE_S
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=max(1.0, deadline - time.time()))[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            tails = "\n".join(f"--- rank {r}:\n" + q.communicate()[0][-3000:] for r, q in enumerate(procs))
-            pytest.fail(f"the distributed cases did not finish within {DEADLINE_S} s\n{tails}")
-    per_rank = []
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        f = tmp / f"rank{r}.json"
-        if p.returncode != 0 or not f.exists():
-            pytest.fail(f"rank {r} exited with {p.returncode}:\n{log[-4000:]}")
-        per_rank.append(json.loads(f.read_text()))
-    merged: dict = {}
-    for res in per_rank:
-        for k, v in res.items():
-            merged.setdefault(k, []).append(v)
-    cpu = merged.pop("_cpu_seconds")
-    print(f"\nworker CPU seconds: {[round(c, 1) for c in cpu]} (sum {sum(cpu):.1f})")
-    slow = sorted(((max(r["seconds"] for r in v), k) for k, v in merged.items()), reverse=True)
-    print("slowest cases (wall s): " + ", ".join(f"{k} {t:.1f}" for t, k in slow[:8]))
-    return merged
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     t0 = time.time()
-    out = _spawn(tmp_path_factory.mktemp("dist"), os.environ.get("RLHF_DIST_ONLY"))
+    out = _spawn.spawn("test_distributed", 3, tmp_path_factory.mktemp("dist"), os.environ.get("RLHF_DIST_ONLY"),
+                       DEADLINE_S, "distributed")
     print(f"\ndistributed cases: {time.time() - t0:.1f} s for one 3-process spawn")
     return out
-
-
-def _keys():
-    return [f"{name}[{w}]" for name, worlds, _ in CASES for w in worlds]
 
 
 # --------------------------------------------------------------------------------- the cases ---
@@ -785,7 +717,7 @@ def gpt_vocab_parallel_lm_loss(ctx):
 
 # ------------------------------------------------------------------------------ the tests ---
 
-@pytest.mark.parametrize("key", _keys())
+@pytest.mark.parametrize("key", _spawn.keys(CASES))
 def test_vocab_parallel(results, key):
     if key not in results:
         pytest.skip(f"{key} not run (RLHF_DIST_ONLY={os.environ.get('RLHF_DIST_ONLY')})")
