@@ -30,7 +30,6 @@ backend): a check that the code runs, never a speed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import torch
@@ -228,23 +227,16 @@ def cases(size: str, step_shape=STEP_SHAPE) -> list[harness.Case]:
             step_case(*step_shape, size)]
 
 
+def modes(case: harness.Case) -> tuple[str, ...]:
+    return ("fwd", "fwd+bwd") if case.op == "attention_tree" else ("fwd+bwd",)
+
+
 def pytest_generate_tests(metafunc):
     if "tree_case" not in metafunc.fixturenames:
         return
-    cfg = metafunc.config
-    size = cfg.getoption("--bench-size", None) or ("quick" if _gpu() else "smoke")
+    size = metafunc.config.getoption("--bench-size", None) or ("quick" if _gpu() else "smoke")
     size = "quick" if size == "llm" else size
-    impls = cfg.getoption("--bench-impls", None)
-    impls = impls.split(",") if impls else None
-    params, ids = [], []
-    for c in cases(size):
-        for name in c.impls:
-            if impls and name not in impls:
-                continue
-            for mode in (("fwd", "fwd+bwd") if c.op == "attention_tree" else ("fwd+bwd",)):
-                params.append((c, name, mode))
-                ids.append(f"{c.id}-{name}-{mode}")
-    metafunc.parametrize(("tree_case", "impl", "mode"), params, ids=ids)
+    harness.parametrize(metafunc, ("tree_case", "impl", "mode"), cases(size), modes)
 
 
 def test_attention_tree(benchmark, tree_case, impl, mode, device):
@@ -283,7 +275,7 @@ def main(argv=None):
         for name in c.impls:
             if a.impls and name not in a.impls.split(","):
                 continue
-            for mode in (("fwd", "fwd+bwd") if c.op == "attention_tree" else ("fwd+bwd",)):
+            for mode in modes(c):
                 r = harness.measure(c, name, mode, dev, target_s=0.1 if dev.type == "cpu" else 0.5,
                                     warmup=1 if dev.type == "cpu" else 3, max_reps=5 if dev.type == "cpu" else 50)
                 rows.append({"op": c.op, "impl": name, "mode": mode, "shape": c.shape,
@@ -305,10 +297,7 @@ def main(argv=None):
             torch.cuda.empty_cache()
     if dev.type == "cpu":
         print("(CPU: smoke sizes, reference backend — the code runs; these times are not speed)")
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
-                       "torch": torch.__version__, "costs": counts, "rows": rows}, f, indent=1)
+    harness.write_rows(a.out, dev, rows, costs=counts)
     return rows, counts
 
 

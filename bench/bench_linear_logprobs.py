@@ -21,7 +21,6 @@ are not installed. A CPU smoke run times only the eager reference (as the other 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 
@@ -117,18 +116,10 @@ def pytest_generate_tests(metafunc):
         return
     cfg = metafunc.config
     size = cfg.getoption("--bench-size", None) or _default_size()
-    impls = cfg.getoption("--bench-impls", None)
-    impls = impls.split(",") if impls else None
     modes = (cfg.getoption("--bench-modes", None) or ",".join(harness.MODES)).split(",")
-    params, ids = [], []
-    for c in cases(size):
-        for name in c.impls:
-            if (size == "smoke" and name != "eager") or (impls and name not in impls):
-                continue  # CPU smoke: the other implementations need a GPU
-            for mode in modes:
-                params.append((c, name, mode))
-                ids.append(f"{c.id}-{name}-{mode}")
-    metafunc.parametrize(("lcase", "impl", "mode"), params, ids=ids)
+    # CPU smoke: the other implementations need a GPU
+    harness.parametrize(metafunc, ("lcase", "impl", "mode"), cases(size), lambda c: modes,
+                        keep=lambda name: size != "smoke" or name == "eager")
 
 
 def test_linear_token_logprobs(benchmark, lcase, impl, mode, device):
@@ -170,10 +161,7 @@ def main(argv=None):
                     print(f"{shape:<28} {name:<8} {mode:<8} {r['status']:>9}  {r['reason'][:90]}")
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
-                       "torch": torch.__version__, "rows": rows}, f, indent=1)
+    harness.write_rows(a.out, dev, rows)
 
 
 if __name__ == "__main__":

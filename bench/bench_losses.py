@@ -30,7 +30,6 @@ code runs, never a speed. Peers are imported only inside their implementation an
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 
@@ -167,20 +166,10 @@ BASELINES = ("eager", "loop")   # what the CPU smoke runs
 def pytest_generate_tests(metafunc):
     if "loss_case" not in metafunc.fixturenames:
         return
-    cfg = metafunc.config
-    size = cfg.getoption("--bench-size", None) or _default_size()
+    size = metafunc.config.getoption("--bench-size", None) or _default_size()
     size = "quick" if size == "llm" else size
-    impls = cfg.getoption("--bench-impls", None)
-    impls = impls.split(",") if impls else None
-    params, ids = [], []
-    for c in cases(size):
-        for name in c.impls:
-            if (size == "smoke" and name not in BASELINES) or (impls and name not in impls):
-                continue
-            for mode in modes(c):
-                params.append((c, name, mode))
-                ids.append(f"{c.id}-{name}-{mode}")
-    metafunc.parametrize(("loss_case", "impl", "mode"), params, ids=ids)
+    harness.parametrize(metafunc, ("loss_case", "impl", "mode"), cases(size), modes,
+                        keep=lambda name: size != "smoke" or name in BASELINES)
 
 
 def test_losses(benchmark, loss_case, impl, mode, device):
@@ -221,10 +210,7 @@ def main(argv=None):
                       f"{'' if peak is None else f'{peak / 2**20:9.1f}':>9}  {note}")
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
-                       "torch": torch.__version__, "rows": rows}, f, indent=1)
+    harness.write_rows(a.out, dev, rows)
     return rows
 
 

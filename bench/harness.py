@@ -19,6 +19,7 @@ one run minus what was allocated before it (the resident inputs), i.e. what the 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import statistics
 from typing import Any, Callable
@@ -574,3 +575,31 @@ def run_pytest_benchmark(benchmark, case: Case, name: str, mode: str, device) ->
                                  "flop": case.flop[mode], "bytes": case.bytes[mode]})
     benchmark.pedantic(target, setup=setup, rounds=5 if device.type == "cuda" else 1,
                        warmup_rounds=1 if device.type == "cuda" else 0)
+
+
+# ------------------------------------------------------------- standalone bench files' helpers ---
+
+def parametrize(metafunc, argnames: tuple, cases: list, modes: Callable, keep: Callable = lambda impl: True) -> None:
+    """pytest_generate_tests of a bench file with its own cases: (case, impl, mode) for every
+    implementation of every case that ``keep(impl)`` accepts and ``--bench-impls`` names (all when
+    not given), each mode of ``modes(case)``; ids ``<case id>-<impl>-<mode>``."""
+    impls = metafunc.config.getoption("--bench-impls", None)
+    impls = impls.split(",") if impls else None
+    params, ids = [], []
+    for c in cases:
+        for name in c.impls:
+            if not keep(name) or (impls and name not in impls):
+                continue
+            for mode in modes(c):
+                params.append((c, name, mode))
+                ids.append(f"{c.id}-{name}-{mode}")
+    metafunc.parametrize(argnames, params, ids=ids)
+
+
+def write_rows(path: str | None, device: torch.device, rows: list, **extra) -> None:
+    """A bench file's ``--out``: {"device", "torch", **extra, "rows"} as JSON (nothing without a path)."""
+    if not path:
+        return
+    with open(path, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                   "torch": torch.__version__, **extra, "rows": rows}, f, indent=1)
