@@ -492,8 +492,9 @@ def pretrain_loss(run: Run, model: GPT) -> float:
 def paired_difference(a: list[float], b: list[float]) -> dict:
     """Mean of a − b over the same prompts, its standard error, and how many prompts each wins.
 
-    The judge score of a stage is a mean over a few hundred held-out prompts; two models that
-    differ by less than about two standard errors of the paired difference are not told apart.
+    The judge score of a stage is a mean over a few hundred held-out prompts. A stage beats SFT
+    when the paired difference is at least 3 standard errors above 0 (``report.SE_BAR``, the bar of
+    ``summarize`` and the README); the report and the table print the measured margin in SEs.
     """
     if len(a) != len(b) or not a:
         raise ValueError(f"paired_difference: expected two equal, non-empty lists, got {len(a)} and {len(b)}")

@@ -42,6 +42,17 @@ def cpu_seconds(s: dict) -> float | None:
     return sum(vals) if vals and None not in vals else None
 
 
+def _versus_sft(g, stage: str) -> tuple[str, bool | None]:
+    """A policy's judge score minus SFT's, paired over the same held-out prompts: the cell (the
+    difference ± its standard error, the prompts better and worse, the margin in SEs) and whether
+    it meets the goal (above 0 by at least 3 SE)."""
+    d, se = g(f"{stage}.judge_minus_sft"), g(f"{stage}.judge_minus_sft_se")
+    cell = (f"{_f(d, sign=True)} ± {_f(se)} ({g(f'{stage}.prompts_better_than_sft')} better, "
+            f"{g(f'{stage}.prompts_worse_than_sft')} worse; {d / se:.1f} SE)" if None not in (d, se) and se > 0
+            else f"{_f(d, sign=True)} ± {_f(se)}")
+    return cell, None if None in (d, se) else d > 0 and d >= 3 * se
+
+
 def rows(s: dict) -> list[tuple[str, str, bool | None]]:
     """(metric, cell, goal met?) for one run; None: no goal on that row."""
     g = s.get
@@ -57,12 +68,7 @@ def rows(s: dict) -> list[tuple[str, str, bool | None]]:
                 f"{_f(a, 3)} → {_f(b, 3)}", None if None in (a, b) else b > a))
     out.append(("ppo.kl_mean (nats per response)", _f(g("ppo.kl_mean"), 3), g("ppo.kl_mean") is not None))
     out.append(("ppo.judge_score", f"{_f(g('ppo.judge_score'))} ± {_f(g('ppo.judge_score_se'))}", None))
-    d, se = g("ppo.judge_minus_sft"), g("ppo.judge_minus_sft_se")
-    cell = (f"{_f(d, sign=True)} ± {_f(se)} ({g('ppo.prompts_better_than_sft')} better, "
-            f"{g('ppo.prompts_worse_than_sft')} worse; {d / se:.1f} SE)" if None not in (d, se) and se > 0
-            else f"{_f(d, sign=True)} ± {_f(se)}")
-    out.append(("ppo − SFT, paired over the same prompts", cell,
-                None if None in (d, se) else d > 0 and d >= 3 * se))
+    out.append(("ppo − SFT, paired over the same prompts", *_versus_sft(g, "ppo")))
     out.append(("ppo.filler_rate", _f(g("ppo.filler_rate"), 3), None))
     if g("ppo_ptx.judge_score") is not None:
         d2, se2 = g("ppo_ptx.judge_minus_sft"), g("ppo_ptx.judge_minus_sft_se")
@@ -85,12 +91,7 @@ def rows(s: dict) -> list[tuple[str, str, bool | None]]:
                     None if None in (a, b) else b > a))
         out.append(("grpo.kl_mean (nats per response)", _f(g("grpo.kl_mean"), 3), None))
         out.append(("grpo.judge_score", f"{_f(g('grpo.judge_score'))} ± {_f(g('grpo.judge_score_se'))}", None))
-        d, se = g("grpo.judge_minus_sft"), g("grpo.judge_minus_sft_se")
-        cell = (f"{_f(d, sign=True)} ± {_f(se)} ({g('grpo.prompts_better_than_sft')} better, "
-                f"{g('grpo.prompts_worse_than_sft')} worse; {d / se:.1f} SE)" if None not in (d, se) and se > 0
-                else f"{_f(d, sign=True)} ± {_f(se)}")
-        out.append(("grpo − SFT, paired over the same prompts", cell,
-                    None if None in (d, se) else d > 0 and d >= 3 * se))
+        out.append(("grpo − SFT, paired over the same prompts", *_versus_sft(g, "grpo")))
         out.append(("grpo.filler_rate", _f(g("grpo.filler_rate"), 3), None))
     for stage in ("ppo", "grpo"):
         tok, sec = g(f"{stage}.tokens_per_step"), g(f"{stage}.train_cpu_s_per_step")
