@@ -1,10 +1,10 @@
 """Multi-process test runs on torch.distributed (gloo): one spawn runs every case of a test module.
 
 Shared by tests/test_distributed.py and tests/test_context_parallel.py. A module lists its cases
-as ``CASES = [(name, worlds, fn)]`` and has a ``_worker(rank, world, init_file, out_dir, only)``
-that joins the group (``init``), builds its subgroups and context, and hands the cases to
-``run_cases``; the pytest side calls ``spawn``, which starts one process per rank and merges
-what each wrote. A case key is ``name[w]`` (w: the ranks of the group it runs on).
+with ``CASES, case = registry()`` (the decorator ``case`` adds to ``CASES``) and has a
+``_worker(rank, world, init_file, out_dir, only)`` that joins the group (``init``), builds its
+subgroups and context, and hands the cases to ``run_cases``; the pytest side calls ``spawn``,
+which starts one process per rank and merges what each wrote. A case key is ``name[w]`` (w: the ranks of the group it runs on).
 
 Every rank seeds its generators from the key (the same inputs on every rank), runs the case,
 and the group agrees on the outcome before the next case starts, so a case that fails on one
@@ -27,6 +27,19 @@ import pytest
 import torch
 
 GROUP_TIMEOUT_S = 60
+
+
+def registry():
+    """A module's case list and its decorator: ``@case(3, 2)`` runs the function on a group of 3
+    ranks and on one of 2 (each a separate case)."""
+    cases: list = []   # (name, worlds, fn)
+
+    def case(*worlds):
+        def deco(fn):
+            cases.append((fn.__name__, worlds, fn))
+            return fn
+        return deco
+    return cases, case
 
 
 def init(rank: int, world: int, init_file: str):

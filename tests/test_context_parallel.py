@@ -31,14 +31,7 @@ import _spawn
 
 WORLD = 4
 DEADLINE_S = float(os.environ.get("RLHF_CP_DEADLINE_S", 600))
-CASES: list = []   # (name, worlds, fn)
-
-
-def case(*worlds):
-    def deco(fn):
-        CASES.append((fn.__name__, worlds, fn))
-        return fn
-    return deco
+CASES, case = _spawn.registry()   # (name, worlds, fn); @case(*worlds) adds one
 
 
 # --------------------------------------------------------------------------- the worker side ---

@@ -40,15 +40,8 @@ SIZES = {2: [40000, 30001], 3: [23000, 1, 47000]}
 # a guard against a hang, not the time budget: on the idle 2-core CI machine the spawn takes
 # ~1 min (RLHF_DIST_DEADLINE_S overrides it on a loaded one)
 DEADLINE_S = float(os.environ.get("RLHF_DIST_DEADLINE_S", 400))
-CASES: list = []   # (name, worlds, fn)
+CASES, case = _spawn.registry()   # (name, worlds, fn); @case(*worlds) adds one
 _GROUP = None      # the process group of the case running on this rank (set by _worker)
-
-
-def case(*worlds):
-    def deco(fn):
-        CASES.append((fn.__name__, worlds, fn))
-        return fn
-    return deco
 
 
 # --------------------------------------------------------------------------- the worker side ---
