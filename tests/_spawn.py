@@ -130,3 +130,15 @@ def spawn(module: str, world: int, tmp: Path, only: str | None, deadline_s: floa
 def keys(cases: list) -> list[str]:
     """Every case key, for the module's parametrized test."""
     return [f"{name}[{w}]" for name, worlds, _ in cases for w in worlds]
+
+
+def check(results: dict, key: str, only_env: str) -> None:
+    """The test of one case: every rank of its group ran it and none failed (the failing ranks'
+    tracebacks in the message); skipped when ``only_env`` (the module's RLHF_*_ONLY) left it out."""
+    if key not in results:
+        pytest.skip(f"{key} not run ({only_env}={os.environ.get(only_env)})")
+    per_rank = results[key]
+    world = int(key[-2])
+    assert len(per_rank) == world, per_rank
+    failed = [r["result"] for r in per_rank if r["result"] != "ok"]
+    assert not failed, f"{len(failed)} of {world} ranks failed:\n" + "\n".join(failed)

@@ -600,13 +600,7 @@ def fsdp_lm_heads(ctx):
 
 @pytest.mark.parametrize("key", _spawn.keys(CASES))
 def test_context_parallel(results, key):
-    if key not in results:
-        pytest.skip(f"{key} not run (RLHF_CP_ONLY={os.environ.get('RLHF_CP_ONLY')})")
-    per_rank = results[key]
-    world = int(key[-2])
-    assert len(per_rank) == world, per_rank
-    failed = [r["result"] for r in per_rank if r["result"] != "ok"]
-    assert not failed, f"{len(failed)} of {world} ranks failed:\n" + "\n".join(failed)
+    _spawn.check(results, key, "RLHF_CP_ONLY")
 
 
 def test_block_spec_matches_the_global_mask():

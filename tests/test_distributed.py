@@ -712,13 +712,7 @@ def gpt_vocab_parallel_lm_loss(ctx):
 
 @pytest.mark.parametrize("key", _spawn.keys(CASES))
 def test_vocab_parallel(results, key):
-    if key not in results:
-        pytest.skip(f"{key} not run (RLHF_DIST_ONLY={os.environ.get('RLHF_DIST_ONLY')})")
-    per_rank = results[key]
-    world = int(key[-2])
-    assert len(per_rank) == world, per_rank
-    failed = [r["result"] for r in per_rank if r["result"] != "ok"]
-    assert not failed, f"{len(failed)} of {world} ranks failed:\n" + "\n".join(failed)
+    _spawn.check(results, key, "RLHF_DIST_ONLY")
 
 
 def test_vocab_parallel_training_matches_one_process(tmp_path):
