@@ -17,28 +17,46 @@
 // Σ(x − x_0) (label smoothing), which rlhf_ops.distributed combines across ranks. The backward
 // with shard = (o, V_g) reads the combined lse, puts the one-hot at column t − o, uses ε/V_g and
 // gives NaN for a target outside [0, V_g).
+//
+// Logit softcap (CAP, c > 0; Gemma-2's final_logit_softcapping): each logit becomes c·tanh(x/c) as
+// it is read (softcap.cuh: accurate under fast math, −inf stays −inf), so the formulas above hold
+// for the capped logits (the pivot x_0 and the target logit included); the backward multiplies
+// by the derivative 1 − tanh²(x_j/c). The kernels without CAP are the same code as before.
 #include <optional>
 
 #include "common.cuh"
+#include "softcap.cuh"
 
 namespace rlhf {
 namespace {
 
 constexpr int kThreads = 512;
 
-template <typename scalar_t, typename acc_t, int VEC>
+// A logit read in acc_t, soft-capped with CAP (c·tanh(x/c)).
+template <bool CAP, typename acc_t, typename scalar_t>
+__device__ __forceinline__ acc_t logit(scalar_t v, acc_t cap, acc_t inv_cap) {
+  const acc_t x = static_cast<acc_t>(v);
+  if constexpr (CAP) {
+    acc_t unused;
+    return softcap(x, cap, inv_cap, unused);
+  } else {
+    return x;
+  }
+}
+
+template <typename scalar_t, typename acc_t, int VEC, bool CAP>
 __global__ void __launch_bounds__(kThreads)
 ce_fwd_kernel(const scalar_t* __restrict__ x, int64_t stride, const int64_t* __restrict__ target,
               acc_t* __restrict__ loss, acc_t* __restrict__ lse_out, int64_t V,
               int64_t ignore_index, acc_t eps, const int64_t* __restrict__ offset,
-              acc_t* __restrict__ stats, int64_t N) {
+              acc_t* __restrict__ stats, int64_t N, acc_t cap, acc_t inv_cap) {
   __shared__ acc_t smem[3 * kThreads / kWarp];
   const int64_t row = blockIdx.x;
   const scalar_t* xr = x + row * stride;
   SoftmaxState<acc_t> st{neg_inf<acc_t>(), acc_t(0)};
   // Σ (x − x_0) for label smoothing, x_0 = the row's first logit if finite (else 0): a sum of V raw
   // float logits near 1e4 would round at ulp(V·1e4), far above eager's error.
-  const acc_t first = V > 0 ? static_cast<acc_t>(xr[0]) : acc_t(0);
+  const acc_t first = V > 0 ? logit<CAP>(xr[0], cap, inv_cap) : acc_t(0);
   const acc_t x0 = isfinite(first) ? first : acc_t(0);
   acc_t sx = 0;
   const int64_t nvec = V / VEC;
@@ -49,7 +67,7 @@ ce_fwd_kernel(const scalar_t* __restrict__ x, int64_t stride, const int64_t* __r
     acc_t vmax = neg_inf<acc_t>();
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      v[j] = static_cast<acc_t>(p.v[j]);
+      v[j] = logit<CAP>(p.v[j], cap, inv_cap);
       vmax = max_nan(vmax, v[j]);
       sx += v[j] - x0;
     }
@@ -60,7 +78,7 @@ ce_fwd_kernel(const scalar_t* __restrict__ x, int64_t stride, const int64_t* __r
     st.merge(vmax, vs);
   }
   for (int64_t i = nvec * VEC + threadIdx.x; i < V; i += kThreads) {  // tail (VEC == 1 covers all)
-    acc_t v = static_cast<acc_t>(xr[i]);
+    acc_t v = logit<CAP>(xr[i], cap, inv_cap);
     sx += v - x0;
     if (v != neg_inf<acc_t>()) st.merge(v, acc_t(1));
   }
@@ -75,7 +93,7 @@ ce_fwd_kernel(const scalar_t* __restrict__ x, int64_t stride, const int64_t* __r
       stats[row] = shift;
       stats[N + row] = log_s;
       stats[2 * N + row] = owned ? acc_t(1) : acc_t(0);
-      stats[3 * N + row] = owned ? shift - static_cast<acc_t>(xr[tl]) : acc_t(0);
+      stats[3 * N + row] = owned ? shift - logit<CAP>(xr[tl], cap, inv_cap) : acc_t(0);
       stats[4 * N + row] = eps > 0 ? static_cast<acc_t>(V) * (shift - x0) - sx : acc_t(0);
       return;
     }
@@ -84,7 +102,7 @@ ce_fwd_kernel(const scalar_t* __restrict__ x, int64_t stride, const int64_t* __r
       if (t < 0 || t >= V) {
         l = NAN;
       } else {
-        l = log_s + (acc_t(1) - eps) * (shift - static_cast<acc_t>(xr[t]));
+        l = log_s + (acc_t(1) - eps) * (shift - logit<CAP>(xr[t], cap, inv_cap));
         if (eps > 0) l += eps * ((shift - x0) - sx / static_cast<acc_t>(V));
       }
     }
@@ -94,12 +112,12 @@ ce_fwd_kernel(const scalar_t* __restrict__ x, int64_t stride, const int64_t* __r
   }
 }
 
-template <typename scalar_t, typename acc_t, int VEC>
+template <typename scalar_t, typename acc_t, int VEC, bool CAP>
 __global__ void __launch_bounds__(kThreads)
 ce_bwd_kernel(const scalar_t* x, int64_t stride_x, scalar_t* dx, int64_t stride_dx,
               const int64_t* __restrict__ target, const acc_t* __restrict__ lse_in,
               const acc_t* __restrict__ grad, int64_t stride_g, int64_t V, int64_t ignore_index,
-              acc_t eps, const int64_t* __restrict__ shard) {
+              acc_t eps, const int64_t* __restrict__ shard, acc_t cap, acc_t inv_cap) {
   const int64_t row = blockIdx.x;
   const int64_t t = target[row];
   // a vocabulary slice holds the global ids [col0, col0 + V) of V_g
@@ -116,8 +134,11 @@ ce_bwd_kernel(const scalar_t* x, int64_t stride_x, scalar_t* dx, int64_t stride_
   auto grad_of = [&](acc_t v, int64_t col) -> acc_t {
     if (!valid) return acc_t(0);
     if (!in_range) return acc_t(NAN);
+    acc_t dcap = acc_t(1);
+    if constexpr (CAP) v = softcap(v, cap, inv_cap, dcap);  // the chain rule: × (1 − tanh²(x/c))
     acc_t d = exp((v - shift) - log_s) - off;
     if (col + col0 == t) d -= acc_t(1) - eps;
+    if constexpr (CAP) return d * g * dcap;
     return d * g;
   };
   const int64_t nvec = V / VEC;
@@ -149,30 +170,49 @@ void check_inputs(const char* op, const at::Tensor& logits, const at::Tensor& ta
 // statistics into ``stats`` [5, N] (``offset``: int64 [1], the slice's first global id).
 void launch_fwd(const at::Tensor& logits, const at::Tensor& target, at::Tensor& loss, at::Tensor& lse,
                 int64_t ignore_index, double label_smoothing, const at::Tensor& offset,
-                at::Tensor& stats) {
+                at::Tensor& stats, double softcap) {
   const int64_t N = logits.size(0), V = logits.size(1);
   const int vec = pick_vec(logits, logits.stride(0), V);
   const bool sharded = stats.defined();
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_fwd", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
-    auto launch = [&](auto vec_c) {
+    const acc_t cap = static_cast<acc_t>(softcap > 0 ? softcap : 1.0);
+    const acc_t inv_cap = static_cast<acc_t>(softcap > 0 ? 1.0 / softcap : 1.0);
+    auto launch = [&](auto vec_c, auto cap_c) {
       constexpr int VEC = decltype(vec_c)::value;
-      ce_fwd_kernel<scalar_t, acc_t, VEC><<<N, kThreads, 0, stream>>>(
+      constexpr bool CAP = decltype(cap_c)::value;
+      ce_fwd_kernel<scalar_t, acc_t, VEC, CAP><<<N, kThreads, 0, stream>>>(
           logits.data_ptr<scalar_t>(), logits.stride(0), target.data_ptr<int64_t>(),
           sharded ? nullptr : loss.data_ptr<acc_t>(), sharded ? nullptr : lse.data_ptr<acc_t>(), V,
           ignore_index, static_cast<acc_t>(label_smoothing),
-          sharded ? offset.data_ptr<int64_t>() : nullptr, sharded ? stats.data_ptr<acc_t>() : nullptr, N);
+          sharded ? offset.data_ptr<int64_t>() : nullptr, sharded ? stats.data_ptr<acc_t>() : nullptr, N,
+          cap, inv_cap);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (vec * sizeof(scalar_t) == 16) launch(std::integral_constant<int, 16 / sizeof(scalar_t)>{});
-    else launch(std::integral_constant<int, 1>{});
+    using Full = std::integral_constant<int, 16 / sizeof(scalar_t)>;
+    using One = std::integral_constant<int, 1>;
+    const bool full = vec * sizeof(scalar_t) == 16;
+    if (softcap > 0) {
+      if (full) launch(Full{}, std::true_type{});
+      else launch(One{}, std::true_type{});
+    } else {
+      if (full) launch(Full{}, std::false_type{});
+      else launch(One{}, std::false_type{});
+    }
   });
 }
 
+void check_softcap(const char* op, double softcap) {
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, "rlhf_ops_cuda.", op,
+              ": softcap must be a finite number >= 0 (0 = off), got ", softcap);
+}
+
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& target_,
-                                                     int64_t ignore_index, double label_smoothing) {
+                                                     int64_t ignore_index, double label_smoothing,
+                                                     double softcap) {
   check_inputs("cross_entropy_fwd", logits, target_);
+  check_softcap("cross_entropy_fwd", softcap);
   const at::cuda::OptionalCUDAGuard guard(logits.device());
   const at::Tensor target = target_.contiguous();
   const int64_t N = logits.size(0);
@@ -181,13 +221,14 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits, c
   at::Tensor lse = at::empty({2, N}, logits.options().dtype(acc));  // (m, log s) per row
   if (N == 0) return {loss, lse};
   at::Tensor no_offset, no_stats;
-  launch_fwd(logits, target, loss, lse, ignore_index, label_smoothing, no_offset, no_stats);
+  launch_fwd(logits, target, loss, lse, ignore_index, label_smoothing, no_offset, no_stats, softcap);
   return {loss, lse};
 }
 
 at::Tensor cross_entropy_stats(const at::Tensor& logits, const at::Tensor& target_, const at::Tensor& offset,
-                               int64_t ignore_index, bool smoothing) {
+                               int64_t ignore_index, bool smoothing, double softcap) {
   check_inputs("cross_entropy_stats", logits, target_);
+  check_softcap("cross_entropy_stats", softcap);
   RLHF_CHECK_CUDA("cross_entropy_stats", "offset", offset);
   RLHF_CHECK_SAME_DEVICE("cross_entropy_stats", "offset", offset, "logits", logits);
   RLHF_CHECK_DTYPE("cross_entropy_stats", "offset", offset, at::kLong);
@@ -206,14 +247,15 @@ at::Tensor cross_entropy_stats(const at::Tensor& logits, const at::Tensor& targe
     return stats;
   }
   at::Tensor unused;
-  launch_fwd(logits, target, unused, unused, ignore_index, smoothing ? 1.0 : 0.0, off, stats);
+  launch_fwd(logits, target, unused, unused, ignore_index, smoothing ? 1.0 : 0.0, off, stats, softcap);
   return stats;
 }
 
 void cross_entropy_bwd(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target_,
                        const at::Tensor& lse, at::Tensor out, int64_t ignore_index,
-                       double label_smoothing, const std::optional<at::Tensor>& shard_) {
+                       double label_smoothing, const std::optional<at::Tensor>& shard_, double softcap) {
   check_inputs("cross_entropy_bwd", logits, target_);
+  check_softcap("cross_entropy_bwd", softcap);
   const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   RLHF_CHECK_CUDA("cross_entropy_bwd", "grad", grad);
   RLHF_CHECK_CUDA("cross_entropy_bwd", "lse", lse);
@@ -250,28 +292,40 @@ void cross_entropy_bwd(const at::Tensor& grad, const at::Tensor& logits, const a
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_bwd", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
-    auto launch = [&](auto vec_c) {
+    const acc_t cap = static_cast<acc_t>(softcap > 0 ? softcap : 1.0);
+    const acc_t inv_cap = static_cast<acc_t>(softcap > 0 ? 1.0 / softcap : 1.0);
+    auto launch = [&](auto vec_c, auto cap_c) {
       constexpr int VEC = decltype(vec_c)::value;
-      ce_bwd_kernel<scalar_t, acc_t, VEC><<<N, kThreads, 0, stream>>>(
+      constexpr bool CAP = decltype(cap_c)::value;
+      ce_bwd_kernel<scalar_t, acc_t, VEC, CAP><<<N, kThreads, 0, stream>>>(
           logits.data_ptr<scalar_t>(), logits.stride(0), out.data_ptr<scalar_t>(), out.stride(0),
           target.data_ptr<int64_t>(), lse_c.data_ptr<acc_t>(), grad.data_ptr<acc_t>(),
           grad.stride(0), V, ignore_index, static_cast<acc_t>(label_smoothing),
-          shard.defined() ? shard.data_ptr<int64_t>() : nullptr);
+          shard.defined() ? shard.data_ptr<int64_t>() : nullptr, cap, inv_cap);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (vec * sizeof(scalar_t) == 16) launch(std::integral_constant<int, 16 / sizeof(scalar_t)>{});
-    else launch(std::integral_constant<int, 1>{});
+    using Full = std::integral_constant<int, 16 / sizeof(scalar_t)>;
+    using One = std::integral_constant<int, 1>;
+    const bool full = vec * sizeof(scalar_t) == 16;
+    if (softcap > 0) {
+      if (full) launch(Full{}, std::true_type{});
+      else launch(One{}, std::true_type{});
+    } else {
+      if (full) launch(Full{}, std::false_type{});
+      else launch(One{}, std::false_type{});
+    }
   });
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(rlhf_ops_cuda, m) {
-  m.def("cross_entropy_fwd(Tensor logits, Tensor target, int ignore_index, float label_smoothing) -> (Tensor, Tensor)");
+  m.def("cross_entropy_fwd(Tensor logits, Tensor target, int ignore_index, float label_smoothing, "
+        "float softcap=0.0) -> (Tensor, Tensor)");
   m.def("cross_entropy_bwd(Tensor grad, Tensor logits, Tensor target, Tensor lse, Tensor(a!) out, "
-        "int ignore_index, float label_smoothing, Tensor? shard=None) -> ()");
+        "int ignore_index, float label_smoothing, Tensor? shard=None, float softcap=0.0) -> ()");
   m.def("cross_entropy_stats(Tensor logits, Tensor target, Tensor offset, int ignore_index, "
-        "bool smoothing) -> Tensor");
+        "bool smoothing, float softcap=0.0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rlhf_ops_cuda, CUDA, m) {

@@ -23,7 +23,13 @@
 // from the untouched input, so each element is rounded to the logits dtype once. Duplicates
 // write the same value. A row with a token out of [0, V) gets a NaN gradient row. The kernel
 // also runs on a column slice [col0, col0 + W) of rows of V entries (linear_token_logprobs).
+//
+// Logit softcap (CAP, c > 0; the log-prob form only, not kl_penalty): each policy logit becomes
+// c·tanh(x/c) as it is read (softcap.cuh: accurate under fast math, −inf stays −inf), before the
+// temperature: y = c·tanh(x/c)/T (Gemma's order). The backward multiplies dx_j by 1 − tanh²(x_j/c).
+// The kernels without CAP are the same code as before.
 #include "common.cuh"
+#include "softcap.cuh"
 
 #include <optional>
 #include <type_traits>
@@ -143,7 +149,18 @@ __device__ __forceinline__ T k3(T d) {
 // Launch bounds name the blocks per SM explicitly: with the thread count alone ptxas (CUDA 13)
 // held these kernels to 32 registers and spilled (tests/test_cuda_resources.py); 1 block/SM
 // leaves the forward 128 registers (fp64 on sm_90 needs 64+), 2 leave the backward 64.
-template <typename scalar_t, typename acc_t, int VEC, bool HAS_REF>
+// A policy logit read in acc_t, soft-capped with CAP, divided by T (× inv_t).
+template <bool CAP, typename acc_t, typename scalar_t>
+__device__ __forceinline__ acc_t scaled_logit(scalar_t v, acc_t inv_t, acc_t cap, acc_t inv_cap) {
+  acc_t x = static_cast<acc_t>(v);
+  if constexpr (CAP) {
+    acc_t unused;
+    x = softcap(x, cap, inv_cap, unused);
+  }
+  return x * inv_t;
+}
+
+template <typename scalar_t, typename acc_t, int VEC, bool HAS_REF, bool CAP>
 __global__ void __launch_bounds__(kKLThreads, 1)
 kl_fwd_kernel(const scalar_t* __restrict__ x, int64_t stride_x, const scalar_t* __restrict__ r,
               int64_t stride_r, const int64_t* __restrict__ tokens, int64_t K,
@@ -151,7 +168,7 @@ kl_fwd_kernel(const scalar_t* __restrict__ x, int64_t stride_x, const scalar_t* 
               acc_t* __restrict__ lse_out, acc_t* __restrict__ ref_out,
               acc_t* __restrict__ ratio_out, acc_t* __restrict__ kl_out,
               acc_t* __restrict__ pen_out, acc_t* __restrict__ ent_out, int64_t N, int64_t V,
-              acc_t inv_t, acc_t beta, int estimator) {
+              acc_t inv_t, acc_t beta, int estimator, acc_t cap, acc_t inv_cap) {
   __shared__ acc_t smem[5 * kKLThreads / kWarp];
   const int64_t row = blockIdx.x;
   const scalar_t* xr = x + row * stride_x;
@@ -174,12 +191,12 @@ kl_fwd_kernel(const scalar_t* __restrict__ x, int64_t stride_x, const scalar_t* 
       fold(rs, w);
     } else {
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) v[j] = static_cast<acc_t>(p.v[j]) * inv_t;
+      for (int j = 0; j < VEC; ++j) v[j] = scaled_logit<CAP>(p.v[j], inv_t, cap, inv_cap);
       fold(st, v);
     }
   }
   for (int64_t i = nvec * VEC + threadIdx.x; i < V; i += kKLThreads) {  // tail (VEC == 1: all)
-    const acc_t v[1] = {static_cast<acc_t>(xr[i]) * inv_t};
+    const acc_t v[1] = {scaled_logit<CAP>(xr[i], inv_t, cap, inv_cap)};
     fold(st, v);
     if constexpr (HAS_REF) {
       const acc_t w[1] = {static_cast<acc_t>(rr[i]) * inv_t};
@@ -199,7 +216,7 @@ kl_fwd_kernel(const scalar_t* __restrict__ x, int64_t stride_x, const scalar_t* 
     const int64_t i = row * K + k;
     const int64_t t = tokens[i];
     const bool ok = t >= 0 && t < V;
-    const acc_t logp = ok ? (static_cast<acc_t>(xr[t]) * inv_t - shift) - log_s : acc_t(NAN);
+    const acc_t logp = ok ? (scaled_logit<CAP>(xr[t], inv_t, cap, inv_cap) - shift) - log_s : acc_t(NAN);
     logp_out[i] = logp;
     if constexpr (HAS_REF) {
       const acc_t ref = ok ? (static_cast<acc_t>(rr[t]) * inv_t - rshift) - log_sum(rs.s) : acc_t(NAN);
@@ -225,14 +242,14 @@ __device__ __forceinline__ T block_sum(T v, T* smem) {
   return s;
 }
 
-template <typename scalar_t, typename acc_t, int VEC, bool HAS_GH>
+template <typename scalar_t, typename acc_t, int VEC, bool HAS_GH, bool CAP>
 __global__ void __launch_bounds__(kKLThreads, 2)
 kl_bwd_kernel(const scalar_t* __restrict__ x, int64_t stride_x, scalar_t* __restrict__ dx,
               int64_t stride_dx, const int64_t* __restrict__ tokens, int64_t K,
               const acc_t* __restrict__ lse_in, int64_t stride_lse, const acc_t* __restrict__ grad,
               int64_t stride_g0, int64_t stride_g1, const acc_t* __restrict__ grad_ent,
               int64_t stride_gh, const acc_t* __restrict__ ent, int64_t col0, int64_t V, int64_t W,
-              acc_t inv_t) {
+              acc_t inv_t, acc_t cap, acc_t inv_cap) {
   __shared__ acc_t smem[kKLThreads / kWarp];
   const int64_t row = blockIdx.x;
   const int64_t* tr = tokens + row * K;
@@ -250,14 +267,25 @@ kl_bwd_kernel(const scalar_t* __restrict__ x, int64_t stride_x, scalar_t* __rest
   const acc_t shift = lse_in[row], log_s = lse_in[stride_lse + row];
   const acc_t g_h = HAS_GH ? grad_ent[row * stride_gh] : acc_t(0);
   const acc_t h = HAS_GH ? ent[row] : acc_t(0);
-  // (−(Σ_k G_k)·p_j − G_H·p_j·(log p_j + H)) / T for y_j = v: everything but the token terms
-  auto dense = [=](acc_t v) -> acc_t {
+  // y_j of a logit x_j, and the factor s = ∂y_j/∂x_j: 1/T, with CAP (1 − tanh²(x_j/c))/T
+  auto scaled = [=](scalar_t raw, acc_t& s) -> acc_t {
+    acc_t x = static_cast<acc_t>(raw);
+    s = inv_t;
+    if constexpr (CAP) {
+      acc_t dcap;
+      x = softcap(x, cap, inv_cap, dcap);
+      s = inv_t * dcap;
+    }
+    return x * inv_t;
+  };
+  // (−(Σ_k G_k)·p_j − G_H·p_j·(log p_j + H))·s for y_j = v: everything but the token terms
+  auto dense = [=](acc_t v, acc_t s) -> acc_t {
     if (bad) return acc_t(NAN);
     const acc_t lp = (v - shift) - log_s;
     const acc_t p = exp(lp);
     acc_t d = -g_sum * p;
     if constexpr (HAS_GH) d -= g_h * (v == neg_inf<acc_t>() ? acc_t(0) : p * (lp + h));
-    return d * inv_t;
+    return d * s;
   };
   const scalar_t* xr = x + row * stride_x;
   scalar_t* dr = dx + row * stride_dx;
@@ -265,12 +293,18 @@ kl_bwd_kernel(const scalar_t* __restrict__ x, int64_t stride_x, scalar_t* __rest
   for (int64_t i = threadIdx.x; i < nvec; i += kKLThreads) {
     Pack<scalar_t, VEC> p = reinterpret_cast<const Pack<scalar_t, VEC>*>(xr)[i];
 #pragma unroll
-    for (int j = 0; j < VEC; ++j)
-      p.v[j] = static_cast<scalar_t>(dense(static_cast<acc_t>(p.v[j]) * inv_t));
+    for (int j = 0; j < VEC; ++j) {
+      acc_t s;
+      const acc_t v = scaled(p.v[j], s);
+      p.v[j] = static_cast<scalar_t>(dense(v, s));
+    }
     reinterpret_cast<Pack<scalar_t, VEC>*>(dr)[i] = p;
   }
-  for (int64_t i = nvec * VEC + threadIdx.x; i < W; i += kKLThreads)
-    dr[i] = static_cast<scalar_t>(dense(static_cast<acc_t>(xr[i]) * inv_t));
+  for (int64_t i = nvec * VEC + threadIdx.x; i < W; i += kKLThreads) {
+    acc_t s;
+    const acc_t v = scaled(xr[i], s);
+    dr[i] = static_cast<scalar_t>(dense(v, s));
+  }
   if (K == 0 || bad) return;  // block-uniform: no thread is left waiting at the barrier
   __syncthreads();            // phase 1's writes are visible to the whole block
   for (int64_t k = threadIdx.x; k < K; k += kKLThreads) {
@@ -279,7 +313,9 @@ kl_bwd_kernel(const scalar_t* __restrict__ x, int64_t stride_x, scalar_t* __rest
     acc_t g_t = 0;  // Σ G_k' over every k' with t_k' = t
     for (int64_t k2 = 0; k2 < K; ++k2)
       if (tr[k2] == t) g_t += gr[k2 * stride_g1];
-    dr[t - col0] = static_cast<scalar_t>(g_t * inv_t + dense(static_cast<acc_t>(xr[t - col0]) * inv_t));
+    acc_t s;
+    const acc_t v = scaled(xr[t - col0], s);
+    dr[t - col0] = static_cast<scalar_t>(g_t * s + dense(v, s));
   }
 }
 
@@ -307,7 +343,7 @@ int64_t check_tokens(const char* op, const at::Tensor& tokens) {
 // (double) but lse, which is [2, N]: (shift, log S) with lse = shift + log S.
 std::vector<at::Tensor> kl_fwd(const at::Tensor& logits, const std::optional<at::Tensor>& ref_logits,
                                const at::Tensor& tokens_, const std::optional<at::Tensor>& mask_,
-                               double temperature, double beta, int64_t estimator) {
+                               double temperature, double beta, int64_t estimator, double softcap) {
   const char* op = "kl_fwd";
   const int64_t K = check_tokens(op, tokens_);
   check_rows(op, "logits", logits, tokens_);
@@ -324,6 +360,10 @@ std::vector<at::Tensor> kl_fwd(const at::Tensor& logits, const std::optional<at:
   }
   TORCH_CHECK(estimator >= 1 && estimator <= 3, "rlhf_ops_cuda.kl_fwd: estimator must be 1, 2 or 3");
   TORCH_CHECK(temperature > 0, "rlhf_ops_cuda.kl_fwd: temperature must be > 0");
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, "rlhf_ops_cuda.kl_fwd: softcap must be a "
+              "finite number >= 0 (0 = off), got ", softcap);
+  TORCH_CHECK(!(softcap > 0 && has_ref), "rlhf_ops_cuda.kl_fwd: softcap applies to the log-prob "
+              "form only (no ref_logits)");
   const at::cuda::OptionalCUDAGuard guard(logits.device());
   const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t N = logits.size(0), V = logits.size(1);
@@ -354,25 +394,31 @@ std::vector<at::Tensor> kl_fwd(const at::Tensor& logits, const std::optional<at:
       const int64_t rstride = has_ref ? ref_logits->stride(0) : 0;
       const acc_t* mp = mask.defined() ? mask.data_ptr<acc_t>() : nullptr;
       const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
-      auto launch = [&](auto vec_c, auto ref_c) {
+      const acc_t cap = static_cast<acc_t>(softcap > 0 ? softcap : 1.0);
+      const acc_t inv_cap = static_cast<acc_t>(softcap > 0 ? 1.0 / softcap : 1.0);
+      auto launch = [&](auto vec_c, auto ref_c, auto cap_c) {
         constexpr int VEC = decltype(vec_c)::value;
         constexpr bool REF = decltype(ref_c)::value;
-        kl_fwd_kernel<scalar_t, acc_t, VEC, REF><<<N, kKLThreads, 0, stream>>>(
+        constexpr bool CAP = decltype(cap_c)::value;
+        kl_fwd_kernel<scalar_t, acc_t, VEC, REF, CAP><<<N, kKLThreads, 0, stream>>>(
             logits.data_ptr<scalar_t>(), logits.stride(0), rp, rstride,
             tokens.data_ptr<int64_t>(), K, mp, logp.data_ptr<acc_t>(), lse.data_ptr<acc_t>(),
             o[0], o[1], o[2], o[3], ent.data_ptr<acc_t>(), N, V, inv_t,
-            static_cast<acc_t>(beta), static_cast<int>(estimator));
+            static_cast<acc_t>(beta), static_cast<int>(estimator), cap, inv_cap);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       using Full = std::integral_constant<int, 16 / sizeof(scalar_t)>;
       using One = std::integral_constant<int, 1>;
       const bool full = vec * sizeof(scalar_t) == 16;
-      if (has_ref) {
-        if (full) launch(Full{}, std::true_type{});
-        else launch(One{}, std::true_type{});
+      if (has_ref) {  // never with a softcap (checked above)
+        if (full) launch(Full{}, std::true_type{}, std::false_type{});
+        else launch(One{}, std::true_type{}, std::false_type{});
+      } else if (softcap > 0) {
+        if (full) launch(Full{}, std::false_type{}, std::true_type{});
+        else launch(One{}, std::false_type{}, std::true_type{});
       } else {
-        if (full) launch(Full{}, std::false_type{});
-        else launch(One{}, std::false_type{});
+        if (full) launch(Full{}, std::false_type{}, std::false_type{});
+        else launch(One{}, std::false_type{}, std::false_type{});
       }
     });
   }
@@ -387,7 +433,7 @@ std::vector<at::Tensor> kl_fwd(const at::Tensor& logits, const std::optional<at:
 at::Tensor kl_bwd(const at::Tensor& grad, const std::optional<at::Tensor>& grad_entropy,
                   const at::Tensor& logits, const at::Tensor& tokens_, const at::Tensor& lse,
                   const std::optional<at::Tensor>& entropy, double temperature, int64_t col0,
-                  int64_t vocab) {
+                  int64_t vocab, double softcap) {
   const char* op = "kl_bwd";
   const int64_t K = check_tokens(op, tokens_);
   check_rows(op, "logits", logits, tokens_);
@@ -417,6 +463,8 @@ at::Tensor kl_bwd(const at::Tensor& grad, const std::optional<at::Tensor>& grad_
     }
     ent = entropy->contiguous();
   }
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, "rlhf_ops_cuda.kl_bwd: softcap must be a "
+              "finite number >= 0 (0 = off), got ", softcap);
   const int64_t V = vocab < 0 ? W : vocab;
   TORCH_CHECK(col0 >= 0 && col0 + W <= V, "rlhf_ops_cuda.kl_bwd: the column slice [", col0, ", ",
               col0 + W, ") must lie in [0, vocab = ", V, ")");
@@ -434,25 +482,32 @@ at::Tensor kl_bwd(const at::Tensor& grad, const std::optional<at::Tensor>& grad_
     const acc_t* ep = has_gh ? ent.data_ptr<acc_t>() : nullptr;
     const int64_t g0 = grad.dim() == 2 ? grad.stride(0) : (grad.dim() == 1 ? grad.stride(0) : 0);
     const int64_t g1 = grad.dim() == 2 ? grad.stride(1) : 0;
-    auto launch = [&](auto vec_c, auto gh_c) {
+    const acc_t cap = static_cast<acc_t>(softcap > 0 ? softcap : 1.0);
+    const acc_t inv_cap = static_cast<acc_t>(softcap > 0 ? 1.0 / softcap : 1.0);
+    auto launch = [&](auto vec_c, auto gh_c, auto cap_c) {
       constexpr int VEC = decltype(vec_c)::value;
       constexpr bool GH = decltype(gh_c)::value;
-      kl_bwd_kernel<scalar_t, acc_t, VEC, GH><<<N, kKLThreads, 0, stream>>>(
+      constexpr bool CAP = decltype(cap_c)::value;
+      kl_bwd_kernel<scalar_t, acc_t, VEC, GH, CAP><<<N, kKLThreads, 0, stream>>>(
           logits.data_ptr<scalar_t>(), logits.stride(0), out.data_ptr<scalar_t>(), out.stride(0),
           tokens.data_ptr<int64_t>(), K, lse_c.data_ptr<acc_t>(), lse_c.stride(0),
           grad.data_ptr<acc_t>(), g0, g1, gh, stride_gh, ep, col0, V, W,
-          static_cast<acc_t>(1.0 / temperature));
+          static_cast<acc_t>(1.0 / temperature), cap, inv_cap);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    auto with_cap = [&](auto vec_c, auto gh_c) {
+      if (softcap > 0) launch(vec_c, gh_c, std::true_type{});
+      else launch(vec_c, gh_c, std::false_type{});
     };
     using Full = std::integral_constant<int, 16 / sizeof(scalar_t)>;
     using One = std::integral_constant<int, 1>;
     const bool full = vec * sizeof(scalar_t) == 16;
     if (has_gh) {
-      if (full) launch(Full{}, std::true_type{});
-      else launch(One{}, std::true_type{});
+      if (full) with_cap(Full{}, std::true_type{});
+      else with_cap(One{}, std::true_type{});
     } else {
-      if (full) launch(Full{}, std::false_type{});
-      else launch(One{}, std::false_type{});
+      if (full) with_cap(Full{}, std::false_type{});
+      else with_cap(One{}, std::false_type{});
     }
   });
   return out;
@@ -462,9 +517,9 @@ at::Tensor kl_bwd(const at::Tensor& grad, const std::optional<at::Tensor>& grad_
 
 TORCH_LIBRARY_FRAGMENT(rlhf_ops_cuda, m) {
   m.def("kl_fwd(Tensor logits, Tensor? ref_logits, Tensor tokens, Tensor? mask, float temperature, "
-        "float beta, int estimator) -> Tensor[]");
+        "float beta, int estimator, float softcap=0.0) -> Tensor[]");
   m.def("kl_bwd(Tensor grad, Tensor? grad_entropy, Tensor logits, Tensor tokens, Tensor lse, "
-        "Tensor? entropy, float temperature, int col0=0, int vocab=-1) -> Tensor");
+        "Tensor? entropy, float temperature, int col0=0, int vocab=-1, float softcap=0.0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rlhf_ops_cuda, CUDA, m) {

@@ -32,7 +32,11 @@ entropy term is taken as 0 (0·log 0 = 0), never 0·(−inf). A row with a token
 a NaN gradient row. The backward can run on a column slice of the rows (``col0``: the slice's
 first vocabulary id) and write in place, which ``linear_token_logprobs`` uses.
 For kl_penalty the caller forms G = g_logp + g_log_ratio + g_kl·∂kl/∂logp.
-Scalars (T, β) travel in a small tensor of the accumulation dtype so that fp64 stays exact.
+Logit softcap (SOFTCAP, c > 0, log-probs only — not kl_penalty): each policy logit becomes
+c·tanh(x/c) as it is loaded (``_math.softcap``: −inf stays −inf), before the temperature
+divides (y = c·tanh(x/c) / T, Gemma's order), so everything above holds for the capped logits;
+the backward multiplies dx_j by 1 − tanh²(x_j/c).
+Scalars (T, β, c, 1/c) travel in a small tensor of the accumulation dtype so that fp64 stays exact.
 Helpers are inline code rather than nested @triton.jit calls where they run per tile: the
 interpreter re-patches triton.language on every nested call, which slows the CPU tests a lot.
 """
@@ -41,13 +45,14 @@ import triton
 import triton.language as tl
 
 from ._common import cast_out, row_blocks
+from ._math import softcap
 
 
 @triton.jit
 def _epilogue(row, M, S, H, RM, RS, x_ptr, stride_x, r_ptr, stride_r, t_ptr, K, mask_ptr, prm_ptr,
               logp_ptr, lse_ptr, ref_ptr, ratio_ptr, kl_ptr, pen_ptr, ent_ptr, N, V,
               HAS_REF: tl.constexpr, HAS_MASK: tl.constexpr, ESTIMATOR: tl.constexpr,
-              ACC_FP64: tl.constexpr):
+              SOFTCAP: tl.constexpr, ACC_FP64: tl.constexpr):
     """Row outputs from the merged states (M, S, H) of the policy and (RM, RS) of the reference.
     lse = M + log S is kept as the pair (M, log S) (``lse_ptr`` [2, N]): logp = (y_t − M) − log S
     and the backward's exp((y − M) − log S) then keep their precision at |y| ~ 1e4, where
@@ -64,7 +69,10 @@ def _epilogue(row, M, S, H, RM, RS, x_ptr, stride_x, r_ptr, stride_r, t_ptr, K, 
         i = row * K + k
         t = tl.load(t_ptr + i)
         in_range = (t >= 0) & (t < V)
-        yt = tl.load(x_ptr + row * stride_x + t, mask=in_range, other=0.0).to(temp.dtype) / temp
+        yt = tl.load(x_ptr + row * stride_x + t, mask=in_range, other=0.0).to(temp.dtype)
+        if SOFTCAP:
+            yt, _ = softcap(yt, tl.load(prm_ptr + 2), tl.load(prm_ptr + 3))
+        yt = yt / temp
         logp = tl.where(in_range, (yt - M) - log_s, float("nan"))
         tl.store(logp_ptr + i, logp)
         if HAS_REF:
@@ -113,7 +121,7 @@ def _kl_forward(x_ptr, stride_x, r_ptr, stride_r, t_ptr, K, mask_ptr, part_ptr, 
                 logp_ptr, lse_ptr, ref_ptr, ratio_ptr, kl_ptr, pen_ptr, ent_ptr,
                 N, V, n_chunks, SPLIT: tl.constexpr, HAS_REF: tl.constexpr,
                 HAS_MASK: tl.constexpr, ESTIMATOR: tl.constexpr, CHUNK: tl.constexpr,
-                BLOCK: tl.constexpr, ACC_FP64: tl.constexpr):
+                BLOCK: tl.constexpr, SOFTCAP: tl.constexpr, ACC_FP64: tl.constexpr):
     """Grid (rows, chunks). One chunk per row (SPLIT false): the program writes the row outputs;
     otherwise it stores its chunk's states for ``_kl_combine``."""
     row = tl.program_id(0).to(tl.int64)
@@ -134,7 +142,10 @@ def _kl_forward(x_ptr, stride_x, r_ptr, stride_r, t_ptr, K, mask_ptr, part_ptr, 
     for off in range(0, CHUNK, BLOCK):
         cols = chunk * CHUNK + off + tl.arange(0, BLOCK)
         inside = cols < V
-        y = tl.load(xr + cols, mask=inside, other=NEG).to(zero.dtype) / temp
+        y = tl.load(xr + cols, mask=inside, other=NEG).to(zero.dtype)
+        if SOFTCAP:  # −inf (the tile's padding included) stays −inf
+            y, _ = softcap(y, tl.load(prm_ptr + 2), tl.load(prm_ptr + 3))
+        y = y / temp
         # merge the running state with the tile's: shifts are taken as 0 while the max is −inf,
         # and (m − M) as 0 for an empty side, so that no (−inf) − (−inf) or 0·(−inf) appears
         m_new = tl.maximum(m, tl.max(y, 0))
@@ -166,14 +177,15 @@ def _kl_forward(x_ptr, stride_x, r_ptr, stride_r, t_ptr, K, mask_ptr, part_ptr, 
         # with the max as shift the states are already in (M, S, H) form
         _epilogue(row, m, s, h, rm, rs, x_ptr, stride_x, r_ptr, stride_r, t_ptr, K, mask_ptr,
                   prm_ptr, logp_ptr, lse_ptr, ref_ptr, ratio_ptr, kl_ptr, pen_ptr, ent_ptr, N, V,
-                  HAS_REF, HAS_MASK, ESTIMATOR, ACC_FP64)
+                  HAS_REF, HAS_MASK, ESTIMATOR, SOFTCAP, ACC_FP64)
 
 
 @triton.jit
 def _kl_combine(x_ptr, stride_x, r_ptr, stride_r, t_ptr, K, mask_ptr, part_ptr, prm_ptr,
                 logp_ptr, lse_ptr, ref_ptr, ratio_ptr, kl_ptr, pen_ptr, ent_ptr,
                 N, V, n_chunks, HAS_REF: tl.constexpr, HAS_MASK: tl.constexpr,
-                ESTIMATOR: tl.constexpr, BLOCK_C: tl.constexpr, ACC_FP64: tl.constexpr):
+                ESTIMATOR: tl.constexpr, BLOCK_C: tl.constexpr, SOFTCAP: tl.constexpr,
+                ACC_FP64: tl.constexpr):
     """One program per row: merge the chunk states, then write the row outputs."""
     row = tl.program_id(0).to(tl.int64)
     NEG = float("-inf")
@@ -200,13 +212,14 @@ def _kl_combine(x_ptr, stride_x, r_ptr, stride_r, t_ptr, K, mask_ptr, part_ptr, 
         RS = tl.sum(rs * tl.exp(rm - RM), 0)
     _epilogue(row, M, S, H, RM, RS, x_ptr, stride_x, r_ptr, stride_r, t_ptr, K, mask_ptr, prm_ptr,
               logp_ptr, lse_ptr, ref_ptr, ratio_ptr, kl_ptr, pen_ptr, ent_ptr, N, V,
-              HAS_REF, HAS_MASK, ESTIMATOR, ACC_FP64)
+              HAS_REF, HAS_MASK, ESTIMATOR, SOFTCAP, ACC_FP64)
 
 
 @triton.jit
 def _kl_backward(x_ptr, stride_x, dx_ptr, stride_dx, t_ptr, K, lse_ptr, stride_lse,
                  g_ptr, stride_g0, stride_g1, gh_ptr, stride_gh, ent_ptr, prm_ptr, col0, V, W,
-                 BLOCK: tl.constexpr, HAS_GH: tl.constexpr, ACC_FP64: tl.constexpr):
+                 BLOCK: tl.constexpr, HAS_GH: tl.constexpr, SOFTCAP: tl.constexpr,
+                 ACC_FP64: tl.constexpr):
     """Grid (rows, W / BLOCK) over the columns [col0, col0 + W) of a V-wide row (W = V unless
     the caller passes a slice); x and dx point at the slice's first column (they may alias)."""
     row = tl.program_id(0).to(tl.int64)
@@ -220,7 +233,10 @@ def _kl_backward(x_ptr, stride_x, dx_ptr, stride_dx, t_ptr, K, lse_ptr, stride_l
     shift = tl.load(lse_ptr + row)             # lse = shift + log_s
     log_s = tl.load(lse_ptr + stride_lse + row)
     x = tl.load(x_ptr + row * stride_x + cols, mask=inside, other=float("-inf"))
-    y = x.to(zero.dtype) / temp
+    y = x.to(zero.dtype)
+    if SOFTCAP:  # y = c·tanh(x/c); the chain rule's factor 1 − tanh² is applied below
+        y, dcap = softcap(y, tl.load(prm_ptr + 2), tl.load(prm_ptr + 3))
+    y = y / temp
     logp = (y - shift) - log_s
     p = tl.exp(logp)
     # token terms: Σ_k G_k·[j = t_k] (repeated tokens add up) and Σ_k G_k
@@ -239,26 +255,36 @@ def _kl_backward(x_ptr, stride_x, dx_ptr, stride_dx, t_ptr, K, lse_ptr, stride_l
         gh = tl.load(gh_ptr + row * stride_gh).to(zero.dtype)
         ent = tl.load(ent_ptr + row)
         dx -= gh * p * (tl.where(y == float("-inf"), 0.0, logp) + ent)
+    if SOFTCAP:
+        dx = dx * dcap
     dx = tl.where(n_bad == 0, dx / temp, float("nan"))
     tl.store(dx_ptr + row * stride_dx + cols, cast_out(dx, dx_ptr.dtype.element_ty), mask=inside)
 
 
-def _params(logits: torch.Tensor, acc: torch.dtype, temperature: float, beta: float = 0.0):
-    # (T, β) in a tiny device tensor, so fp64 runs keep them exact (Triton passes Python floats
-    # as fp32). Filled by two fill kernels: no host sync, no host-to-device copy.
-    prm = torch.empty(2, dtype=acc, device=logits.device)
+def _params(logits: torch.Tensor, acc: torch.dtype, temperature: float, beta: float = 0.0,
+            softcap: float = 0.0):
+    # (T, β[, c, 1/c]) in a tiny device tensor, so fp64 runs keep them exact (Triton passes Python
+    # floats as fp32). Filled by fill kernels: no host sync, no host-to-device copy. c and 1/c
+    # only with a softcap (the kernels read them only then).
+    prm = torch.empty(4 if softcap > 0 else 2, dtype=acc, device=logits.device)
     prm[0] = temperature
     prm[1] = beta
+    if softcap > 0:
+        prm[2] = softcap
+        prm[3] = 1.0 / softcap
     return prm
 
 
 def forward(logits, ref_logits, tokens, mask, temperature: float, beta: float = 0.0,
-            estimator: int = 1):
+            estimator: int = 1, softcap: float = 0.0):
     """logits (and ref_logits) [N, V] with unit column stride; tokens [N] or [N, K] int64
     (contiguous; [N] with ref_logits); mask [N] in the accumulation dtype or None; estimator
     the KL estimator's id (1 = k1, 2 = k2, 3 = k3: rlhf_ops.reference.ESTIMATOR_IDS).
     Returns (logprobs (tokens' shape), entropy [N], lse [2, N]) without ref_logits, else
-    (logprobs, ref_logprobs, log_ratio, kl, penalty, entropy, lse), each [N]; fp32 (fp64)."""
+    (logprobs, ref_logprobs, log_ratio, kl, penalty, entropy, lse), each [N]; fp32 (fp64).
+    ``softcap`` > 0 (without ref_logits only): of the logits c·tanh(logits/c), divided by T."""
+    if softcap > 0 and ref_logits is not None:
+        raise ValueError("kernels.kl.forward: softcap applies to the log-prob form only (no ref_logits)")
     N, V = logits.shape
     K = tokens.shape[1] if tokens.dim() == 2 else 1
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -273,7 +299,7 @@ def forward(logits, ref_logits, tokens, mask, temperature: float, beta: float = 
         chunk, block = row_blocks(N, V)
         n_chunks = triton.cdiv(V, chunk)
         fp64 = acc == torch.float64
-        prm = _params(logits, acc, temperature, beta)
+        prm = _params(logits, acc, temperature, beta, softcap)
         part = (torch.empty(5 if has_ref else 3, N, n_chunks, dtype=acc, device=dev)
                 if n_chunks > 1 else prm)  # one chunk per row needs no partial states
         r = ref_logits if has_ref else logits
@@ -281,7 +307,7 @@ def forward(logits, ref_logits, tokens, mask, temperature: float, beta: float = 
         msk = mask if mask is not None else prm
         split = n_chunks > 1
         common = dict(HAS_REF=has_ref, HAS_MASK=mask is not None,
-                      ESTIMATOR=int(estimator), ACC_FP64=fp64)
+                      ESTIMATOR=int(estimator), SOFTCAP=softcap > 0, ACC_FP64=fp64)
         tok = tokens if tokens.numel() else torch.zeros(1, dtype=tokens.dtype, device=dev)  # K = 0
         ptrs = (logits, logits.stride(0), r, r.stride(0), tok, K, msk, part, prm,
                 logp, lse, o[0], o[1], o[2], o[3], ent, N, V, n_chunks)
@@ -294,13 +320,14 @@ def forward(logits, ref_logits, tokens, mask, temperature: float, beta: float = 
 
 
 def backward(grad, grad_entropy, logits, tokens, lse, entropy, temperature: float, out=None,
-             col0: int = 0, vocab: int | None = None):
+             col0: int = 0, vocab: int | None = None, softcap: float = 0.0):
     """d/d logits of Σ grad·logprobs + Σ grad_entropy·entropy, in the logits' dtype.
 
     grad: tokens' shape ([N] or [N, K], any strides); grad_entropy [N] or None (then
     ``entropy`` may be None too); logits [N, W] with unit column stride: the columns
     [col0, col0 + W) of rows of ``vocab`` (default W) entries; tokens contiguous. Writes into
-    ``out`` (a new tensor when None; it may be ``logits`` itself) and returns it."""
+    ``out`` (a new tensor when None; it may be ``logits`` itself) and returns it. ``softcap``: as
+    the forward's."""
     N, W = logits.shape
     V = W if vocab is None else vocab
     out = torch.empty_like(logits) if out is None else out
@@ -318,6 +345,6 @@ def backward(grad, grad_entropy, logits, tokens, lse, entropy, temperature: floa
     _kl_backward[(N, triton.cdiv(W, block))](
         logits, logits.stride(0), out, out.stride(0), tokens, K, lse, lse.stride(0),
         g, g.stride(0), g.stride(1), gh, gh.stride(0), entropy if has_gh else lse,
-        _params(logits, acc, temperature), col0, V, W,
-        BLOCK=block, HAS_GH=has_gh, ACC_FP64=acc == torch.float64)
+        _params(logits, acc, temperature, softcap=softcap), col0, V, W,
+        BLOCK=block, HAS_GH=has_gh, SOFTCAP=softcap > 0, ACC_FP64=acc == torch.float64)
     return out

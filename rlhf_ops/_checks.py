@@ -106,6 +106,16 @@ def temperature(op: str, value) -> float:
     return float(value)
 
 
+def softcap(op: str, value) -> float:
+    """A logit softcap c (x → c·tanh(x/c)): a finite number ≥ 0, 0 = off."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"rlhf_ops.{op}: softcap must be a finite number ≥ 0 (0 = off), got "
+                        f"{type(value).__name__}")
+    if not 0.0 <= float(value) < float("inf"):
+        raise ValueError(f"rlhf_ops.{op}: softcap must be a finite number ≥ 0 (0 = off), got {value}")
+    return float(value)
+
+
 def beta(op: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"rlhf_ops.{op}: beta must be a number, got {type(value).__name__}")

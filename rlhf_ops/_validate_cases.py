@@ -403,14 +403,14 @@ OPS = (
         Case("[B, T, V], ignore_index 0, sum", _ce_3d, dict(ignore_index=0, reduction="sum")),
         Case("empty batch", _ce_empty, dict(reduction="none")),
         Case("logit softcap 30, label smoothing 0.1", _ce_extreme,
-             dict(reduction="none", softcap=30.0, label_smoothing=0.1)),
+             dict(reduction="none", softcap=30.0, label_smoothing=0.1), quick=True),
     )),
     Op("linear_cross_entropy", _linear_call, (
         Case("odd sizes, bias, 1/3 rows ignored, mean", _lce_odd, quick=True),
         Case("V = 70,001, no bias", _lce_big_vocab, dict(reduction="none"), quick=True),
         Case("−inf bias entries (masked vocabulary), sum", _lce_masked_vocab,
              dict(reduction="sum")),
-        Case("logit softcap 30", _lce_odd, dict(softcap=30.0)),
+        Case("logit softcap 30", _lce_odd, dict(softcap=30.0), quick=True),
     ), rounds_in_dtype=True),
     Op("token_logprobs", _plain_call, (
         Case("[B, T, V] odd sizes, temperature 0.7, entropy", _tl_odd,
@@ -420,13 +420,13 @@ OPS = (
         Case("±1e4 and −inf logits, entropy", _tl_extreme, dict(return_entropy=True), quick=True),
         Case("single row", _tl_single),
         Case("logit softcap 30, ±1e4 and −inf logits, entropy", _tl_extreme,
-             dict(softcap=30.0, return_entropy=True)),
+             dict(softcap=30.0, return_entropy=True), quick=True),
     )),
     Op("linear_token_logprobs", _linear_call, (
         Case("odd sizes, bias, temperature 0.7, entropy", _ltl_odd,
              dict(temperature=0.7, return_entropy=True), quick=True),
         Case("V = 70,001, K = 2 tokens, no bias", _ltl_big_vocab, dict(return_entropy=True), quick=True),
-        Case("logit softcap 30, entropy", _ltl_odd, dict(softcap=30.0, return_entropy=True)),
+        Case("logit softcap 30, entropy", _ltl_odd, dict(softcap=30.0, return_entropy=True), quick=True),
     ), rounds_in_dtype=True),
     Op("kl_penalty", _kl_call, (
         Case("k3, reference near the policy, float mask", _kl_near, dict(beta=0.1, estimator="k3"), quick=True),

@@ -3,7 +3,8 @@
 numbers on every rank, differentiable (the reference backend back-propagates through them; the
 fused backends call them without autograd).
 
-Statistics of a slice, per row (x = the logits / temperature, shift = max_j x_j, or 0 when the
+Statistics of a slice, per row (x = the logits / temperature — soft-capped first when the op has a
+softcap, c·tanh(logits/c) / temperature —, shift = max_j x_j, or 0 when the
 slice has no finite logit; CE_STATS = the first five for cross_entropy, LP_STATS = shift, log S,
 E, then owned and shift − x_t for each of the K tokens, for the log-prob ops):
     shift, log S = log Σ_j exp(x_j − shift)                    the (m, log Σ) pair of the slice
@@ -169,10 +170,10 @@ def target_stats_reference(x: Tensor, shift: Tensor, target: Tensor, offset: Ten
 
 
 def logprob_stats_reference(logits: Tensor, tokens: Tensor, offset: Tensor,
-                            temperature: float) -> Tensor:
+                            temperature: float, softcap: float = 0.0) -> Tensor:
     """Eager ``LP_STATS`` [3 + 2K, N] of a slice (logits [N, V_r], tokens [N, K] global ids),
-    differentiable (the reference backend's step 2)."""
-    y = logits.to(_checks.acc_dtype(logits.dtype)) / temperature
+    differentiable (the reference backend's step 2); ``softcap`` > 0 caps the logits first."""
+    y = reference.softcap_logits(logits.to(_checks.acc_dtype(logits.dtype)), softcap) / temperature
     shift, log_s, e = softmax_stats_reference(y)
     S = e.sum(1)
     pos = e > 0
@@ -191,12 +192,14 @@ def logprob_stats_reference(logits: Tensor, tokens: Tensor, offset: Tensor,
 
 
 def cross_entropy_stats_reference(logits: Tensor, target: Tensor, offset: Tensor, ignore_index: int,
-                                  smoothing: bool) -> Tensor:
-    """Eager ``CE_STATS`` [5, N] of a slice (the reference backend's step 2), differentiable."""
+                                  smoothing: bool, softcap: float = 0.0) -> Tensor:
+    """Eager ``CE_STATS`` [5, N] of a slice (the reference backend's step 2), differentiable;
+    ``softcap`` > 0 caps the logits first."""
     x = logits.to(_checks.acc_dtype(logits.dtype))
     valid = target != ignore_index
     # an ignored row takes no part: zeroing it first keeps a row of −inf logits out of the graph
     x = torch.where(valid[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+    x = reference.softcap_logits(x, softcap)
     shift, log_s, _ = softmax_stats_reference(x)
     owned, tgt = target_stats_reference(x, shift, target, offset, ignore_index)
     ls = (shift[:, None] - x).sum(1) if smoothing else torch.zeros_like(shift)

@@ -23,12 +23,25 @@ def _reduce_rows(loss: torch.Tensor, valid: torch.Tensor, reduction: str, shape)
     return total / valid.sum().clamp(min=1).to(loss.dtype)
 
 
+# ------------------------------------------------------------------------------ logit softcap ---
+
+def softcap_logits(x, softcap):
+    """x → c·tanh(x/c) for a softcap c > 0 (Gemma-2's final_logit_softcapping; 0: x unchanged),
+    in x's dtype, differentiable (d/dx = 1 − tanh²(x/c)). −inf stays −inf (derivative 1): a
+    masked logit stays masked, where the formula would give −c. +inf becomes c, NaN stays NaN."""
+    if not softcap > 0:
+        return x
+    return torch.where(x == float("-inf"), x, softcap * torch.tanh(x / softcap))
+
+
 # --------------------------------------------------------------------------- cross entropy ---
 
-def cross_entropy(logits, target, ignore_index=-100, reduction="mean", label_smoothing=0.0):
+def cross_entropy(logits, target, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+                  softcap=0.0):
     """F.cross_entropy semantics, fp32 result; mean over zero valid targets is 0 (not NaN).
 
-    Per row: loss = lse(x) − (1−ε)·x_t − ε·mean_j(x_j)  (= (1−ε)·nll + ε·mean_j(−log p_j)).
+    Per row: loss = lse(x) − (1−ε)·x_t − ε·mean_j(x_j)  (= (1−ε)·nll + ε·mean_j(−log p_j)), with
+    x = softcap_logits(logits) (in the accumulation dtype) when ``softcap`` > 0.
     """
     V = logits.shape[-1]
     x = logits.reshape(-1, V).to(acc_dtype(logits.dtype))
@@ -37,7 +50,7 @@ def cross_entropy(logits, target, ignore_index=-100, reduction="mean", label_smo
     # an ignored row takes no part: zeroing it first keeps a row of −inf logits from turning its
     # (unused) log-softmax into NaN, which autograd would carry into the gradient
     x = torch.where(valid[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
-    logp = torch.log_softmax(x, dim=-1)
+    logp = torch.log_softmax(softcap_logits(x, softcap), dim=-1)
     nll = -logp.gather(1, torch.where(valid, t, 0)[:, None]).squeeze(1)
     loss = nll
     if label_smoothing > 0:
@@ -47,11 +60,11 @@ def cross_entropy(logits, target, ignore_index=-100, reduction="mean", label_smo
 
 
 def linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, reduction="mean",
-                         label_smoothing=0.0):
+                         label_smoothing=0.0, softcap=0.0):
     """cross_entropy(hidden @ weight.T + bias, target): the logits are materialised, in the
     input dtype, exactly as eager model code does."""
     logits = F.linear(hidden, weight, bias)
-    return cross_entropy(logits, target, ignore_index, reduction, label_smoothing)
+    return cross_entropy(logits, target, ignore_index, reduction, label_smoothing, softcap)
 
 
 # ------------------------------------------------------------------------------- attention ---
@@ -251,8 +264,11 @@ ESTIMATOR_IDS = {"k1": 1, "k2": 2, "k3": 3}
 ESTIMATORS = tuple(ESTIMATOR_IDS)
 
 
-def _log_softmax(logits, temperature):
-    return torch.log_softmax(logits.to(acc_dtype(logits.dtype)) / temperature, dim=-1)
+def _log_softmax(logits, temperature, softcap=0.0):
+    """log_softmax(softcap_logits(logits) / T) in the accumulation dtype: the softcap applies to
+    the raw logits, the temperature divides the capped ones (Gemma's order)."""
+    return torch.log_softmax(softcap_logits(logits.to(acc_dtype(logits.dtype)), softcap) / temperature,
+                             dim=-1)
 
 
 def gather_tokens(logp_all, tokens):
@@ -276,34 +292,40 @@ def entropy_of(logp_all):
     return torch.where(logp_all.isnan().any(-1), torch.full_like(ent, float("nan")), ent)
 
 
-def token_logprobs(logits, tokens, temperature=1.0, return_entropy=False):
+def token_logprobs(logits, tokens, temperature=1.0, return_entropy=False, softcap=0.0):
     """log_softmax(logits / temperature) at ``tokens`` ([...] or [..., K]), accumulated in fp32;
-    with ``return_entropy`` also the entropy [...] of softmax(logits / temperature)."""
-    logp_all = _log_softmax(logits, temperature)
+    with ``return_entropy`` also the entropy [...] of softmax(logits / temperature). ``softcap``
+    > 0: softcap_logits(logits) / temperature instead."""
+    logp_all = _log_softmax(logits, temperature, softcap)
     logprobs = gather_tokens(logp_all, tokens)
     return (logprobs, entropy_of(logp_all)) if return_entropy else logprobs
 
 
-def logit_stats(logits, tokens, temperature=1.0):
+def logit_stats(logits, tokens, temperature=1.0, softcap=0.0):
     """(is_top1, mean_logit) of logits [..., V] (no gradient): is_top1 (tokens' shape, bool)
     says that the token is the row's argmax — its first maximum, as torch.argmax —, mean_logit
-    [...] is the mean over the vocabulary of logits / temperature, accumulated in fp32 (fp64)."""
+    [...] is the mean over the vocabulary of logits / temperature, accumulated in fp32 (fp64).
+    ``softcap`` > 0: mean_logit of the capped logits (softcap_logits); is_top1 is read from the
+    raw logits, whose argmax is the capped logits' (tanh is strictly increasing; capping in finite
+    precision can only merge nearly equal large logits into ties, which the raw ones break)."""
     with torch.no_grad():
         top = logits.argmax(-1, keepdim=True)
         is_top1 = (top == tokens) if tokens.dim() == logits.dim() else (top.squeeze(-1) == tokens)
-        mean = logits.sum(-1, dtype=acc_dtype(logits.dtype)) / (logits.shape[-1] * temperature)
+        acc = acc_dtype(logits.dtype)
+        capped = softcap_logits(logits.to(acc), softcap) if softcap > 0 else logits
+        mean = capped.sum(-1, dtype=acc) / (logits.shape[-1] * temperature)
     return is_top1, mean
 
 
 def linear_token_logprobs(hidden, weight, tokens, bias=None, temperature=1.0, return_entropy=False,
-                          return_stats=False):
+                          return_stats=False, softcap=0.0):
     """token_logprobs(hidden @ weight.T + bias, ...): the logits are materialised, in the input
     dtype, exactly as eager model code does; ``return_stats`` appends ``logit_stats``."""
     logits = F.linear(hidden, weight, bias)
-    out = token_logprobs(logits, tokens, temperature, return_entropy)
+    out = token_logprobs(logits, tokens, temperature, return_entropy, softcap)
     if not return_stats:
         return out
-    return (*(out if return_entropy else (out,)), *logit_stats(logits, tokens, temperature))
+    return (*(out if return_entropy else (out,)), *logit_stats(logits, tokens, temperature, softcap))
 
 
 def _k3(d):

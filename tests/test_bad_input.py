@@ -288,6 +288,12 @@ CASES += [_row(fn, "dtype", "process_group", lambda a: dict(process_group="world
 CASES += [_row(fn, "negative_size", "vocab_offset", lambda a: dict(vocab_offset=-2), ValueError)
           for fn in VP_OPS]
 
+# the logit softcap of the four LM-head ops: a finite number ≥ 0 (a tensor is a TypeError)
+SOFTCAP_OPS = ("cross_entropy", "linear_cross_entropy", "token_logprobs", "linear_token_logprobs")
+CASES += [_row(fn, "nonfinite", "softcap", lambda a: dict(softcap=math.nan), ValueError) for fn in SOFTCAP_OPS]
+CASES += [_row(fn, "dtype", "softcap", lambda a: dict(softcap=torch.tensor(30.0, requires_grad=True)), TypeError)
+          for fn in SOFTCAP_OPS]
+
 # Kinds a function has no argument for (so no row can exist).
 NOT_APPLICABLE = {
     "attention": {"requires_grad": "q, k, v all take gradients"},

@@ -551,6 +551,65 @@ def logprob_ops_errors(ctx):
                               temperature=0.5 if ctx.rank == 1 else 1.0)
 
 
+@case(2)
+def softcap_vocab_parallel(ctx):
+    """softcap= (c·tanh(z/c) before the softmax) on the four vocabulary ops: each rank's slice
+    statistics are those of its capped logits, so the sharded results and gradients are the
+    unsharded ones (label smoothing, an ignored row, K = 2 tokens, entropy, a temperature, a −inf
+    logit that stays −inf), reference and fused; a rank with another softcap is an error."""
+    import rlhf_ops as ro
+    c = 30.0
+    full, t = _ce_inputs(ctx, rows=4)                     # ±1e4, −inf, an ignored row of −inf
+    tk = torch.stack([t.clamp(min=0), torch.full_like(t, ctx.sizes[0])], -1)
+    fl = full.clone()                                     # log-probs: no row without mass
+    fl[1, 1] = torch.randn(V, dtype=torch.float64) * 40
+    fl[0, 1, ctx.sizes[0]] = float("-inf")                # a token on a −inf logit (rank 1's slice)
+    N, d = 5, 8
+    h = torch.randn(N, d, dtype=torch.float64)
+    w = torch.randn(V, d, dtype=torch.float64) * 10
+    tl = torch.tensor([3, ctx.sizes[0] - 1, -100, ctx.sizes[0], V - 1])
+    for be in ctx.backends:
+        x, xf = ctx.shard(full).clone().requires_grad_(), full.clone().requires_grad_()
+        out = ro.cross_entropy(x, t, softcap=c, label_smoothing=0.1, reduction="none", backend=be,
+                               process_group=ctx.group)
+        ref = ro.cross_entropy(xf, t, softcap=c, label_smoothing=0.1, reduction="none", backend="reference")
+        _close(out, ref, f"{be} cross_entropy")
+        g = torch.rand(ref.shape, dtype=torch.float64)
+        _close(_grads(out, [x], g)[0], ctx.shard(_grads(ref, [xf], g)[0]), f"{be} cross_entropy grad")
+        x, xf = ctx.shard(fl).clone().requires_grad_(), fl.clone().requires_grad_()
+        lp, ent = ro.token_logprobs(x, tk, softcap=c, temperature=0.7, return_entropy=True, backend=be,
+                                    process_group=ctx.group)
+        rlp, rent = ro.token_logprobs(xf, tk, softcap=c, temperature=0.7, return_entropy=True,
+                                      backend="reference")
+        _agree(lp[0, 1, 1] == float("-inf"), "a −inf logit stays −inf under the softcap")
+        _close(lp, rlp, f"{be} token_logprobs")
+        _close(ent, rent, f"{be} entropy")
+        gs = (torch.where(rlp.isfinite(), torch.rand(rlp.shape, dtype=torch.float64), 0.0),
+              torch.rand(rent.shape, dtype=torch.float64))
+        _close(_grads((lp, ent), [x], gs)[0], ctx.shard(_grads((rlp, rent), [xf], gs)[0]),
+               f"{be} token_logprobs grad")
+        hw = [h.clone().requires_grad_(), ctx.shard(w, 0).clone().requires_grad_()]
+        hf = [h.clone().requires_grad_(), w.clone().requires_grad_()]
+        loss = ro.linear_cross_entropy(*hw, tl, softcap=c, backend=be, process_group=ctx.group)
+        rloss = ro.linear_cross_entropy(*hf, tl, softcap=c, backend="reference")
+        _close(loss, rloss, f"{be} linear_cross_entropy")
+        a, r = _grads(loss, hw, None), _grads(rloss, hf, None)
+        _close(a[0], r[0], f"{be} linear_cross_entropy d hidden")
+        _close(a[1], ctx.shard(r[1], 0), f"{be} linear_cross_entropy d weight")
+        lp, ent = ro.linear_token_logprobs(*hw, tl.clamp(min=0), softcap=c, return_entropy=True,
+                                           backend=be, process_group=ctx.group)
+        rlp, rent = ro.linear_token_logprobs(*hf, tl.clamp(min=0), softcap=c, return_entropy=True,
+                                             backend="reference")
+        _close(lp, rlp, f"{be} linear_token_logprobs")
+        _close(ent, rent, f"{be} linear entropy")
+        a, r = _grads((lp, ent), hw, (torch.ones_like(lp), ent.detach())), \
+            _grads((rlp, rent), hf, (torch.ones_like(rlp), rent.detach()))
+        _close(a[0], r[0], f"{be} linear_token_logprobs d hidden")
+        _close(a[1], ctx.shard(r[1], 0), f"{be} linear_token_logprobs d weight")
+    with _debug_checks(), _raises(ValueError, match="softcap"):
+        ro.token_logprobs(ctx.shard(fl), tk, process_group=ctx.group, softcap=c if ctx.rank == 1 else 0.0)
+
+
 @case(3)
 def dtensor_matches_loss_parallel(ctx):
     """A DTensor sharded Shard(-1) on a 1-D mesh in place of process_group: the same loss and
@@ -654,12 +713,13 @@ def opcheck_vocab_parallel_ops(ctx):
             ("vocab_shard_offset", dict(target=t, local_vocab=V_r, ignore_index=-100, vocab_offset=-1,
                                         op="cross_entropy", name="target", config="c", group=g)),
             ("cross_entropy_vp_fwd", dict(logits=f(3, V_r), target=t, offset=off, ignore_index=-100,
-                                          label_smoothing=0.25, inplace_backward=False, backend=be, group=g)),
+                                          label_smoothing=0.25, inplace_backward=False, backend=be, group=g,
+                                          softcap=1.5)),
             ("linear_cross_entropy_vp_fwd", dict(hidden=f(3, 8), weight=f(V_r, 8), bias=f(V_r), target=t,
                                                  offset=off, ignore_index=-100, label_smoothing=0.1,
                                                  backend=be, group=g)),
             ("token_logprobs_vp_fwd", dict(logits=f(3, V_r), tokens=tk, offset=off, temperature=0.8,
-                                           backend=be, group=g, with_entropy=True)),
+                                           backend=be, group=g, with_entropy=True, softcap=1.5)),
             ("linear_token_logprobs_vp_fwd", dict(hidden=f(3, 8), weight=f(V_r, 8), bias=f(V_r),
                                                   tokens=tk, offset=off, temperature=1.0,
                                                   with_entropy=False, backend=be, group=g)),
@@ -669,7 +729,8 @@ def opcheck_vocab_parallel_ops(ctx):
         ]
         for name, kw in samples:
             op = getattr(torch.ops.rlhf_ops, name).default
-            res = opcheck(op, tuple(kw[a.name] for a in op._schema.arguments))
+            res = opcheck(op, tuple(kw[a.name] if a.name in kw else a.default_value
+                                    for a in op._schema.arguments))
             _agree(all(v == "SUCCESS" for v in res.values()), (name, be, res))
 
 

@@ -57,19 +57,19 @@ def _ce_fwd(be, dev):
     return [dict(logits=x, target=t, ignore_index=-100, label_smoothing=0.0, inplace_backward=False,
                  backend=be),
             dict(logits=_f(2, 17, device=dev, dtype=torch.float64), target=t[:2], ignore_index=-100,
-                 label_smoothing=0.25, inplace_backward=True, backend=be)]
+                 label_smoothing=0.25, inplace_backward=True, backend=be, softcap=1.5)]
 
 
-def _ce_bwd_args(be, dev):
+def _ce_bwd_args(be, dev, softcap=0.0):
     x = torch.randn(3, 17, device=dev)
     t = torch.tensor([1, -100, 16], device=dev)
-    _, lse = torch.ops.rlhf_ops.cross_entropy_fwd(x, t, -100, 0.1, False, be)
+    _, lse = torch.ops.rlhf_ops.cross_entropy_fwd(x, t, -100, 0.1, False, be, softcap)
     return dict(grad_loss=torch.randn(3, device=dev), logits=x, target=t, lse=lse, ignore_index=-100,
-                label_smoothing=0.1, backend=be)
+                label_smoothing=0.1, backend=be, softcap=softcap)
 
 
 def _ce_bwd(be, dev):
-    return [_ce_bwd_args(be, dev)]
+    return [_ce_bwd_args(be, dev), _ce_bwd_args(be, dev, softcap=1.5)]
 
 
 def _lce_fwd(be, dev):
@@ -77,17 +77,17 @@ def _lce_fwd(be, dev):
     return [dict(hidden=_f(3, 8, device=dev), weight=_f(19, 8, device=dev), bias=None, target=t,
                  ignore_index=-100, label_smoothing=0.0, backend=be),
             dict(hidden=_f(3, 8, device=dev), weight=_f(19, 8, device=dev), bias=_f(19, device=dev),
-                 target=t, ignore_index=-100, label_smoothing=0.1, backend=be)]
+                 target=t, ignore_index=-100, label_smoothing=0.1, backend=be, softcap=1.5)]
 
 
 def _lce_bwd(be, dev):
     out = []
-    for bias in (None, torch.randn(19, device=dev)):
+    for bias, cap in ((None, 0.0), (torch.randn(19, device=dev), 1.5)):
         h, w = torch.randn(3, 8, device=dev), torch.randn(19, 8, device=dev)
         t = torch.tensor([0, 18, -100], device=dev)
-        _, lse = torch.ops.rlhf_ops.linear_cross_entropy_fwd(h, w, bias, t, -100, 0.0, be)
+        _, lse = torch.ops.rlhf_ops.linear_cross_entropy_fwd(h, w, bias, t, -100, 0.0, be, cap)
         out.append(dict(grad_loss=torch.randn(3, device=dev), hidden=h, weight=w, bias=bias, target=t,
-                        lse=lse, ignore_index=-100, label_smoothing=0.0, backend=be))
+                        lse=lse, ignore_index=-100, label_smoothing=0.0, backend=be, softcap=cap))
     return out
 
 
@@ -209,24 +209,27 @@ def _arg_names(name):
 
 def _tl_fwd(be, dev):
     t = torch.tensor([[0, 16], [3, 3], [9, 1], [5, 0]], device=dev)    # [N, K], a repeat
-    return [dict(logits=_f(4, 17, device=dev), tokens=t, temperature=0.7, with_entropy=e, backend=be)
-            for e in (False, True)]
+    return [dict(logits=_f(4, 17, device=dev), tokens=t, temperature=0.7, with_entropy=e, backend=be,
+                 softcap=1.5 if e else 0.0) for e in (False, True)]
 
 
 def _tl_bwd(be, dev):
     out = []
     for e in (False, True):
         x, t = torch.randn(4, 17, device=dev), torch.tensor([[0, 16], [3, 3], [9, 1], [5, 0]], device=dev)
-        _, ent, lse = _call("token_logprobs_fwd", logits=x, tokens=t, temperature=0.7, with_entropy=e, backend=be)
+        cap = 1.5 if e else 0.0
+        _, ent, lse = _call("token_logprobs_fwd", logits=x, tokens=t, temperature=0.7, with_entropy=e, backend=be,
+                            softcap=cap)
         out.append(dict(grad=torch.randn(4, 2, device=dev), grad_entropy=torch.randn(4, device=dev) if e else None,
-                        logits=x, tokens=t, lse=lse, entropy=ent if e else None, temperature=0.7, backend=be))
+                        logits=x, tokens=t, lse=lse, entropy=ent if e else None, temperature=0.7, backend=be,
+                        softcap=cap))
     return out
 
 
 def _ltl_fwd(be, dev):
     t = torch.tensor([[0, 18], [5, 5], [7, 1]], device=dev)
     return [dict(hidden=_f(3, 8, device=dev), weight=_f(19, 8, device=dev), bias=b, tokens=t, temperature=0.9,
-                 with_entropy=e, backend=be, with_stats=st)
+                 with_entropy=e, backend=be, with_stats=st, softcap=1.5 if e else 0.0)
             for b, e, st in ((None, False, False), (_f(19, device=dev), True, True))]
 
 
@@ -235,11 +238,12 @@ def _ltl_bwd(be, dev):
     for bias, e in ((None, False), (torch.randn(19, device=dev), True)):
         h, w = torch.randn(3, 8, device=dev), torch.randn(19, 8, device=dev)
         t = torch.tensor([[0, 18], [5, 5], [7, 1]], device=dev)
+        cap = 1.5 if e else 0.0
         _, ent, lse, _, _ = _call("linear_token_logprobs_fwd", hidden=h, weight=w, bias=bias, tokens=t,
-                                  temperature=0.9, with_entropy=e, backend=be)
+                                  temperature=0.9, with_entropy=e, backend=be, softcap=cap)
         out.append(dict(grad=torch.randn(3, 2, device=dev), grad_entropy=torch.randn(3, device=dev) if e else None,
                         hidden=h, weight=w, bias=bias, tokens=t, lse=lse, entropy=ent if e else None,
-                        temperature=0.9, backend=be))
+                        temperature=0.9, backend=be, softcap=cap))
     return out
 
 
