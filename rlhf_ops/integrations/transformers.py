@@ -36,7 +36,8 @@ class of them — causal LM, sequence classification (reward models), the bare m
 * **loss** (``loss=True``, causal-LM heads only), as Liger-Kernel does it: in training mode, when
   the forward gets ``labels``, the loss is ``rlhf_ops.linear_cross_entropy`` of the final hidden
   states and the LM-head weight (tied or not; Granite's ``logits_scaling`` folded into the hidden
-  states; MoE router load-balancing loss added as the model adds it) — the [tokens, vocab] logits
+  states; Gemma-2/3's ``final_logit_softcapping`` as its ``softcap=``, c·tanh(logits/c) before the
+  softmax; MoE router load-balancing loss added as the model adds it) — the [tokens, vocab] logits
   are never formed and **the output's ``logits`` is None** — with transformers' semantics: labels
   shifted by one (``shift_labels``, when given with them, are used as they are), ``ignore_index``
   (default −100), ``num_items_in_batch`` (the loss is the sum divided by it, as the Trainer's
@@ -66,9 +67,8 @@ a patched model object is not supported (``save_pretrained`` is). When something
 forward of a patched model afterwards (TRL's trainers install their own fused LM head), a
 one-time warning says that its loss is no longer rlhf_ops'.
 
-Errors instead of silent fallbacks: a model family that is not supported; a final logit softcap
-(Gemma-2's ``final_logit_softcapping``) with ``loss=True`` (the fused loss has no logit softcap
-yet); attention dropout > 0 in training mode; ``output_attentions=True``; a 4-D (custom)
+Errors instead of silent fallbacks: a model family that is not supported; attention dropout > 0
+in training mode; ``output_attentions=True``; a 4-D (custom)
 attention mask; attention sinks; ``logits_to_keep`` together with a fused loss; bf16 on the Triton
 backend under the CPU interpreter.
 
@@ -503,7 +503,7 @@ def _make_lm_forward(model: PreTrainedModel, state: _State, output_cls):
         if dt is not None:            # what the nn.Linear head would have computed in under autocast
             hidden, weight = hidden.to(dt), weight.to(dt)
             bias = None if bias is None else bias.to(dt)
-        scale, _softcap = logit_transform(self.config)   # softcap refused by apply_rlhf_ops
+        scale, softcap = logit_transform(self.config)     # read at each call, as the model does
         hidden = hidden.reshape(-1, hidden.shape[-1])
         if scale != 1.0:              # scale·(h Wᵀ + b) = (scale·h) Wᵀ + scale·b
             hidden = hidden * scale
@@ -514,8 +514,10 @@ def _make_lm_forward(model: PreTrainedModel, state: _State, output_cls):
                                   f"saw {hidden.shape[0]}; they must have the input_ids' shape"))
         _backend.require("linear_cross_entropy", state.backend, hidden.device, exact=True,
                          where=_err("the fused loss"), dtype=hidden.dtype)
+        # logits = c·tanh(scale·(h Wᵀ + b)/c): the scale is in hidden/bias, the cap is the op's
         loss = linear_cross_entropy(hidden, weight, target, bias=bias, ignore_index=ignore_index,
                                     reduction="mean" if num_items is None else "sum",
+                                    softcap=0.0 if softcap is None else float(softcap),
                                     backend=state.backend)
         if num_items is not None:
             if isinstance(num_items, Tensor):
@@ -583,12 +585,6 @@ def apply_rlhf_ops(model: PreTrainedModel, *, attention: bool = True, loss: bool
         _backend.check_name(backend)                      # validates the name, names the choices
     lm_name, output_cls = SUPPORTED_FAMILIES[family]
     fuse_loss = bool(loss) and isinstance(model, getattr(transformers, lm_name))
-    _, softcap = logit_transform(model.config)
-    if fuse_loss and softcap is not None:
-        raise ValueError(_err(f"{type(model).__name__} applies final_logit_softcapping={softcap} to "
-                              f"its logits, which the fused loss (linear_cross_entropy) does not do "
-                              f"yet; pass loss=False (attention only) or set "
-                              f"config.final_logit_softcapping=None"))
     if _state_of(model) is not None:
         remove_rlhf_ops(model)
 

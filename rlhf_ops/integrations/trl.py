@@ -38,8 +38,10 @@ formed), on every backend, the CPU included (TRL's own head has a Triton path on
 labelled rows' logits in blocks of ``STATS_BLOCK_BYTES`` that are reduced and
 dropped (no gradient, nothing kept: one extra head GEMM in the forward). Without
 ``fused_lm_head=True`` the forward is the previous one (generation is unchanged). A
-``logit_scale``-type multiplier is folded into the temperature; Gemma-style
-``final_logit_softcapping`` and MoE router losses are refused with an error.
+``logit_scale``-type multiplier is folded into the temperature; with Gemma-style
+``final_logit_softcapping`` c the logits are c·tanh(scale·z/c) / T, as in TRL's head (the op's
+``softcap=``; the scale then multiplies the hidden states and bias, before the cap). MoE router
+losses are refused with an error.
 
 **In TRL's trainers.** ``FusedLMHeadMixin`` makes a TRL trainer install this head wherever it
 would install its own (the policy and the reference model, with the trainer's temperature and
@@ -72,6 +74,7 @@ from trl.trainer.utils import FusedCausalLMOutput
 from .. import _backend
 from ..kl import kl_from_logprobs
 from ..logprobs import linear_token_logprobs
+from ..reference import softcap_logits
 from ..reward import pairwise_reward_loss
 from . import _trl_losses
 from .transformers import ATTN_IMPLEMENTATION, logit_transform
@@ -249,8 +252,10 @@ _RECORD: contextvars.ContextVar[list | None] = contextvars.ContextVar("rlhf_ops_
                                                                       default=None)
 
 
-def _log_sum_sq_probs(h: Tensor, w: Tensor, b: Tensor | None, temperature: float) -> Tensor:
-    """log Σ_j p_j² = logsumexp(2y) − 2·logsumexp(y) with y = (h Wᵀ + b) / T, for the rows h
+def _log_sum_sq_probs(h: Tensor, w: Tensor, b: Tensor | None, temperature: float,
+                      softcap: float = 0.0) -> Tensor:
+    """log Σ_j p_j² = logsumexp(2y) − 2·logsumexp(y) with y = (h Wᵀ + b) / T (soft-capped before
+    the temperature when ``softcap`` > 0), for the rows h
     [n, d] (no gradient), from a second pass over their logits in row blocks of
     STATS_BLOCK_BYTES (a block is dropped once reduced; nothing is kept for backward). Only
     DPO's WPO weighting asks for it."""
@@ -260,7 +265,7 @@ def _log_sum_sq_probs(h: Tensor, w: Tensor, b: Tensor | None, temperature: float
     step = max(1, STATS_BLOCK_BYTES // (max(V, 1) * torch.finfo(acc).bits // 8))
     with torch.no_grad():
         for s in range(0, n, step):
-            y = torch.nn.functional.linear(h[s:s + step], w, b).to(acc) / temperature
+            y = softcap_logits(torch.nn.functional.linear(h[s:s + step], w, b).to(acc), softcap) / temperature
             out[s:s + step] = torch.logsumexp(2 * y, -1) - 2 * torch.logsumexp(y, -1)
     return out
 
@@ -280,10 +285,7 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
         _backend.check_name(backend)
     text_config = model.config.get_text_config()
     scale, softcap = logit_transform(text_config)
-    if softcap is not None:
-        raise ValueError(_err(f"add_fused_lm_head: {type(model).__name__} applies "
-                              f"final_logit_softcapping={softcap}, which linear_token_logprobs does "
-                              f"not yet; use TRL's own add_fused_lm_head"))
+    softcap = 0.0 if softcap is None else float(softcap)
     if getattr(text_config, "output_router_logits", False):
         raise ValueError(_err("add_fused_lm_head: MoE models with output_router_logits (a "
                               "load-balancing loss) are not supported"))
@@ -292,7 +294,10 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
                               f"temperature (it must be > 0)"))
     if not (isinstance(temperature, (int, float)) and temperature > 0):
         raise ValueError(_err(f"add_fused_lm_head: temperature must be a number > 0, got {temperature!r}"))
-    eff_temperature = float(temperature) / scale          # logits·scale / T = logits / (T / scale)
+    # logits·scale / T = logits / (T / scale); with a softcap c·tanh(scale·z/c) / T the scale
+    # multiplies hidden and bias instead (it acts before the cap)
+    eff_temperature = float(temperature) if softcap > 0 else float(temperature) / scale
+    h_scale = scale if softcap > 0 else 1.0
     want_entropy = "entropy" in outputs
     want_stats = "is_top1" in outputs or "mean_logits" in outputs
     previous = model.forward
@@ -326,6 +331,8 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
             dt = weight.dtype
         h, w = hidden[mask].to(dt), weight.to(dt)
         b = None if bias is None else bias.to(dt)
+        if h_scale != 1.0:
+            h, b = h * h_scale, (None if b is None else b * h_scale)
         targets = labels[mask]
         _backend.require("linear_token_logprobs", backend, h.device, exact=True,
                          where=_err("add_fused_lm_head"), dtype=h.dtype)
@@ -333,13 +340,13 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
             # log-probs, entropy, top-1 and mean logit in one sweep (linear_token_logprobs)
             res = linear_token_logprobs(h, w, targets, bias=b, temperature=eff_temperature,
                                         return_entropy=want_entropy, return_stats=want_stats,
-                                        backend=backend)
+                                        softcap=softcap, backend=backend)
             res = list(res) if isinstance(res, tuple) else [res]
             got = {"log_probs": res.pop(0), "entropy": res.pop(0) if want_entropy else None}
             if want_stats:
                 got["is_top1"], got["mean_logits"] = res
             if "log_sum_sq_probs" in outputs:
-                got["log_sum_sq_probs"] = _log_sum_sq_probs(h, w, b, eff_temperature)
+                got["log_sum_sq_probs"] = _log_sum_sq_probs(h, w, b, eff_temperature, softcap)
         # scatter back to [B, T'] with zeros at ignored labels; masked_scatter keeps an all-ignored
         # batch connected to the graph (a differentiable zero), as TRL's head does
         per_token = {k: v.new_zeros(mask.shape).masked_scatter(mask, v)
