@@ -110,3 +110,41 @@ def test_tree_batch_refusals():
         layer.self_attn.sliding_window = 2
     with pytest.raises(ValueError, match="sliding window"):
         tree_logprobs(mistral_like, batch)
+
+
+def test_final_logit_softcap_is_applied():
+    """Gemma-2's final logit softcap (and its attention softcap) through the tree path: equal to the
+    separate forwards of the unpatched model, which apply c·tanh(z/c) to the logits (c = 0.05: a
+    random-init model's logits are ~0.1, so the cap bites). Full attention
+    on every layer (a sliding-window layer is refused by the tree path)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+    from transformers.models.gemma2 import modeling_gemma2
+
+    def build():
+        torch.manual_seed(0)
+        cfg = Gemma2Config(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                           max_position_embeddings=64, final_logit_softcapping=0.05,
+                           attn_logit_softcapping=50.0, layer_types=["full_attention"] * 2,
+                           attn_implementation="eager")
+        return Gemma2ForCausalLM(cfg).double().eval()
+
+    orig = modeling_gemma2.Gemma2RMSNorm.forward
+    modeling_gemma2.Gemma2RMSNorm.forward = lambda self, x: (   # in the input dtype, as for Llama
+        x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight))
+    try:
+        eager, ours = build(), apply_rlhf_ops(build(), backend="reference")
+        g = torch.Generator().manual_seed(3)
+        prompts = [torch.randint(0, 61, (6,), generator=g).tolist()]
+        completions = [[torch.randint(0, 61, (n,), generator=g).tolist() for n in (4, 3)]]
+        lp = tree_logprobs(ours, pack_groups(prompts, completions))
+        seqs = [prompts[0] + c for c in completions[0]]
+        ref = _separate_logprobs(eager, seqs, [6, 6])
+        # Gemma-2's attention softcap needs its eager attention, whose softmax runs in fp32: ~1e-9
+        assert_matches(lp, ref, tol=1e-8, what="completion log-probs with a final logit softcap")
+        # the cap bites: without it the log-probs differ
+        uncapped = build()
+        uncapped.config.final_logit_softcapping = None
+        assert (_separate_logprobs(uncapped, seqs, [6, 6]) - ref).abs().max() > 1e-3
+    finally:
+        modeling_gemma2.Gemma2RMSNorm.forward = orig

@@ -24,8 +24,9 @@ those rows of the packed hidden states and ``tgt`` the tokens; ``tree_logprobs``
 ``rlhf_ops.linear_token_logprobs`` on them (no [N, V] logits), with the model's logit scaling.
 The first token of a root segment has nothing before it and is not scored.
 
-Refused with an error (no fallback): a layer with a sliding window or non-causal attention, a
-final logit softcap (Gemma-2), an attention mask or a KV cache together with a tree batch.
+A final logit softcap (Gemma-2/3's ``final_logit_softcapping``) is applied by the fused head
+(``softcap=``). Refused with an error (no fallback): a layer with a sliding window or non-causal
+attention, an attention mask or a KV cache together with a tree batch.
 """
 from __future__ import annotations
 
@@ -178,16 +179,15 @@ def tree_logprobs(model, batch: TreeBatch, *, temperature: float = 1.0, return_e
                   backend: str | None = None):
     """log π(token) [M] of the batch's scored tokens (and their entropies with ``return_entropy``)
     from a causal LM run on the tree batch: the LM head on the scored rows only
-    (``linear_token_logprobs``; Granite-style logit scaling folded into the hidden states)."""
+    (``linear_token_logprobs``; Granite-style logit scaling folded into the hidden states, a final
+    logit softcap passed as ``softcap=``)."""
     from .transformers import logit_transform
 
     hidden = tree_forward(model, batch).last_hidden_state[0]
     scale, softcap = logit_transform(model.config)
-    if softcap is not None:
-        raise ValueError(_err("a final logit softcap (Gemma-2's final_logit_softcapping) is not "
-                              "supported by the fused log-probs"))
     head = model.get_output_embeddings()
     h = hidden[batch.src.to(hidden.device)] * scale
     bias = None if head.bias is None else head.bias * scale
     return linear_token_logprobs(h, head.weight, batch.tgt.to(hidden.device), bias=bias,
-                                 temperature=temperature, return_entropy=return_entropy, backend=backend)
+                                 temperature=temperature, return_entropy=return_entropy,
+                                 softcap=float(softcap or 0.0), backend=backend)
