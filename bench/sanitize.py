@@ -63,10 +63,12 @@ def _cases(dev: str):
             t = idx(33, 7)
             t[::3] = -100
             back(ro.cross_entropy(x, t, label_smoothing=0.1, reduction="none", backend=be))
+            back(ro.cross_entropy(x, t, softcap=2.0, backend=be))         # the softcap (tanh) variants
             x = rnd(3, 17, dtype=torch.float64)
             back(ro.cross_entropy(x, idx(17, 3), backend=be, inplace_backward=True))
             h, w, b = rnd(6, 16, dtype=torch.float16), rnd(129, 16, dtype=torch.float16), rnd(129, dtype=torch.float16)
             back(ro.linear_cross_entropy(h, w, idx(129, 6), bias=b, backend=be))
+            back(ro.linear_cross_entropy(h, w, idx(129, 6), softcap=1.5, backend=be))
         return run
 
     def ce_bad_target(be):
@@ -83,8 +85,11 @@ def _cases(dev: str):
             back(*ro.token_logprobs(x, t, temperature=0.7, return_entropy=True, backend=be))
             x = rnd(3, 70001, dtype=torch.bfloat16)
             back(ro.token_logprobs(x, idx(70001, 3), backend=be))
+            back(*ro.token_logprobs(x, idx(70001, 3), softcap=30.0, return_entropy=True, backend=be))
             h, w = rnd(5, 32), rnd(257, 32)
             back(*ro.linear_token_logprobs(h, w, idx(257, 5, 2), return_entropy=True, backend=be))
+            back(*ro.linear_token_logprobs(h, w, idx(257, 5), softcap=2.0, temperature=0.7,
+                                           return_entropy=True, backend=be))
             for est, mask in (("k1", None), ("k3", torch.tensor([1.0, 0.0, 1.0], device=dev)),
                               ("k2", torch.tensor([True, True, False], device=dev))):
                 x, r = rnd(3, 65), rnd(3, 65, grad=False)
