@@ -84,6 +84,13 @@ def _specs():
                              lambda: [_m(8 * 4096, 32, 128, grad=True) for _ in range(3)]
                              + [torch.arange(0, 8 * 4096 + 1, 4096, dtype=torch.int32, device=META)] * 2,
                              lambda a, b: ro.attention_varlen(*a, 4096, 4096, causal=True, backend=b)),
+        # a GRPO group as a tree: the prompt (P = 4,096) once, G = 8 completions of R = 1,024
+        "attention_tree": ({"P": 4096, "G": 8, "R": 1024, "H": 32, "D": 128}, torch.bfloat16,
+                           lambda: [_m(4096 + 8 * 1024, 32, 128, grad=True) for _ in range(3)]
+                           + [torch.tensor([0] + [4096 + 1024 * g for g in range(9)], dtype=torch.int32,
+                                           device=META),
+                              torch.tensor([-1] + [0] * 8, dtype=torch.int32, device=META)],
+                           lambda a, b: ro.attention_tree(*a, 4096 + 1024, backend=b)),
         "pairwise_reward_loss": ({"B": 16384, "K": 9}, torch.float32,
                                  lambda: [_m(16384, 9, dtype=torch.float32, grad=True), _idx(16384, 9)],
                                  lambda a, b: ro.pairwise_reward_loss(*a, backend=b)),

@@ -47,7 +47,7 @@ OPS: tuple[Op, ...] = (
        memory=True, sanitize="attention"),
     Op("attention_varlen", "attention", "attention", "attention", memory=True,
        sanitize="attention"),
-    Op("attention_tree", "attention", "attention", None, auto=("triton", "reference")),
+    Op("attention_tree", "attention", "attention", None, auto=("triton", "reference"), memory=True),
     Op("pairwise_reward_loss", "reward", "reward", "reward", bench="reward_loss", bench_x="B",
        memory=True, sanitize="pairwise_reward"),
     Op("token_logprobs", "logprobs", "kl", "kl", bench="kl_penalty", bench_x="V", memory=True,
